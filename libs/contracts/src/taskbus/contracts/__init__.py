@@ -1,0 +1,1 @@
+"""Taskbus shared contracts."""
