@@ -1,0 +1,339 @@
+"""The facts of a conversation. Each event type is one msgspec Struct tagged by `kind`.
+
+Versioning: fields are only ever added with defaults; a breaking change is a new kind. A payload
+whose kind this version does not know decodes to `UnknownEvent`, which keeps it whole.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+import msgspec
+from taskbus.contracts.specs import ConversationSpec, Resources, Timeouts
+from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
+
+UNASSIGNED_ID = -1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventSource(enum.StrEnum):
+    USER = "user"
+    AGENT = "agent"
+    ENVIRONMENT = "environment"
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=True):
+    """Envelope common to every event; `id` is dense per conversation and set by the appender."""
+
+    conversation_id: str
+    source: EventSource
+    id: int = UNASSIGNED_ID
+    timestamp: datetime = msgspec.field(default_factory=utc_now)
+    cause: int | None = None
+
+    # OpenHands' name for this event in its `action` / `observation` field, if it has one.
+    openhands_action: ClassVar[str | None] = None
+    openhands_observation: ClassVar[str | None] = None
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+# --- conversation lifecycle -------------------------------------------------------------------
+
+
+class ConversationCreated(Event):
+    user_id: str
+    spec: ConversationSpec
+    title: str
+
+
+class ConversationStatusChanged(Event):
+    status: ConversationStatus
+    reason: str = ""
+
+
+class AgentStateChanged(Event):
+    openhands_observation = "agent_state_changed"
+    agent_state: AgentState
+    reason: str = ""
+
+
+class ConversationDeleted(Event):
+    reason: str = ""
+
+
+# --- runtime ----------------------------------------------------------------------------------
+
+
+class RuntimeRequested(Event):
+    user_id: str
+    repository: str | None = None
+    selected_branch: str | None = None
+    resources: Resources = Resources()
+    timeouts: Timeouts = Timeouts()
+
+
+class RuntimeStatusChanged(Event):
+    status: RuntimeStatus
+    reason: str = ""
+    backend: str = ""
+    sandbox_id: str = ""
+    workspace: str = ""
+
+
+class RuntimeControl(enum.StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+
+
+class RuntimeControlRequested(Event):
+    """Session-manager asks the runner to pause, resume or remove the sandbox."""
+
+    action: RuntimeControl
+    reason: str = ""
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+class MessageAction(Event):
+    openhands_action = "message"
+    content: str
+    image_urls: list[str] = []
+    wait_for_response: bool = False
+
+
+class CmdRunAction(Event):
+    openhands_action = "run"
+    command: str
+    is_input: bool = False
+    blocking: bool = False
+    timeout: float | None = None
+    cwd: str | None = None
+    thought: str = ""
+
+
+class FileReadAction(Event):
+    openhands_action = "read"
+    path: str
+    view_range: list[int] | None = None
+    thought: str = ""
+
+
+class FileWriteAction(Event):
+    openhands_action = "write"
+    path: str
+    content: str
+    thought: str = ""
+
+
+FileEditCommand = Literal["view", "create", "str_replace", "insert", "undo_edit"]
+
+
+class FileEditAction(Event):
+    openhands_action = "edit"
+    command: FileEditCommand
+    path: str
+    file_text: str | None = None
+    old_str: str | None = None
+    new_str: str | None = None
+    insert_line: int | None = None
+    view_range: list[int] | None = None
+    thought: str = ""
+
+
+TaskStatus = Literal["todo", "in_progress", "done"]
+
+
+class TaskItem(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    title: str
+    status: TaskStatus = "todo"
+    notes: str = ""
+
+
+class TaskTrackingAction(Event):
+    openhands_action = "task_tracking"
+    command: Literal["plan", "view"]
+    task_list: list[TaskItem] = []
+    thought: str = ""
+
+
+class ThinkAction(Event):
+    openhands_action = "think"
+    thought: str
+
+
+class AgentFinishAction(Event):
+    openhands_action = "finish"
+    final_thought: str = ""
+    outputs: dict[str, Any] = {}
+
+
+# --- observations -----------------------------------------------------------------------------
+
+
+class CommandTimeout(enum.StrEnum):
+    NONE = "none"
+    SOFT = "soft"  # no new output for no_change_seconds; the process keeps running
+    HARD = "hard"  # command_seconds elapsed; the process group was killed
+
+
+class CmdOutputChunk(Event):
+    """Output of a still-running command, streamed before its observation."""
+
+    content: str
+    seq: int = 0
+
+
+class CmdOutputObservation(Event):
+    openhands_observation = "run"
+    content: str
+    command: str
+    exit_code: int = -1
+    timed_out: CommandTimeout = CommandTimeout.NONE
+    cwd: str = ""
+    truncated_bytes: int = 0
+
+
+class FileReadObservation(Event):
+    openhands_observation = "read"
+    path: str
+    content: str
+    is_binary: bool = False
+
+
+class FileWriteObservation(Event):
+    openhands_observation = "write"
+    path: str
+    content: str = ""
+
+
+class FileEditObservation(Event):
+    openhands_observation = "edit"
+    path: str
+    content: str
+    diff: str = ""
+    prev_exist: bool = True
+
+
+class TaskTrackingObservation(Event):
+    openhands_observation = "task_tracking"
+    command: Literal["plan", "view"]
+    content: str
+    task_list: list[TaskItem] = []
+
+
+class ErrorObservation(Event):
+    """A typed failure: `code` is machine-readable (e.g. `clone_failed`, `llm_auth`)."""
+
+    openhands_observation = "error"
+    content: str
+    code: str = ""
+
+
+class LLMMetrics(Event):
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    accumulated_cost: float = 0.0
+    latency_ms: float = 0.0
+    response_id: str = ""
+
+
+class ConfirmationRequested(Event):
+    action_id: int
+
+
+class ConfirmationGiven(Event):
+    action_id: int
+    confirmed: bool
+
+
+AnyEvent = (
+    ConversationCreated
+    | ConversationStatusChanged
+    | AgentStateChanged
+    | ConversationDeleted
+    | RuntimeRequested
+    | RuntimeStatusChanged
+    | RuntimeControlRequested
+    | MessageAction
+    | CmdRunAction
+    | FileReadAction
+    | FileWriteAction
+    | FileEditAction
+    | TaskTrackingAction
+    | ThinkAction
+    | AgentFinishAction
+    | CmdOutputChunk
+    | CmdOutputObservation
+    | FileReadObservation
+    | FileWriteObservation
+    | FileEditObservation
+    | TaskTrackingObservation
+    | ErrorObservation
+    | LLMMetrics
+    | ConfirmationRequested
+    | ConfirmationGiven
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in typing.get_args(AnyEvent)}
+
+# Actions the runtime executes and answers with an observation.
+EXECUTABLE_ACTIONS: tuple[type[Event], ...] = (
+    CmdRunAction,
+    FileReadAction,
+    FileWriteAction,
+    FileEditAction,
+)
+
+
+class UnknownEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event of a kind this version does not know: kept whole and passed through."""
+
+    kind: str
+    conversation_id: str
+    id: int
+    payload: msgspec.Raw
+
+
+class _Envelope(msgspec.Struct, kw_only=True):
+    kind: str
+    conversation_id: str
+    id: int = UNASSIGNED_ID
+
+
+_event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyEvent | UnknownEvent:
+    """Decode one event; a valid envelope of an unknown kind becomes `UnknownEvent`.
+
+    Raises `msgspec.ValidationError` / `msgspec.DecodeError` for anything else.
+    """
+    envelope = _envelope_decoder.decode(data)
+    if envelope.kind not in EVENT_TYPES:
+        return UnknownEvent(
+            kind=envelope.kind,
+            conversation_id=envelope.conversation_id,
+            id=envelope.id,
+            payload=msgspec.Raw(data),
+        )
+    return _event_decoder.decode(data)

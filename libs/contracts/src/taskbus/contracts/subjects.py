@@ -1,0 +1,48 @@
+"""Every NATS subject, stream and KV bucket name. No subject literal lives elsewhere."""
+
+from __future__ import annotations
+
+import re
+
+EVENTS_STREAM = "TASKBUS_EVENTS"
+COMMANDS_STREAM = "TASKBUS_COMMANDS"
+CONVERSATIONS_BUCKET = "taskbus_conversations"
+SETTINGS_BUCKET = "taskbus_settings"
+
+EVENTS_PREFIX = "taskbus.events"
+COMMANDS_PREFIX = "taskbus.cmd"
+QUERIES_PREFIX = "taskbus.query"
+
+ALL_EVENTS = f"{EVENTS_PREFIX}.>"
+ALL_COMMANDS = f"{COMMANDS_PREFIX}.>"
+
+SESSION_MANAGER = "session_manager"
+SESSION_MANAGER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.>"
+
+# Conversation ids are subject tokens, so they are restricted to a safe alphabet.
+CONVERSATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def is_valid_conversation_id(conversation_id: str) -> bool:
+    return bool(CONVERSATION_ID_PATTERN.match(conversation_id))
+
+
+def event_subject(conversation_id: str, kind: str) -> str:
+    return f"{EVENTS_PREFIX}.{conversation_id}.{kind}"
+
+
+def conversation_events(conversation_id: str) -> str:
+    """Wildcard matching every event of one conversation (used for dense-id appends and tails)."""
+    return f"{EVENTS_PREFIX}.{conversation_id}.>"
+
+
+def conversation_id_of(subject: str) -> str:
+    return subject.split(".")[2]
+
+
+def command_subject(service: str, command: str) -> str:
+    return f"{COMMANDS_PREFIX}.{service}.{command}"
+
+
+def query_subject(name: str) -> str:
+    return f"{QUERIES_PREFIX}.{name}"

@@ -1,0 +1,98 @@
+"""Dense ids under concurrent writers, against a real JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+
+import msgspec
+from nats.js import JetStreamContext
+from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import EventSource, ThinkAction, decode_event
+
+
+async def _ids_in_log(js: JetStreamContext, conversation_id: str) -> list[int]:
+    sub = await js.subscribe(subjects.conversation_events(conversation_id), ordered_consumer=True)
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    ids: list[int] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=1)
+            event = decode_event(msg.data)
+            ids.append(event.id)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    assert info.state.messages > 0
+    return ids
+
+
+def _think(conversation_id: str, text: str) -> ThinkAction:
+    return ThinkAction(conversation_id=conversation_id, source=EventSource.AGENT, thought=text)
+
+
+async def test_first_append_gets_id_zero_and_ids_follow(js: JetStreamContext) -> None:
+    cid = uuid.uuid4().hex
+    appender = EventAppender(js)
+    first = await appender.append(_think(cid, "a"))
+    rest = await appender.append_all([_think(cid, "b"), _think(cid, "c")])
+    assert [first.id, *[e.id for e in rest]] == [0, 1, 2]
+    assert await _ids_in_log(js, cid) == [0, 1, 2]
+
+
+async def test_two_appenders_in_one_process_never_collide(js: JetStreamContext) -> None:
+    cid = uuid.uuid4().hex
+    a, b = EventAppender(js), EventAppender(js)
+
+    async def write(appender: EventAppender, tag: str) -> list[int]:
+        return [(await appender.append(_think(cid, f"{tag}{i}"))).id for i in range(100)]
+
+    ids_a, ids_b = await asyncio.gather(write(a, "a"), write(b, "b"))
+    assert sorted(ids_a + ids_b) == list(range(200))
+    assert await _ids_in_log(js, cid) == list(range(200))
+
+
+_WRITER = """
+import asyncio, sys
+import nats
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import EventSource, ThinkAction
+
+async def main(url, cid, tag, count):
+    nc = await nats.connect(url)
+    appender = EventAppender(nc.jetstream())
+    for i in range(count):
+        await appender.append(
+            ThinkAction(conversation_id=cid, source=EventSource.AGENT, thought=f"{tag}-{i}")
+        )
+    await nc.drain()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+"""
+
+
+async def test_two_processes_append_500_each_without_gap_or_duplicate(
+    js: JetStreamContext, nats_url: str
+) -> None:
+    cid = uuid.uuid4().hex
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WRITER, nats_url, cid, tag, "500"
+        )
+        for tag in "ab"
+    ]
+    exit_codes = await asyncio.gather(*(worker.wait() for worker in workers))
+    assert exit_codes == [0, 0]
+    ids = await _ids_in_log(js, cid)
+    assert ids == list(range(1000))
+    # Every writer's events all made it, each exactly once.
+    sub = await js.subscribe(subjects.conversation_events(cid), ordered_consumer=True)
+    thoughts = []
+    for _ in range(1000):
+        msg = await sub.next_msg(timeout=2)
+        thoughts.append(msgspec.json.decode(msg.data)["thought"])
+    await sub.unsubscribe()
+    assert sorted(thoughts) == sorted(f"{t}-{i}" for t in "ab" for i in range(500))
