@@ -15,6 +15,10 @@ from taskbus.contracts.status import AgentState, ConversationStatus
 PageLimit = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Replies are tagged so a reader decodes `ExpectedReply | QueryError` in one step."""
+
+
 class Query(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every query is scoped to a user: no reply ever carries another user's rows."""
 
@@ -37,7 +41,7 @@ class SearchEvents(Query):
     query: str | None = None
 
 
-class EventPage(msgspec.Struct, frozen=True, kw_only=True):
+class EventPage(Reply):
     events: list[msgspec.Raw]
     has_more: bool
     next_start_id: int | None = None
@@ -49,7 +53,7 @@ class GetEvent(Query):
     event_id: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class EventReply(msgspec.Struct, frozen=True, kw_only=True):
+class EventReply(Reply):
     event: msgspec.Raw
 
 
@@ -77,7 +81,7 @@ class GetConversation(Query):
     conversation_id: str
 
 
-class ConversationReply(msgspec.Struct, frozen=True, kw_only=True):
+class ConversationReply(Reply):
     conversation: ConversationInfo
 
 
@@ -92,12 +96,12 @@ class ListConversations(Query):
     title_contains: str | None = None
 
 
-class ConversationPage(msgspec.Struct, frozen=True, kw_only=True):
+class ConversationPage(Reply):
     conversations: list[ConversationInfo]
     next_page_id: str | None = None
 
 
-class QueryError(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class QueryError(Reply):
     """Typed error reply: `status` is the HTTP status the gateway should answer with."""
 
     status: int
