@@ -120,6 +120,7 @@ class CmdRunAction(Event):
     timeout: float | None = None
     cwd: str | None = None
     thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 class FileReadAction(Event):
@@ -127,6 +128,7 @@ class FileReadAction(Event):
     path: str
     view_range: list[int] | None = None
     thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 class FileWriteAction(Event):
@@ -134,6 +136,7 @@ class FileWriteAction(Event):
     path: str
     content: str
     thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 FileEditCommand = Literal["view", "create", "str_replace", "insert", "undo_edit"]
@@ -149,6 +152,7 @@ class FileEditAction(Event):
     insert_line: int | None = None
     view_range: list[int] | None = None
     thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 TaskStatus = Literal["todo", "in_progress", "done"]
@@ -166,17 +170,20 @@ class TaskTrackingAction(Event):
     command: Literal["plan", "view"]
     task_list: list[TaskItem] = []
     thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 class ThinkAction(Event):
     openhands_action = "think"
     thought: str
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 class AgentFinishAction(Event):
     openhands_action = "finish"
     final_thought: str = ""
     outputs: dict[str, Any] = {}
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
 # --- observations -----------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+# Taskbus: the entry point for humans and CI. `uv run just --list` shows every recipe.
+
+export LITELLM_LOCAL_MODEL_COST_MAP := "True"
+
+[doc("Start NATS, the scripted model (if no LLM is configured) and the four services")]
+up:
+    taskbus up
+
+[doc("Start the stack, submit a sample task and print its events until it finishes")]
+demo:
+    taskbus demo
+
+[doc("Run the whole test suite (real nats-server, chDB and processes); extra args go to pytest")]
+test *args:
+    pytest {{args}}
+
+[doc("ruff (lint + format check) and mypy --strict")]
+lint:
+    ruff check .
+    ruff format --check .
+    mypy

@@ -1,0 +1,184 @@
+"""The `taskbus` command: run the local stack (`up`, `demo`) and use its public API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from taskbus.devtools.client import (
+    TaskbusClient,
+    is_final_status_event,
+    render_event,
+)
+from taskbus.devtools.launcher import LOCAL_USER, StackInfo, load_settings, run_stack
+
+DEMO_TASK = (
+    "Plan the work with the task tracker, create hello.txt with a greeting, "
+    "add a README.md describing the project, and finish."
+)
+
+
+def _api_key(data_dir: str) -> str:
+    key = os.environ.get("TASKBUS_API_KEY")
+    if key:
+        return key
+    keys_file = Path(data_dir) / "api_keys"
+    if keys_file.exists():
+        for line in keys_file.read_text().splitlines():
+            candidate, _, user = line.partition("=")
+            if user.strip() == LOCAL_USER:
+                return candidate.strip()
+    raise SystemExit("no API key: set TASKBUS_API_KEY or run `taskbus up` first")
+
+
+def _client() -> TaskbusClient:
+    settings = load_settings()
+    url = os.environ.get("TASKBUS_URL", f"http://127.0.0.1:{settings.port}")
+    return TaskbusClient(url, _api_key(settings.data_dir))
+
+
+async def follow_until_done(client: TaskbusClient, conversation_id: str) -> str:
+    """Print events live until the conversation reaches a final status; return that status."""
+    async for event in client.follow(conversation_id):
+        print(render_event(event), flush=True)
+        if is_final_status_event(event):
+            return str(event["status"])
+    return "DISCONNECTED"
+
+
+async def _submit_and_follow(client: TaskbusClient, spec: dict[str, Any]) -> int:
+    created = await client.create_conversation(**spec)
+    conversation_id = created["conversation_id"]
+    print(f"conversation {conversation_id}", flush=True)
+    status = await follow_until_done(client, conversation_id)
+    conversation = await client.get_conversation(conversation_id)
+    cost = conversation.get("accumulated_cost", 0.0)
+    print(f"conversation {conversation_id} ended {status} (cost ${cost:.6f})", flush=True)
+    return 0 if status == "FINISHED" else 1
+
+
+async def _demo(info: StackInfo) -> None:
+    print(f"Taskbus is up at {info.gateway_url} (API key {info.api_key}); submitting a demo task.")
+    client = TaskbusClient(info.gateway_url, info.api_key)
+    try:
+        code = await _submit_and_follow(client, {"initial_user_msg": DEMO_TASK, "title": "Demo"})
+    finally:
+        await client.close()
+    if code != 0:
+        raise SystemExit(code)
+
+
+async def _with_client(action: Callable[[TaskbusClient], Awaitable[int]]) -> int:
+    client = _client()
+    try:
+        return await action(client)
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="taskbus", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="start NATS, the scripted model and the four services")
+    commands.add_parser("demo", help="start the stack, run a sample task, print its events")
+    run = commands.add_parser("run", help="submit a task and follow it live")
+    run.add_argument("task")
+    run.add_argument("--repo", dest="repository")
+    run.add_argument("--branch", dest="selected_branch")
+    commands.add_parser("ls", help="list conversations")
+    events = commands.add_parser("events", help="search a conversation's events")
+    events.add_argument("conversation_id")
+    events.add_argument("--start-id", type=int)
+    events.add_argument("--end-id", type=int)
+    events.add_argument("--limit", type=int)
+    events.add_argument("--kind")
+    events.add_argument("--query")
+    events.add_argument("--reverse", action="store_true")
+    watch = commands.add_parser("watch", help="follow a conversation's events live")
+    watch.add_argument("conversation_id")
+    for action in ("stop", "pause", "resume"):
+        commands.add_parser(action, help=f"{action} a conversation").add_argument(
+            "conversation_id"
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+    if args.command == "up":
+        asyncio.run(run_stack(load_settings()))
+        return 0
+    if args.command == "demo":
+        asyncio.run(run_stack(load_settings(), after_start=_demo))
+        return 0
+    if args.command == "run":
+        spec = {
+            key: value
+            for key, value in (
+                ("initial_user_msg", args.task),
+                ("repository", args.repository),
+                ("selected_branch", args.selected_branch),
+            )
+            if value is not None
+        }
+        return asyncio.run(_with_client(lambda c: _submit_and_follow(c, spec)))
+    if args.command == "ls":
+
+        async def list_all(client: TaskbusClient) -> int:
+            page = await client.list_conversations()
+            for item in page.get("results", []):
+                print(f"{item['conversation_id']}  {item['status']:<9} {item['title']}")
+            return 0
+
+        return asyncio.run(_with_client(list_all))
+    if args.command == "events":
+        params = {
+            key: value
+            for key, value in (
+                ("start_id", args.start_id),
+                ("end_id", args.end_id),
+                ("limit", args.limit),
+                ("kind", args.kind),
+                ("query", args.query),
+                ("reverse", "true" if args.reverse else None),
+            )
+            if value is not None
+        }
+
+        async def search(client: TaskbusClient) -> int:
+            page = await client.search_events(args.conversation_id, **params)
+            for event in page["events"]:
+                print(render_event(event))
+            if page.get("has_more"):
+                print(f"... more from start_id={page.get('next_start_id')}")
+            return 0
+
+        return asyncio.run(_with_client(search))
+    if args.command == "watch":
+        return asyncio.run(_with_client(_watch(args.conversation_id)))
+    return asyncio.run(
+        _with_client(lambda c: _control(c, args.conversation_id, args.command))
+    )
+
+
+def _watch(conversation_id: str) -> Callable[[TaskbusClient], Awaitable[int]]:
+    async def watch(client: TaskbusClient) -> int:
+        status = await follow_until_done(client, conversation_id)
+        return 0 if status == "FINISHED" else 1
+
+    return watch
+
+
+async def _control(client: TaskbusClient, conversation_id: str, action: str) -> int:
+    await client.control(conversation_id, action)
+    print(f"{action}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
