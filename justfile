@@ -19,3 +19,7 @@ lint:
     ruff check .
     ruff format --check .
     mypy
+
+[doc("Build the Docker sandbox image locally (debootstrap + docker import; no registry)")]
+sandbox-image tag="taskbus-sandbox:latest":
+    deploy/sandbox-image/build.sh {{tag}}

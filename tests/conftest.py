@@ -1,0 +1,90 @@
+"""The whole stack as processes (`taskbus up` in a temp data dir), driven through its public API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from taskbus.devtools.launcher import LOCAL_USER
+from taskbus.devtools.nats_server import free_port
+
+
+class Stack(msgspec.Struct, frozen=True, kw_only=True):
+    url: str
+    ws_url: str
+    nats_url: str
+    api_key: str
+    data_dir: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def _read_api_key(keys_file: Path) -> str:
+    for line in keys_file.read_text().splitlines():
+        key, _, user = line.partition("=")
+        if user == LOCAL_USER:
+            return key
+    raise AssertionError("launcher wrote no local API key")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    port, nats_port = free_port(), free_port()
+    env = dict(
+        os.environ,
+        TASKBUS_DATA_DIR=str(data_dir),
+        TASKBUS_PORT=str(port),
+        TASKBUS_NATS_PORT=str(nats_port),
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+    )
+    env.pop("TASKBUS_LLM_MODEL", None)
+    log = (data_dir / "launcher.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskbus.devtools.cli", "up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"taskbus up exited early:\n{(data_dir / 'launcher.log').read_text()}"
+                )
+            try:
+                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("stack did not come up within 120 s")
+            time.sleep(0.25)
+        yield Stack(
+            url=url,
+            ws_url=f"ws://127.0.0.1:{port}",
+            nats_url=f"nats://127.0.0.1:{nats_port}",
+            api_key=_read_api_key(data_dir / "api_keys"),
+            data_dir=data_dir,
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()

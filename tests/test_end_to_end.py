@@ -1,0 +1,200 @@
+"""One task end to end through the public REST/WS API against the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from taskbus.contracts import subjects
+from websockets.asyncio.client import ClientConnection, connect
+
+from .conftest import Stack
+
+pytestmark = pytest.mark.slow
+
+FINAL = {"FINISHED", "ERROR", "STOPPED"}
+EVENT_WAIT_SECONDS = 60
+TASK = "Plan with the task tracker, create hello.txt, write a README.md, then finish."
+
+
+async def _next_event(ws: ClientConnection) -> dict[str, Any]:
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), EVENT_WAIT_SECONDS))
+        if message.get("kind") != "heartbeat":
+            return message
+
+
+async def _events_until_final(ws: ClientConnection) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        event = await _next_event(ws)
+        events.append(event)
+        if event.get("kind") == "ConversationStatusChanged" and event["status"] in FINAL:
+            return events
+
+
+def _ws(stack: Stack, conversation_id: str, after_id: int) -> connect:
+    return connect(
+        f"{stack.ws_url}/api/conversations/{conversation_id}/events?after_id={after_id}",
+        additional_headers=stack.headers,
+    )
+
+
+async def _all_events_via_rest(
+    client: httpx.AsyncClient, conversation_id: str
+) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    start_id = 0
+    while True:
+        response = await client.get(
+            f"/api/conversations/{conversation_id}/events",
+            params={"start_id": start_id, "limit": 7},
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()
+        events.extend(page["events"])
+        if not page["has_more"]:
+            return events
+        start_id = page["next_start_id"]
+
+
+async def _rest_events_when_projected(
+    client: httpx.AsyncClient, conversation_id: str, expected: int
+) -> list[dict[str, Any]]:
+    """The projection trails the log by a batch; wait until it has caught up."""
+    deadline = time.monotonic() + 30
+    while True:
+        events = await _all_events_via_rest(client, conversation_id)
+        if len(events) >= expected or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def api(stack: Stack) -> httpx.AsyncClient:
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=30) as client:
+        yield client
+
+
+async def test_task_runs_to_finished_and_ws_equals_rest(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
+    assert created.status_code == 201, created.text
+    conversation_id = created.json()["conversation_id"]
+
+    # Read-your-writes: the conversation is visible right after the POST.
+    fetched = await api.get(f"/api/conversations/{conversation_id}")
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["conversation_id"] == conversation_id
+
+    async with _ws(stack, conversation_id, -1) as ws:
+        ws_events = await _events_until_final(ws)
+
+    kinds = [e["kind"] for e in ws_events]
+    assert [e["id"] for e in ws_events] == list(range(len(ws_events)))
+    statuses = [e["status"] for e in ws_events if e["kind"] == "ConversationStatusChanged"]
+    assert "RUNNING" in statuses and statuses[-1] == "FINISHED", statuses
+
+    plans = [e for e in ws_events if e["kind"] == "TaskTrackingAction"]
+    seen_statuses = {item["status"] for plan in plans for item in plan["args"]["task_list"]}
+    assert seen_statuses == {"todo", "in_progress", "done"}
+    assert "TaskTrackingObservation" in kinds
+
+    runs = {e["id"]: e for e in ws_events if e["kind"] == "CmdRunAction"}
+    outputs = [e for e in ws_events if e["kind"] == "CmdOutputObservation"]
+    assert runs and outputs
+    assert all(o["cause"] in runs for o in outputs)
+    assert any(o["extras"]["exit_code"] == 0 for o in outputs)
+    assert "FileEditObservation" in kinds or "FileWriteObservation" in kinds
+    assert "AgentFinishAction" in kinds
+    assert any(e["kind"] == "LLMMetrics" and e["cost"] > 0 for e in ws_events)
+
+    # The projection serves the very same events, id for id.
+    rest_events = await _rest_events_when_projected(api, conversation_id, len(ws_events))
+    assert rest_events[: len(ws_events)] == ws_events
+
+    final = (await api.get(f"/api/conversations/{conversation_id}")).json()
+    assert final["status"] == "FINISHED"
+
+
+async def test_ws_reconnect_after_event_k_gets_exactly_the_rest(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
+    conversation_id = created.json()["conversation_id"]
+
+    async with _ws(stack, conversation_id, -1) as ws:
+        first_part = [await _next_event(ws) for _ in range(6)]
+    k = first_part[-1]["id"]
+    assert [e["id"] for e in first_part] == list(range(6))
+
+    async with _ws(stack, conversation_id, k) as ws:
+        rest = await _events_until_final(ws)
+    assert [e["id"] for e in rest] == list(range(k + 1, k + 1 + len(rest)))
+
+    async with _ws(stack, conversation_id, -1) as ws:
+        everything = await _events_until_final(ws)
+    assert first_part + rest == everything
+
+
+async def _log_sequences(stack: Stack) -> tuple[int, int]:
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    events = await js.stream_info(subjects.EVENTS_STREAM)
+    commands = await js.stream_info(subjects.COMMANDS_STREAM)
+    await nc.drain()
+    return events.state.last_seq, commands.state.last_seq
+
+
+def _assert_problem(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"]
+
+
+async def test_bad_input_gets_problem_json_and_appends_nothing(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
+    conversation_id = created.json()["conversation_id"]
+    async with _ws(stack, conversation_id, -1) as ws:
+        await _events_until_final(ws)  # quiet log from here on
+    before = await _log_sequences(stack)
+
+    malformed = await api.post(
+        "/api/conversations",
+        content=b'{"initial_user_msg": "x",',
+        headers={"Content-Type": "application/json"},
+    )
+    assert 400 <= malformed.status_code < 500
+    _assert_problem(malformed, malformed.status_code)
+    _assert_problem(
+        await api.post("/api/conversations", json={"initial_user_msg": "x", "colour": "red"}), 422
+    )
+    for limit in (0, 101):
+        _assert_problem(
+            await api.get(f"/api/conversations/{conversation_id}/events", params={"limit": limit}),
+            422,
+        )
+    unknown = "0" * 32
+    _assert_problem(await api.get(f"/api/conversations/{unknown}"), 404)
+    _assert_problem(await api.get(f"/api/conversations/{unknown}/events"), 404)
+    _assert_problem(
+        await api.post(f"/api/conversations/{unknown}/message", json={"message": "hi"}), 404
+    )
+    _assert_problem(
+        await api.post(f"/api/conversations/{conversation_id}/message", json={"msg": "hi"}), 422
+    )
+    unauthenticated = await api.get(
+        f"/api/conversations/{conversation_id}", headers={"Authorization": "Bearer wrong"}
+    )
+    _assert_problem(unauthenticated, 401)
+
+    assert await _log_sequences(stack) == before
