@@ -1,0 +1,78 @@
+"""Builds and runs the event-store: ClickHouse schema, log ingest, status KV and the queries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import nats
+from nats.aio.client import Client
+from taskbus.contracts import subjects
+from taskbus.contracts.streams import ensure_streams
+from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.responder import QueryResponder
+from taskbus.event_store.settings import EventStoreSettings
+from taskbus.event_store.status_kv import ConversationStatusKV
+
+log = logging.getLogger(__name__)
+
+
+class EventStore:
+    """One running event-store: start() wires everything, stop() takes it down in reverse."""
+
+    def __init__(self, settings: EventStoreSettings) -> None:
+        self._settings = settings
+        self._nc: Client | None = None
+        self._clickhouse: ClickHouse | None = None
+        self._ingester: Ingester | None = None
+        self._responder: QueryResponder | None = None
+
+    async def start(self) -> None:
+        settings = self._settings
+        self._clickhouse = await ClickHouse.connect(
+            settings.clickhouse_dsn, settings.query_connections
+        )
+        await self._clickhouse.migrate()
+        self._nc = await nats.connect(settings.nats_url, name="event-store")
+        js = self._nc.jetstream()
+        await ensure_streams(js)
+        status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
+        self._ingester = Ingester(
+            js,
+            self._clickhouse,
+            status_kv,
+            consumer_name=settings.consumer_name,
+            batch_size=settings.batch_size,
+            flush_interval=settings.flush_interval_ms / 1000,
+        )
+        await self._ingester.start()
+        self._responder = QueryResponder(self._nc, self._clickhouse)
+        await self._responder.start()
+        log.info("event-store ready (nats %s)", settings.nats_url)
+
+    async def stop(self) -> None:
+        if self._responder is not None:
+            await self._responder.stop()
+        if self._ingester is not None:
+            await self._ingester.stop()
+        if self._nc is not None:
+            await self._nc.drain()
+        if self._clickhouse is not None:
+            await self._clickhouse.close()
+        log.info("event-store stopped")
+
+
+async def run(settings: EventStoreSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    event_store = EventStore(settings)
+    try:
+        await event_store.start()
+        await stop.wait()
+    finally:
+        await event_store.stop()

@@ -1,0 +1,116 @@
+"""ClickHouse adapter: clickhouse-connect's sync clients driven from asyncio by worker threads.
+
+The chDB backend has no async client, and the sync API speaks HTTP to a ClickHouse server just the
+same, so `chdb:<path>` and `http://host:8123` are one DSN apart with the same SQL. chDB runs in
+this process and a data path may be opened by one process only: the event-store owns its path.
+Ingest writes on its own connection; queries share a small pool, so a slow search never waits
+behind an insert and vice versa.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from taskbus.contracts.queries import ConversationInfo
+from taskbus.event_store import sql
+from taskbus.event_store.rows import (
+    CONVERSATION_COLUMNS,
+    EVENT_COLUMNS,
+    EventRow,
+    conversation_from_row,
+    conversation_row,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ClickHouse:
+    def __init__(self, writer: Client, readers: Sequence[Client]) -> None:
+        self._writer = writer
+        self._readers: asyncio.Queue[Client] = asyncio.Queue()
+        for reader in readers:
+            self._readers.put_nowait(reader)
+        self._clients = [writer, *readers]
+
+    @classmethod
+    async def connect(cls, dsn: str, query_connections: int) -> ClickHouse:
+        def open_clients() -> list[Client]:
+            return [_open(dsn) for _ in range(1 + query_connections)]
+
+        writer, *readers = await asyncio.to_thread(open_clients)
+        return cls(writer, readers)
+
+    async def close(self) -> None:
+        def close_all() -> None:
+            for client in self._clients:
+                client.close()
+
+        await asyncio.to_thread(close_all)
+
+    async def migrate(self) -> list[int]:
+        """Apply the migrations not yet recorded in `schema_migrations`; return their versions."""
+
+        def run() -> list[int]:
+            self._writer.command(sql.SCHEMA_MIGRATIONS_TABLE)
+            applied = {row[0] for row in self._writer.query(sql.APPLIED_MIGRATIONS).result_rows}
+            pending = sql.pending_migrations(applied)
+            for migration in pending:
+                for statement in migration.statements:
+                    self._writer.command(statement)
+                self._writer.insert(
+                    "schema_migrations",
+                    [[migration.version, migration.description, datetime.now(UTC)]],
+                    column_names=["version", "description", "applied_at"],
+                )
+                log.info("applied migration %d: %s", migration.version, migration.description)
+            return [migration.version for migration in pending]
+
+        return await asyncio.to_thread(run)
+
+    async def insert_events(self, rows: Sequence[EventRow]) -> None:
+        if rows:
+            await asyncio.to_thread(
+                self._writer.insert, "events", list(rows), column_names=EVENT_COLUMNS
+            )
+
+    async def upsert_conversations(self, conversations: Sequence[ConversationInfo]) -> None:
+        if conversations:
+            rows = [conversation_row(info) for info in conversations]
+            await asyncio.to_thread(
+                self._writer.insert, "conversations", rows, column_names=CONVERSATION_COLUMNS
+            )
+
+    async def conversations(self, statement: sql.Statement) -> list[ConversationInfo]:
+        return [conversation_from_row(row) for row in await self.select(statement)]
+
+    async def select(self, statement: sql.Statement) -> Sequence[Sequence[Any]]:
+        """Rows of `statement`; String columns come back as bytes only for `payload`."""
+        async with self._reader() as client:
+            result = await asyncio.to_thread(
+                client.query,
+                statement.sql,
+                parameters=statement.parameters,
+                column_formats={"payload": "bytes"},
+            )
+        rows: Sequence[Sequence[Any]] = result.result_rows
+        return rows
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[Client]:
+        client = await self._readers.get()
+        try:
+            yield client
+        finally:
+            self._readers.put_nowait(client)
+
+
+def _open(dsn: str) -> Client:
+    # tz_mode="aware": DateTime64('UTC') columns come back as aware UTC datetimes.
+    return clickhouse_connect.get_client(dsn=dsn, tz_mode="aware")

@@ -1,0 +1,23 @@
+"""Event-store configuration from `TASKBUS_*` environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+# clickhouse-connect reads `chdb:<path>` as an embedded engine at <path> (relative to the working
+# directory), `chdb:///abs/path` as an absolute path and `http(s)://host:8123` as a server. Beware
+# `chdb://./path`: its netloc "." would be taken as the location and "path" as the database.
+DEFAULT_CLICKHOUSE_DSN = "chdb:.taskbus/clickhouse"
+
+
+class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    clickhouse_dsn: str = DEFAULT_CLICKHOUSE_DSN
+    # Durable consumer name; a fresh name with fresh tables replays the whole log (rebuild).
+    consumer_name: str = "event_store"
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    flush_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
+    # ClickHouse connections answering queries, so a slow search does not hold up the others.
+    query_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4

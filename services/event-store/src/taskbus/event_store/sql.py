@@ -1,0 +1,196 @@
+"""Every SQL statement of the event-store: the schema migrations and the queries.
+
+User input only ever reaches ClickHouse as a bound parameter (`{name:Type}` placeholders filled
+by clickhouse-connect's `parameters=`); the SQL text itself is built from fixed fragments.
+
+Why ReplacingMergeTree + FINAL: ingest is at-least-once (a batch is inserted, then acked), so a
+redelivered batch inserts the same (conversation_id, id) rows again. A ReplacingMergeTree keyed
+on that sorting key keeps one row per key after background merges, and `FINAL` makes every read
+see the merged result before the merge has happened. Reads are always scoped to one conversation
+or one user, i.e. to a prefix of the sorting key, so FINAL only merges a few granules. The
+alternative, `argMax(payload, ingested_at) GROUP BY id` per query, gives the same answer with
+more SQL at every call site; insert-time dedup (`insert_deduplicate`) only catches byte-identical
+blocks, and a redelivered batch is rarely cut the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from taskbus.contracts.queries import ListConversations, SearchEvents
+from taskbus.event_store.rows import CONVERSATION_COLUMNS
+
+
+class Migration(NamedTuple):
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+class Statement(NamedTuple):
+    sql: str
+    parameters: dict[str, Any]
+
+
+SCHEMA_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version UInt32,
+    description String,
+    applied_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(applied_at) ORDER BY version
+"""
+
+APPLIED_MIGRATIONS = "SELECT version FROM schema_migrations FINAL"
+
+# Append-only: a released migration is never edited, a change is a new version. Statements are
+# idempotent (IF NOT EXISTS) so a migration interrupted half-way can simply run again.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="events and conversations",
+        statements=(
+            """
+            CREATE TABLE IF NOT EXISTS events (
+                conversation_id String,
+                id Int64,
+                kind LowCardinality(String),
+                source LowCardinality(String),
+                cause Nullable(Int64),
+                timestamp DateTime64(6, 'UTC'),
+                user_id String,
+                payload String CODEC(ZSTD(3)),
+                text String CODEC(ZSTD(3)),
+                cost Float64,
+                model LowCardinality(String),
+                prompt_tokens UInt32,
+                completion_tokens UInt32,
+                command String,
+                exit_code Nullable(Int32),
+                ingested_at DateTime64(6, 'UTC')
+            ) ENGINE = ReplacingMergeTree(ingested_at)
+            ORDER BY (conversation_id, id)
+            """,
+            # The version is event_count, which grows exactly when last_event_id does: the row
+            # that has seen the most of the log wins, so the table never moves backwards.
+            """
+            CREATE TABLE IF NOT EXISTS conversations (
+                conversation_id String,
+                user_id String,
+                title String,
+                status LowCardinality(String),
+                agent_state LowCardinality(Nullable(String)),
+                status_reason String,
+                repository Nullable(String),
+                selected_branch Nullable(String),
+                priority Int32,
+                created_at DateTime64(6, 'UTC'),
+                updated_at DateTime64(6, 'UTC'),
+                accumulated_cost Float64,
+                event_count UInt64,
+                last_event_id Int64
+            ) ENGINE = ReplacingMergeTree(event_count)
+            ORDER BY (user_id, conversation_id)
+            """,
+        ),
+    ),
+)
+
+
+def pending_migrations(applied: set[int]) -> list[Migration]:
+    return [migration for migration in MIGRATIONS if migration.version not in applied]
+
+
+_CONVERSATION_SELECT = f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations FINAL"
+
+ALL_CONVERSATIONS = Statement(_CONVERSATION_SELECT, {})
+
+
+# (condition, parameter name, value): the condition applies when the value is not None.
+Filter = tuple[str, str, Any]
+
+
+def _add_filters(conditions: list[str], parameters: dict[str, Any], filters: list[Filter]) -> None:
+    for condition, name, value in filters:
+        if value is not None:
+            conditions.append(condition)
+            parameters[name] = value
+
+
+def get_conversation(user_id: str, conversation_id: str) -> Statement:
+    return Statement(
+        f"{_CONVERSATION_SELECT}"
+        " WHERE user_id = {user_id:String} AND conversation_id = {conversation_id:String}",
+        {"user_id": user_id, "conversation_id": conversation_id},
+    )
+
+
+def get_event(user_id: str, conversation_id: str, event_id: int) -> Statement:
+    return Statement(
+        "SELECT payload FROM events FINAL"
+        " WHERE conversation_id = {conversation_id:String} AND user_id = {user_id:String}"
+        " AND id = {event_id:Int64}",
+        {"user_id": user_id, "conversation_id": conversation_id, "event_id": event_id},
+    )
+
+
+def search_events(query: SearchEvents) -> Statement:
+    """One page of a conversation's events plus one row more, which tells whether there are more."""
+    conditions = [
+        "conversation_id = {conversation_id:String}",
+        "user_id = {user_id:String}",
+        "id >= {start_id:Int64}",
+    ]
+    parameters: dict[str, Any] = {
+        "conversation_id": query.conversation_id,
+        "user_id": query.user_id,
+        "start_id": query.start_id,
+        "limit": query.limit + 1,
+    }
+    optional: list[Filter] = [
+        ("id <= {end_id:Int64}", "end_id", query.end_id),
+        ("kind IN {kinds:Array(String)}", "kinds", query.kinds or None),
+        ("kind NOT IN {exclude_kinds:Array(String)}", "exclude_kinds", query.exclude_kinds or None),
+        ("source = {source:String}", "source", query.source),
+        ("timestamp >= {since:DateTime64(6, 'UTC')}", "since", query.since),
+        ("timestamp < {until:DateTime64(6, 'UTC')}", "until", query.until),
+        ("positionCaseInsensitiveUTF8(text, {query:String}) > 0", "query", query.query or None),
+    ]
+    _add_filters(conditions, parameters, optional)
+    order = "DESC" if query.reverse else "ASC"
+    return Statement(
+        "SELECT id, payload FROM events FINAL"
+        f" WHERE {' AND '.join(conditions)}"
+        f" ORDER BY id {order} LIMIT {{limit:UInt32}}",
+        parameters,
+    )
+
+
+def list_conversations(query: ListConversations, after: tuple[datetime, str] | None) -> Statement:
+    """A page of a user's conversations, newest first, starting after the cursor `after`."""
+    conditions = ["user_id = {user_id:String}"]
+    parameters: dict[str, Any] = {"user_id": query.user_id, "limit": query.limit + 1}
+    optional: list[Filter] = [
+        ("status = {status:String}", "status", query.status),
+        ("repository = {repository:String}", "repository", query.repository),
+        ("created_at >= {after:DateTime64(6, 'UTC')}", "after", query.created_after),
+        ("created_at < {before:DateTime64(6, 'UTC')}", "before", query.created_before),
+        (
+            "positionCaseInsensitiveUTF8(title, {title_contains:String}) > 0",
+            "title_contains",
+            query.title_contains or None,
+        ),
+    ]
+    _add_filters(conditions, parameters, optional)
+    if after is not None:
+        conditions.append(
+            "(created_at < {cursor_created_at:DateTime64(6, 'UTC')}"
+            " OR (created_at = {cursor_created_at:DateTime64(6, 'UTC')}"
+            " AND conversation_id < {cursor_conversation_id:String}))"
+        )
+        parameters["cursor_created_at"], parameters["cursor_conversation_id"] = after
+    return Statement(
+        f"{_CONVERSATION_SELECT} WHERE {' AND '.join(conditions)}"
+        " ORDER BY created_at DESC, conversation_id DESC LIMIT {limit:UInt32}",
+        parameters,
+    )

@@ -1,0 +1,59 @@
+"""The KV status projection (`taskbus_conversations`): the gateway's fast path for status.
+
+Writes are compare-and-set on the key's revision and skip a value that is not newer than what the
+bucket holds, so neither a replay, a redelivery nor a second event-store instance can move a
+conversation backwards. The revision last written is cached, so the happy path is one publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from taskbus.contracts.queries import ConversationInfo
+from taskbus.event_store.projection import is_newer
+
+_MAX_ATTEMPTS = 20
+
+_decoder = msgspec.json.Decoder(ConversationInfo)
+
+
+class ConversationStatusKV:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        # conversation_id -> revision of the value this process last wrote or read.
+        self._revisions: dict[str, int] = {}
+
+    async def publish_all(self, conversations: Iterable[ConversationInfo]) -> None:
+        await asyncio.gather(*(self.publish(info) for info in conversations))
+
+    async def publish(self, info: ConversationInfo) -> None:
+        key = info.conversation_id
+        value = msgspec.json.encode(info)
+        revision = self._revisions.get(key)
+        for _ in range(_MAX_ATTEMPTS):
+            if revision is None:
+                current, revision = await self._read(key)
+                if current is not None and not is_newer(info, current):
+                    self._revisions[key] = revision
+                    return
+            try:
+                self._revisions[key] = await self._kv.update(key, value, last=revision)
+                return
+            except KeyWrongLastSequenceError:
+                revision = None  # someone else wrote: re-read and compare
+        raise RuntimeError(f"could not update the status of {key} after {_MAX_ATTEMPTS} attempts")
+
+    async def _read(self, key: str) -> tuple[ConversationInfo | None, int]:
+        """The current value and its revision; revision 0 means "no such key"."""
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError as error:
+            # A deleted key leaves a tombstone whose revision the next write must name.
+            tombstone = error.entry
+            return None, tombstone.revision if tombstone is not None else 0
+        assert entry.value is not None and entry.revision is not None
+        return _decoder.decode(entry.value), entry.revision

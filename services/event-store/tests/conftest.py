@@ -1,0 +1,101 @@
+"""Fixtures for the event-store tests: a chDB database per test module, and an ingester and
+query responder running in-process on the session's nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from taskbus.contracts import subjects
+from taskbus.contracts.streams import ensure_streams
+from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.responder import QueryResponder
+from taskbus.event_store.status_kv import ConversationStatusKV
+
+WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
+
+
+async def _wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 15.0
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> WaitUntil:
+    return _wait_until
+
+
+@pytest.fixture(scope="module")
+async def module_nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_url)
+    await ensure_streams(client.jetstream())
+    yield client
+    await client.drain()
+
+
+@pytest.fixture(scope="module")
+def module_js(module_nc: Client) -> JetStreamContext:
+    return module_nc.jetstream()
+
+
+@pytest.fixture(scope="module")
+async def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ClickHouse]:
+    """chDB allows one data path per process, so each module opens its own and closes it."""
+    path: Path = tmp_path_factory.mktemp("clickhouse")
+    database = await ClickHouse.connect(f"chdb://{path}", query_connections=2)
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
+
+
+@pytest.fixture(scope="module")
+def start_ingester(module_js: JetStreamContext, clickhouse: ClickHouse) -> IngesterFactory:
+    """Starts an ingester on the named durable consumer, by default a fresh one (which replays
+    the whole log)."""
+
+    async def start(consumer_name: str | None) -> Ingester:
+        return await _start_ingester(module_js, clickhouse, consumer_name)
+
+    return start
+
+
+async def _start_ingester(
+    js: JetStreamContext, clickhouse: ClickHouse, consumer_name: str | None
+) -> Ingester:
+    status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
+    ingester = Ingester(
+        js,
+        clickhouse,
+        status_kv,
+        consumer_name=consumer_name or f"event_store_test_{uuid.uuid4().hex[:10]}",
+        batch_size=200,
+        flush_interval=0.02,
+    )
+    await ingester.start()
+    return ingester
+
+
+@pytest.fixture(scope="module")
+async def event_store(
+    module_nc: Client, clickhouse: ClickHouse, start_ingester: IngesterFactory
+) -> AsyncIterator[Ingester]:
+    """An in-process event-store (ingest + queries) over this module's database."""
+    ingester = await start_ingester(None)
+    responder = QueryResponder(module_nc, clickhouse)
+    await responder.start()
+    yield ingester
+    await responder.stop()
+    await ingester.stop()

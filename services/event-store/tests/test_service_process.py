@@ -1,0 +1,148 @@
+"""`python -m taskbus.event_store` as a real process: it answers over NATS, keeps its data across
+restarts and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import (
+    ConversationCreated,
+    ConversationStatusChanged,
+    EventSource,
+    MessageAction,
+)
+from taskbus.contracts.queries import (
+    ConversationReply,
+    EventPage,
+    GetConversation,
+    QueryError,
+    SearchEvents,
+)
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.status import ConversationStatus
+
+_reply_decoder = msgspec.json.Decoder(ConversationReply | EventPage | QueryError)
+
+
+class EventStoreProcess:
+    def __init__(self, nats_url: str, data_dir: Path, consumer_name: str) -> None:
+        self.env = {
+            **os.environ,
+            "TASKBUS_NATS_URL": nats_url,
+            "TASKBUS_CLICKHOUSE_DSN": f"chdb://{data_dir}",
+            "TASKBUS_CONSUMER_NAME": consumer_name,
+            "TASKBUS_FLUSH_INTERVAL_MS": "20",
+        }
+        self.log = data_dir.parent / "event-store.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "taskbus.event_store"], env=self.env, stderr=log
+            )
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def service(nats_url: str, tmp_path: Path) -> Iterator[EventStoreProcess]:
+    process = EventStoreProcess(
+        nats_url, tmp_path / "clickhouse", f"event_store_process_{uuid.uuid4().hex[:8]}"
+    )
+    yield process
+    process.kill()
+
+
+async def ask(nc: Client, query: GetConversation | SearchEvents) -> object:
+    msg = await nc.request(
+        subjects.query_subject(query.subject_name), msgspec.json.encode(query), timeout=5
+    )
+    return _reply_decoder.decode(msg.data)
+
+
+async def conversation_once_at(
+    nc: Client, user_id: str, cid: str, last_event_id: int
+) -> ConversationReply:
+    """Poll until the service answers with the conversation projected up to `last_event_id`."""
+    query = GetConversation(user_id=user_id, conversation_id=cid)
+    for _ in range(600):
+        try:
+            reply = await ask(nc, query)
+        except nats.errors.NoRespondersError:
+            reply = None  # still starting
+        if (
+            isinstance(reply, ConversationReply)
+            and reply.conversation.last_event_id >= last_event_id
+        ):
+            return reply
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the service never projected {cid} up to event {last_event_id}")
+
+
+async def test_service_process_answers_queries_and_survives_a_restart(
+    service: EventStoreProcess, nc: Client, js: JetStreamContext
+) -> None:
+    user_id, cid = f"carol-{uuid.uuid4().hex[:8]}", f"proc-{uuid.uuid4().hex[:10]}"
+    appender = EventAppender(js)
+    await appender.append_all(
+        [
+            ConversationCreated(
+                conversation_id=cid,
+                source=EventSource.USER,
+                user_id=user_id,
+                title="Run as a process",
+                spec=ConversationSpec(repository="octo/proc"),
+            ),
+            ConversationStatusChanged(
+                conversation_id=cid,
+                source=EventSource.ENVIRONMENT,
+                status=ConversationStatus.RUNNING,
+            ),
+            MessageAction(conversation_id=cid, source=EventSource.USER, content="hello"),
+        ]
+    )
+    service.start()
+    reply = await conversation_once_at(nc, user_id, cid, 2)
+    assert reply.conversation.status is ConversationStatus.RUNNING
+    assert reply.conversation.repository == "octo/proc"
+    page = await ask(nc, SearchEvents(user_id=user_id, conversation_id=cid, query="HELLO"))
+    assert isinstance(page, EventPage) and len(page.events) == 1
+    foreign = await ask(nc, GetConversation(user_id="mallory", conversation_id=cid))
+    assert isinstance(foreign, QueryError) and foreign.status == 404
+    assert service.stop() == 0
+
+    # Restarted on the same data: the projection is still there and the consumer resumes.
+    await appender.append(
+        ConversationStatusChanged(
+            conversation_id=cid, source=EventSource.ENVIRONMENT, status=ConversationStatus.FINISHED
+        )
+    )
+    service.start()
+    reply = await conversation_once_at(nc, user_id, cid, 3)
+    assert reply.conversation.status is ConversationStatus.FINISHED
+    assert reply.conversation.event_count == 4
+    assert service.stop() == 0
+    assert "event-store stopped" in service.log.read_text()
