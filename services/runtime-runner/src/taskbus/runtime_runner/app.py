@@ -1,0 +1,165 @@
+"""The runtime-runner process: a durable pull consumer on the event log feeding `RuntimeRunner`.
+
+Acknowledgement: a message is acked only once its reply is in the log. While it waits in its
+conversation's lane or runs (a command may take up to `command_seconds`), it is kept alive with
+`in_progress()` every third of `ack_wait`, so slow work is never redelivered while it is still
+running, and work lost in a crash is redelivered and, thanks to the reply check, done only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import (
+    RuntimeControlRequested,
+    RuntimeRequested,
+    UnknownEvent,
+    decode_event,
+)
+from taskbus.contracts.streams import ensure_streams
+from taskbus.runtime_runner.lanes import Lanes
+from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
+from taskbus.runtime_runner.replies import is_answered
+from taskbus.runtime_runner.runner import HANDLED_EVENTS, RuntimeRunner, SandboxFactory
+from taskbus.runtime_runner.sandbox import Sandbox
+from taskbus.runtime_runner.settings import RuntimeRunnerSettings
+from taskbus.runtime_runner.shell import ShellLimits
+
+logger = logging.getLogger(__name__)
+
+_FETCH_BATCH = 64
+_FETCH_SECONDS = 1.0
+_RETRY_DELAY_SECONDS = 5.0
+
+
+def sandbox_factory(settings: RuntimeRunnerSettings) -> SandboxFactory:
+    """The configured backend ("auto" means local until the docker backend exists)."""
+    root = Path(settings.workspace_root)
+
+    def new_sandbox(request: RuntimeRequested) -> Sandbox:
+        timeouts = request.timeouts
+        shell_limits = ShellLimits(
+            no_change_seconds=timeouts.no_change_seconds or settings.no_change_seconds,
+            command_seconds=timeouts.command_seconds or settings.command_seconds,
+            max_output_bytes=settings.max_output_bytes,
+            max_streamed_bytes=settings.max_streamed_bytes,
+        )
+        return LocalSandbox(
+            request.conversation_id,
+            root,
+            shell_limits,
+            LocalLimits(settings.max_file_bytes, request.resources),
+            settings.clone_seconds,
+        )
+
+    return new_sandbox
+
+
+def consumer_config(settings: RuntimeRunnerSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=settings.consumer_name,
+        name=settings.consumer_name,
+        filter_subjects=[subjects.event_subject("*", kind.__name__) for kind in HANDLED_EVENTS],
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        max_ack_pending=settings.max_ack_pending,
+        deliver_policy=DeliverPolicy.ALL if settings.consume_from == "start" else DeliverPolicy.NEW,
+    )
+
+
+class EventDispatcher:
+    """Feeds consumed messages to the runner in per-conversation lanes, skips answered events,
+    acks after the reply is appended and keeps pending messages alive with `in_progress()`."""
+
+    def __init__(self, js: JetStreamContext, runner: RuntimeRunner, ack_wait: float) -> None:
+        self._js = js
+        self._runner = runner
+        self._ack_wait = ack_wait
+        self._lanes = Lanes()
+        # Messages taken but not yet acked, by identity (Msg is not hashable).
+        self._in_flight: dict[int, Msg] = {}
+
+    async def dispatch(self, message: Msg) -> None:
+        try:
+            event = decode_event(message.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            logger.error("undecodable event on %s: %s", message.subject, error)
+            await message.term()
+            return
+        if isinstance(event, UnknownEvent):
+            await message.ack()
+            return
+        lane = "control" if isinstance(event, RuntimeControlRequested) else "work"
+        self._in_flight[id(message)] = message
+
+        async def process() -> None:
+            try:
+                stream_sequence = message.metadata.sequence.stream
+                if await is_answered(self._js, event.conversation_id, event.id, stream_sequence):
+                    logger.info(
+                        "%s %s of %s already answered", event.kind, event.id, event.conversation_id
+                    )
+                else:
+                    await self._runner.handle(event)
+                await message.ack()
+            except Exception:
+                logger.exception("handling %s %s failed; will retry", event.kind, event.id)
+                await message.nak(delay=_RETRY_DELAY_SECONDS)
+            finally:
+                del self._in_flight[id(message)]
+
+        self._lanes.submit((event.conversation_id, lane), process)
+
+    async def keep_in_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self._ack_wait / 3)
+            for message in list(self._in_flight.values()):
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
+
+    async def cancel(self) -> None:
+        await self._lanes.cancel()
+
+
+class RuntimeRunnerService:
+    def __init__(self, settings: RuntimeRunnerSettings) -> None:
+        self._settings = settings
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then kill the sandboxes and drain the connection."""
+        settings = self._settings
+        nc = await nats.connect(settings.nats_url, name="taskbus-runtime-runner")
+        js = nc.jetstream()
+        await ensure_streams(js)
+        await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
+        subscription = await js.pull_subscribe_bind(
+            durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
+        )
+        runner = RuntimeRunner(
+            EventAppender(js), sandbox_factory(settings), settings.max_output_bytes
+        )
+        dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
+        heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
+        logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)
+        try:
+            while not stop.is_set():  # a fetch lasts at most _FETCH_SECONDS
+                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                    for message in await subscription.fetch(_FETCH_BATCH, timeout=_FETCH_SECONDS):
+                        await dispatcher.dispatch(message)
+        finally:
+            heartbeat.cancel()
+            await dispatcher.cancel()  # unacked work is redelivered to the next runner
+            await runner.close()
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+                await nc.drain()

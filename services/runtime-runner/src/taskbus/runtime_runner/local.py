@@ -1,0 +1,230 @@
+"""The local backend: a process sandbox in a per-conversation directory, for machines without
+Docker. It isolates by directory, process group and rlimits only, not by namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import ClassVar
+
+from taskbus.contracts.specs import Resources
+from taskbus.runtime_runner import repository
+from taskbus.runtime_runner.sandbox import (
+    ActionError,
+    CommandOutcome,
+    CommandRequest,
+    OutputSink,
+    Sandbox,
+    ShellProcess,
+)
+from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
+
+_READ_SIZE = 64 * 1024
+# Files larger than this are not loaded into the runner (the agent can still use the shell).
+MAX_FILE_ACTION_BYTES = 32 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LocalLimits:
+    """rlimits of a local sandbox's processes. RLIMIT_NPROC is per user, so it is not used."""
+
+    def __init__(self, max_file_bytes: int, resources: Resources) -> None:
+        self.max_file_bytes = max_file_bytes
+        self.memory_bytes = resources.memory_mb * 1024 * 1024 if resources.memory_mb else None
+
+    def apply(self) -> None:
+        """Runs in the child between fork and exec."""
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
+        if self.memory_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
+        # Die with the runner instead of lingering as an orphan.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LocalShellProcess:
+    """`bash -i` on pipes, leader of its own session and process group."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @classmethod
+    async def spawn(
+        cls, cwd: Path, environment: dict[str, str], limits: LocalLimits
+    ) -> ShellProcess:
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "--norc",
+            "--noprofile",
+            "--noediting",
+            "-i",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=cwd,
+            env=environment,
+            start_new_session=True,
+            preexec_fn=limits.apply,
+        )
+        return cls(process)
+
+    async def write(self, data: bytes) -> None:
+        assert self._process.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+
+    async def read(self) -> bytes:
+        assert self._process.stdout is not None
+        return await self._process.stdout.read(_READ_SIZE)
+
+    async def signal_group(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signum)
+
+    async def kill_children(self) -> None:
+        for pid in _group_members(self._process.pid):
+            if pid != self._process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    async def terminate(self) -> int:
+        await self.signal_group(signal.SIGKILL)
+        return await self._process.wait()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids whose process group is `pgid` (from /proc)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def sandbox_environment(home: Path) -> dict[str, str]:
+    """A clean environment: nothing of the runner's own (its secrets) leaks into the sandbox."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "PAGER": "cat",
+        "GIT_PAGER": "cat",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class LocalSandbox(Sandbox):
+    backend: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        conversation_id: str,
+        workspace_root: Path,
+        shell_limits: ShellLimits,
+        limits: LocalLimits,
+        clone_seconds: float,
+    ) -> None:
+        root = workspace_root.resolve()
+        self._workspace = root / conversation_id
+        self._home = root / ".home" / conversation_id
+        self._limits = limits
+        self._clone_seconds = clone_seconds
+        self.sandbox_id = f"local-{conversation_id}"
+        self.workspace = str(self._workspace)
+        self.shell = PersistentShell(self._spawn_shell, shell_limits, self.workspace)
+
+    async def _spawn_shell(self) -> ShellProcess:
+        return await LocalShellProcess.spawn(
+            self._workspace, sandbox_environment(self._home), self._limits
+        )
+
+    async def start(self, repository_url: str | None, branch: str | None) -> None:
+        self._home.mkdir(parents=True, exist_ok=True)
+        self._workspace.mkdir(parents=True, exist_ok=True)
+        # A workspace with files is a restarted sandbox: its clone is already there.
+        if repository_url and not any(self._workspace.iterdir()):
+            await repository.clone(repository_url, branch, self._workspace, self._clone_seconds)
+        await self.shell.start()
+
+    async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
+        return await self.shell.execute(request, on_output)
+
+    def resolve(self, path: str) -> str:
+        return str(self._path(path))
+
+    def _path(self, path: str) -> Path:
+        resolved = (self._workspace / path).resolve()
+        if not resolved.is_relative_to(self._workspace):
+            raise ActionError(
+                "path_outside_workspace", f"{path} is outside the workspace {self.workspace}"
+            )
+        return resolved
+
+    async def read_bytes(self, path: str) -> bytes:
+        target = self._path(path)
+        try:
+            if target.stat().st_size > MAX_FILE_ACTION_BYTES:
+                raise ActionError(
+                    "file_too_large", f"{path} is larger than {MAX_FILE_ACTION_BYTES} bytes"
+                )
+            return await asyncio.to_thread(target.read_bytes)
+        except FileNotFoundError:
+            raise ActionError("file_not_found", f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise ActionError("is_a_directory", f"{path} is a directory") from None
+
+    async def write_bytes(self, path: str, data: bytes) -> None:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(target.write_bytes, data)
+        except IsADirectoryError:
+            raise ActionError("is_a_directory", f"{path} is a directory") from None
+
+    async def exists(self, path: str) -> bool:
+        return self._path(path).exists()
+
+    async def is_dir(self, path: str) -> bool:
+        return self._path(path).is_dir()
+
+    async def list_tree(self, path: str, depth: int) -> list[str]:
+        top = self._path(path)
+        return await asyncio.to_thread(_list_tree, top, depth)
+
+    async def pause(self) -> None:
+        await self.shell.signal(signal.SIGSTOP)
+
+    async def resume(self) -> None:
+        await self.shell.signal(signal.SIGCONT)
+
+    async def close(self) -> None:
+        await self.shell.close()
+
+
+def _list_tree(top: Path, depth: int) -> list[str]:
+    entries = []
+    for current, directories, files in os.walk(top):
+        level = len(Path(current).relative_to(top).parts)
+        directories[:] = sorted(d for d in directories if not d.startswith("."))
+        for name in [*directories, *sorted(f for f in files if not f.startswith("."))]:
+            relative = Path(current, name).relative_to(top)
+            entries.append(f"{relative}/" if name in directories else str(relative))
+        if level + 1 >= depth:
+            directories[:] = []
+    return sorted(entries)

@@ -1,0 +1,53 @@
+"""Has an event already been answered? Read from the log, so the answer survives restarts."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from taskbus.contracts import subjects
+from taskbus.contracts.events import (
+    AnyEvent,
+    CmdOutputChunk,
+    EventSource,
+    RuntimeStatusChanged,
+    UnknownEvent,
+    decode_event,
+)
+from taskbus.contracts.status import RuntimeStatus
+
+
+def is_reply(event: AnyEvent | UnknownEvent, to_id: int) -> bool:
+    """A final answer of the runner to event `to_id`: not a live chunk, not "starting"."""
+    if isinstance(event, UnknownEvent) or event.cause != to_id:
+        return False
+    if event.source != EventSource.ENVIRONMENT or isinstance(event, CmdOutputChunk):
+        return False
+    return not (isinstance(event, RuntimeStatusChanged) and event.status == RuntimeStatus.STARTING)
+
+
+async def is_answered(
+    js: JetStreamContext, conversation_id: str, event_id: int, stream_sequence: int
+) -> bool:
+    """Scan the conversation's events after `stream_sequence` for a reply to `event_id`.
+
+    The common case (nothing after the event yet) costs one direct get of the last message.
+    """
+    conversation = subjects.conversation_events(conversation_id)
+    try:
+        last = await js.get_last_msg(subjects.EVENTS_STREAM, conversation, direct=True)
+    except NotFoundError:
+        return False
+    assert last.seq is not None
+    sequence = stream_sequence + 1
+    while sequence <= last.seq:
+        try:
+            message = await js.get_msg(
+                subjects.EVENTS_STREAM, sequence, subject=conversation, next=True, direct=True
+            )
+        except NotFoundError:
+            return False
+        assert message.seq is not None and message.data is not None
+        if is_reply(decode_event(message.data), event_id):
+            return True
+        sequence = message.seq + 1
+    return False

@@ -1,0 +1,218 @@
+"""Reactions of the runtime-runner to events: sandboxes for RuntimeRequested, control requests,
+and an observation for every executable action. Transport-free: events in, appends out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from itertools import count
+
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import (
+    CmdOutputChunk,
+    CmdOutputObservation,
+    CmdRunAction,
+    ErrorObservation,
+    Event,
+    FileEditAction,
+    FileReadAction,
+    FileWriteAction,
+    RuntimeControl,
+    RuntimeControlRequested,
+    RuntimeRequested,
+    RuntimeStatusChanged,
+)
+from taskbus.contracts.status import RuntimeStatus
+from taskbus.runtime_runner.files import FileActions, reply_to
+from taskbus.runtime_runner.repository import redact_credentials
+from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
+
+logger = logging.getLogger(__name__)
+
+# Kinds the runner consumes; everything else in the log is not its business.
+HANDLED_EVENTS: tuple[type[Event], ...] = (
+    RuntimeRequested,
+    RuntimeControlRequested,
+    CmdRunAction,
+    FileReadAction,
+    FileWriteAction,
+    FileEditAction,
+)
+
+SandboxFactory = Callable[[RuntimeRequested], Sandbox]
+
+
+class _Runtime:
+    def __init__(self, sandbox: Sandbox, files: FileActions) -> None:
+        self.sandbox = sandbox
+        self.files = files
+        self.paused = False
+
+
+class RuntimeRunner:
+    """Owns this process' sandboxes, one per conversation.
+
+    Callers run one conversation's RuntimeRequested and actions in log order, and its control
+    requests in another ordered lane, so a stop is not stuck behind a long command.
+    """
+
+    def __init__(
+        self, appender: EventAppender, new_sandbox: SandboxFactory, max_output_bytes: int
+    ) -> None:
+        self._appender = appender
+        self._new_sandbox = new_sandbox
+        self._max_output_bytes = max_output_bytes
+        self._runtimes: dict[str, _Runtime] = {}
+        # conversation id -> id of its latest stop request: a start older than it is void.
+        self._stopped_at: dict[str, int] = {}
+
+    async def handle(self, event: Event) -> None:
+        match event:
+            case RuntimeRequested():
+                await self._start(event)
+            case RuntimeControlRequested():
+                await self._control(event)
+            case CmdRunAction() | FileReadAction() | FileWriteAction() | FileEditAction():
+                await self._execute(event)
+
+    async def close(self) -> None:
+        for runtime in self._runtimes.values():
+            await runtime.sandbox.close()
+        self._runtimes.clear()
+
+    def _status(
+        self, cause: Event, status: RuntimeStatus, reason: str = ""
+    ) -> RuntimeStatusChanged:
+        """A status reply; "ready" and "paused" say where the sandbox is."""
+        runtime = self._runtimes.get(cause.conversation_id)
+        if runtime is None or status not in (RuntimeStatus.READY, RuntimeStatus.PAUSED):
+            return RuntimeStatusChanged(**reply_to(cause), status=status, reason=reason)
+        sandbox = runtime.sandbox
+        return RuntimeStatusChanged(
+            **reply_to(cause),
+            status=status,
+            reason=reason,
+            backend=sandbox.backend,
+            sandbox_id=sandbox.sandbox_id,
+            workspace=sandbox.workspace,
+        )
+
+    async def _start(self, request: RuntimeRequested) -> None:
+        cid = request.conversation_id
+        await self._appender.append(self._status(request, RuntimeStatus.STARTING))
+        if cid not in self._runtimes:
+            sandbox = self._new_sandbox(request)
+            try:
+                await sandbox.start(request.repository, request.selected_branch)
+            except Exception as error:
+                await sandbox.close()
+                code = error.code if isinstance(error, ActionError) else "runtime_start_failed"
+                message = redact_credentials(str(error))
+                logger.warning("sandbox for %s failed to start: %s", cid, message)
+                await self._appender.append_all(
+                    [
+                        ErrorObservation(**reply_to(request), code=code, content=message),
+                        self._status(request, RuntimeStatus.ERROR, f"{code}: {message}"),
+                    ]
+                )
+                return
+            if self._stopped_at.get(cid, -1) > request.id:
+                await sandbox.close()  # stopped while it was starting; "stopped" is in the log
+                return
+            self._runtimes[cid] = _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes))
+        await self._appender.append(self._status(request, RuntimeStatus.READY))
+
+    async def _control(self, request: RuntimeControlRequested) -> None:
+        cid = request.conversation_id
+        runtime = self._runtimes.get(cid)
+        if request.action == RuntimeControl.STOP:
+            self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), request.id)
+            self._runtimes.pop(cid, None)
+            if runtime is not None:
+                await runtime.sandbox.close()
+            await self._appender.append(
+                self._status(request, RuntimeStatus.STOPPED, request.reason)
+            )
+            return
+        if runtime is None:
+            await self._appender.append(_no_runtime(request))
+            return
+        if request.action == RuntimeControl.PAUSE:
+            await runtime.sandbox.pause()
+            runtime.paused = True
+            status = RuntimeStatus.PAUSED
+        else:
+            await runtime.sandbox.resume()
+            runtime.paused = False
+            status = RuntimeStatus.READY
+        await self._appender.append(self._status(request, status, request.reason))
+
+    async def _execute(
+        self, action: CmdRunAction | FileReadAction | FileWriteAction | FileEditAction
+    ) -> None:
+        runtime = self._runtimes.get(action.conversation_id)
+        if runtime is None:
+            await self._appender.append(_no_runtime(action))
+            return
+        if runtime.paused:
+            await self._appender.append(
+                ErrorObservation(
+                    **reply_to(action), code="runtime_paused", content="The sandbox is paused."
+                )
+            )
+            return
+        observation: Event
+        try:
+            match action:
+                case CmdRunAction():
+                    observation = await self._run_command(runtime.sandbox, action)
+                case FileReadAction():
+                    observation = await runtime.files.read(action)
+                case FileWriteAction():
+                    observation = await runtime.files.write(action)
+                case FileEditAction():
+                    observation = await runtime.files.edit(action)
+        except ActionError as error:
+            observation = ErrorObservation(
+                **reply_to(action), code=error.code, content=error.message
+            )
+        except Exception as error:
+            logger.exception("action %s of %s failed", action.id, action.conversation_id)
+            observation = ErrorObservation(
+                **reply_to(action), code="runtime_error", content=f"{type(error).__name__}: {error}"
+            )
+        await self._appender.append(observation)
+
+    async def _run_command(self, sandbox: Sandbox, action: CmdRunAction) -> CmdOutputObservation:
+        chunk_numbers = count()
+
+        async def stream(text: str) -> None:
+            await self._appender.append(
+                CmdOutputChunk(**reply_to(action), content=text, seq=next(chunk_numbers))
+            )
+
+        request = CommandRequest(
+            command=action.command,
+            is_input=action.is_input,
+            blocking=action.blocking,
+            timeout=action.timeout,
+            cwd=action.cwd,
+        )
+        outcome = await sandbox.run_command(request, stream)
+        return CmdOutputObservation(
+            **reply_to(action),
+            command=action.command,
+            content=outcome.content,
+            exit_code=outcome.exit_code,
+            timed_out=outcome.timed_out,
+            cwd=outcome.cwd,
+            truncated_bytes=outcome.truncated_bytes,
+        )
+
+
+def _no_runtime(cause: Event) -> ErrorObservation:
+    return ErrorObservation(
+        **reply_to(cause),
+        code="no_runtime",
+        content="No sandbox is running for this conversation.",
+    )
