@@ -1,0 +1,84 @@
+"""Builds the gateway (FastAPI app over one NATS connection) and runs it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from taskbus.contracts.config import settings_from_env
+from taskbus.gateway import rest, websocket
+from taskbus.gateway.auth import ApiKeys
+from taskbus.gateway.bus import Bus
+from taskbus.gateway.openapi import install_msgspec_schemas
+from taskbus.gateway.problems import install_problem_handlers
+from taskbus.gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """The ASGI app; it connects to NATS on startup and drains the connection on shutdown."""
+    api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
+    if not api_keys:
+        logger.warning("no API keys configured: every authenticated request will answer 401")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bus = await Bus.connect(settings.nats_url, wait_seconds=settings.request_timeout_seconds)
+        app.state.bus = bus
+        logger.info("gateway connected to NATS at %s", settings.nats_url)
+        try:
+            yield
+        finally:
+            await bus.close()
+
+    app = FastAPI(
+        title="Taskbus",
+        summary="Run AI coding-agent tasks: conversations, their commands and their events",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.api_keys = api_keys
+    install_problem_handlers(app)
+    app.include_router(rest.router)
+    app.include_router(websocket.router)
+    install_msgspec_schemas(app)
+    return app
+
+
+class RedactApiKeys(logging.Filter):
+    """Masks `api_key=` query values (WebSocket URLs) in uvicorn's request lines."""
+
+    _pattern = re.compile(r"(api_key=)[^&\s\"]+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._pattern.sub(r"\1***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def run(settings: GatewaySettings | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then runs the lifespan shutdown (NATS drain)."""
+    settings = settings or settings_from_env(GatewaySettings)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactApiKeys())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        lifespan="on",
+    )

@@ -1,0 +1,215 @@
+"""The gateway's NATS edge: commands out, queries to event-store, conversation state from the
+KV projection with the log as the authority (read-your-writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from taskbus.contracts import subjects
+from taskbus.contracts.commands import Command, CreateConversation, encode_command
+from taskbus.contracts.events import (
+    AgentStateChanged,
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationStatusChanged,
+    Event,
+    LLMMetrics,
+)
+from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
+from taskbus.contracts.streams import ensure_streams
+from taskbus.gateway.conversations import LogTail, fold_conversation
+from taskbus.gateway.problems import Problem, conversation_not_found
+
+logger = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+R = TypeVar("R", bound=Reply)
+
+# How often a waiting POST re-reads the log when no ConversationCreated notification arrives.
+_VISIBILITY_POLL_SECONDS = 0.25
+
+
+def unavailable(what: str) -> Problem:
+    return Problem(503, f"{what} did not answer in time", kind="service-unavailable")
+
+
+class Bus:
+    """One NATS connection shared by every request of the process."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, kv: KeyValue, timeout: float) -> None:
+        self.nc = nc
+        self.js = js
+        self._kv = kv
+        self._timeout = timeout
+        self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
+
+    @classmethod
+    async def connect(cls, url: str, wait_seconds: float) -> Bus:
+        """`wait_seconds` bounds every wait on another service (visibility, queries)."""
+        nc = await nats.connect(url, name="taskbus-gateway")
+        js = nc.jetstream()
+        await ensure_streams(js)
+        kv = await js.key_value(subjects.CONVERSATIONS_BUCKET)
+        return cls(nc, js, kv, wait_seconds)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def publish_command(self, command: Command, msg_id: str) -> None:
+        """Publish to TASKBUS_COMMANDS; JetStream drops a repeated `msg_id` (idempotent retry)."""
+        try:
+            await self.js.publish(
+                subjects.command_subject(subjects.SESSION_MANAGER, command.name()),
+                encode_command(command),
+                stream=subjects.COMMANDS_STREAM,
+                headers={"Nats-Msg-Id": msg_id},
+                timeout=self._timeout,
+            )
+        except (nats.errors.Error, TimeoutError) as error:
+            logger.warning("publishing %s failed: %r", command.name(), error)
+            raise unavailable("the command stream") from error
+
+    async def create_conversation(
+        self, command: CreateConversation
+    ) -> tuple[ConversationInfo, bool]:
+        """Ask session-manager to create the conversation and wait until the log shows it.
+
+        Returns the conversation and whether this call created it (False: an earlier request
+        with the same id did). Raises a 504 Problem if it is not visible within the timeout.
+        """
+        cid = command.conversation_id
+        existing = await self.find_conversation(cid)
+        if existing is not None:
+            return existing, False
+        # Subscribe before publishing so the ConversationCreated notification cannot be missed;
+        # the log stays the authority, the notification only wakes us up early.
+        created_subject = subjects.event_subject(cid, ConversationCreated.__name__)
+        notifications = await self.nc.subscribe(created_subject)
+        try:
+            await self.publish_command(command, msg_id=f"{command.name()}:{cid}")
+            deadline = time.monotonic() + self._timeout
+            while (info := await self.find_conversation(cid)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Problem(
+                        504,
+                        "the conversation was accepted but is not visible yet; retry the GET",
+                        kind="not-visible-yet",
+                        conversation_id=cid,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await notifications.next_msg(timeout=min(remaining, _VISIBILITY_POLL_SECONDS))
+            return info, True
+        finally:
+            await notifications.unsubscribe()
+
+    # --- conversation state -------------------------------------------------------------------
+
+    async def find_conversation(self, conversation_id: str) -> ConversationInfo | None:
+        """The KV projection when it is as new as the log, else a fold of the log itself."""
+        projected, tail = await asyncio.gather(
+            self._projected(conversation_id), self._log_tail(conversation_id)
+        )
+        if tail is None:
+            return projected
+        if projected is not None and projected.last_event_id >= tail.id:
+            return projected
+        created, status, agent_state, metrics, deleted = await asyncio.gather(
+            self.last_event(conversation_id, ConversationCreated),
+            self.last_event(conversation_id, ConversationStatusChanged),
+            self.last_event(conversation_id, AgentStateChanged),
+            self.last_event(conversation_id, LLMMetrics),
+            self.last_event(conversation_id, ConversationDeleted),
+        )
+        if created is None or deleted is not None:
+            return None
+        return fold_conversation(created, tail, status, agent_state, metrics)
+
+    async def owned_conversation(self, user_id: str, conversation_id: str) -> ConversationInfo:
+        """The user's conversation, or a 404 Problem (also for another user's conversation)."""
+        if subjects.is_valid_conversation_id(conversation_id):
+            info = await self.find_conversation(conversation_id)
+            if info is not None and info.user_id == user_id:
+                return info
+        raise conversation_not_found(conversation_id)
+
+    async def last_event(self, conversation_id: str, event_type: type[E]) -> E | None:
+        message = await self._last_message(
+            subjects.event_subject(conversation_id, event_type.__name__)
+        )
+        return None if message is None else msgspec.json.decode(message, type=event_type)
+
+    async def _log_tail(self, conversation_id: str) -> LogTail | None:
+        message = await self._last_message(subjects.conversation_events(conversation_id))
+        return None if message is None else msgspec.json.decode(message, type=LogTail)
+
+    async def _last_message(self, subject: str) -> bytes | None:
+        try:
+            message = await self.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
+        except NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the event log") from error
+        return message.data
+
+    async def _projected(self, conversation_id: str) -> ConversationInfo | None:
+        try:
+            entry = await self._kv.get(conversation_id)
+        except KeyNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the conversation projection") from error
+        if not entry.value:
+            return None
+        try:
+            return msgspec.json.decode(entry.value, type=ConversationInfo)
+        except msgspec.DecodeError:
+            logger.warning("undecodable projection of conversation %s; using the log", entry.key)
+            return None
+
+    # --- queries ------------------------------------------------------------------------------
+
+    async def ask(self, query: Query, reply_type: type[R]) -> R:
+        """Request-reply to event-store; a QueryError becomes a Problem with its status."""
+        try:
+            message = await self.nc.request(
+                subjects.query_subject(query.subject_name),
+                msgspec.json.encode(query),
+                timeout=self._timeout,
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as error:
+            raise unavailable("event-store") from error
+        try:
+            reply = self._reply_decoder(reply_type).decode(message.data)
+        except msgspec.DecodeError as error:
+            logger.error("event-store answered %s with an undecodable reply", query.subject_name)
+            raise Problem(502, "event-store answered with an unexpected reply") from error
+        if isinstance(reply, QueryError):
+            raise Problem(reply.status, reply.detail, title=reply.title, kind="query-error")
+        assert isinstance(reply, reply_type)
+        return reply
+
+    def _reply_decoder(self, reply_type: type[Reply]) -> msgspec.json.Decoder[Any]:
+        decoder = self._reply_decoders.get(reply_type)
+        if decoder is None:
+            decoder = msgspec.json.Decoder(reply_type | QueryError)
+            self._reply_decoders[reply_type] = decoder
+        return decoder

@@ -1,0 +1,43 @@
+"""FastAPI dependencies: the caller's identity and the process-wide NATS bus."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
+from taskbus.gateway.auth import ApiKeys
+from taskbus.gateway.bus import Bus
+from taskbus.gateway.problems import unauthorized
+from taskbus.gateway.settings import GatewaySettings
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+def get_bus(connection: HTTPConnection) -> Bus:
+    return cast(Bus, connection.app.state.bus)
+
+
+def get_api_keys(connection: HTTPConnection) -> ApiKeys:
+    return cast(ApiKeys, connection.app.state.api_keys)
+
+
+def get_settings(connection: HTTPConnection) -> GatewaySettings:
+    return cast(GatewaySettings, connection.app.state.settings)
+
+
+def current_user(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
+) -> str:
+    """The user the bearer key belongs to; 401 problem otherwise."""
+    user = api_keys.user_for_key(credentials.credentials) if credentials else None
+    if user is None:
+        raise unauthorized()
+    return user
+
+
+UserId = Annotated[str, Depends(current_user)]
+BusDep = Annotated[Bus, Depends(get_bus)]
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]

@@ -1,0 +1,24 @@
+"""Gateway configuration from `TASKBUS_*` environment variables; every default works on a laptop."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 3000
+    # "key1=user1,key2=user2"; merged with the lines of `api_keys_file` (one `key=user` a line).
+    api_keys: str = ""
+    api_keys_file: str = ""
+    # Bound of every wait on another service: command visibility, queries.
+    request_timeout_seconds: PositiveSeconds = 5.0
+    ws_heartbeat_seconds: PositiveSeconds = 15.0
+    # Live events queued for one WebSocket client before it is closed as a slow consumer.
+    ws_max_buffered_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    log_level: str = "INFO"

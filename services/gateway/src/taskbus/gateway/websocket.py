@@ -1,0 +1,147 @@
+"""`WS /api/conversations/{id}/events?after_id=N`: replay after N, then the live log.
+
+Authentication: the `Authorization: Bearer <key>` header, or `?api_key=<key>` for browsers,
+which cannot set headers on a WebSocket. Server → client text messages: each event's wire
+JSON; `{"kind": "heartbeat"}` when idle; `{"kind": "error", "code", "detail"}` for a rejected
+client message. Client → server: `{"action": "message", "message": "..."}`, or `{"action":
+"pause" | "resume" | "stop" | "confirm" | "reject"}`. A client that falls more than
+`ws_max_buffered_events` behind the live log is closed with code 4008 ("slow consumer").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect
+from taskbus.contracts.wire import to_wire
+from taskbus.gateway.auth import ApiKeys
+from taskbus.gateway.bus import Bus
+from taskbus.gateway.dependencies import SettingsDep, get_api_keys, get_bus
+from taskbus.gateway.event_tail import EventTail
+from taskbus.gateway.inputs import command_for_action, decode_client_action
+from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE, Problem, unauthorized
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api")
+
+SLOW_CONSUMER_CLOSE_CODE = 4008
+_HEARTBEAT = msgspec.json.encode({"kind": "heartbeat"}).decode()
+
+
+class _Connection:
+    """One authorised client: event sending and command receiving share its socket."""
+
+    def __init__(self, websocket: WebSocket, bus: Bus, user_id: str, conversation_id: str) -> None:
+        self._websocket = websocket
+        self._bus = bus
+        self._user_id = user_id
+        self._conversation_id = conversation_id
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self._websocket.send_text(text)
+
+    async def send_events(self, tail: EventTail, heartbeat_seconds: float) -> None:
+        while True:
+            item = await tail.next_event(heartbeat_seconds)
+            if item is None:
+                await self.send(_HEARTBEAT)
+                continue
+            _, stored = item
+            await self.send(msgspec.json.encode(to_wire(stored)).decode())
+
+    async def receive_actions(self) -> None:
+        """Turn client messages into commands until the client goes away."""
+        while True:
+            message = await self._websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text") or message.get("bytes") or b""
+            await self._act_on(raw)
+
+    async def _act_on(self, raw: str | bytes) -> None:
+        try:
+            action = decode_client_action(raw)
+            command = command_for_action(action, self._user_id, self._conversation_id)
+        except msgspec.DecodeError as error:
+            await self._send_error("invalid_message", str(error))
+            return
+        try:
+            await self._bus.publish_command(command, msg_id=uuid.uuid4().hex)
+        except Problem as problem:
+            await self._send_error("unavailable", problem.detail)
+
+    async def _send_error(self, code: str, detail: str) -> None:
+        error = {"kind": "error", "code": code, "detail": detail}
+        await self.send(msgspec.json.encode(error).decode())
+
+
+async def _deny(websocket: WebSocket, problem: Problem) -> None:
+    """Refuse the handshake with the problem as an HTTP answer where the server allows it."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response = JSONResponse(
+            problem.body(websocket.url.path),
+            status_code=problem.status,
+            media_type=PROBLEM_MEDIA_TYPE,
+            headers=problem.headers,
+        )
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(code=1008, reason=problem.title)
+
+
+@router.websocket("/conversations/{conversation_id}/events")
+async def conversation_events(
+    websocket: WebSocket,
+    conversation_id: str,
+    bus: Annotated[Bus, Depends(get_bus)],
+    api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
+    settings: SettingsDep,
+    after_id: Annotated[int, Query(ge=-1, description="replay events with id > after_id")] = -1,
+    api_key: Annotated[str | None, Query(description="for clients that cannot set headers")] = None,
+) -> None:
+    user = api_keys.user_for_authorization(websocket.headers.get("authorization"))
+    if user is None and api_key:
+        user = api_keys.user_for_key(api_key)
+    if user is None:
+        await _deny(websocket, unauthorized())
+        return
+    try:
+        await bus.owned_conversation(user, conversation_id)
+    except Problem as problem:
+        await _deny(websocket, problem)
+        return
+    await websocket.accept()
+    connection = _Connection(websocket, bus, user, conversation_id)
+    tail = EventTail(bus.js, conversation_id, after_id, settings.ws_max_buffered_events)
+    async with tail:
+        tasks: dict[str, asyncio.Task[Any]] = {
+            "send": asyncio.create_task(
+                connection.send_events(tail, settings.ws_heartbeat_seconds)
+            ),
+            "receive": asyncio.create_task(connection.receive_actions()),
+            "overflow": asyncio.create_task(tail.overflowed.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if error is not None and not isinstance(error, WebSocketDisconnect):
+                    logger.warning("WebSocket of %s ended by %r", conversation_id, error)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+    if tail.overflowed.is_set():
+        logger.info("closing a slow WebSocket client of conversation %s", conversation_id)
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=SLOW_CONSUMER_CLOSE_CODE, reason="slow consumer")

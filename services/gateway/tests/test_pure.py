@@ -1,0 +1,155 @@
+"""Pure parts of the gateway: keys, ids, the conversation fold, client input, log redaction."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversation
+from taskbus.contracts.events import (
+    AgentStateChanged,
+    ConversationCreated,
+    ConversationStatusChanged,
+    EventSource,
+    LLMMetrics,
+)
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.status import AgentState, ConversationStatus
+from taskbus.gateway.app import RedactApiKeys
+from taskbus.gateway.auth import ApiKeyError, ApiKeys
+from taskbus.gateway.conversations import (
+    ConversationView,
+    LogTail,
+    command_msg_id,
+    conversation_id_for,
+    fold_conversation,
+)
+from taskbus.gateway.inputs import command_for_action, decode_client_action
+
+
+def test_api_keys_from_string_and_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# local keys\nk3 = carol\n\n")
+    keys = ApiKeys.from_settings("k1=alice, k2=bob", str(keys_file))
+    assert len(keys) == 3
+    assert [keys.user_for_key(k) for k in ("k1", "k2", "k3", "k4")] == [
+        "alice",
+        "bob",
+        "carol",
+        None,
+    ]
+    assert keys.user_for_authorization("Bearer k2") == "bob"
+    assert keys.user_for_authorization("bearer   k2 ") == "bob"
+    for header in (None, "", "k2", "Basic k2", "Bearer k2 extra", "Bearer"):
+        assert keys.user_for_authorization(header) is None
+
+
+def test_malformed_key_entries_are_rejected_without_echoing_the_key() -> None:
+    with pytest.raises(ApiKeyError) as error:
+        ApiKeys.parse(["good=alice", "sekrit-without-user"])
+    assert "entry 2" in str(error.value) and "sekrit" not in str(error.value)
+
+
+def test_conversation_ids_are_fresh_or_derived_per_user_and_key() -> None:
+    assert conversation_id_for("alice", None) != conversation_id_for("alice", None)
+    derived = conversation_id_for("alice", "k")
+    assert derived == conversation_id_for("alice", "k")
+    assert len(derived) == 32 and derived.isalnum()
+    assert derived != conversation_id_for("bob", "k") != conversation_id_for("alice", "k2")
+    # The user/key boundary is unambiguous.
+    assert conversation_id_for("a", "b:c") != conversation_id_for("a:b", "c")
+    assert command_msg_id("Stop", "c1", "alice", "k") == command_msg_id("Stop", "c1", "alice", "k")
+    assert command_msg_id("Stop", "c1", "alice", "k") != command_msg_id("Pause", "c1", "alice", "k")
+    assert command_msg_id("Stop", "c1", "alice", None) != command_msg_id(
+        "Stop", "c1", "alice", None
+    )
+
+
+def test_fold_takes_the_latest_status_agent_state_and_cost() -> None:
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    created = ConversationCreated(
+        conversation_id="c1",
+        source=EventSource.USER,
+        id=0,
+        timestamp=start,
+        user_id="alice",
+        spec=ConversationSpec(repository="https://x/r.git", selected_branch="main", priority=5),
+        title="Fix it",
+    )
+    tail = LogTail(id=7, timestamp=start + timedelta(seconds=9))
+    just_created = fold_conversation(created, LogTail(id=0, timestamp=start))
+    assert (just_created.status, just_created.agent_state) == (ConversationStatus.QUEUED, None)
+    info = fold_conversation(
+        created,
+        tail,
+        ConversationStatusChanged(
+            conversation_id="c1",
+            source=EventSource.ENVIRONMENT,
+            status=ConversationStatus.PAUSED,
+            reason="idle",
+        ),
+        AgentStateChanged(
+            conversation_id="c1", source=EventSource.ENVIRONMENT, agent_state=AgentState.PAUSED
+        ),
+        LLMMetrics(conversation_id="c1", source=EventSource.AGENT, model="m", accumulated_cost=1.5),
+    )
+    assert (info.user_id, info.title, info.priority) == ("alice", "Fix it", 5)
+    assert (info.status, info.status_reason, info.agent_state) == ("PAUSED", "idle", "paused")
+    assert (info.created_at, info.updated_at) == (start, tail.timestamp)
+    assert (info.event_count, info.last_event_id, info.accumulated_cost) == (8, 7, 1.5)
+    view = msgspec.to_builtins(ConversationView.of(info))
+    assert view["selected_repository"] == "https://x/r.git"
+    assert view["last_updated_at"] == "2025-01-01T00:00:09Z"
+    assert "user_id" not in view
+
+
+def test_client_actions_map_to_validated_commands() -> None:
+    message = command_for_action(
+        decode_client_action('{"action": "message", "message": "hi"}'), "alice", "c1"
+    )
+    assert message == SendMessage(user_id="alice", conversation_id="c1", content="hi")
+    reject = command_for_action(decode_client_action('{"action": "reject"}'), "alice", "c1")
+    assert reject == ConfirmAction(user_id="alice", conversation_id="c1", confirmed=False)
+    stop = command_for_action(decode_client_action(b'{"action": "stop"}'), "alice", "c1")
+    assert isinstance(stop, StopConversation)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "{}",
+        '{"action": "fly"}',
+        '{"action": "pause", "extra": 1}',
+        '{"action": "message"}',
+        '{"action": "message", "message": 5}',
+    ],
+)
+def test_invalid_client_actions_fail_to_decode(text: str) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_client_action(text)
+
+
+def test_empty_message_violates_the_contract() -> None:
+    action = decode_client_action('{"action": "message", "message": ""}')
+    with pytest.raises(msgspec.ValidationError):
+        command_for_action(action, "alice", "c1")
+
+
+def test_api_keys_in_websocket_urls_are_redacted_from_logs() -> None:
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/api/conversations/c/events?after_id=3&api_key=top-secret"),
+        None,
+    )
+    assert RedactApiKeys().filter(record)
+    message = record.getMessage()
+    assert "top-secret" not in message
+    assert message.endswith('/events?after_id=3&api_key=***" [accepted]')

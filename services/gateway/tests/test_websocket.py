@@ -1,0 +1,194 @@
+"""WS /api/conversations/{id}/events over a real uvicorn server and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from typing import Any
+
+import pytest
+from taskbus.contracts.commands import ConfirmAction, PauseConversation, SendMessage
+from taskbus.contracts.events import CmdOutputChunk, EventSource
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+Headers = dict[str, str]
+
+
+def events_url(server_url: str, cid: str, query: str = "") -> str:
+    return f"ws://{server_url}/api/conversations/{cid}/events{query}"
+
+
+async def next_event(ws: ClientConnection, wait_seconds: float = 5.0) -> dict[str, Any]:
+    """The next event, skipping heartbeats."""
+    while True:
+        message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), wait_seconds))
+        if message.get("kind") != "heartbeat":
+            return message
+
+
+async def no_event_within(ws: ClientConnection, seconds: float) -> bool:
+    try:
+        await next_event(ws, wait_seconds=seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def conversation_with_history(session_manager: Any, user: str, messages: int) -> str:
+    """A conversation whose events interleave in the stream with another conversation's."""
+    cid, other = uuid.uuid4().hex, uuid.uuid4().hex
+    await session_manager.create(user, cid)
+    await session_manager.create(user, other)
+    for i in range(messages):
+        await session_manager.say(cid, f"m{i}")
+        await session_manager.say(other, f"other {i}")
+    return cid
+
+
+async def test_replay_after_id_then_live_then_reconnect_without_gap_or_duplicate(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=8)  # ids 0..9
+    url = events_url(server_url, cid, "?after_id=4")
+    async with connect(url, additional_headers=alice) as ws:
+        replayed = [await next_event(ws) for _ in range(5)]
+        assert [e["id"] for e in replayed] == [5, 6, 7, 8, 9]
+        assert replayed[0]["action"] == "message" and replayed[0]["message"] == "m3"
+        for i in range(3):
+            await session_manager.say(cid, f"live {i}")
+        live = [await next_event(ws) for _ in range(3)]
+        assert [(e["id"], e["message"]) for e in live] == [
+            (10, "live 0"),
+            (11, "live 1"),
+            (12, "live 2"),
+        ]
+        assert await no_event_within(ws, 0.3)
+    await session_manager.say(cid, "while away")  # id 13
+    async with connect(events_url(server_url, cid, "?after_id=12"), additional_headers=alice) as ws:
+        assert (await next_event(ws))["id"] == 13
+        await session_manager.say(cid, "back")
+        assert (await next_event(ws))["id"] == 14
+        assert await no_event_within(ws, 0.3)
+
+
+async def test_without_after_id_everything_is_replayed(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=3)
+    async with connect(events_url(server_url, cid), additional_headers=alice) as ws:
+        kinds = [(await next_event(ws))["kind"] for _ in range(5)]
+    assert kinds == [
+        "ConversationCreated",
+        "ConversationStatusChanged",
+        "MessageAction",
+        "MessageAction",
+        "MessageAction",
+    ]
+
+
+async def test_after_the_last_id_only_new_events_come(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=2)  # ids 0..3
+    async with connect(events_url(server_url, cid, "?after_id=3"), additional_headers=alice) as ws:
+        assert await no_event_within(ws, 0.3)
+        await session_manager.say(cid, "next")
+        assert (await next_event(ws))["id"] == 4
+
+
+async def test_idle_connection_gets_heartbeats(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=0)
+    async with connect(events_url(server_url, cid, "?after_id=1"), additional_headers=alice) as ws:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 2))
+    assert message == {"kind": "heartbeat"}
+
+
+async def test_handshake_is_refused_without_key_or_for_another_users_conversation(
+    server_url: str, alice: Headers, bob: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=0)
+    refusals = [
+        ({}, "", 401),
+        ({"Authorization": "Bearer nope"}, "", 401),
+        (bob, "", 404),
+        (alice, "", None),
+    ]
+    for headers, query, status in refusals:
+        if status is None:
+            async with connect(events_url(server_url, cid, query), additional_headers=headers):
+                pass
+            continue
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(events_url(server_url, cid, query), additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == status
+        assert json.loads(refused.value.response.body or b"{}")["status"] == status
+
+
+async def test_api_key_query_parameter_authenticates_browsers(
+    server_url: str, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=0)
+    async with connect(events_url(server_url, cid, "?api_key=alice-secret-key")) as ws:
+        assert (await next_event(ws))["id"] == 0
+
+
+async def test_client_actions_become_commands_and_bad_ones_get_typed_errors(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=0)
+    async with connect(events_url(server_url, cid, "?after_id=1"), additional_headers=alice) as ws:
+        for bad in ("not json", '{"action": "dance"}', '{"action": "message"}'):
+            await ws.send(bad)
+            error = await next_event(ws)
+            assert error["kind"] == "error" and error["code"] == "invalid_message"
+        await ws.send('{"action": "message", "message": "hi"}')
+        await ws.send('{"action": "pause"}')
+        await ws.send('{"action": "confirm"}')
+        for _ in range(100):
+            if len(session_manager.commands) == 3:
+                break
+            await asyncio.sleep(0.02)
+    message, pause, confirm = session_manager.commands
+    assert isinstance(message, SendMessage) and message.content == "hi"
+    assert isinstance(pause, PauseConversation) and pause.conversation_id == cid
+    assert isinstance(confirm, ConfirmAction) and confirm.confirmed and confirm.user_id == "alice"
+
+
+async def test_a_client_that_stops_reading_is_closed_as_slow_consumer(
+    server_url: str, alice: Headers, session_manager: Any
+) -> None:
+    cid = await conversation_with_history(session_manager, "alice", messages=0)
+    chunk = "x" * 20_000
+    url = events_url(server_url, cid, "?after_id=1")
+    # A small receive buffer (which also stops the kernel growing it) lets the client's socket
+    # fill quickly; then only the 50-event server buffer is left.
+    # Compression is off, or these repetitive events would shrink to nothing on the wire.
+    host, port = server_url.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
+    sock.connect((host, int(port)))
+    async with connect(
+        url, sock=sock, additional_headers=alice, max_queue=1, compression=None
+    ) as ws:
+        await asyncio.sleep(0.2)  # the tail is open: what follows is live, not history
+        events = [
+            CmdOutputChunk(conversation_id=cid, source=EventSource.ENVIRONMENT, content=chunk)
+            for _ in range(50)
+        ]
+        for _ in range(8):
+            await session_manager.appender.append_all(events)
+        received = 0
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+                received += 1
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4008
+    assert closed.value.rcvd.reason == "slow consumer"
+    assert received < 400
