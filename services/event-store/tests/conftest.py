@@ -4,9 +4,11 @@ query responder running in-process on the session's nats-server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nats
 import pytest
@@ -16,7 +18,9 @@ from taskbus.contracts import subjects
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.responder import QueryResponder
+from taskbus.event_store.sql import Statement
 from taskbus.event_store.status_kv import ConversationStatusKV
 
 WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
@@ -48,14 +52,43 @@ def module_js(module_nc: Client) -> JetStreamContext:
     return module_nc.jetstream()
 
 
-@pytest.fixture(scope="module")
-async def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ClickHouse]:
-    """chDB allows one data path per process, so each module opens its own and closes it."""
-    path: Path = tmp_path_factory.mktemp("clickhouse")
-    database = await ClickHouse.connect(f"chdb://{path}", query_connections=2)
+HTTP_URL_VARIABLE = "TASKBUS_TEST_CLICKHOUSE_URL"
+
+
+@pytest.fixture(scope="module", params=["chdb", "http"])
+async def clickhouse(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ClickHouse]:
+    """The contract suite runs against every available backend, each module on a database of
+    its own: embedded chDB always, a ClickHouse server when TASKBUS_TEST_CLICKHOUSE_URL names
+    one (e.g. http://localhost:8123)."""
+    if request.param == "chdb":
+        # chDB allows one data path per process, so each module opens its own and closes it.
+        path: Path = tmp_path_factory.mktemp("clickhouse")
+        database = await ClickHouse.connect(f"chdb://{path}", query_connections=2)
+        await database.migrate()
+        yield database
+        await database.close()
+        return
+    server_url = os.environ.get(HTTP_URL_VARIABLE)
+    if not server_url:
+        pytest.skip(f"{HTTP_URL_VARIABLE} is not set: no ClickHouse server to test against")
+    name = f"taskbus_test_{uuid.uuid4().hex[:12]}"
+    server = await ClickHouse.connect(server_url, query_connections=1)
+    await server.select(Statement(f"CREATE DATABASE {name}", {}))
+    database = await ClickHouse.connect(
+        urlsplit(server_url)._replace(path=f"/{name}").geturl(), query_connections=2
+    )
     await database.migrate()
     yield database
     await database.close()
+    await server.select(Statement(f"DROP DATABASE {name} SYNC", {}))
+    await server.close()
+
+
+@pytest.fixture(scope="module")
+def queries(module_nc: Client) -> QueryClient:
+    return QueryClient(module_nc)
 
 
 IngesterFactory = Callable[[str | None], Awaitable[Ingester]]

@@ -14,7 +14,6 @@ from typing import TypeVar
 
 import msgspec
 import pytest
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from taskbus.contracts import subjects
@@ -49,7 +48,6 @@ from taskbus.contracts.queries import (
     GetConversation,
     GetEvent,
     ListConversations,
-    Query,
     QueryError,
     Reply,
     SearchEvents,
@@ -58,6 +56,7 @@ from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.sql import Statement
 from taskbus.event_store.status_kv import ConversationStatusKV
 
@@ -73,26 +72,6 @@ AGENT, USER, ENV = EventSource.AGENT, EventSource.USER, EventSource.ENVIRONMENT
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-class QueryClient:
-    """Sends queries the way the gateway does: core NATS request-reply on the query subjects."""
-
-    def __init__(self, nc: Client) -> None:
-        self._nc = nc
-
-    async def ask(self, query: Query, reply_type: type[R]) -> R | QueryError:
-        return await self.ask_raw(query.subject_name, msgspec.json.encode(query), reply_type)
-
-    async def ask_raw(self, name: str, body: bytes, reply_type: type[R]) -> R | QueryError:
-        msg = await self._nc.request(subjects.query_subject(name), body, timeout=5)
-        reply: R | QueryError = msgspec.json.decode(msg.data, type=reply_type | QueryError)
-        return reply
-
-
-@pytest.fixture(scope="module")
-def queries(module_nc: Client) -> QueryClient:
-    return QueryClient(module_nc)
 
 
 class FutureEvent(ThinkAction):

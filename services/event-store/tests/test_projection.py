@@ -8,6 +8,7 @@ import msgspec
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
+    ConversationDeleted,
     ConversationStatusChanged,
     EventSource,
     LLMMetrics,
@@ -102,6 +103,28 @@ def test_status_agent_state_and_cost_follow_the_log() -> None:
     assert info.accumulated_cost == 0.75
     assert (info.event_count, info.last_event_id) == (6, 5)
     assert (info.created_at, info.updated_at) == (T0, at(5))
+
+
+def test_a_deleted_conversation_is_archived_for_good() -> None:
+    def status(event_id: int, value: ConversationStatus) -> ConversationStatusChanged:
+        return ConversationStatusChanged(
+            conversation_id=CID, source=ENV, id=event_id, timestamp=at(event_id), status=value
+        )
+
+    deleted = fold(
+        created(),
+        status(1, ConversationStatus.RUNNING),
+        ConversationDeleted(
+            conversation_id=CID, source=EventSource.USER, id=2, timestamp=at(2), reason="deleted"
+        ),
+    )
+    assert deleted is not None
+    assert (deleted.status, deleted.status_reason) == (ConversationStatus.ARCHIVED, "deleted")
+    # A late status change (the sandbox torn down afterwards) is counted but does not revive it.
+    late = apply(deleted, status(3, ConversationStatus.STOPPED))
+    assert late is not None
+    assert (late.status, late.status_reason) == (ConversationStatus.ARCHIVED, "deleted")
+    assert (late.event_count, late.last_event_id, late.updated_at) == (4, 3, at(3))
 
 
 def test_a_redelivered_event_changes_nothing() -> None:

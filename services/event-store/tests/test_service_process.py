@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -34,18 +36,23 @@ from taskbus.contracts.queries import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus
+from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.sql import Statement
+from taskbus.event_store.synthetic import users_history
 
 _reply_decoder = msgspec.json.Decoder(ConversationReply | EventPage | QueryError)
 
 
 class EventStoreProcess:
     def __init__(self, nats_url: str, data_dir: Path, consumer_name: str) -> None:
+        self.data_dir = data_dir
         self.env = {
             **os.environ,
             "TASKBUS_NATS_URL": nats_url,
             "TASKBUS_CLICKHOUSE_DSN": f"chdb://{data_dir}",
             "TASKBUS_CONSUMER_NAME": consumer_name,
             "TASKBUS_FLUSH_INTERVAL_MS": "20",
+            "TASKBUS_BATCH_SIZE": "200",
         }
         self.log = data_dir.parent / "event-store.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -146,3 +153,74 @@ async def test_service_process_answers_queries_and_survives_a_restart(
     assert reply.conversation.event_count == 4
     assert service.stop() == 0
     assert "event-store stopped" in service.log.read_text()
+
+
+async def stored_ids(data_dir: Path) -> dict[str, list[int]]:
+    """Event ids per conversation as ClickHouse holds them (the service must be stopped: a chDB
+    path has one owner)."""
+    clickhouse = await ClickHouse.connect(f"chdb://{data_dir}", query_connections=1)
+    try:
+        rows = await clickhouse.select(
+            Statement(
+                "SELECT conversation_id, arraySort(groupArray(id)) FROM events FINAL"
+                " GROUP BY conversation_id",
+                {},
+            )
+        )
+    finally:
+        await clickhouse.close()
+    return {cid: list(ids) for cid, ids in rows}
+
+
+async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log(
+    service: EventStoreProcess, nc: Client, js: JetStreamContext
+) -> None:
+    """Thousands of events appended while the service is killed -9 mid-ingest and restarted."""
+    tag = uuid.uuid4().hex[:6]
+    planned = users_history(
+        random.Random(9),
+        [f"k{n}{tag}" for n in range(2)],
+        15,
+        datetime(2025, 5, 1, tzinfo=UTC),
+        max_steps=60,
+        id_prefix=f"kill{tag}",
+    )
+    appender = EventAppender(js)
+    service.start()
+    first, *others = planned
+    created = first[0]
+    assert isinstance(created, ConversationCreated)
+    first = await appender.append_all(first)
+    await conversation_once_at(nc, created.user_id, created.conversation_id, 0)  # it is up
+    appending = asyncio.gather(*(appender.append_all(events) for events in others))
+    await asyncio.sleep(0.3)
+    assert not appending.done()
+    service.kill()  # SIGKILL while events are being appended and ingested
+    appended = [first, *await appending]
+    service.start()
+    for events in appended:
+        created = events[0]
+        assert isinstance(created, ConversationCreated)
+        await conversation_once_at(nc, created.user_id, created.conversation_id, events[-1].id)
+    assert service.stop() == 0
+
+    logged = {events[0].conversation_id: [e.id for e in events] for events in appended}
+    assert sum(len(ids) for ids in logged.values()) > 2000
+    stored = await stored_ids(service.data_dir)
+    assert {cid: stored.get(cid) for cid in logged} == logged
+
+    # The CLI rebuild on the same data gives the same content.
+    rebuild = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskbus.event_store",
+        "rebuild",
+        env=service.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(rebuild.communicate(), timeout=120)
+    assert rebuild.returncode == 0, err.decode()[-2000:]
+    assert b"rebuilt" in out
+    stored = await stored_ids(service.data_dir)
+    assert {cid: stored.get(cid) for cid in logged} == logged

@@ -5,6 +5,7 @@ Events in replies are the stored JSON as `msgspec.Raw`, so kinds unknown to a re
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Annotated, ClassVar
 
@@ -94,11 +95,122 @@ class ListConversations(Query):
     created_after: datetime | None = None
     created_before: datetime | None = None
     title_contains: str | None = None
+    # e.g. [ARCHIVED] to hide deleted conversations
+    exclude_statuses: list[ConversationStatus] = []
 
 
 class ConversationPage(Reply):
     conversations: list[ConversationInfo]
     next_page_id: str | None = None
+
+
+# --- analytics -----------------------------------------------------------------------------------
+# Each is answered by one SQL query over the user's own rows. Time windows are `since` inclusive,
+# `until` exclusive, on the event's timestamp (for durations: the conversation's creation time).
+
+
+class CostGroupBy(enum.StrEnum):
+    USER = "user"
+    DAY = "day"  # UTC day, "YYYY-MM-DD"
+    MODEL = "model"
+    CONVERSATION = "conversation"
+
+
+class CostAnalytics(Query):
+    """LLM spend summed over `LLMMetrics` events, one bucket per `group_by` key."""
+
+    subject_name = "analytics_cost"
+    group_by: CostGroupBy = CostGroupBy.DAY
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class CostBucket(msgspec.Struct, frozen=True, kw_only=True):
+    key: str
+    cost: float
+    llm_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    conversations: int
+
+
+class CostReport(Reply):
+    """Buckets sorted by key."""
+
+    group_by: CostGroupBy
+    buckets: list[CostBucket]
+
+
+class DurationAnalytics(Query):
+    """How conversations ended and how long they took, for those created in the window."""
+
+    subject_name = "analytics_durations"
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class OutcomeStats(msgspec.Struct, frozen=True, kw_only=True):
+    """`status` is the conversation's last status other than ARCHIVED (deleting is not an
+    outcome). Durations run from ConversationCreated to that status change and are given only
+    for the ended statuses FINISHED, ERROR and STOPPED; quantiles interpolate linearly
+    (`statistics.quantiles(method="inclusive")`)."""
+
+    status: ConversationStatus
+    conversations: int
+    mean_seconds: float | None = None
+    p50_seconds: float | None = None
+    p90_seconds: float | None = None
+    max_seconds: float | None = None
+
+
+class DurationReport(Reply):
+    """One row per status, sorted by status name."""
+
+    outcomes: list[OutcomeStats]
+
+
+class EventKindCounts(Query):
+    subject_name = "analytics_event_kinds"
+    conversation_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class KindCount(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    events: int
+    conversations: int
+
+
+class EventKindReport(Reply):
+    """Most frequent kind first, ties by kind name."""
+
+    kinds: list[KindCount]
+
+
+class FailingCommands(Query):
+    """Commands whose observation reported a non-zero exit code (a soft timeout, where the
+    command is still running, is not a failure)."""
+
+    subject_name = "analytics_failing_commands"
+    limit: PageLimit = 10
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class FailingCommand(msgspec.Struct, frozen=True, kw_only=True):
+    command: str
+    failures: int
+    runs: int  # observations of this command with an exit code, failed or not
+    conversations: int  # conversations in which it failed
+    last_failed_at: datetime
+    last_exit_code: int
+
+
+class FailingCommandsReport(Reply):
+    """Most failures first, ties by command text."""
+
+    commands: list[FailingCommand]
 
 
 class QueryError(Reply):

@@ -1,20 +1,37 @@
-"""`python -m taskbus.event_store`: run the event-store until SIGTERM/SIGINT."""
+"""`python -m taskbus.event_store [run|rebuild]`: run the event-store until SIGTERM/SIGINT, or
+rebuild its ClickHouse tables and KV projection from the log and exit."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 
 from taskbus.contracts.config import settings_from_env
-from taskbus.event_store.app import run
+from taskbus.event_store.app import run, run_rebuild
 from taskbus.event_store.settings import EventStoreSettings
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m taskbus.event_store")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "rebuild"],
+        default="run",
+        help="run the service (default), or drop every table and replay the whole log into it "
+        "(stop the event-store first)",
+    )
+    command = parser.parse_args().command
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run(settings_from_env(EventStoreSettings)))
+    settings = settings_from_env(EventStoreSettings)
+    if command == "rebuild":
+        conversations = asyncio.run(run_rebuild(settings))
+        print(f"rebuilt {conversations} conversations")
+    else:
+        asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

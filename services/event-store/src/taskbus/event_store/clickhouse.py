@@ -74,6 +74,13 @@ class ClickHouse:
 
         return await asyncio.to_thread(run)
 
+    async def drop_all_tables(self) -> None:
+        def run() -> None:
+            for statement in sql.DROP_TABLES:
+                self._writer.command(statement)
+
+        await asyncio.to_thread(run)
+
     async def insert_events(self, rows: Sequence[EventRow]) -> None:
         if rows:
             await asyncio.to_thread(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import msgspec
@@ -40,11 +41,14 @@ _MAX_DEFERRALS = 30
 
 
 class Ingester:
+    """Projects the log from the named durable consumer on. Without `status_kv` it leaves the
+    KV bucket alone: a rebuild writes it once, from `conversations`, when the replay is done."""
+
     def __init__(
         self,
         js: JetStreamContext,
         clickhouse: ClickHouse,
-        status_kv: ConversationStatusKV,
+        status_kv: ConversationStatusKV | None,
         *,
         consumer_name: str,
         batch_size: int,
@@ -59,6 +63,16 @@ class Ingester:
         self._conversations: dict[str, ConversationInfo] = {}
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def conversations(self) -> Mapping[str, ConversationInfo]:
+        """The status projection of every conversation ingested so far."""
+        return self._conversations
+
+    async def caught_up(self) -> bool:
+        """Whether every event now in the log has been stored and acked."""
+        info = await self._js.consumer_info(subjects.EVENTS_STREAM, self._consumer_name)
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
     async def start(self) -> None:
         loaded = await self._clickhouse.conversations(sql.ALL_CONVERSATIONS)
@@ -155,7 +169,8 @@ class Ingester:
             stored.append(msg)
         await self._clickhouse.insert_events(rows)
         await self._clickhouse.upsert_conversations(list(changed.values()))
-        await self._status_kv.publish_all(changed.values())
+        if self._status_kv is not None:
+            await self._status_kv.publish_all(changed.values())
         self._conversations.update(changed)
         for msg in poison:
             await msg.term()

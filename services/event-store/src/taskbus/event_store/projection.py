@@ -14,6 +14,7 @@ from taskbus.contracts.events import (
     AgentStateChanged,
     AnyEvent,
     ConversationCreated,
+    ConversationDeleted,
     ConversationStatusChanged,
     LLMMetrics,
     UnknownEvent,
@@ -42,6 +43,14 @@ def apply(info: ConversationInfo | None, event: AnyEvent | UnknownEvent) -> Conv
         updated_at=max(info.updated_at, _timestamp_of(event) or info.updated_at),
     )
     match event:
+        case ConversationDeleted(reason=reason):
+            return msgspec.structs.replace(
+                info, status=ConversationStatus.ARCHIVED, status_reason=reason
+            )
+        case ConversationStatusChanged() if info.status is ConversationStatus.ARCHIVED:
+            # Deleted is final (ARCHIVED has no successor): a late status, e.g. from tearing
+            # the sandbox down, does not bring the conversation back into the lists.
+            return info
         case ConversationStatusChanged(status=status, reason=reason):
             return msgspec.structs.replace(info, status=status, status_reason=reason)
         case AgentStateChanged(agent_state=agent_state):

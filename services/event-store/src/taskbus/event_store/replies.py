@@ -12,18 +12,33 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from taskbus.contracts.queries import (
     ConversationInfo,
     ConversationPage,
+    CostAnalytics,
+    CostBucket,
+    CostReport,
+    DurationReport,
+    EventKindReport,
     EventPage,
+    FailingCommand,
+    FailingCommandsReport,
+    KindCount,
     ListConversations,
+    OutcomeStats,
     QueryError,
     SearchEvents,
 )
+from taskbus.contracts.status import ConversationStatus
+from taskbus.event_store.rows import as_utc
+
+Rows = Sequence[Sequence[Any]]
 
 
 def event_page(query: SearchEvents, rows: Sequence[tuple[int, bytes]]) -> EventPage:
@@ -48,6 +63,72 @@ def conversation_page(
     page = list(conversations[: query.limit])
     next_page_id = encode_cursor(page[-1]) if len(conversations) > query.limit else None
     return ConversationPage(conversations=page, next_page_id=next_page_id)
+
+
+def cost_report(query: CostAnalytics, rows: Rows) -> CostReport:
+    """`rows` as selected by `sql.cost_analytics`."""
+    return CostReport(
+        group_by=query.group_by,
+        buckets=[
+            CostBucket(
+                key=key,
+                cost=cost,
+                llm_calls=calls,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                conversations=conversations,
+            )
+            for key, cost, calls, prompt, completion, conversations in rows
+        ],
+    )
+
+
+def duration_report(rows: Rows) -> DurationReport:
+    """`rows` as selected by `sql.duration_analytics`."""
+    return DurationReport(
+        outcomes=[
+            OutcomeStats(
+                status=ConversationStatus(status),
+                conversations=conversations,
+                mean_seconds=_seconds(mean),
+                p50_seconds=_seconds(p50),
+                p90_seconds=_seconds(p90),
+                max_seconds=_seconds(longest),
+            )
+            for status, conversations, mean, p50, p90, longest in rows
+        ]
+    )
+
+
+def event_kind_report(rows: Rows) -> EventKindReport:
+    """`rows` as selected by `sql.event_kind_counts`."""
+    return EventKindReport(
+        kinds=[
+            KindCount(kind=kind, events=events, conversations=conversations)
+            for kind, events, conversations in rows
+        ]
+    )
+
+
+def failing_commands_report(rows: Rows) -> FailingCommandsReport:
+    """`rows` as selected by `sql.failing_commands`."""
+    return FailingCommandsReport(
+        commands=[
+            FailingCommand(
+                command=command,
+                failures=failures,
+                runs=runs,
+                conversations=conversations,
+                last_failed_at=as_utc(last_failed_at),
+                last_exit_code=last_exit_code,
+            )
+            for command, failures, runs, conversations, last_failed_at, last_exit_code in rows
+        ]
+    )
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
 
 
 class _Cursor(msgspec.Struct, array_like=True):

@@ -13,7 +13,11 @@ from nats.aio.subscription import Subscription
 from taskbus.contracts import subjects
 from taskbus.contracts.queries import (
     ConversationReply,
+    CostAnalytics,
+    DurationAnalytics,
+    EventKindCounts,
     EventReply,
+    FailingCommands,
     GetConversation,
     GetEvent,
     ListConversations,
@@ -28,7 +32,16 @@ log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "event_store"
 
-AnyQuery = SearchEvents | GetEvent | GetConversation | ListConversations
+AnyQuery = (
+    SearchEvents
+    | GetEvent
+    | GetConversation
+    | ListConversations
+    | CostAnalytics
+    | DurationAnalytics
+    | EventKindCounts
+    | FailingCommands
+)
 QUERY_TYPES: tuple[type[Query], ...] = typing.get_args(AnyQuery)
 
 _encoder = msgspec.json.Encoder()
@@ -75,6 +88,7 @@ class QueryResponder:
         await msg.respond(_encoder.encode(reply))
 
     async def answer(self, query: Query) -> Reply:
+        select = self._clickhouse.select
         match query:
             case SearchEvents():
                 return await self._search_events(query)
@@ -84,6 +98,14 @@ class QueryResponder:
                 return await self._get_conversation(query)
             case ListConversations():
                 return await self._list_conversations(query)
+            case CostAnalytics():
+                return replies.cost_report(query, await select(sql.cost_analytics(query)))
+            case DurationAnalytics():
+                return replies.duration_report(await select(sql.duration_analytics(query)))
+            case EventKindCounts():
+                return replies.event_kind_report(await select(sql.event_kind_counts(query)))
+            case FailingCommands():
+                return replies.failing_commands_report(await select(sql.failing_commands(query)))
         raise TypeError(f"unsupported query {type(query).__name__}")
 
     async def _search_events(self, query: SearchEvents) -> Reply:

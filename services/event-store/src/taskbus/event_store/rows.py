@@ -11,6 +11,7 @@ from taskbus.contracts.events import (
     AnyEvent,
     CmdOutputObservation,
     CmdRunAction,
+    CommandTimeout,
     LLMMetrics,
     UnknownEvent,
 )
@@ -102,7 +103,9 @@ def event_row(
         case CmdRunAction():
             return row._replace(command=event.command)
         case CmdOutputObservation():
-            return row._replace(command=event.command, exit_code=event.exit_code)
+            # After a soft timeout the command is still running: it has no exit code yet.
+            exit_code = None if event.timed_out is CommandTimeout.SOFT else event.exit_code
+            return row._replace(command=event.command, exit_code=exit_code)
         case _:
             return row
 
@@ -182,14 +185,14 @@ def conversation_from_row(values: Sequence[Any]) -> ConversationInfo:
         repository=row.repository,
         selected_branch=row.selected_branch,
         priority=row.priority,
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
         accumulated_cost=row.accumulated_cost,
         event_count=row.event_count,
         last_event_id=row.last_event_id,
     )
 
 
-def _utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     """Drivers may hand back naive datetimes for UTC columns; make them explicit."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -18,7 +18,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from taskbus.contracts.queries import ListConversations, SearchEvents
+from taskbus.contracts.events import (
+    CmdOutputObservation,
+    ConversationCreated,
+    ConversationStatusChanged,
+    LLMMetrics,
+)
+from taskbus.contracts.queries import (
+    CostAnalytics,
+    CostGroupBy,
+    DurationAnalytics,
+    EventKindCounts,
+    FailingCommands,
+    ListConversations,
+    SearchEvents,
+)
+from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store.rows import CONVERSATION_COLUMNS
 
 
@@ -101,6 +116,12 @@ def pending_migrations(applied: set[int]) -> list[Migration]:
     return [migration for migration in MIGRATIONS if migration.version not in applied]
 
 
+# Every table the migrations create, and their record: a rebuild drops them all and migrates
+# from scratch. SYNC frees the name at once (an Atomic database otherwise drops it minutes later).
+TABLES = ("events", "conversations", "schema_migrations")
+DROP_TABLES = tuple(f"DROP TABLE IF EXISTS {table} SYNC" for table in TABLES)
+
+
 _CONVERSATION_SELECT = f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations FINAL"
 
 ALL_CONVERSATIONS = Statement(_CONVERSATION_SELECT, {})
@@ -172,6 +193,11 @@ def list_conversations(query: ListConversations, after: tuple[datetime, str] | N
     parameters: dict[str, Any] = {"user_id": query.user_id, "limit": query.limit + 1}
     optional: list[Filter] = [
         ("status = {status:String}", "status", query.status),
+        (
+            "status NOT IN {exclude_statuses:Array(String)}",
+            "exclude_statuses",
+            [status.value for status in query.exclude_statuses] or None,
+        ),
         ("repository = {repository:String}", "repository", query.repository),
         ("created_at >= {after:DateTime64(6, 'UTC')}", "after", query.created_after),
         ("created_at < {before:DateTime64(6, 'UTC')}", "before", query.created_before),
@@ -192,5 +218,154 @@ def list_conversations(query: ListConversations, after: tuple[datetime, str] | N
     return Statement(
         f"{_CONVERSATION_SELECT} WHERE {' AND '.join(conditions)}"
         " ORDER BY created_at DESC, conversation_id DESC LIMIT {limit:UInt32}",
+        parameters,
+    )
+
+
+# --- analytics: one statement each, always scoped to one user ---------------------------------
+
+_COST_KEYS: dict[CostGroupBy, str] = {
+    CostGroupBy.USER: "user_id",
+    CostGroupBy.DAY: "toString(toDate(timestamp, 'UTC'))",
+    CostGroupBy.MODEL: "model",
+    CostGroupBy.CONVERSATION: "conversation_id",
+}
+
+# Statuses in which a conversation has ended; only these have a duration.
+ENDED_STATUSES = (ConversationStatus.FINISHED, ConversationStatus.ERROR, ConversationStatus.STOPPED)
+
+
+def _event_window(
+    conditions: list[str],
+    parameters: dict[str, Any],
+    since: datetime | None,
+    until: datetime | None,
+) -> None:
+    _add_filters(
+        conditions,
+        parameters,
+        [
+            ("timestamp >= {since:DateTime64(6, 'UTC')}", "since", since),
+            ("timestamp < {until:DateTime64(6, 'UTC')}", "until", until),
+        ],
+    )
+
+
+# A Float64 sum depends on the order ClickHouse meets the rows in (parts, threads), so the same
+# log could give costs that differ in the last bits, e.g. before and after a rebuild. Summed as
+# decimals (to a pico-dollar) the result is exact and the same in any order.
+_EXACT_COST_SUM = "toFloat64(sum(toDecimal128(cost, 12)))"
+
+
+def cost_analytics(query: CostAnalytics) -> Statement:
+    """Rows: key, cost, llm_calls, prompt_tokens, completion_tokens, conversations."""
+    conditions = ["user_id = {user_id:String}", "kind = {kind:String}"]
+    parameters: dict[str, Any] = {"user_id": query.user_id, "kind": LLMMetrics.__name__}
+    _event_window(conditions, parameters, query.since, query.until)
+    return Statement(
+        f"SELECT {_COST_KEYS[query.group_by]} AS key, {_EXACT_COST_SUM}, count(),"
+        " sum(prompt_tokens), sum(completion_tokens), uniqExact(conversation_id)"
+        f" FROM events FINAL WHERE {' AND '.join(conditions)}"
+        " GROUP BY key ORDER BY key",
+        parameters,
+    )
+
+
+def duration_analytics(query: DurationAnalytics) -> Statement:
+    """Rows: status, conversations, mean, p50, p90, max seconds (NULL unless the status ended).
+
+    The inner query folds each conversation's lifecycle events into (created_at, outcome,
+    ended_at); it reads only the two lifecycle kinds, so the JSON is parsed for few rows.
+    """
+    outcome_changed = "kind = {status_changed:String} AND status != {archived:String}"
+    conditions = ["has_created"]
+    parameters: dict[str, Any] = {
+        "user_id": query.user_id,
+        "created": ConversationCreated.__name__,
+        "status_changed": ConversationStatusChanged.__name__,
+        "archived": ConversationStatus.ARCHIVED.value,
+        "initial": ConversationStatus.QUEUED.value,
+        "ended": [status.value for status in ENDED_STATUSES],
+    }
+    _add_filters(
+        conditions,
+        parameters,
+        [
+            ("created_at >= {since:DateTime64(6, 'UTC')}", "since", query.since),
+            ("created_at < {until:DateTime64(6, 'UTC')}", "until", query.until),
+        ],
+    )
+    # Aggregated as whole microseconds, so the mean does not depend on the order of the rows.
+    stats = ", ".join(
+        f"if(outcome IN {{ended:Array(String)}}, {aggregate}(micros) / 1e6, NULL)"
+        for aggregate in (
+            "avg",
+            "quantileExactInclusive(0.5)",
+            "quantileExactInclusive(0.9)",
+            "max",
+        )
+    )
+    return Statement(
+        f"SELECT outcome, count(), {stats} FROM ("
+        " SELECT conversation_id,"
+        " countIf(kind = {created:String}) > 0 AS has_created,"
+        " minIf(timestamp, kind = {created:String}) AS created_at,"
+        f" argMaxIf(status, id, {outcome_changed}) AS last_status,"
+        " if(last_status = '', {initial:String}, last_status) AS outcome,"
+        f" argMaxIf(timestamp, id, {outcome_changed}) AS ended_at,"
+        " dateDiff('microsecond', created_at, ended_at) AS micros"
+        " FROM ("
+        " SELECT conversation_id, id, kind, timestamp,"
+        " JSONExtractString(payload, 'status') AS status"
+        " FROM events FINAL WHERE user_id = {user_id:String}"
+        " AND kind IN ({created:String}, {status_changed:String})"
+        " ) GROUP BY conversation_id"
+        f") WHERE {' AND '.join(conditions)} GROUP BY outcome ORDER BY outcome",
+        parameters,
+    )
+
+
+def event_kind_counts(query: EventKindCounts) -> Statement:
+    """Rows: kind, events, conversations."""
+    conditions = ["user_id = {user_id:String}"]
+    parameters: dict[str, Any] = {"user_id": query.user_id}
+    _add_filters(
+        conditions,
+        parameters,
+        [("conversation_id = {conversation_id:String}", "conversation_id", query.conversation_id)],
+    )
+    _event_window(conditions, parameters, query.since, query.until)
+    return Statement(
+        "SELECT kind, count() AS events, uniqExact(conversation_id)"
+        f" FROM events FINAL WHERE {' AND '.join(conditions)}"
+        " GROUP BY kind ORDER BY events DESC, kind ASC",
+        parameters,
+    )
+
+
+def failing_commands(query: FailingCommands) -> Statement:
+    """Rows: command, failures, runs, conversations, last_failed_at, last_exit_code.
+
+    `exit_code` is NULL for a command still running after a soft timeout, so it is no run.
+    """
+    conditions = [
+        "user_id = {user_id:String}",
+        "kind = {kind:String}",
+        "exit_code IS NOT NULL",
+    ]
+    parameters: dict[str, Any] = {
+        "user_id": query.user_id,
+        "kind": CmdOutputObservation.__name__,
+        "limit": query.limit,
+    }
+    _event_window(conditions, parameters, query.since, query.until)
+    failed = "exit_code != 0"
+    return Statement(
+        f"SELECT command, countIf({failed}) AS failures, count(),"
+        f" uniqExactIf(conversation_id, {failed}), maxIf(timestamp, {failed}),"
+        f" assumeNotNull(argMaxIf(exit_code, (timestamp, conversation_id, id), {failed}))"
+        f" FROM events FINAL WHERE {' AND '.join(conditions)}"
+        " GROUP BY command HAVING failures > 0"
+        " ORDER BY failures DESC, command ASC LIMIT {limit:UInt32}",
         parameters,
     )

@@ -17,6 +17,8 @@ from taskbus.contracts.queries import ConversationInfo
 from taskbus.event_store.projection import is_newer
 
 _MAX_ATTEMPTS = 20
+# Puts in flight at once when overwriting the whole projection.
+_OVERWRITE_CHUNK = 500
 
 _decoder = msgspec.json.Decoder(ConversationInfo)
 
@@ -46,6 +48,18 @@ class ConversationStatusKV:
             except KeyWrongLastSequenceError:
                 revision = None  # someone else wrote: re-read and compare
         raise RuntimeError(f"could not update the status of {key} after {_MAX_ATTEMPTS} attempts")
+
+    async def overwrite_all(self, conversations: Iterable[ConversationInfo]) -> None:
+        """Write these values whatever the bucket holds: a rebuild's result replaces the old
+        projection even where it is not newer (the fold itself may have changed)."""
+        pending = list(conversations)
+        for start in range(0, len(pending), _OVERWRITE_CHUNK):
+            chunk = pending[start : start + _OVERWRITE_CHUNK]
+            revisions = await asyncio.gather(
+                *(self._kv.put(info.conversation_id, msgspec.json.encode(info)) for info in chunk)
+            )
+            for info, revision in zip(chunk, revisions, strict=True):
+                self._revisions[info.conversation_id] = revision
 
     async def _read(self, key: str) -> tuple[ConversationInfo | None, int]:
         """The current value and its revision; revision 0 means "no such key"."""
