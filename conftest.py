@@ -10,6 +10,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+
 from taskbus.contracts import subjects
 from taskbus.contracts.events import decode_event, encode_event
 from taskbus.contracts.queries import ConversationInfo, EventPage, SearchEvents

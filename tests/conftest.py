@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+
 from taskbus.devtools.launcher import LOCAL_USER
 from taskbus.devtools.nats_server import free_port
 

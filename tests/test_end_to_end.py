@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from taskbus.contracts import subjects
 from websockets.asyncio.client import ClientConnection, connect
+
+from taskbus.contracts import subjects
 
 from .conftest import Stack
 

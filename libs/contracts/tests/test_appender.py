@@ -8,6 +8,7 @@ import uuid
 
 import msgspec
 from nats.js import JetStreamContext
+
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import EventSource, ThinkAction, decode_event

@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+
 from taskbus.contracts import subjects
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse

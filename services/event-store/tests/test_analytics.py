@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 from nats.js import JetStreamContext
+
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
     CmdOutputObservation,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,

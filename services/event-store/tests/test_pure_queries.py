@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
+
 from taskbus.contracts.events import (
     CmdOutputObservation,
     EventSource,

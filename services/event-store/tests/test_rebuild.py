@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 from nats.js import JetStreamContext
+
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import ConversationCreated, Event, EventSource, ThinkAction

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversation
 from taskbus.contracts.events import (
     AgentStateChanged,

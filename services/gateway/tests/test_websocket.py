@@ -9,10 +9,11 @@ import uuid
 from typing import Any
 
 import pytest
-from taskbus.contracts.commands import ConfirmAction, PauseConversation, SendMessage
-from taskbus.contracts.events import CmdOutputChunk, EventSource
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from taskbus.contracts.commands import ConfirmAction, PauseConversation, SendMessage
+from taskbus.contracts.events import CmdOutputChunk, EventSource
 
 Headers = dict[str, str]
 

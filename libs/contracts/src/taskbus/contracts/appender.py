@@ -16,6 +16,7 @@ from typing import TypeVar
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
+
 from taskbus.contracts import subjects
 from taskbus.contracts.events import Event, encode_event
 

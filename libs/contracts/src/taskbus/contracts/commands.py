@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 import msgspec
+
 from taskbus.contracts.specs import ConversationSpec, Resources, Timeouts
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 

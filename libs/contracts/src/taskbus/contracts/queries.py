@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, ClassVar
 
 import msgspec
+
 from taskbus.contracts.events import EventSource
 from taskbus.contracts.status import AgentState, ConversationStatus
 

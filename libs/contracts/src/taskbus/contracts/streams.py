@@ -10,6 +10,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
+
 from taskbus.contracts import subjects
 
 # Window in which JetStream drops a re-sent Nats-Msg-Id (idempotent appends and commands).

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from taskbus.contracts.events import EVENT_TYPES
 
 _ENVELOPE = ("id", "kind", "conversation_id", "timestamp", "source", "cause")

@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     watch = commands.add_parser("watch", help="follow a conversation's events live")
     watch.add_argument("conversation_id")
     for action in ("stop", "pause", "resume"):
-        commands.add_parser(action, help=f"{action} a conversation").add_argument(
-            "conversation_id"
-        )
+        commands.add_parser(action, help=f"{action} a conversation").add_argument("conversation_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -161,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_with_client(search))
     if args.command == "watch":
         return asyncio.run(_with_client(_watch(args.conversation_id)))
-    return asyncio.run(
-        _with_client(lambda c: _control(c, args.conversation_id, args.command))
-    )
+    return asyncio.run(_with_client(lambda c: _control(c, args.conversation_id, args.command)))
 
 
 def _watch(conversation_id: str) -> Callable[[TaskbusClient], Awaitable[int]]:

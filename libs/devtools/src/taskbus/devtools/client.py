@@ -59,7 +59,9 @@ class TaskbusClient:
         path = f"/api/conversations/{conversation_id}/message"
         await self._request("POST", path, json={"message": message})
 
-    async def follow(self, conversation_id: str, after_id: int = -1) -> AsyncIterator[dict[str, Any]]:
+    async def follow(
+        self, conversation_id: str, after_id: int = -1
+    ) -> AsyncIterator[dict[str, Any]]:
         """Events over the WebSocket, replayed from after_id + 1 and then live."""
         url = urlparse(self.base_url)
         scheme = "wss" if url.scheme == "https" else "ws"
@@ -76,7 +78,9 @@ class TaskbusClient:
 
 
 def is_final_status_event(event: dict[str, Any]) -> bool:
-    return event.get("kind") == "ConversationStatusChanged" and event.get("status") in FINAL_STATUSES
+    return bool(
+        event.get("kind") == "ConversationStatusChanged" and event.get("status") in FINAL_STATUSES
+    )
 
 
 def render_event(event: dict[str, Any]) -> str:

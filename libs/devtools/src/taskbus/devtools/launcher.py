@@ -32,6 +32,8 @@ LOCAL_USER = "local"
 # Prices of the scripted model, so cost accounting runs through litellm for real.
 SCRIPTED_INPUT_COST_PER_TOKEN = "0.000003"
 SCRIPTED_OUTPUT_COST_PER_TOKEN = "0.000015"
+STARTUP_SECONDS = 90
+STOP_GRACE_SECONDS = 10
 
 
 class LauncherSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,13 +105,13 @@ class Child:
             log.warning("%s exited with %s; restarting in %.1fs", self.name, code, backoff)
             await asyncio.sleep(backoff)
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self) -> None:
         self._stopping = True
         process = self._process
         if process is not None and process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), timeout)
+                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
             except TimeoutError:
                 process.kill()
                 await process.wait()
@@ -119,26 +121,22 @@ class Child:
                 await self._task
 
 
-async def _wait_for_gateway(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_gateway(url: str) -> None:
     async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
+        while True:
             with contextlib.suppress(httpx.HTTPError):
                 if (await client.get(f"{url}/api/health", timeout=1)).status_code == 200:
                     return
             await asyncio.sleep(0.2)
-    raise TimeoutError(f"gateway did not answer at {url} within {timeout:.0f}s")
 
 
-async def _wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+async def _wait_for_port(port: int) -> None:
+    while True:
         with contextlib.suppress(OSError):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
             return
         await asyncio.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f}s")
 
 
 async def run_stack(
@@ -146,7 +144,7 @@ async def run_stack(
     after_start: Callable[[StackInfo], Awaitable[None]] | None = None,
 ) -> None:
     """Run the stack until `after_start` returns (or, without one, until SIGINT/SIGTERM)."""
-    data_dir = Path(settings.data_dir).resolve()
+    data_dir = await asyncio.to_thread(Path(settings.data_dir).resolve)
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     nats_server = NatsServer(data_dir / "nats", port=settings.nats_port).start()
@@ -178,7 +176,8 @@ async def run_stack(
             )
             children.append(model)
             model.start()
-            await _wait_for_port(model_port, 30)
+            async with asyncio.timeout(STARTUP_SECONDS):
+                await _wait_for_port(model_port)
             base_url = f"http://127.0.0.1:{model_port}/v1"
             env.update(
                 TASKBUS_LLM_MODEL="openai/scripted",
@@ -199,7 +198,8 @@ async def run_stack(
             child.start()
 
         gateway_url = f"http://127.0.0.1:{settings.port}"
-        await _wait_for_gateway(gateway_url, 90)
+        async with asyncio.timeout(STARTUP_SECONDS):
+            await _wait_for_gateway(gateway_url)
         info = StackInfo(
             gateway_url=gateway_url,
             nats_url=nats_server.url,
@@ -226,7 +226,8 @@ def _print_banner(info: StackInfo, logs: Path) -> None:
         f"  NATS      {info.nats_url}\n"
         f"  model     {model}\n"
         f"  logs      {logs}\n"
-        f"Try: curl -H 'Authorization: Bearer {info.api_key}' {info.gateway_url}/api/conversations\n"
+        f"Try: curl -H 'Authorization: Bearer {info.api_key}' \\\n"
+        f"       {info.gateway_url}/api/conversations\n"
         f"Ctrl-C stops everything.",
         flush=True,
     )

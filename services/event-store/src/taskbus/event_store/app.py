@@ -8,6 +8,7 @@ import signal
 
 import nats
 from nats.aio.client import Client
+
 from taskbus.contracts import subjects
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse

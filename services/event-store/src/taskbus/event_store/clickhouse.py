@@ -18,6 +18,7 @@ from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.event_store import sql
 from taskbus.event_store.rows import (

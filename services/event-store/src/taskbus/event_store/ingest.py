@@ -17,6 +17,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from taskbus.contracts import subjects
 from taskbus.contracts.events import decode_event
 from taskbus.contracts.queries import ConversationInfo

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import msgspec
+
 from taskbus.contracts.events import (
     AgentStateChanged,
     AnyEvent,

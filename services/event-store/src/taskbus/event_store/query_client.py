@@ -6,6 +6,7 @@ from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
+
 from taskbus.contracts import subjects
 from taskbus.contracts.queries import Query, QueryError, Reply
 

@@ -16,6 +16,7 @@ import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+
 from taskbus.contracts import subjects
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester

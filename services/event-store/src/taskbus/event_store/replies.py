@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+
 from taskbus.contracts.queries import (
     ConversationInfo,
     ConversationPage,

@@ -10,6 +10,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
 from taskbus.contracts import subjects
 from taskbus.contracts.queries import (
     ConversationReply,

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
+
 from taskbus.contracts.events import (
     AnyEvent,
     CmdOutputObservation,

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.event_store.projection import is_newer
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+
 from taskbus.contracts.config import settings_from_env
 from taskbus.gateway import rest, websocket
 from taskbus.gateway.auth import ApiKeys

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+
 from taskbus.contracts import subjects
 from taskbus.contracts.commands import Command, CreateConversation, encode_command
 from taskbus.contracts.events import (

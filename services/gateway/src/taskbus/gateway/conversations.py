@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 
 import msgspec
+
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,

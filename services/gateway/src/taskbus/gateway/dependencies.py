@@ -7,6 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
+
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.problems import unauthorized

@@ -13,6 +13,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+
 from taskbus.contracts import subjects
 
 logger = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import msgspec
+
 from taskbus.contracts.commands import (
     Command,
     ConfirmAction,

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.inputs import MessageBody

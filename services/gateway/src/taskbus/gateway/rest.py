@@ -8,6 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from fastapi import APIRouter, Header, Query, Request, Response
+
 from taskbus.contracts.commands import (
     Command,
     ConversationCommand,

@@ -20,6 +20,7 @@ import msgspec
 from fastapi import APIRouter, Depends, Query, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
+
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
