@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("conversation_id")
     for action in ("stop", "pause", "resume"):
         commands.add_parser(action, help=f"{action} a conversation").add_argument("conversation_id")
+    event_store = commands.add_parser("event-store", help="event-store maintenance")
+    event_store.add_argument(
+        "action", choices=["rebuild"], help="rebuild: replay the log into fresh tables"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None
         }
         return asyncio.run(_with_client(lambda c: _submit_and_follow(c, spec)))
+    if args.command == "event-store":
+        # Runs the event-store's own command in its own process: the CLI imports no service.
+        return subprocess.call([sys.executable, "-m", "taskbus.event_store", args.action])
     if args.command == "ls":
 
         async def list_all(client: TaskbusClient) -> int:
