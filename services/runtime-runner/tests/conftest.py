@@ -1,18 +1,34 @@
-"""Sandboxes for the backend contract tests: every test using `sandbox` runs on every backend."""
+"""Sandboxes for the backend contract tests: every test using `sandbox` runs on every backend.
+
+Docker tests use the real engine. The sandbox image is built (never pulled) when missing, and
+every container this test session creates carries a `taskbus.test_run` label, so the session
+removes them all at the end whatever happened.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import docker
+import docker.errors
 import pytest
-from taskbus.contracts.specs import Resources
+
+from taskbus.contracts.specs import NetworkMode, Resources
+from taskbus.runtime_runner.docker_sandbox import DockerEngine, DockerSandbox, DockerSandboxConfig
+from taskbus.runtime_runner.limits import SandboxResources
 from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
 from taskbus.runtime_runner.sandbox import Sandbox
 from taskbus.runtime_runner.shell import ShellLimits
 
-# The docker backend joins this list when it lands.
-BACKENDS = ["local"]
+BACKENDS = ["local", pytest.param("docker", marks=pytest.mark.docker)]
+SANDBOX_IMAGE = "taskbus-sandbox:latest"
+BUILD_SCRIPT = Path(__file__).parents[3] / "deploy" / "sandbox-image" / "build.sh"
+TEST_RUN_LABEL = "taskbus.test_run"
+TEST_RUN = uuid.uuid4().hex[:12]
 
 TEST_LIMITS = ShellLimits(
     no_change_seconds=1.0,
@@ -20,8 +36,43 @@ TEST_LIMITS = ShellLimits(
     max_output_bytes=8 * 1024,
     max_streamed_bytes=64 * 1024,
 )
+TEST_RESOURCES = SandboxResources(cpus=1, memory_mb=512, pids=256, network=NetworkMode.NONE)
 
 SandboxMaker = Callable[..., Awaitable[Sandbox]]
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.APIClient]:
+    """The real engine with the sandbox image; removes this session's containers at the end."""
+    try:
+        client = docker.APIClient()
+        client.ping()
+    except docker.errors.DockerException as error:
+        pytest.skip(f"no Docker engine answers: {error}")
+    try:
+        client.inspect_image(SANDBOX_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run([str(BUILD_SCRIPT), SANDBOX_IMAGE], check=True, timeout=600)
+    yield client
+    for container in client.containers(all=True, filters={"label": run_label_filter()}):
+        client.remove_container(container["Id"], force=True)
+    client.close()
+
+
+def run_label_filter() -> str:
+    return f"{TEST_RUN_LABEL}={TEST_RUN}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine(docker_client: docker.APIClient) -> Iterator[DockerEngine]:
+    engine = DockerEngine(docker.APIClient(max_pool_size=32), cpus=docker_client.info()["NCPU"])
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def docker_config(docker_engine: DockerEngine) -> DockerSandboxConfig:
+    return DockerSandboxConfig(docker_engine, SANDBOX_IMAGE, "test", {TEST_RUN_LABEL: TEST_RUN})
 
 
 @pytest.fixture(params=BACKENDS)
@@ -30,25 +81,39 @@ async def make_sandbox(
 ) -> AsyncIterator[SandboxMaker]:
     """Starts sandboxes of one backend (with an optional repository) and closes them after."""
     started: list[Sandbox] = []
+    docker_config = request.getfixturevalue("docker_config") if request.param == "docker" else None
 
     async def make(
-        repository: str | None = None, branch: str | None = None, conversation_id: str = "c1"
+        repository: str | None = None,
+        branch: str | None = None,
+        resources: SandboxResources = TEST_RESOURCES,
     ) -> Sandbox:
-        assert request.param == "local"
-        sandbox = LocalSandbox(
-            conversation_id,
-            tmp_path / "workspaces",
-            TEST_LIMITS,
-            LocalLimits(max_file_bytes=100 * 1024 * 1024, resources=Resources()),
-            clone_seconds=60,
-        )
+        conversation_id = uuid.uuid4().hex
+        sandbox: Sandbox
+        if docker_config is not None:
+            sandbox = DockerSandbox(
+                docker_config,
+                conversation_id,
+                "u1",
+                tmp_path / "workspaces",
+                resources,
+                TEST_LIMITS,
+                clone_seconds=60,
+            )
+        else:
+            sandbox = LocalSandbox(
+                conversation_id,
+                tmp_path / "workspaces",
+                TEST_LIMITS,
+                LocalLimits(max_file_bytes=100 * 1024 * 1024, resources=Resources()),
+                clone_seconds=60,
+            )
         started.append(sandbox)
         await sandbox.start(repository, branch)
         return sandbox
 
     yield make
-    for sandbox in started:
-        await sandbox.close()
+    await asyncio.gather(*(sandbox.close() for sandbox in started))
 
 
 @pytest.fixture

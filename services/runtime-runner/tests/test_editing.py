@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskbus.runtime_runner import editing
 
 TEXT = "def f():\n    return 1\n\ndef g():\n    return 2\n"

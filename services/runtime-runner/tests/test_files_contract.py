@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
+
 from taskbus.contracts.events import (
     EventSource,
     FileEditAction,
@@ -12,7 +11,7 @@ from taskbus.contracts.events import (
     FileWriteAction,
 )
 from taskbus.runtime_runner.files import FileActions
-from taskbus.runtime_runner.sandbox import ActionError, Sandbox
+from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 
 ENVELOPE = {"conversation_id": "c1", "source": EventSource.AGENT, "id": 7}
 
@@ -110,8 +109,33 @@ async def test_paths_outside_the_workspace_are_refused(sandbox: Sandbox, path: s
         assert refused.value.code == "path_outside_workspace"
 
 
-async def test_symlinks_cannot_lead_out_of_the_workspace(sandbox: Sandbox) -> None:
-    os.symlink("/etc", os.path.join(sandbox.workspace, "etc-link"))
-    with pytest.raises(ActionError) as refused:
-        await files_of(sandbox).read(FileReadAction(**ENVELOPE, path="etc-link/passwd"))
-    assert refused.value.code == "path_outside_workspace"
+async def shell(sandbox: Sandbox, command: str) -> None:
+    async def ignore(_: str) -> None:
+        pass
+
+    outcome = await sandbox.run_command(CommandRequest(command=command), ignore)
+    assert outcome.exit_code == 0, outcome.content
+
+
+@pytest.mark.parametrize(
+    "link", ["ln -s /etc etc-link", "mkdir -p a && ln -s ../../../../../../etc a/etc-link"]
+)
+async def test_symlinks_cannot_lead_out_of_the_workspace(sandbox: Sandbox, link: str) -> None:
+    await shell(sandbox, link)
+    path = link.split()[-1] + "/passwd"
+    for attempt in (sandbox.read_bytes(path), sandbox.write_bytes(path, b"x")):
+        with pytest.raises(ActionError) as refused:
+            await attempt
+        assert refused.value.code == "path_outside_workspace"
+
+
+async def test_symlinks_inside_the_workspace_are_followed_as_the_sandbox_sees_them(
+    sandbox: Sandbox,
+) -> None:
+    """An absolute link target is a path in the sandbox (`/workspace/...` in a container)."""
+    await shell(sandbox, 'mkdir real && ln -s "$PWD/real" absolute && ln -s real relative')
+    await sandbox.write_bytes("absolute/via-absolute.txt", b"1")
+    await sandbox.write_bytes("relative/sub/via-relative.txt", b"2")
+    assert await sandbox.read_bytes("real/via-absolute.txt") == b"1"
+    assert await sandbox.read_bytes("real/sub/via-relative.txt") == b"2"
+    assert sandbox.resolve("absolute/x") == f"{sandbox.workspace}/real/x"

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from taskbus.runtime_runner.repository import redact_credentials
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
@@ -30,7 +31,12 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import Timeouts
 from taskbus.contracts.status import RuntimeStatus
-from taskbus.runtime_runner.app import EventDispatcher, RuntimeRunnerService, sandbox_factory
+from taskbus.runtime_runner.app import (
+    EventDispatcher,
+    RuntimeRunnerService,
+    in_flight_journal,
+    sandbox_factory,
+)
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import RuntimeRunner
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
@@ -40,6 +46,7 @@ from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 def settings(nats_url: str, tmp_path: Path) -> RuntimeRunnerSettings:
     return RuntimeRunnerSettings(
         nats_url=nats_url,
+        backend="local",
         workspace_root=str(tmp_path / "workspaces"),
         no_change_seconds=1.0,
         command_seconds=10.0,
@@ -247,7 +254,12 @@ async def test_a_redelivered_action_does_not_run_twice(
     """The same stored action dispatched twice (as after a crash before the ack) runs once."""
     cid = uuid.uuid4().hex
     appender = EventAppender(js)
-    runner = RuntimeRunner(appender, sandbox_factory(settings), settings.max_output_bytes)
+    runner = RuntimeRunner(
+        appender,
+        sandbox_factory(settings, engine=None),
+        settings.max_output_bytes,
+        in_flight_journal(settings),
+    )
     dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
     await runner.handle(await appender.append(request_runtime(cid)))
     action = await appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))

@@ -6,6 +6,7 @@ import resource
 import time
 
 import pytest
+
 from taskbus.contracts.events import CommandTimeout
 from taskbus.runtime_runner.sandbox import ActionError, CommandOutcome, CommandRequest, Sandbox
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+
 from taskbus.runtime_runner.shell_protocol import Marker, ShellProtocol, bash_quote
 
 

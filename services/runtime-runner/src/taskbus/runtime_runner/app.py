@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
@@ -27,8 +29,17 @@ from taskbus.contracts.events import (
     decode_event,
 )
 from taskbus.contracts.streams import ensure_streams
+from taskbus.runtime_runner.docker_sandbox import (
+    DockerEngine,
+    DockerSandbox,
+    DockerSandboxConfig,
+    EngineUnavailable,
+)
+from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.lanes import Lanes
+from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
+from taskbus.runtime_runner.reconcile import reconcile
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import HANDLED_EVENTS, RuntimeRunner, SandboxFactory
 from taskbus.runtime_runner.sandbox import Sandbox
@@ -42,27 +53,73 @@ _FETCH_SECONDS = 1.0
 _RETRY_DELAY_SECONDS = 5.0
 
 
-def sandbox_factory(settings: RuntimeRunnerSettings) -> SandboxFactory:
-    """The configured backend ("auto" means local until the docker backend exists)."""
-    root = Path(settings.workspace_root)
+async def connect_backend(settings: RuntimeRunnerSettings) -> DockerEngine | None:
+    """The Docker engine when the docker backend is in use ("auto": if one answers and has the
+    sandbox image); None for the local backend. The choice is logged once."""
+    if settings.backend == "local":
+        logger.info("sandbox backend: local (configured)")
+        return None
+    try:
+        engine = await DockerEngine.connect(settings.sandbox_image)
+    except EngineUnavailable as reason:
+        if settings.backend == "docker":
+            raise
+        logger.info("sandbox backend: local (auto: %s)", reason)
+        return None
+    logger.info("sandbox backend: docker (%s, image %s)", settings.backend, settings.sandbox_image)
+    return engine
+
+
+def shell_limits(settings: RuntimeRunnerSettings, request: RuntimeRequested) -> ShellLimits:
+    timeouts = request.timeouts
+    return ShellLimits(
+        no_change_seconds=timeouts.no_change_seconds or settings.no_change_seconds,
+        command_seconds=timeouts.command_seconds or settings.command_seconds,
+        max_output_bytes=settings.max_output_bytes,
+        max_streamed_bytes=settings.max_streamed_bytes,
+    )
+
+
+def docker_sandbox_factory(
+    settings: RuntimeRunnerSettings, engine: DockerEngine
+) -> Callable[[RuntimeRequested], DockerSandbox]:
+    config = DockerSandboxConfig(
+        engine, settings.sandbox_image, settings.runner_id, parse_labels(settings.sandbox_labels)
+    )
+
+    def new_sandbox(request: RuntimeRequested) -> DockerSandbox:
+        return DockerSandbox(
+            config,
+            request.conversation_id,
+            request.user_id,
+            Path(settings.workspace_root),
+            effective_resources(request.resources, settings),
+            shell_limits(settings, request),
+            settings.clone_seconds,
+        )
+
+    return new_sandbox
+
+
+def sandbox_factory(settings: RuntimeRunnerSettings, engine: DockerEngine | None) -> SandboxFactory:
+    """Sandboxes of the backend `connect_backend` chose."""
+    if engine is not None:
+        return docker_sandbox_factory(settings, engine)
 
     def new_sandbox(request: RuntimeRequested) -> Sandbox:
-        timeouts = request.timeouts
-        shell_limits = ShellLimits(
-            no_change_seconds=timeouts.no_change_seconds or settings.no_change_seconds,
-            command_seconds=timeouts.command_seconds or settings.command_seconds,
-            max_output_bytes=settings.max_output_bytes,
-            max_streamed_bytes=settings.max_streamed_bytes,
-        )
         return LocalSandbox(
             request.conversation_id,
-            root,
-            shell_limits,
+            Path(settings.workspace_root),
+            shell_limits(settings, request),
             LocalLimits(settings.max_file_bytes, request.resources),
             settings.clone_seconds,
         )
 
     return new_sandbox
+
+
+def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
+    return InFlightJournal(Path(settings.workspace_root) / ".runner" / "in-flight")
 
 
 def consumer_config(settings: RuntimeRunnerSettings) -> ConsumerConfig:
@@ -145,9 +202,17 @@ class RuntimeRunnerService:
         subscription = await js.pull_subscribe_bind(
             durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
         )
+        engine = await connect_backend(settings)
         runner = RuntimeRunner(
-            EventAppender(js), sandbox_factory(settings), settings.max_output_bytes
+            EventAppender(js),
+            sandbox_factory(settings, engine),
+            settings.max_output_bytes,
+            in_flight_journal(settings),
         )
+        if engine is not None:  # before consuming: redelivered actions find their sandbox
+            await reconcile(
+                engine, settings.runner_id, js, docker_sandbox_factory(settings, engine), runner
+            )
         dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
         heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
         logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)
@@ -159,7 +224,9 @@ class RuntimeRunnerService:
         finally:
             heartbeat.cancel()
             await dispatcher.cancel()  # unacked work is redelivered to the next runner
-            await runner.close()
+            await runner.close(settings.remove_sandboxes_on_shutdown)
+            if engine is not None:
+                engine.close()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
                 await nc.drain()

@@ -15,18 +15,16 @@ from typing import ClassVar
 from taskbus.contracts.specs import Resources
 from taskbus.runtime_runner import repository
 from taskbus.runtime_runner.sandbox import (
-    ActionError,
     CommandOutcome,
     CommandRequest,
     OutputSink,
-    Sandbox,
     ShellProcess,
+    sandbox_environment,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
+from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
 
 _READ_SIZE = 64 * 1024
-# Files larger than this are not loaded into the runner (the agent can still use the shell).
-MAX_FILE_ACTION_BYTES = 32 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -116,20 +114,7 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def sandbox_environment(home: Path) -> dict[str, str]:
-    """A clean environment: nothing of the runner's own (its secrets) leaks into the sandbox."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "TERM": "dumb",
-        "PAGER": "cat",
-        "GIT_PAGER": "cat",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-class LocalSandbox(Sandbox):
+class LocalSandbox(HostWorkspaceSandbox):
     backend: ClassVar[str] = "local"
 
     def __init__(
@@ -147,12 +132,13 @@ class LocalSandbox(Sandbox):
         self._clone_seconds = clone_seconds
         self.sandbox_id = f"local-{conversation_id}"
         self.workspace = str(self._workspace)
+        self.files = HostWorkspace(self._workspace, self.workspace)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, self.workspace)
 
     async def _spawn_shell(self) -> ShellProcess:
-        return await LocalShellProcess.spawn(
-            self._workspace, sandbox_environment(self._home), self._limits
-        )
+        environment = sandbox_environment(str(self._home))
+        environment["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+        return await LocalShellProcess.spawn(self._workspace, environment, self._limits)
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
         self._home.mkdir(parents=True, exist_ok=True)
@@ -165,48 +151,6 @@ class LocalSandbox(Sandbox):
     async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
         return await self.shell.execute(request, on_output)
 
-    def resolve(self, path: str) -> str:
-        return str(self._path(path))
-
-    def _path(self, path: str) -> Path:
-        resolved = (self._workspace / path).resolve()
-        if not resolved.is_relative_to(self._workspace):
-            raise ActionError(
-                "path_outside_workspace", f"{path} is outside the workspace {self.workspace}"
-            )
-        return resolved
-
-    async def read_bytes(self, path: str) -> bytes:
-        target = self._path(path)
-        try:
-            if target.stat().st_size > MAX_FILE_ACTION_BYTES:
-                raise ActionError(
-                    "file_too_large", f"{path} is larger than {MAX_FILE_ACTION_BYTES} bytes"
-                )
-            return await asyncio.to_thread(target.read_bytes)
-        except FileNotFoundError:
-            raise ActionError("file_not_found", f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise ActionError("is_a_directory", f"{path} is a directory") from None
-
-    async def write_bytes(self, path: str, data: bytes) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            await asyncio.to_thread(target.write_bytes, data)
-        except IsADirectoryError:
-            raise ActionError("is_a_directory", f"{path} is a directory") from None
-
-    async def exists(self, path: str) -> bool:
-        return self._path(path).exists()
-
-    async def is_dir(self, path: str) -> bool:
-        return self._path(path).is_dir()
-
-    async def list_tree(self, path: str, depth: int) -> list[str]:
-        top = self._path(path)
-        return await asyncio.to_thread(_list_tree, top, depth)
-
     async def pause(self) -> None:
         await self.shell.signal(signal.SIGSTOP)
 
@@ -215,16 +159,3 @@ class LocalSandbox(Sandbox):
 
     async def close(self) -> None:
         await self.shell.close()
-
-
-def _list_tree(top: Path, depth: int) -> list[str]:
-    entries = []
-    for current, directories, files in os.walk(top):
-        level = len(Path(current).relative_to(top).parts)
-        directories[:] = sorted(d for d in directories if not d.startswith("."))
-        for name in [*directories, *sorted(f for f in files if not f.startswith("."))]:
-            relative = Path(current, name).relative_to(top)
-            entries.append(f"{relative}/" if name in directories else str(relative))
-        if level + 1 >= depth:
-            directories[:] = []
-    return sorted(entries)

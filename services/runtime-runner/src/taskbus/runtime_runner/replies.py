@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+
 from taskbus.contracts import subjects
 from taskbus.contracts.events import (
     AnyEvent,
     CmdOutputChunk,
+    Event,
     EventSource,
     RuntimeStatusChanged,
     UnknownEvent,
@@ -51,3 +53,19 @@ async def is_answered(
             return True
         sequence = message.seq + 1
     return False
+
+
+async def last_event(
+    js: JetStreamContext, conversation_id: str, kind: type[Event]
+) -> AnyEvent | UnknownEvent | None:
+    """The conversation's latest event of one kind (one direct get), if it has any."""
+    try:
+        message = await js.get_last_msg(
+            subjects.EVENTS_STREAM,
+            subjects.event_subject(conversation_id, kind.__name__),
+            direct=True,
+        )
+    except NotFoundError:
+        return None
+    assert message.data is not None
+    return decode_event(message.data)

@@ -24,6 +24,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.files import FileActions, reply_to
+from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.repository import redact_credentials
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 
@@ -47,6 +48,8 @@ class _Runtime:
         self.sandbox = sandbox
         self.files = files
         self.paused = False
+        # The action a crashed runner was carrying out in this (re-attached) sandbox.
+        self.interrupted_action: int | None = None
 
 
 class RuntimeRunner:
@@ -57,11 +60,16 @@ class RuntimeRunner:
     """
 
     def __init__(
-        self, appender: EventAppender, new_sandbox: SandboxFactory, max_output_bytes: int
+        self,
+        appender: EventAppender,
+        new_sandbox: SandboxFactory,
+        max_output_bytes: int,
+        journal: InFlightJournal,
     ) -> None:
         self._appender = appender
         self._new_sandbox = new_sandbox
         self._max_output_bytes = max_output_bytes
+        self._journal = journal
         self._runtimes: dict[str, _Runtime] = {}
         # conversation id -> id of its latest stop request: a start older than it is void.
         self._stopped_at: dict[str, int] = {}
@@ -75,9 +83,18 @@ class RuntimeRunner:
             case CmdRunAction() | FileReadAction() | FileWriteAction() | FileEditAction():
                 await self._execute(event)
 
-    async def close(self) -> None:
+    def adopt(self, conversation_id: str, sandbox: Sandbox, paused: bool) -> None:
+        """Take over a sandbox that outlived the previous runner (see `reconcile`)."""
+        runtime = _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes))
+        runtime.paused = paused
+        runtime.interrupted_action = self._journal.interrupted(conversation_id)
+        self._runtimes[conversation_id] = runtime
+
+    async def close(self, remove_sandboxes: bool = False) -> None:
+        """Let go of the sandboxes as the runner shuts down: detached (docker ones stay for the
+        next runner to re-attach) or removed."""
         for runtime in self._runtimes.values():
-            await runtime.sandbox.close()
+            await (runtime.sandbox.close() if remove_sandboxes else runtime.sandbox.detach())
         self._runtimes.clear()
 
     def _status(
@@ -154,6 +171,10 @@ class RuntimeRunner:
         if runtime is None:
             await self._appender.append(_no_runtime(action))
             return
+        if runtime.interrupted_action == action.id:
+            runtime.interrupted_action = None
+            await self._appender.append(_interrupted(action))
+            return
         if runtime.paused:
             await self._appender.append(
                 ErrorObservation(
@@ -162,6 +183,7 @@ class RuntimeRunner:
             )
             return
         observation: Event
+        self._journal.begin(action.conversation_id, action.id)
         try:
             match action:
                 case CmdRunAction():
@@ -182,6 +204,7 @@ class RuntimeRunner:
                 **reply_to(action), code="runtime_error", content=f"{type(error).__name__}: {error}"
             )
         await self._appender.append(observation)
+        self._journal.end(action.conversation_id)
 
     async def _run_command(self, sandbox: Sandbox, action: CmdRunAction) -> CmdOutputObservation:
         chunk_numbers = count()
@@ -208,6 +231,20 @@ class RuntimeRunner:
             cwd=outcome.cwd,
             truncated_bytes=outcome.truncated_bytes,
         )
+
+
+def _interrupted(action: Event) -> ErrorObservation:
+    """The answer to an action a crashed runner had begun: never run twice, never unanswered."""
+    return ErrorObservation(
+        **reply_to(action),
+        code="runtime_restarted",
+        content=(
+            "The runtime-runner restarted while carrying out this action: it was stopped and its "
+            "effects are unknown (it may have partly run). The sandbox and its files are kept; "
+            "the shell was restarted, so the working directory and environment variables are "
+            "reset."
+        ),
+    )
 
 
 def _no_runtime(cause: Event) -> ErrorObservation:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar, Protocol
 
 import msgspec
+
 from taskbus.contracts.events import CommandTimeout
 
 
@@ -122,4 +123,21 @@ class Sandbox(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Stop every process of the sandbox; its workspace files stay."""
+        """Stop every process of the sandbox and remove it; its workspace files stay."""
+
+    async def detach(self) -> None:
+        """Let go of the sandbox as the runner shuts down; backends that outlive the runner keep
+        it for the next runner to re-attach."""
+        await self.close()
+
+
+def sandbox_environment(home: str) -> dict[str, str]:
+    """The shell's environment: nothing of the runner's own (its secrets) leaks into a sandbox."""
+    return {
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "PAGER": "cat",
+        "GIT_PAGER": "cat",
+        "PYTHONUNBUFFERED": "1",
+    }

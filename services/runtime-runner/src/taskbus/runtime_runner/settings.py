@@ -6,14 +6,34 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from taskbus.contracts.specs import NetworkMode
+
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Bytes = Annotated[int, msgspec.Meta(ge=1024)]
 
 
 class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
-    # "auto" picks the best available backend; until the docker backend lands that is "local".
-    backend: Literal["auto", "local"] = "auto"
+    # "auto" is docker when an engine answers and has the sandbox image, else local.
+    backend: Literal["auto", "local", "docker"] = "auto"
+    sandbox_image: str = "taskbus-sandbox:latest"
+    # Reconciliation at start-up only touches containers labelled with this runner's id: give
+    # each runner sharing a Docker engine its own id, and keep it across restarts.
+    runner_id: str = "default"
+    # On SIGTERM docker sandboxes are kept for the next runner to re-attach; True removes them.
+    remove_sandboxes_on_shutdown: bool = False
+    # Extra container labels, "key=value,key=value" (tests mark their containers with one).
+    sandbox_labels: str = ""
+    # Sandbox resources when the conversation asks for none, and the most it may ask for.
+    sandbox_cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    max_sandbox_cpus: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    sandbox_memory_mb: Annotated[int, msgspec.Meta(ge=16)] = 2048
+    max_sandbox_memory_mb: Annotated[int, msgspec.Meta(ge=16)] = 8192
+    sandbox_pids: Annotated[int, msgspec.Meta(ge=8)] = 512
+    max_sandbox_pids: Annotated[int, msgspec.Meta(ge=8)] = 4096
+    sandbox_network: NetworkMode = NetworkMode.BRIDGE
+    # False forces network "none" whatever a conversation asks for.
+    sandbox_network_allowed: bool = True
     workspace_root: str = "./.taskbus/workspaces"
     # Defaults for conversations whose RuntimeRequested does not set its own timeouts.
     no_change_seconds: Seconds = 10.0

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+
 from taskbus.contracts.events import CommandTimeout
 from taskbus.runtime_runner.output import OutputCap
 from taskbus.runtime_runner.sandbox import (

@@ -1,0 +1,372 @@
+"""The docker backend: one container per conversation, its persistent bash a `docker exec`.
+
+The workspace is a bind mount of the conversation's directory on this host (as the local
+backend's), so the repository is cloned here with the runner's git and credentials (a local-path
+repository is reachable and a network-less sandbox still gets its code), file actions reuse the
+host-side workspace code, and the files outlive the container. The container runs as the runner's
+own uid, so files either side creates stay writable by the other.
+
+The docker SDK blocks, so its calls run on a thread pool of the engine's own; the shell's
+stream is the exec's hijacked socket read with asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import docker
+import docker.errors
+from docker.utils import kwargs_from_env
+
+from taskbus.runtime_runner import repository
+from taskbus.runtime_runner.docker_frames import FrameDecoder
+from taskbus.runtime_runner.limits import SandboxResources, docker_host_limits
+from taskbus.runtime_runner.sandbox import (
+    ActionError,
+    CommandOutcome,
+    CommandRequest,
+    OutputSink,
+    ShellProcess,
+    sandbox_environment,
+)
+from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
+from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABEL_MANAGED = "taskbus.managed"
+LABEL_CONVERSATION = "taskbus.conversation_id"
+LABEL_USER = "taskbus.user_id"
+LABEL_RUNNER = "taskbus.runner_id"
+WORKSPACE = "/workspace"
+HOME = "/home/sandbox"
+_READ_SIZE = 64 * 1024
+_ENGINE_THREADS = 32
+_EXEC_EXIT_SECONDS = 2.0
+# Prints the shell's pid (its process group and session: docker exec starts a new session),
+# then becomes the interactive bash, stderr merged so output keeps its order.
+_SHELL_COMMAND = [
+    "bash",
+    "-c",
+    'printf "%s\\n" "$$"; exec bash --norc --noprofile --noediting -i 2>&1',
+]
+# Kills the process groups of the shells a previous runner started (exec roots have ppid 0).
+_KILL_OLD_SHELLS = (
+    "ps -eo pid=,ppid=,comm= | while read -r pid ppid comm; do "
+    'if [ "$ppid" = 0 ] && [ "$comm" = bash ] && [ "$pid" != "$$" ]; then '
+    'kill -KILL -- "-$pid"; fi; done'
+)
+
+
+class EngineUnavailable(Exception):
+    pass
+
+
+class DockerEngine:
+    """The docker SDK's blocking low-level client, called off the event loop."""
+
+    def __init__(self, api: Any, cpus: int) -> None:
+        self.api = api
+        self.cpus = cpus
+        self._executor = ThreadPoolExecutor(_ENGINE_THREADS, thread_name_prefix="docker")
+
+    @classmethod
+    async def connect(cls, image: str) -> DockerEngine:
+        """The engine of DOCKER_HOST (or the local socket), if it answers and has `image`."""
+        try:
+            api = await asyncio.to_thread(
+                partial(docker.APIClient, max_pool_size=_ENGINE_THREADS, **kwargs_from_env())
+            )
+            info = await asyncio.to_thread(api.info)
+        except docker.errors.DockerException as error:
+            raise EngineUnavailable(f"no Docker engine answers: {error}") from None
+        try:
+            await asyncio.to_thread(api.inspect_image, image)
+        except docker.errors.ImageNotFound:
+            api.close()
+            raise EngineUnavailable(
+                f"the sandbox image {image} is missing (build it: just sandbox-image)"
+            ) from None
+        return cls(api, int(info.get("NCPU") or 1))
+
+    async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(function, *args, **kwargs))
+
+    async def run(self, container: str, script: str) -> tuple[int, bytes]:
+        """Run a `bash -c` script in the container; its exit code and output."""
+
+        def blocking() -> tuple[int, bytes]:
+            exec_id = self.api.exec_create(container, ["bash", "-c", script])["Id"]
+            output = self.api.exec_start(exec_id)
+            return int(self.api.exec_inspect(exec_id)["ExitCode"]), output
+
+        return await self.call(blocking)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
+
+
+class DockerShellProcess:
+    """`bash -i` in a container through an exec whose stdin/stdout are the hijacked socket."""
+
+    def __init__(
+        self,
+        engine: DockerEngine,
+        container: str,
+        exec_id: str,
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
+        self._engine = engine
+        self._container = container
+        self._exec_id = exec_id
+        self._reader, self._writer = connection
+        self._frames = FrameDecoder()
+        self._pending = b""
+        self.pid = 0
+        self._exit_status: asyncio.Task[int] | None = None
+
+    @classmethod
+    async def spawn(
+        cls, engine: DockerEngine, container: str, environment: dict[str, str]
+    ) -> DockerShellProcess:
+        api = engine.api
+        created = await engine.call(
+            api.exec_create,
+            container,
+            _SHELL_COMMAND,
+            stdin=True,
+            tty=False,
+            environment=environment,
+            workdir=WORKSPACE,
+        )
+        exec_id = created["Id"]
+        hijacked = await engine.call(api.exec_start, exec_id, socket=True)
+        raw: socket.socket = hijacked._sock
+        # asyncio owns a duplicate; closing the SDK's object must not end the stream.
+        stream = raw.dup()
+        hijacked.close()
+        process = cls(engine, container, exec_id, await asyncio.open_connection(sock=stream))
+        await process._read_pid()
+        return process
+
+    async def _read_pid(self) -> None:
+        while b"\n" not in self._pending:
+            data = await self._reader.read(_READ_SIZE)
+            if not data:
+                raise RuntimeError("the shell exited while starting")
+            self._pending += self._frames.feed(data)
+        line, _, self._pending = self._pending.partition(b"\n")
+        self.pid = int(line)
+
+    async def write(self, data: bytes) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def read(self) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        while True:
+            try:
+                data = await self._reader.read(_READ_SIZE)
+            except ConnectionError:
+                return b""
+            if not data:
+                return b""
+            if payload := self._frames.feed(data):
+                return payload
+
+    async def _in_container(self, script: str) -> None:
+        """Run a signalling script; a paused or removed container just cannot be signalled."""
+        try:
+            await self._engine.run(self._container, script)
+        except docker.errors.APIError as error:
+            # 404 removed, 409 stopped or paused: there is nothing to signal right now.
+            level = logging.DEBUG if error.status_code in (404, 409) else logging.WARNING
+            logger.log(level, "cannot signal the shell in %s: %s", self._container, error)
+
+    async def signal_group(self, signum: signal.Signals) -> None:
+        await self._in_container(f"kill -{signum.name.removeprefix('SIG')} -- -{self.pid}")
+
+    async def kill_children(self) -> None:
+        await self._in_container(
+            f'for p in $(pgrep -g {self.pid}); do [ "$p" = {self.pid} ] || kill -KILL "$p"; done'
+        )
+
+    async def terminate(self) -> int:
+        if self._exit_status is None:
+            self._exit_status = asyncio.create_task(self._terminate())
+        return await asyncio.shield(self._exit_status)
+
+    async def _terminate(self) -> int:
+        await self.signal_group(signal.SIGKILL)
+        self._writer.close()
+        deadline = time.monotonic() + _EXEC_EXIT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                state = await self._engine.call(self._engine.api.exec_inspect, self._exec_id)
+            except docker.errors.APIError:
+                return -1
+            if not state["Running"]:
+                return int(state["ExitCode"] if state["ExitCode"] is not None else -1)
+            await asyncio.sleep(0.02)
+        return -1
+
+
+class DockerSandboxConfig:
+    """What every container of this runner shares."""
+
+    def __init__(
+        self, engine: DockerEngine, image: str, runner_id: str, labels: dict[str, str]
+    ) -> None:
+        self.engine = engine
+        self.image = image
+        self.runner_id = runner_id
+        self.labels = labels
+
+
+def container_name(conversation_id: str) -> str:
+    return f"taskbus-{conversation_id}"
+
+
+class DockerSandbox(HostWorkspaceSandbox):
+    backend: ClassVar[str] = "docker"
+
+    def __init__(
+        self,
+        config: DockerSandboxConfig,
+        conversation_id: str,
+        user_id: str,
+        workspace_root: Path,
+        resources: SandboxResources,
+        shell_limits: ShellLimits,
+        clone_seconds: float,
+    ) -> None:
+        root = workspace_root.resolve()
+        self._config = config
+        self._engine = config.engine
+        self._conversation_id = conversation_id
+        self._user_id = user_id
+        self._host_workspace = root / conversation_id
+        self._host_home = root / ".home" / conversation_id
+        self._resources = resources
+        self._clone_seconds = clone_seconds
+        self.sandbox_id = container_name(conversation_id)
+        self.workspace = WORKSPACE
+        self.files = HostWorkspace(self._host_workspace, WORKSPACE)
+        self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
+
+    async def _spawn_shell(self) -> ShellProcess:
+        return await DockerShellProcess.spawn(
+            self._engine, self.sandbox_id, sandbox_environment(HOME)
+        )
+
+    async def start(self, repository_url: str | None, branch: str | None) -> None:
+        await asyncio.to_thread(self._host_home.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._host_workspace.mkdir, parents=True, exist_ok=True)
+        # A workspace with files is a restarted sandbox: its clone is already there.
+        if repository_url and not await asyncio.to_thread(_has_entries, self._host_workspace):
+            await repository.clone(
+                repository_url, branch, self._host_workspace, self._clone_seconds
+            )
+        await self._create_container()
+        await self.shell.start()
+
+    async def _create_container(self) -> None:
+        api = self._engine.api
+        labels = {
+            **self._config.labels,
+            LABEL_MANAGED: "true",
+            LABEL_CONVERSATION: self._conversation_id,
+            LABEL_USER: self._user_id,
+            LABEL_RUNNER: self._config.runner_id,
+        }
+        host_config = api.create_host_config(
+            init=True,  # reaps orphans, which would otherwise count against the pids limit
+            binds={
+                str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"},
+                str(self._host_home): {"bind": HOME, "mode": "rw"},
+            },
+            **docker_host_limits(self._resources, self._engine.cpus),
+        )
+        create = partial(
+            api.create_container,
+            self._config.image,
+            command=["sleep", "infinity"],
+            name=self.sandbox_id,
+            labels=labels,
+            user=f"{os.getuid()}:{os.getgid()}",
+            working_dir=WORKSPACE,
+            host_config=host_config,
+        )
+        try:
+            try:
+                await self._engine.call(create)
+            except docker.errors.APIError as error:
+                if error.status_code != 409:
+                    raise
+                # A container of an earlier, failed start of this conversation.
+                await self._remove_container()
+                await self._engine.call(create)
+            await self._engine.call(api.start, self.sandbox_id)
+        except docker.errors.ImageNotFound:
+            raise ActionError(
+                "sandbox_image_missing",
+                f"the sandbox image {self._config.image} is missing (build it: just sandbox-image)",
+            ) from None
+
+    async def reattach(self) -> bool:
+        """Take over this conversation's existing container after a runner restart: stop what
+        the previous runner's shell left running; the next command starts a new shell.
+        Returns whether the container is paused."""
+        api = self._engine.api
+        state = (await self._engine.call(api.inspect_container, self.sandbox_id))["State"]
+        if state["Paused"]:
+            await self._engine.call(api.unpause, self.sandbox_id)
+        elif not state["Running"]:
+            await self._engine.call(api.start, self.sandbox_id)
+        await self._engine.run(self.sandbox_id, _KILL_OLD_SHELLS)
+        if state["Paused"]:
+            await self._engine.call(api.pause, self.sandbox_id)
+        return bool(state["Paused"])
+
+    async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
+        return await self.shell.execute(request, on_output)
+
+    async def pause(self) -> None:
+        await self._engine.call(self._engine.api.pause, self.sandbox_id)
+
+    async def resume(self) -> None:
+        await self._engine.call(self._engine.api.unpause, self.sandbox_id)
+
+    async def detach(self) -> None:
+        """The container stays for the next runner; only this runner's shell ends."""
+        await self.shell.close()
+
+    async def close(self) -> None:
+        await self._remove_container()  # first: a paused container cannot run `kill`
+        await self.shell.close()
+
+    async def _remove_container(self) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            await self._engine.call(self._engine.api.remove_container, self.sandbox_id, force=True)
+
+
+def _has_entries(directory: Path) -> bool:
+    return any(directory.iterdir())
