@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import msgspec
 import pytest
 
@@ -48,6 +47,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         TASKBUS_PORT=str(port),
         TASKBUS_NATS_PORT=str(nats_port),
         LITELLM_LOCAL_MODEL_COST_MAP="True",
+        # A throwaway stack: its sandboxes go with it.
+        TASKBUS_RUNNER_ID=f"e2e-{port}",
+        TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN="true",
     )
     env.pop("TASKBUS_LLM_MODEL", None)
     log = (data_dir / "launcher.log").open("wb")
@@ -59,18 +61,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    launcher_log = data_dir / "launcher.log"
     deadline = time.monotonic() + 120
     try:
-        while True:
+        # The launcher prints its banner once every service pulls from its consumer.
+        while "Taskbus is up." not in launcher_log.read_text(errors="replace"):
             if process.poll() is not None:
-                raise AssertionError(
-                    f"taskbus up exited early:\n{(data_dir / 'launcher.log').read_text()}"
-                )
-            try:
-                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+                raise AssertionError(f"taskbus up exited early:\n{launcher_log.read_text()}")
             if time.monotonic() > deadline:
                 raise AssertionError("stack did not come up within 120 s")
             time.sleep(0.25)

@@ -88,14 +88,22 @@ def render_event(event: dict[str, Any]) -> str:
     kind = event.get("kind", "?")
     if "args" in event:
         args = event["args"]
-        gist = args.get("command") or args.get("content") or args.get("thought") or ""
+        gist = (
+            args.get("command")
+            or args.get("content")
+            or args.get("thought")
+            or args.get("final_thought")
+            or ""
+        )
         if kind == "TaskTrackingAction":
             gist = ", ".join(f"{t['title']} [{t['status']}]" for t in args.get("task_list", []))
         elif kind == "FileEditAction":
             gist = f"{args.get('command')} {args.get('path')}"
     elif "observation" in event:
         extras = event.get("extras", {})
-        gist = event.get("content", "")
+        gist = event.get("content") or " ".join(
+            str(extras[key]) for key in ("agent_state", "reason") if extras.get(key)
+        )
         if kind == "CmdOutputObservation":
             gist = f"exit {extras.get('exit_code')}: {gist}"
     elif kind == "LLMMetrics":

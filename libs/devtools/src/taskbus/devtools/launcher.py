@@ -20,7 +20,10 @@ from pathlib import Path
 import httpx
 import msgspec
 import nats
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
+from taskbus.contracts import subjects
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer, free_port
@@ -28,6 +31,13 @@ from taskbus.devtools.nats_server import NatsServer, free_port
 log = logging.getLogger("taskbus.launcher")
 
 SERVICES = ("event_store", "session_manager", "runtime_runner", "gateway")
+# The durable consumers the services pull from: the stack is ready when each has a pull waiting.
+DURABLES = (
+    (subjects.COMMANDS_STREAM, "session_manager_commands"),
+    (subjects.EVENTS_STREAM, "session_manager_events"),
+    (subjects.EVENTS_STREAM, "runtime_runner"),
+    (subjects.EVENTS_STREAM, "event_store"),
+)
 LOCAL_USER = "local"
 # Prices of the scripted model, so cost accounting runs through litellm for real.
 SCRIPTED_INPUT_COST_PER_TOKEN = "0.000003"
@@ -130,6 +140,17 @@ async def _wait_for_gateway(url: str) -> None:
             await asyncio.sleep(0.2)
 
 
+async def _wait_for_consumers(js: JetStreamContext) -> None:
+    """Services are ready once each durable consumer has a pull request waiting."""
+    pending = set(DURABLES)
+    while pending:
+        for stream, durable in list(pending):
+            with contextlib.suppress(NotFoundError):
+                if (await js.consumer_info(stream, durable)).num_waiting:
+                    pending.discard((stream, durable))
+        await asyncio.sleep(0.2)
+
+
 async def _wait_for_port(port: int) -> None:
     while True:
         with contextlib.suppress(OSError):
@@ -152,7 +173,6 @@ async def run_stack(
     try:
         nc = await nats.connect(nats_server.url)
         await ensure_streams(nc.jetstream())
-        await nc.drain()
 
         env = dict(os.environ)
         env.update(
@@ -200,6 +220,8 @@ async def run_stack(
         gateway_url = f"http://127.0.0.1:{settings.port}"
         async with asyncio.timeout(STARTUP_SECONDS):
             await _wait_for_gateway(gateway_url)
+            await _wait_for_consumers(nc.jetstream())
+        await nc.drain()
         info = StackInfo(
             gateway_url=gateway_url,
             nats_url=nats_server.url,
