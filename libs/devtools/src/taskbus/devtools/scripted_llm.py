@@ -1,0 +1,277 @@
+"""A scripted stand-in for an LLM, speaking the OpenAI chat-completions protocol over HTTP.
+
+No LLM is reachable from the machines Taskbus is built on, so tests and the offline demo talk to
+this server instead (litellm reaches it as `openai/scripted` with `api_base`). It plays a script:
+the step answered is the number of assistant messages already in the request, so it keeps no
+conversation state and any number of conversations (and restarts) can share one server.
+
+A step is `{"content": ..., "tool_calls": [{"name": ..., "arguments": {...}}]}`, optionally with
+`"error": {"status": 429|503|401, "times": N}`: the first N attempts of that exact request fail
+with that status (N omitted = always), later attempts get the step's answer. Every answer says it
+comes from a scripted model (`model`, `system_fingerprint` and the `X-Taskbus-Scripted-Model`
+header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgspec
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "scripted"
+SYSTEM_FINGERPRINT = "taskbus-scripted-model"
+SCRIPTED_HEADER = "X-Taskbus-Scripted-Model"
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+EXHAUSTED_MESSAGE = "The scripted model has no more steps in its script."
+
+
+class ScriptedToolCall(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class ScriptedError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    status: int
+    times: int | None = None  # None: fail every time
+    message: str = ""
+
+
+class ScriptStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    content: str | None = None
+    tool_calls: list[ScriptedToolCall] = []
+    error: ScriptedError | None = None
+
+
+class Script(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    steps: list[ScriptStep]
+    description: str = ""
+
+
+def demo_script_path() -> Path:
+    """The default script shipped with the package: plan, run, edit, finish."""
+    return Path(str(resources.files("taskbus.devtools") / "scripts" / "demo.json"))
+
+
+def load_script(source: Path | str | Mapping[str, Any] | Script | None = None) -> Script:
+    """A script from a file path, a dict, or (None) the packaged demo."""
+    if isinstance(source, Script):
+        return source
+    if source is None:
+        source = demo_script_path()
+    if isinstance(source, Mapping):
+        return msgspec.convert(source, Script)
+    return msgspec.json.decode(Path(source).read_bytes(), type=Script)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _approximate_tokens(text: str) -> int:
+    """Deterministic stand-in for a tokenizer: about four characters per token."""
+    return max(1, len(text) // 4)
+
+
+class ScriptPlayer:
+    """Answers chat-completion requests from a script; thread-safe."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def answer(self, request: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Return (HTTP status, JSON body) for one request body."""
+        messages = request.get("messages")
+        if not isinstance(messages, list):
+            return _error_body(HTTPStatus.BAD_REQUEST, "messages must be a list")
+        if request.get("stream"):
+            return _error_body(HTTPStatus.BAD_REQUEST, "the scripted model does not stream")
+        step_index = sum(
+            1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+        )
+        request_key = hashlib.sha256(_canonical(messages).encode()).hexdigest()
+        step = self.script.steps[step_index] if step_index < len(self.script.steps) else None
+        if step is not None and step.error is not None:
+            with self._lock:
+                attempt = self._attempts.get(request_key, 0)
+                self._attempts[request_key] = attempt + 1
+            if step.error.times is None or attempt < step.error.times:
+                message = step.error.message or f"scripted failure at step {step_index}"
+                return _error_body(HTTPStatus(step.error.status), message)
+        return HTTPStatus.OK, self._completion(request, step, step_index, request_key)
+
+    def _completion(
+        self, request: Mapping[str, Any], step: ScriptStep | None, index: int, key: str
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": None}
+        if step is None:
+            message["content"] = EXHAUSTED_MESSAGE
+        else:
+            message["content"] = step.content
+            if step.tool_calls:
+                message["tool_calls"] = [
+                    {
+                        "id": f"call_s{index}_{position}",
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": _canonical(call.arguments)},
+                    }
+                    for position, call in enumerate(step.tool_calls)
+                ]
+        prompt_tokens = _approximate_tokens(
+            _canonical({"messages": request["messages"], "tools": request.get("tools")})
+        )
+        completion_tokens = _approximate_tokens(_canonical(message))
+        return {
+            "id": f"chatcmpl-scripted-{key[:16]}-{index}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": MODEL_NAME,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if "tool_calls" in message else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+
+def _error_body(status: HTTPStatus, message: str) -> tuple[int, dict[str, Any]]:
+    error_type = {
+        HTTPStatus.UNAUTHORIZED: "invalid_request_error",
+        HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_exceeded",
+    }.get(status, "server_error")
+    return status, {"error": {"message": message, "type": error_type, "code": status.value}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _ScriptedHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        if self.path.split("?")[0] not in COMPLETION_PATHS:
+            self._send(*_error_body(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}"))
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            request = json.loads(self.rfile.read(length) or b"{}")
+        except json.JSONDecodeError:
+            self._send(*_error_body(HTTPStatus.BAD_REQUEST, "body is not JSON"))
+            return
+        if not isinstance(request, dict):
+            self._send(*_error_body(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
+            return
+        self._send(*self.server.player.answer(request))
+
+    def do_GET(self) -> None:
+        if self.path in ("/health", "/v1/models", "/models"):
+            self._send(HTTPStatus.OK, {"object": "list", "data": [{"id": MODEL_NAME}]})
+        else:
+            self._send(*_error_body(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}"))
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header(SCRIPTED_HEADER, "true")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("scripted model: " + format, *args)
+
+
+class _ScriptedHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], player: ScriptPlayer) -> None:
+        super().__init__(address, _Handler)
+        self.player = player
+
+
+class ScriptedLLM:
+    """The scripted model served from a background thread; `url` is the OpenAI base URL."""
+
+    def __init__(
+        self,
+        script: Path | str | Mapping[str, Any] | Script | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.player = ScriptPlayer(load_script(script))
+        self._server = _ScriptedHTTPServer((host, port), self.player)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._server.server_address[0]!s}:{self.port}/v1"
+
+    def start(self) -> ScriptedLLM:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="scripted-llm", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> ScriptedLLM:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the Taskbus scripted (offline) model.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--script", type=Path, default=None, help="script JSON (default: demo)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before the server thread starts
+    with ScriptedLLM(args.script, args.host, args.port) as server:
+        print(server.url, flush=True)
+        logger.info("scripted model (not a real LLM) serving %s", server.url)
+        signal.sigwait(stop_signals)
+
+
+if __name__ == "__main__":
+    main()

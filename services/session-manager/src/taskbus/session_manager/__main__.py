@@ -1,0 +1,3 @@
+from taskbus.session_manager.app import main
+
+main()

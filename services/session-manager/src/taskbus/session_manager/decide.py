@@ -1,0 +1,158 @@
+"""What a conversation needs next, decided from its folded state alone.
+
+Because the decision depends only on the log, a restarted session-manager resumes exactly where
+the previous one stopped: an action that already has its observation is never sent again, and an
+interrupted multi-event step is completed by the rule that sees its first half.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from taskbus.contracts.events import (
+    EXECUTABLE_ACTIONS,
+    AgentFinishAction,
+    AgentStateChanged,
+    ConversationStatusChanged,
+    Event,
+    EventSource,
+    MessageAction,
+    RuntimeRequested,
+    TaskTrackingAction,
+    TaskTrackingObservation,
+)
+from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
+from taskbus.session_manager.state import ConversationState, limit_reached
+from taskbus.session_manager.tools import render_task_list
+
+
+class Step(enum.Enum):
+    WAIT = "wait"  # nothing to do until another event arrives
+    CALL_LLM = "call_llm"
+    READMIT = "readmit"  # needs a sandbox again: goes through admission
+
+
+_S = ConversationStatus
+_A = AgentState
+
+
+def next_step(state: ConversationState) -> Step | list[Event]:
+    """`Step`, or the events to append now."""
+    if state.deleted or not state.created or state.status is None:
+        return Step.WAIT
+    match state.status:
+        case _S.STARTING:
+            return _starting(state)
+        case _S.QUEUED | _S.PAUSED | _S.ARCHIVED:
+            return Step.WAIT
+        case _S.STOPPED | _S.FINISHED | _S.ERROR:
+            return _ended(state)
+    return _running(state)
+
+
+def _user_is_waiting(state: ConversationState) -> bool:
+    return state.last_user_message_id > state.agent_state_event_id
+
+
+def _starting(state: ConversationState) -> Step | list[Event]:
+    if state.runtime_status == RuntimeStatus.READY:
+        return [status_event(state, _S.RUNNING), agent_state_event(state, _A.RUNNING)]
+    if state.runtime_status == RuntimeStatus.ERROR:
+        reason = state.runtime_reason or "runtime_error"
+        return [agent_state_event(state, _A.ERROR, reason), status_event(state, _S.ERROR, reason)]
+    return Step.WAIT
+
+
+def _ended(state: ConversationState) -> Step | list[Event]:
+    """Stopped, finished or failed: a new user message continues the conversation."""
+    if not _user_is_waiting(state):
+        return Step.WAIT
+    if state.status == _S.STOPPED or state.runtime_status != RuntimeStatus.READY:
+        return Step.READMIT
+    return [status_event(state, _S.RUNNING, "user_message"), agent_state_event(state, _A.RUNNING)]
+
+
+def _running(state: ConversationState) -> Step | list[Event]:
+    agent = state.agent_state
+    if agent in (_A.FINISHED, _A.ERROR, _A.AWAITING_USER_INPUT):
+        if _user_is_waiting(state):
+            return [agent_state_event(state, _A.RUNNING)]
+        if agent == _A.FINISHED:
+            return [status_event(state, _S.FINISHED)]
+        if agent == _A.ERROR:
+            return [status_event(state, _S.ERROR, state.agent_state_reason)]
+        return Step.WAIT
+    if agent != _A.RUNNING:
+        return [agent_state_event(state, _A.RUNNING)]  # the conversation status is what counts
+    action = state.open_action
+    if isinstance(action, EXECUTABLE_ACTIONS):
+        return Step.WAIT  # runtime-runner answers with the observation
+    if isinstance(action, TaskTrackingAction):
+        return [_task_tracking_observation(state, action)]
+    if isinstance(action, AgentFinishAction):
+        return [agent_state_event(state, _A.FINISHED), status_event(state, _S.FINISHED)]
+    if isinstance(action, MessageAction):
+        return [agent_state_event(state, _A.AWAITING_USER_INPUT)]
+    reason = limit_reached(state)
+    if reason is not None:
+        return [agent_state_event(state, _A.ERROR, reason), status_event(state, _S.ERROR, reason)]
+    return Step.CALL_LLM
+
+
+def start_events(state: ConversationState) -> list[Event]:
+    """STARTING, the initial user message if not yet in the log, and the sandbox request."""
+    cid = state.conversation_id
+    events: list[Event] = [status_event(state, _S.STARTING)]
+    if state.last_user_message_id < 0 and state.spec.initial_user_msg:
+        events.append(
+            MessageAction(
+                conversation_id=cid, source=EventSource.USER, content=state.spec.initial_user_msg
+            )
+        )
+    events.append(
+        RuntimeRequested(
+            conversation_id=cid,
+            source=EventSource.ENVIRONMENT,
+            user_id=state.user_id,
+            repository=state.spec.repository,
+            selected_branch=state.spec.selected_branch,
+            resources=state.spec.resources,
+            timeouts=state.spec.timeouts,
+        )
+    )
+    return events
+
+
+def _task_tracking_observation(
+    state: ConversationState, action: TaskTrackingAction
+) -> TaskTrackingObservation:
+    return TaskTrackingObservation(
+        conversation_id=state.conversation_id,
+        source=EventSource.ENVIRONMENT,
+        cause=action.id,
+        command=action.command,
+        content=render_task_list(state.task_list),
+        task_list=list(state.task_list),
+    )
+
+
+def status_event(
+    state: ConversationState, status: ConversationStatus, reason: str = ""
+) -> ConversationStatusChanged:
+    return ConversationStatusChanged(
+        conversation_id=state.conversation_id,
+        source=EventSource.ENVIRONMENT,
+        status=status,
+        reason=reason,
+    )
+
+
+def agent_state_event(
+    state: ConversationState, agent_state: AgentState, reason: str = ""
+) -> AgentStateChanged:
+    return AgentStateChanged(
+        conversation_id=state.conversation_id,
+        source=EventSource.AGENT,
+        agent_state=agent_state,
+        reason=reason,
+    )

@@ -1,0 +1,78 @@
+"""The events each user command appends, given the conversation's state. Pure."""
+
+from __future__ import annotations
+
+from taskbus.contracts.events import (
+    ConversationDeleted,
+    Event,
+    EventSource,
+    RuntimeControl,
+    RuntimeControlRequested,
+)
+from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus, can_transition
+from taskbus.session_manager.decide import agent_state_event, status_event
+from taskbus.session_manager.state import ConversationState
+
+_S = ConversationStatus
+
+
+def _runtime(state: ConversationState, action: RuntimeControl, reason: str) -> Event:
+    return RuntimeControlRequested(
+        conversation_id=state.conversation_id,
+        source=EventSource.ENVIRONMENT,
+        action=action,
+        reason=reason,
+    )
+
+
+def _has_sandbox(state: ConversationState) -> bool:
+    return state.runtime_status not in (None, RuntimeStatus.STOPPED, RuntimeStatus.ERROR) or (
+        state.status == _S.STARTING
+    )
+
+
+def stop_events(state: ConversationState, reason: str) -> list[Event]:
+    if state.status is None or not can_transition(state.status, _S.STOPPED):
+        return []
+    events: list[Event] = [
+        status_event(state, _S.STOPPED, reason),
+        agent_state_event(state, AgentState.STOPPED, reason),
+    ]
+    if _has_sandbox(state):
+        events.append(_runtime(state, RuntimeControl.STOP, reason))
+    return events
+
+
+def pause_events(state: ConversationState) -> list[Event]:
+    if state.status not in (_S.RUNNING, _S.STARTING):
+        return []
+    return [
+        _runtime(state, RuntimeControl.PAUSE, "user_pause"),
+        status_event(state, _S.PAUSED, "user_pause"),
+        agent_state_event(state, AgentState.PAUSED),
+    ]
+
+
+def resume_events(state: ConversationState) -> list[Event]:
+    if state.status != _S.PAUSED:
+        return []
+    return [
+        _runtime(state, RuntimeControl.RESUME, "user_resume"),
+        status_event(state, _S.RUNNING, "user_resume"),
+        agent_state_event(state, AgentState.RUNNING),
+    ]
+
+
+def delete_events(state: ConversationState) -> list[Event]:
+    if state.status is None or not can_transition(state.status, _S.ARCHIVED):
+        return []
+    events: list[Event] = []
+    if _has_sandbox(state):
+        events.append(_runtime(state, RuntimeControl.STOP, "deleted"))
+    events += [
+        ConversationDeleted(
+            conversation_id=state.conversation_id, source=EventSource.USER, reason="deleted"
+        ),
+        status_event(state, _S.ARCHIVED, "deleted"),
+    ]
+    return events

@@ -1,0 +1,181 @@
+"""The LLM adapter: one litellm `acompletion` per agent step, with typed errors and real cost.
+
+litellm is imported once, here (it takes seconds); `LITELLM_LOCAL_MODEL_COST_MAP` keeps it from
+fetching its price map from the internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+import litellm
+from litellm.exceptions import (
+    APIConnectionError,
+    AuthenticationError,
+    BadGatewayError,
+    BadRequestError,
+    InternalServerError,
+    RateLimitError,
+    ServiceUnavailableError,
+    Timeout,
+)
+
+from taskbus.contracts.specs import UserSettings
+from taskbus.session_manager.settings import SessionManagerSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    model: str
+    base_url: str | None
+    api_key: str | None = field(default=None, repr=False)
+
+
+def resolve_llm_config(settings: SessionManagerSettings, user: UserSettings | None) -> LLMConfig:
+    """The user's model, key and URL win over the operator's when set."""
+    user = user or UserSettings()
+    return LLMConfig(
+        model=user.llm_model or settings.llm_model,
+        base_url=user.llm_base_url or settings.llm_base_url,
+        api_key=user.llm_api_key or settings.llm_api_key,
+    )
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    arguments: str
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    content: str | None
+    tool_calls: list[ToolCall]
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    latency_ms: float
+    response_id: str
+
+
+class LLMError(Exception):
+    """A failed completion; `code` goes into ErrorObservation and the status reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_RETRYABLE: dict[type[Exception], str] = {
+    RateLimitError: "llm_rate_limited",
+    ServiceUnavailableError: "llm_unavailable",
+    InternalServerError: "llm_unavailable",
+    BadGatewayError: "llm_unavailable",
+    APIConnectionError: "llm_unavailable",
+    Timeout: "llm_timeout",
+}
+
+
+def register_prices(settings: SessionManagerSettings) -> None:
+    """Make litellm price the operator's model, so LLMMetrics carry a real cost."""
+    if settings.llm_input_cost_per_token is None or settings.llm_output_cost_per_token is None:
+        return
+    provider, _, _ = settings.llm_model.partition("/")
+    litellm.register_model(
+        {
+            settings.llm_model: {
+                "input_cost_per_token": settings.llm_input_cost_per_token,
+                "output_cost_per_token": settings.llm_output_cost_per_token,
+                "litellm_provider": provider or "openai",
+                "mode": "chat",
+                "max_tokens": 8192,
+                "max_input_tokens": 200_000,
+            }
+        }
+    )
+
+
+class LLM:
+    def __init__(self, settings: SessionManagerSettings) -> None:
+        self._settings = settings
+        register_prices(settings)
+
+    async def complete(
+        self, config: LLMConfig, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> Completion:
+        """One completion; rate limits and unavailability are retried with backoff."""
+        retries = self._settings.llm_num_retries
+        for attempt in range(retries + 1):
+            started = time.perf_counter()
+            try:
+                response = await litellm.acompletion(
+                    model=config.model,
+                    api_base=config.base_url,
+                    api_key=config.api_key,
+                    messages=messages,
+                    tools=tools,
+                    timeout=self._settings.llm_timeout_seconds,
+                    max_retries=0,  # retries are ours, so they are counted and logged
+                )
+            except AuthenticationError as error:
+                # The provider's message may echo part of the key: it is not passed on.
+                raise LLMError(
+                    "llm_auth", f"the LLM rejected the credentials for {config.model}"
+                ) from error
+            except tuple(_RETRYABLE) as error:
+                code = next(c for t, c in _RETRYABLE.items() if isinstance(error, t))
+                if attempt == retries:
+                    raise LLMError(
+                        code, f"{config.model}: {type(error).__name__} after {retries + 1} attempts"
+                    ) from error
+                delay = self._settings.llm_retry_backoff_seconds * 2**attempt
+                logger.warning("%s from %s; retry in %.1fs", code, config.model, delay)
+                await asyncio.sleep(delay)
+                continue
+            except BadRequestError as error:
+                message = f"{config.model} refused the request: {error.message[:500]}"
+                raise LLMError("llm_bad_request", message) from error
+            except Exception as error:  # any other failure becomes a typed error event
+                raise LLMError("llm_error", f"{config.model}: {type(error).__name__}") from error
+            return _completion(response, config.model, (time.perf_counter() - started) * 1000)
+        raise AssertionError("unreachable")
+
+
+def _completion(response: Any, model: str, latency_ms: float) -> Completion:
+    message = response.choices[0].message
+    usage = response.usage
+    return Completion(
+        model=model,
+        content=message.content,
+        tool_calls=[
+            ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments or "")
+            for call in message.tool_calls or []
+        ],
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cost=_cost(response),
+        latency_ms=latency_ms,
+        response_id=response.id or "",
+    )
+
+
+def _cost(response: Any) -> float:
+    """litellm's own price of the completion; 0 for a model it has no price for."""
+    cost = response._hidden_params.get("response_cost")
+    if cost is None:
+        try:
+            cost = litellm.completion_cost(response)
+        except Exception:  # litellm raises plain exceptions for unpriced models
+            logger.info("no price known for %s; cost recorded as 0", response.model)
+            cost = 0.0
+    return float(cost)

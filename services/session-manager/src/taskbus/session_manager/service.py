@@ -1,0 +1,529 @@
+"""Session-manager at run time: consumes commands and events, admits, and drives agent loops.
+
+Each conversation's state lives in memory as the fold of its log. A conversation whose state
+changed gets a driver task that asks `next_step` what to do, does it (append, call the LLM,
+readmit) and repeats until the answer is to wait; so conversations progress concurrently and a
+restarted service picks up from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import FetchTimeoutError
+
+from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.commands import (
+    AnyCommand,
+    ConfirmAction,
+    ConversationCommand,
+    CreateConversation,
+    DeleteConversation,
+    PauseConversation,
+    ResumeConversation,
+    SendMessage,
+    StartConversation,
+    StopConversation,
+    UpdateSettings,
+    decode_command,
+)
+from taskbus.contracts.events import (
+    AnyEvent,
+    ConversationCreated,
+    ConversationStatusChanged,
+    ErrorObservation,
+    Event,
+    EventSource,
+    LLMMetrics,
+    MessageAction,
+    UnknownEvent,
+    decode_event,
+)
+from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.status import ACTIVE_STATUSES, AgentState, ConversationStatus
+from taskbus.session_manager import admission, log
+from taskbus.session_manager.decide import (
+    Step,
+    agent_state_event,
+    next_step,
+    start_events,
+    status_event,
+)
+from taskbus.session_manager.history import to_messages
+from taskbus.session_manager.lifecycle import (
+    delete_events,
+    pause_events,
+    resume_events,
+    stop_events,
+)
+from taskbus.session_manager.llm import LLM, Completion, LLMError, resolve_llm_config
+from taskbus.session_manager.settings import SessionManagerSettings
+from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
+from taskbus.session_manager.tools import TOOLS, InvalidToolCall, action_from_tool_call
+
+logger = logging.getLogger(__name__)
+
+COMMANDS_DURABLE = "session_manager_commands"
+EVENTS_DURABLE = "session_manager_events"
+TITLE_LENGTH = 60
+_RETRY_DRIVER_SECONDS = 1.0
+_POLL_SECONDS = 0.5
+
+# Statuses that release a slot when a conversation enters them.
+_FREEING_STATUSES = frozenset(ConversationStatus) - ACTIVE_STATUSES - {ConversationStatus.QUEUED}
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+def conversation_title(spec: ConversationSpec) -> str:
+    if spec.title:
+        return spec.title
+    text = " ".join((spec.initial_user_msg or "").split())
+    if len(text) <= TITLE_LENGTH:
+        return text or "Untitled conversation"
+    return text[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+def effective_spec(
+    spec: ConversationSpec, user: UserSettings | None, settings: SessionManagerSettings
+) -> ConversationSpec:
+    """The spec with its limits resolved (request, then user settings, then operator default),
+    so the log records which limits applied."""
+    user = user or UserSettings()
+    return msgspec.structs.replace(
+        spec,
+        max_iterations=spec.max_iterations or user.max_iterations or settings.max_iterations,
+        max_budget_per_task=(
+            spec.max_budget_per_task or user.max_budget_per_task or settings.max_budget_per_task
+        ),
+    )
+
+
+class SessionManager:
+    def __init__(self, settings: SessionManagerSettings, js: JetStreamContext, llm: LLM) -> None:
+        self._settings = settings
+        self._js = js
+        self._llm = llm
+        self._appender = EventAppender(js)
+        self._settings_store = log.SettingsStore(js)
+        self._states: dict[str, ConversationState] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._admission_lock = asyncio.Lock()
+        self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[JetStreamContext.PullSubscription] = []
+        self._stopping = False
+
+    # --- start / stop ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        events = await self._js.pull_subscribe(
+            subjects.ALL_EVENTS,
+            durable=EVENTS_DURABLE,
+            stream=subjects.EVENTS_STREAM,
+            # A new durable starts at new events: recovery reads older ones from the log.
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.NEW,
+                max_ack_pending=-1,
+            ),
+        )
+        commands = await self._js.pull_subscribe(
+            subjects.SESSION_MANAGER_COMMANDS,
+            durable=COMMANDS_DURABLE,
+            stream=subjects.COMMANDS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_deliver=5, ack_wait=60),
+        )
+        self._subscriptions = [events, commands]
+        for cid in await log.conversations_to_recover(self._js):
+            await self._load(cid)
+        logger.info("recovered %d conversations", len(self._states))
+        self._tasks = [
+            asyncio.create_task(self._consume(events, self._on_event_message), name="events"),
+            asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
+        ]
+        await self._admit_waiting()
+
+    async def stop(self) -> None:
+        # nats-py's fetch does not survive cancellation, so consumers stop at their next poll.
+        self._stopping = True
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        work = [*self._drivers.values(), *self._background]
+        for task in work:
+            task.cancel()
+        await asyncio.gather(*work, return_exceptions=True)
+        for sub in self._subscriptions:
+            await sub.unsubscribe()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, handle: BatchHandler) -> None:
+        while not self._stopping:
+            try:
+                batch = await sub.fetch(self._settings.fetch_batch, timeout=_POLL_SECONDS)
+            except (FetchTimeoutError, TimeoutError):
+                continue
+            try:
+                await handle(batch)
+            except Exception:
+                logger.exception("failed to handle a batch; it will be redelivered")
+                await asyncio.sleep(_RETRY_DRIVER_SECONDS)
+
+    # --- state ----------------------------------------------------------------------------
+
+    async def _load(self, conversation_id: str) -> ConversationState:
+        """The conversation's state, rebuilt from the log the first time it is needed."""
+        async with self._loading[conversation_id]:
+            state = self._states.get(conversation_id)
+            if state is None:
+                events = await log.read_conversation(self._js, conversation_id)
+                self._advance(fold(conversation_id, events))
+                state = self._states[conversation_id]
+            return state
+
+    def _advance(self, state: ConversationState) -> None:
+        """Keep the newer of two states of a conversation (both are folds of a log prefix)."""
+        current = self._states.get(state.conversation_id)
+        if current is not None and current.last_event_id >= state.last_event_id:
+            return
+        self._states[state.conversation_id] = state
+        waiter = self._changed.pop(state.conversation_id, None)
+        if waiter is not None:
+            waiter.set()
+        self._kick(state.conversation_id)
+
+    async def _observe(self, event: AnyEvent | UnknownEvent) -> None:
+        cid = event.conversation_id
+        state = self._states.get(cid)
+        if state is None:
+            if event.id == 0:
+                self._advance(apply(ConversationState(conversation_id=cid), event))
+            else:
+                await self._load(cid)
+        elif event.id == state.last_event_id + 1:
+            self._advance(apply(state, event))
+        elif event.id > state.last_event_id + 1:
+            self._states.pop(cid)  # missed events: rebuild from the log
+            await self._load(cid)
+        if isinstance(event, ConversationStatusChanged) and event.status in _FREEING_STATUSES:
+            task = asyncio.create_task(self._admit_waiting())  # a slot may have been freed
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _wait_until(self, conversation_id: str, event_id: int) -> None:
+        while self._states[conversation_id].last_event_id < event_id:
+            waiter = self._changed.setdefault(conversation_id, asyncio.Event())
+            await asyncio.wait_for(waiter.wait(), timeout=30)
+
+    async def _append(self, events: Sequence[Event]) -> None:
+        """Append, apply, and return once the in-memory state includes the new events."""
+        if not events:
+            return
+        appended = await self._appender.append_all(events)
+        cid = appended[0].conversation_id
+        state = self._states.get(cid) or ConversationState(conversation_id=cid)
+        for event in appended:
+            if event.id == state.last_event_id + 1:
+                state = apply(state, event)
+        self._advance(state)
+        await self._wait_until(cid, appended[-1].id)
+
+    # --- events consumer ------------------------------------------------------------------
+
+    async def _on_event_message(self, batch: list[Msg]) -> None:
+        for msg in batch:
+            try:
+                event = decode_event(msg.data)
+            except msgspec.MsgspecError:
+                logger.error("undecodable event on %s; skipped", msg.subject)
+                await msg.term()
+                continue
+            await self._observe(event)
+            await msg.ack()
+
+    # --- drivers --------------------------------------------------------------------------
+
+    def _kick(self, conversation_id: str) -> None:
+        """Make sure a driver looks at the conversation's (new) state."""
+        if conversation_id not in self._drivers:
+            self._drivers[conversation_id] = asyncio.create_task(
+                self._drive(conversation_id), name=f"drive-{conversation_id}"
+            )
+
+    async def _drive(self, conversation_id: str) -> None:
+        try:
+            while True:
+                state = self._states[conversation_id]
+                step = next_step(state)
+                if step is Step.WAIT:
+                    return  # `finally` unregisters before any other task runs: no lost kick
+                if step is Step.CALL_LLM:
+                    await self._step_llm(state)
+                elif step is Step.READMIT:
+                    await self._readmit(conversation_id)
+                else:
+                    await self._append(step)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("driver of %s failed; retrying", conversation_id)
+            asyncio.get_running_loop().call_later(
+                _RETRY_DRIVER_SECONDS, self._kick, conversation_id
+            )
+        finally:
+            self._drivers.pop(conversation_id, None)
+
+    async def _step_llm(self, state: ConversationState) -> None:
+        cid = state.conversation_id
+        user_settings = await self._settings_store.get(state.user_id)
+        config = resolve_llm_config(self._settings, user_settings)
+        try:
+            completion = await self._llm.complete(config, to_messages(state), TOOLS)
+        except LLMError as error:
+            logger.warning("LLM call for %s failed: %s", cid, error.code)
+            current = self._states[cid]
+            if next_step(current) is Step.CALL_LLM:
+                await self._append(_llm_failure_events(current, error))
+            return
+        current = self._states[cid]
+        events: list[Event] = [
+            LLMMetrics(
+                conversation_id=cid,
+                source=EventSource.AGENT,
+                model=completion.model,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                cost=completion.cost,
+                accumulated_cost=current.accumulated_cost + completion.cost,
+                latency_ms=completion.latency_ms,
+                response_id=completion.response_id,
+            )
+        ]
+        # Stopped or paused meanwhile: the completion is paid for, but not acted on.
+        if next_step(current) is Step.CALL_LLM:
+            events.append(_action_of(cid, completion))
+        await self._append(events)
+
+    # --- admission ------------------------------------------------------------------------
+
+    async def _limits_of(self, user_id: str) -> admission.UserLimits:
+        user = await self._settings_store.get(user_id) or UserSettings()
+        return admission.UserLimits(
+            max_concurrent=(
+                user.max_concurrent_conversations or self._settings.max_concurrent_conversations
+            ),
+            policy=user.concurrency_policy or self._settings.concurrency_policy,
+        )
+
+    def _running(self) -> list[admission.Running]:
+        return [
+            admission.Running(
+                conversation_id=s.conversation_id,
+                user_id=s.user_id,
+                last_activity=s.last_activity or datetime.min.replace(tzinfo=UTC),
+            )
+            for s in self._states.values()
+            if holds_slot(s)
+        ]
+
+    async def _start_or_queue(self, state: ConversationState, prefix: list[Event]) -> None:
+        """Admit `state` now (evicting if the policy says so) or queue it. Admission lock held."""
+        limits = await self._limits_of(state.user_id)
+        decision = admission.admit(
+            state.user_id, self._running(), limits, self._settings.max_running
+        )
+        if isinstance(decision, admission.Queue):
+            queued: list[Event] = []
+            if state.status != ConversationStatus.QUEUED:
+                queued = [status_event(state, ConversationStatus.QUEUED, decision.reason)]
+            await self._append([*prefix, *queued])
+            return
+        await self._evict(decision.evict)
+        await self._append([*prefix, *start_events(state)])
+
+    async def _evict(self, conversation_ids: Sequence[str]) -> None:
+        for cid in conversation_ids:
+            logger.info("evicting %s: its user has too many conversations", cid)
+            await self._append(stop_events(self._states[cid], admission.EVICTION_REASON))
+
+    async def _readmit(self, conversation_id: str) -> None:
+        async with self._admission_lock:
+            state = self._states[conversation_id]
+            if next_step(state) is Step.READMIT:
+                await self._start_or_queue(state, [])
+
+    async def _admit_waiting(self) -> None:
+        async with self._admission_lock:
+            waiting = [
+                admission.Waiting(
+                    conversation_id=s.conversation_id,
+                    user_id=s.user_id,
+                    priority=s.spec.priority,
+                    since=s.status_since or datetime.min.replace(tzinfo=UTC),
+                )
+                for s in self._states.values()
+                if s.status == ConversationStatus.QUEUED and not s.deleted
+            ]
+            if not waiting:
+                return
+            limits = {w.user_id: await self._limits_of(w.user_id) for w in waiting}
+            admitted = admission.admit_waiting(
+                waiting,
+                self._running(),
+                limits.__getitem__,
+                self._settings.max_running,
+                datetime.now(UTC),
+            )
+            for candidate, decision in admitted:
+                await self._evict(decision.evict)
+                state = self._states[candidate.conversation_id]
+                await self._append(start_events(state))
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def _on_commands(self, batch: list[Msg]) -> None:
+        """Commands of different conversations are handled concurrently, each one's in order."""
+        groups: dict[str, list[tuple[Msg, AnyCommand]]] = defaultdict(list)
+        for msg in batch:
+            try:
+                command = decode_command(msg.data)
+            except msgspec.MsgspecError as error:
+                logger.error("invalid command on %s dropped: %s", msg.subject, error)
+                await msg.term()
+                continue
+            key = getattr(command, "conversation_id", f"user:{command.user_id}")
+            groups[key].append((msg, command))
+        await asyncio.gather(*(self._handle_in_order(group) for group in groups.values()))
+
+    async def _handle_in_order(self, group: list[tuple[Msg, AnyCommand]]) -> None:
+        for msg, command in group:
+            try:
+                await self._handle(command)
+            except Exception:
+                logger.exception("command %s failed; it will be redelivered", command.name())
+                await msg.nak(delay=_RETRY_DRIVER_SECONDS)
+                return
+            await msg.ack()
+
+    async def _handle(self, command: AnyCommand) -> None:
+        if isinstance(command, CreateConversation):
+            await self._create(command)
+            return
+        if isinstance(command, UpdateSettings):
+            await self._settings_store.put(command.user_id, command.settings)
+            return
+        state = await self._owned_state(command)
+        if state is None:
+            return
+        match command:
+            case SendMessage():
+                await self._append(
+                    [
+                        MessageAction(
+                            conversation_id=state.conversation_id,
+                            source=EventSource.USER,
+                            content=command.content,
+                        )
+                    ]
+                )
+            case StopConversation():
+                await self._append(stop_events(state, command.reason))
+            case PauseConversation():
+                await self._append(pause_events(state))
+            case ResumeConversation():
+                await self._append(resume_events(state))
+            case DeleteConversation():
+                await self._append(delete_events(state))
+            case StartConversation():
+                async with self._admission_lock:
+                    state = self._states[state.conversation_id]
+                    if state.status == ConversationStatus.STOPPED:
+                        await self._start_or_queue(state, [])
+            case ConfirmAction():
+                logger.warning("confirmation mode is not supported yet; %s ignored", command)
+
+    async def _owned_state(self, command: ConversationCommand) -> ConversationState | None:
+        cid = command.conversation_id
+        if not subjects.is_valid_conversation_id(cid):
+            logger.warning("command for invalid conversation id %r ignored", cid)
+            return None
+        state = await self._load(cid)
+        if not state.created:
+            logger.warning("%s for unknown conversation %s ignored", command.name(), cid)
+            return None
+        if state.user_id != command.user_id:
+            logger.warning("%s for %s by another user ignored", command.name(), cid)
+            return None
+        return state
+
+    async def _create(self, command: CreateConversation) -> None:
+        cid = command.conversation_id
+        if not subjects.is_valid_conversation_id(cid):
+            logger.warning("CreateConversation with invalid id %r ignored", cid)
+            return
+        async with self._admission_lock:
+            if await log.conversation_exists(self._js, cid):
+                logger.info("conversation %s already exists; CreateConversation ignored", cid)
+                return
+            user_settings = await self._settings_store.get(command.user_id)
+            spec = effective_spec(command.spec, user_settings, self._settings)
+            created = ConversationCreated(
+                conversation_id=cid,
+                source=EventSource.USER,
+                user_id=command.user_id,
+                spec=spec,
+                title=conversation_title(spec),
+            )
+            state = apply(
+                ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
+            )
+            await self._start_or_queue(state, [created])
+
+
+def _action_of(conversation_id: str, completion: Completion) -> Event:
+    """The event for the LLM's answer: its first tool call, or a message to the user."""
+    if not completion.tool_calls:
+        return MessageAction(
+            conversation_id=conversation_id,
+            source=EventSource.AGENT,
+            content=completion.content or "",
+            wait_for_response=True,
+        )
+    if len(completion.tool_calls) > 1:
+        logger.info(
+            "%s: acting on the first of %d tool calls", conversation_id, len(completion.tool_calls)
+        )
+    call = completion.tool_calls[0]
+    try:
+        return action_from_tool_call(
+            conversation_id, call.name, call.arguments, call.id, completion.content or ""
+        )
+    except InvalidToolCall as error:
+        return ErrorObservation(
+            conversation_id=conversation_id,
+            source=EventSource.ENVIRONMENT,
+            content=str(error),
+            code="invalid_tool_call",
+        )
+
+
+def _llm_failure_events(state: ConversationState, error: LLMError) -> list[Event]:
+    return [
+        ErrorObservation(
+            conversation_id=state.conversation_id,
+            source=EventSource.ENVIRONMENT,
+            content=str(error),
+            code=error.code,
+        ),
+        agent_state_event(state, AgentState.ERROR, error.code),
+        status_event(state, ConversationStatus.ERROR, error.code),
+    ]

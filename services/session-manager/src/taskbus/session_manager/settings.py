@@ -1,0 +1,26 @@
+"""Operator settings of session-manager (`TASKBUS_*`); per-user settings in KV override them."""
+
+from __future__ import annotations
+
+import msgspec
+
+from taskbus.contracts.specs import ConcurrencyPolicy
+
+
+class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    llm_model: str = "openai/scripted"
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None  # never logged, never in events
+    # When set, the model's prices are registered with litellm so every completion is costed.
+    llm_input_cost_per_token: float | None = None
+    llm_output_cost_per_token: float | None = None
+    llm_num_retries: int = 3  # retries of rate-limited / unavailable calls
+    llm_retry_backoff_seconds: float = 2.0  # first backoff; doubles on each retry
+    llm_timeout_seconds: float = 300.0
+    max_running: int = 8  # conversations holding a sandbox, across all users
+    max_concurrent_conversations: int = 3  # per user, unless the user's settings say otherwise
+    concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.EVICT_OLDEST
+    max_iterations: int = 50
+    max_budget_per_task: float | None = None
+    fetch_batch: int = 256

@@ -1,0 +1,227 @@
+"""The state of one conversation as a pure fold over its events.
+
+Events carry dense ids, so applying is idempotent: an event at or below `last_event_id` changes
+nothing. The state is therefore always exactly the fold of a prefix of the log, whether it was
+built by replaying the log, by the durable consumer, or by applying our own appends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+import msgspec
+
+from taskbus.contracts.events import (
+    EXECUTABLE_ACTIONS,
+    AgentFinishAction,
+    AgentStateChanged,
+    CmdOutputObservation,
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationStatusChanged,
+    ErrorObservation,
+    Event,
+    EventSource,
+    FileEditObservation,
+    FileReadObservation,
+    FileWriteObservation,
+    LLMMetrics,
+    MessageAction,
+    RuntimeRequested,
+    RuntimeStatusChanged,
+    TaskItem,
+    TaskTrackingAction,
+    TaskTrackingObservation,
+    ThinkAction,
+    UnknownEvent,
+)
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.status import (
+    ACTIVE_STATUSES,
+    AgentState,
+    ConversationStatus,
+    RuntimeStatus,
+)
+
+# Actions the agent chose, as they appear in the LLM's history.
+AGENT_ACTIONS: tuple[type[Event], ...] = (
+    *EXECUTABLE_ACTIONS,
+    TaskTrackingAction,
+    ThinkAction,
+    AgentFinishAction,
+)
+OBSERVATIONS: tuple[type[Event], ...] = (
+    CmdOutputObservation,
+    FileReadObservation,
+    FileWriteObservation,
+    FileEditObservation,
+    TaskTrackingObservation,
+    ErrorObservation,
+)
+
+
+class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
+    conversation_id: str
+    last_event_id: int = -1
+    last_activity: datetime | None = None
+    created: bool = False
+    user_id: str = ""
+    spec: ConversationSpec = ConversationSpec()
+    title: str = ""
+    created_at: datetime | None = None
+    status: ConversationStatus | None = None
+    status_reason: str = ""
+    status_since: datetime | None = None
+    agent_state: AgentState | None = None
+    agent_state_reason: str = ""
+    agent_state_event_id: int = -1
+    runtime_status: RuntimeStatus | None = None
+    runtime_reason: str = ""
+    workspace: str = ""
+    # What the LLM sees: messages, the agent's actions and their observations, in log order.
+    history: tuple[Event, ...] = ()
+    # The agent's latest action still waiting for its answer (an observation or a state change).
+    open_action: Event | None = None
+    last_user_message_id: int = -1
+    task_list: tuple[TaskItem, ...] = ()
+    iterations: int = 0
+    iteration_limit: int | None = None
+    accumulated_cost: float = 0.0
+    budget_limit: float | None = None
+    deleted: bool = False
+
+
+def fold(conversation_id: str, events: Iterable[Event | UnknownEvent]) -> ConversationState:
+    state = ConversationState(conversation_id=conversation_id)
+    for event in events:
+        state = apply(state, event)
+    return state
+
+
+def apply(state: ConversationState, event: Event | UnknownEvent) -> ConversationState:
+    """The state after `event`; events already applied are ignored."""
+    if event.id <= state.last_event_id:
+        return state
+    if isinstance(event, UnknownEvent):
+        return msgspec.structs.replace(state, last_event_id=event.id)
+    state = msgspec.structs.replace(state, last_event_id=event.id, last_activity=event.timestamp)
+    return _apply_payload(state, event)
+
+
+def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
+    replace = msgspec.structs.replace
+    match event:
+        case ConversationCreated():
+            return replace(
+                state,
+                created=True,
+                user_id=event.user_id,
+                spec=event.spec,
+                title=event.title,
+                created_at=event.timestamp,
+                iteration_limit=event.spec.max_iterations,
+                budget_limit=event.spec.max_budget_per_task,
+            )
+        case ConversationStatusChanged():
+            return replace(
+                state,
+                status=event.status,
+                status_reason=event.reason,
+                status_since=event.timestamp,
+            )
+        case AgentStateChanged():
+            open_action = state.open_action
+            if event.agent_state != AgentState.RUNNING and not isinstance(
+                open_action, EXECUTABLE_ACTIONS
+            ):
+                open_action = None  # finish / agent message are answered by this change
+            return replace(
+                state,
+                agent_state=event.agent_state,
+                agent_state_reason=event.reason,
+                agent_state_event_id=event.id,
+                open_action=open_action,
+            )
+        case ConversationDeleted():
+            return replace(state, deleted=True)
+        case RuntimeRequested():
+            # A new sandbox: nothing will ever answer an action sent to the previous one.
+            return replace(state, runtime_status=None, runtime_reason="", open_action=None)
+        case RuntimeStatusChanged():
+            return replace(
+                state,
+                runtime_status=event.status,
+                runtime_reason=event.reason,
+                workspace=event.workspace or state.workspace,
+            )
+        case MessageAction():
+            return _apply_message(state, event)
+        case LLMMetrics():
+            return replace(
+                state,
+                iterations=state.iterations + 1,
+                accumulated_cost=state.accumulated_cost + event.cost,
+            )
+        case TaskTrackingAction():
+            task_list = tuple(event.task_list) if event.command == "plan" else state.task_list
+            return replace(
+                state,
+                history=(*state.history, event),
+                open_action=event,
+                task_list=task_list,
+            )
+        case ThinkAction():
+            return replace(state, history=(*state.history, event))
+        case _ if isinstance(event, AGENT_ACTIONS):
+            return replace(state, history=(*state.history, event), open_action=event)
+        case _ if isinstance(event, OBSERVATIONS):
+            open_action = state.open_action
+            if open_action is not None and event.cause == open_action.id:
+                open_action = None
+            return replace(state, history=(*state.history, event), open_action=open_action)
+    return state
+
+
+def _apply_message(state: ConversationState, event: MessageAction) -> ConversationState:
+    history = (*state.history, event)
+    if event.source != EventSource.USER:
+        return msgspec.structs.replace(state, history=history, open_action=event)
+    # A user message after a limit was hit extends that limit by its initial amount.
+    iteration_limit = state.iteration_limit
+    initial_iterations = state.spec.max_iterations
+    if (
+        iteration_limit is not None
+        and initial_iterations is not None
+        and state.iterations >= iteration_limit
+    ):
+        iteration_limit += initial_iterations
+    budget_limit = state.budget_limit
+    initial_budget = state.spec.max_budget_per_task
+    if (
+        budget_limit is not None
+        and initial_budget is not None
+        and state.accumulated_cost >= budget_limit
+    ):
+        budget_limit += initial_budget
+    return msgspec.structs.replace(
+        state,
+        history=history,
+        last_user_message_id=event.id,
+        iteration_limit=iteration_limit,
+        budget_limit=budget_limit,
+    )
+
+
+def limit_reached(state: ConversationState) -> str | None:
+    """The limit that forbids another LLM call, if any (OpenHands' control flags)."""
+    if state.iteration_limit is not None and state.iterations >= state.iteration_limit:
+        return "max_iterations"
+    if state.budget_limit is not None and state.accumulated_cost >= state.budget_limit:
+        return "budget_exceeded"
+    return None
+
+
+def holds_slot(state: ConversationState) -> bool:
+    """Whether the conversation counts against concurrency limits."""
+    return state.status in ACTIVE_STATUSES
