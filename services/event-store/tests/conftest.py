@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.streams import ensure_streams
+from taskbus.devtools.nats_server import NatsServer
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
@@ -38,6 +39,14 @@ async def _wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> No
 @pytest.fixture(scope="session")
 def wait_until() -> WaitUntil:
     return _wait_until
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The event-store consumes the whole log, so its tests get a nats-server of their own
+    rather than the workspace's shared one, where other suites leave their events."""
+    with NatsServer(tmp_path_factory.mktemp("event-store-nats")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
