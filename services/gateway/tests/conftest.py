@@ -1,10 +1,13 @@
 """Gateway fixtures: the app over a real nats-server, and minimal stand-ins for session-manager
-(appends ConversationCreated when asked) and event-store (answers queries from the log)."""
+(appends ConversationCreated, stores settings when asked) and event-store (answers queries from
+the log, analytics with fixed reports)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,11 +18,17 @@ from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
-from taskbus.contracts.commands import AnyCommand, CreateConversation, decode_command
+from taskbus.contracts.commands import (
+    AnyCommand,
+    CreateConversation,
+    UpdateSettings,
+    decode_command,
+)
 from taskbus.contracts.events import (
     ConversationCreated,
     ConversationStatusChanged,
@@ -28,15 +37,28 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.queries import (
     ConversationPage,
+    CostAnalytics,
+    CostBucket,
+    CostReport,
+    DurationAnalytics,
+    DurationReport,
+    EventKindCounts,
+    EventKindReport,
     EventPage,
     EventReply,
+    FailingCommand,
+    FailingCommands,
+    FailingCommandsReport,
     GetEvent,
+    KindCount,
     ListConversations,
+    OutcomeStats,
     Query,
     QueryError,
+    Reply,
     SearchEvents,
 )
-from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools.nats_server import free_port
 from taskbus.gateway.app import create_app
@@ -100,13 +122,17 @@ async def server_url(settings: GatewaySettings) -> AsyncIterator[str]:
 
 
 class SessionManagerDouble:
-    """Records every command; creates conversations the way session-manager does (log only)."""
+    """Records every command; creates conversations the way session-manager does (log only)
+    and stores settings in KV the way it does (a null API key keeps the stored one)."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, settings: KeyValue) -> None:
         self.appender = EventAppender(js)
+        self.settings = settings
         self.commands: list[AnyCommand] = []
         self.create_delay = 0.0
         self.ignore_creates = False
+        self.settings_delay = 0.0
+        self.ignore_settings = False
 
     async def on_command(self, msg: Msg) -> None:
         command = decode_command(msg.data)
@@ -114,6 +140,17 @@ class SessionManagerDouble:
         if isinstance(command, CreateConversation) and not self.ignore_creates:
             await asyncio.sleep(self.create_delay)
             await self.create(command.user_id, command.conversation_id, command.spec.title)
+        if isinstance(command, UpdateSettings) and not self.ignore_settings:
+            await asyncio.sleep(self.settings_delay)
+            await self.store_settings(command.user_id, command.settings)
+
+    async def store_settings(self, user_id: str, update: UserSettings) -> None:
+        if update.llm_api_key is None:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await self.settings.get(user_id)
+                stored = msgspec.json.decode(entry.value or b"{}", type=UserSettings)
+                update = msgspec.structs.replace(update, llm_api_key=stored.llm_api_key)
+        await self.settings.put(user_id, msgspec.json.encode(update))
 
     async def create(self, user_id: str, conversation_id: str, title: str | None = None) -> None:
         cid = conversation_id
@@ -141,8 +178,19 @@ class SessionManagerDouble:
 
 
 @pytest.fixture
-async def session_manager(nc: Client, js: JetStreamContext) -> AsyncIterator[SessionManagerDouble]:
-    double = SessionManagerDouble(js)
+async def settings_kv(js: JetStreamContext) -> KeyValue:
+    """KV `taskbus_settings` with no settings stored for alice and bob (the server is shared)."""
+    kv = await js.key_value(subjects.SETTINGS_BUCKET)
+    for user in ("alice", "bob"):
+        await kv.purge(user)
+    return kv
+
+
+@pytest.fixture
+async def session_manager(
+    nc: Client, js: JetStreamContext, settings_kv: KeyValue
+) -> AsyncIterator[SessionManagerDouble]:
+    double = SessionManagerDouble(js, settings_kv)
     subscription = await nc.subscribe(subjects.SESSION_MANAGER_COMMANDS, cb=double.on_command)
     yield double
     await subscription.unsubscribe()
@@ -155,6 +203,7 @@ class EventStoreDouble:
         self._nc = nc
         self._js = js
         self.queries: list[Any] = []
+        self.analytics_error: QueryError | None = None
 
     async def events(self, conversation_id: str) -> list[bytes]:
         stored: list[bytes] = []
@@ -201,6 +250,68 @@ class EventStoreDouble:
         self.queries.append(query)
         await msg.respond(msgspec.json.encode(ConversationPage(conversations=[])))
 
+    def analytics_responder(
+        self, query_type: type[Query], report: Callable[[Any], Reply]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Answers `report(query)`, or `analytics_error` when one is set."""
+
+        async def respond(msg: Msg) -> None:
+            query = msgspec.json.decode(msg.data, type=query_type)
+            self.queries.append(query)
+            reply = self.analytics_error or report(query)
+            await msg.respond(msgspec.json.encode(reply))
+
+        return respond
+
+
+# Fixed analytics reports: the figures are event-store's business (tested there); the gateway
+# must only pass them through.
+FAILED_AT = datetime(2024, 5, 1, 12, tzinfo=UTC)
+ANALYTICS_REPORTS: dict[type[Query], Callable[[Any], Reply]] = {
+    CostAnalytics: lambda query: CostReport(
+        group_by=query.group_by,
+        buckets=[
+            CostBucket(
+                key="gpt-4o",
+                cost=1.25,
+                llm_calls=3,
+                prompt_tokens=1000,
+                completion_tokens=200,
+                conversations=2,
+            )
+        ],
+    ),
+    DurationAnalytics: lambda _: DurationReport(
+        outcomes=[
+            OutcomeStats(
+                status=ConversationStatus.FINISHED,
+                conversations=2,
+                mean_seconds=30.0,
+                p50_seconds=30.0,
+                p90_seconds=38.0,
+                max_seconds=40.0,
+            ),
+            OutcomeStats(status=ConversationStatus.RUNNING, conversations=1),
+        ]
+    ),
+    EventKindCounts: lambda _: EventKindReport(
+        kinds=[KindCount(kind="MessageAction", events=4, conversations=2)]
+    ),
+    FailingCommands: lambda query: FailingCommandsReport(
+        commands=[
+            FailingCommand(
+                command=f"pytest -k case{n}",
+                failures=3 - n,
+                runs=4,
+                conversations=1,
+                last_failed_at=FAILED_AT,
+                last_exit_code=1,
+            )
+            for n in range(3)
+        ][: query.limit]
+    ),
+}
+
 
 @pytest.fixture
 async def event_store(nc: Client, js: JetStreamContext) -> AsyncIterator[EventStoreDouble]:
@@ -210,6 +321,8 @@ async def event_store(nc: Client, js: JetStreamContext) -> AsyncIterator[EventSt
         GetEvent: double.on_get_event,
         ListConversations: double.on_list,
     }
+    for query_type, report in ANALYTICS_REPORTS.items():
+        handlers[query_type] = double.analytics_responder(query_type, report)
     subscriptions = [
         await nc.subscribe(subjects.query_subject(query.subject_name), cb=handler)
         for query, handler in handlers.items()

@@ -1,4 +1,5 @@
-"""Pure parts of the gateway: keys, ids, the conversation fold, client input, log redaction."""
+"""Pure parts of the gateway: keys, ids, the conversation fold, client input, log redaction,
+the settings view."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from taskbus.contracts.events import (
     EventSource,
     LLMMetrics,
 )
-from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
 from taskbus.gateway.app import RedactApiKeys
 from taskbus.gateway.auth import ApiKeyError, ApiKeys
@@ -29,6 +30,7 @@ from taskbus.gateway.conversations import (
     fold_conversation,
 )
 from taskbus.gateway.inputs import command_for_action, decode_client_action
+from taskbus.gateway.user_settings import SettingsView, reflects
 
 
 def test_api_keys_from_string_and_file(tmp_path: Path) -> None:
@@ -154,3 +156,29 @@ def test_api_keys_in_websocket_urls_are_redacted_from_logs() -> None:
     message = record.getMessage()
     assert "top-secret" not in message
     assert message.endswith('/events?after_id=3&api_key=***" [accepted]')
+
+
+def test_settings_view_tells_only_whether_a_key_is_stored() -> None:
+    assert SettingsView.of(None) == SettingsView()
+    view = SettingsView.of(UserSettings(llm_model="m", llm_api_key="sk-1", max_iterations=7))
+    assert view == SettingsView(llm_model="m", llm_api_key_set=True, max_iterations=7)
+    assert "sk-1" not in msgspec.json.encode(view).decode()
+    assert SettingsView.of(UserSettings(llm_api_key="")).llm_api_key_set is False
+    view_fields = set(SettingsView.__struct_fields__)
+    assert view_fields ^ set(UserSettings.__struct_fields__) == {"llm_api_key", "llm_api_key_set"}
+
+
+@pytest.mark.parametrize(
+    ("stored", "requested", "expected"),
+    [
+        (UserSettings(llm_model="m"), UserSettings(llm_model="m"), True),
+        (UserSettings(llm_model="m", llm_api_key="k"), UserSettings(llm_model="m"), True),
+        (UserSettings(llm_api_key="k"), UserSettings(llm_api_key="k2"), False),
+        (UserSettings(llm_api_key="k"), UserSettings(llm_api_key=""), False),
+        (UserSettings(llm_model="m", max_iterations=3), UserSettings(llm_model="m"), False),
+    ],
+)
+def test_stored_settings_reflect_a_put(
+    stored: UserSettings, requested: UserSettings, expected: bool
+) -> None:
+    assert reflects(stored, requested) is expected

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+from nats.js.kv import KeyValue
 
 from taskbus.contracts.commands import (
+    ConfirmAction,
     CreateConversation,
     PauseConversation,
     SendMessage,
     StopConversation,
+    UpdateSettings,
 )
-from taskbus.contracts.queries import SearchEvents
+from taskbus.contracts.queries import (
+    CostAnalytics,
+    CostGroupBy,
+    DurationAnalytics,
+    EventKindCounts,
+    FailingCommands,
+    ListConversations,
+    QueryError,
+    SearchEvents,
+)
+from taskbus.contracts.specs import ConcurrencyPolicy, UserSettings
+from taskbus.contracts.status import ConversationStatus
 
 Headers = dict[str, str]
 StreamSequences = Callable[[], Awaitable[tuple[int, int]]]
@@ -69,7 +86,9 @@ async def test_post_answers_once_visible_and_get_finds_it(
     body = response.json()
     cid = body["conversation_id"]
     assert body["status"] == "ok"
-    assert body["conversation_status"] == "STARTING"
+    # The answer shows the state at first visibility: session-manager may not have appended its
+    # status change yet (the stand-in appends it right after ConversationCreated).
+    assert body["conversation_status"] in {"QUEUED", "STARTING"}
     assert response.headers["location"] == f"/api/conversations/{cid}"
     (command,) = session_manager.commands
     assert isinstance(command, CreateConversation)
@@ -154,6 +173,7 @@ async def test_other_users_unknown_and_malformed_ids_are_all_404(
         assert_problem(await client.get(f"{base}/events/0", headers=bob), 404)
         assert_problem(await client.delete(base, headers=bob), 404)
         assert_problem(await client.post(f"{base}/stop", headers=bob), 404)
+        assert_problem(await client.post(f"{base}/confirm", headers=bob), 404)
         message = await client.post(f"{base}/message", json={"message": "hi"}, headers=bob)
         assert_problem(message, 404)
     assert await stream_sequences() == before
@@ -305,6 +325,7 @@ async def test_event_store_not_answering_is_503(
     cid = await create(client, alice)
     assert_problem(await client.get(f"/api/conversations/{cid}/events", headers=alice), 503)
     assert_problem(await client.get("/api/conversations", headers=alice), 503)
+    assert_problem(await client.get("/api/analytics/cost", headers=alice), 503)
 
 
 async def test_openapi_documents_msgspec_bodies(client: httpx.AsyncClient) -> None:
@@ -313,3 +334,261 @@ async def test_openapi_documents_msgspec_bodies(client: httpx.AsyncClient) -> No
     ref = create_op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert ref == "#/components/schemas/ConversationSpec"
     assert "initial_user_msg" in schema["components"]["schemas"]["ConversationSpec"]["properties"]
+
+
+async def test_confirm_and_reject_answer_the_pending_action(
+    client: httpx.AsyncClient, alice: Headers, session_manager: Any
+) -> None:
+    cid = await create(client, alice)
+    base = f"/api/conversations/{cid}"
+    for action in ("confirm", "reject"):
+        response = await client.post(f"{base}/{action}", headers=alice)
+        assert (response.status_code, response.json()) == (202, {"status": "ok"})
+    assert_problem(await client.post(f"{base}/confirm", json={"why": 1}, headers=alice), 422)
+    confirm, reject = session_manager.commands[1:]
+    assert confirm == ConfirmAction(user_id="alice", conversation_id=cid, confirmed=True)
+    assert reject == ConfirmAction(user_id="alice", conversation_id=cid, confirmed=False)
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "excluded"),
+    [
+        ({}, None, [ConversationStatus.ARCHIVED]),
+        ({"status": "RUNNING"}, ConversationStatus.RUNNING, [ConversationStatus.ARCHIVED]),
+        ({"status": "ARCHIVED"}, ConversationStatus.ARCHIVED, []),
+    ],
+)
+async def test_list_hides_archived_unless_asked_for(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    event_store: Any,
+    params: dict[str, str],
+    status: ConversationStatus | None,
+    excluded: list[ConversationStatus],
+) -> None:
+    assert (await client.get("/api/conversations", params=params, headers=alice)).is_success
+    (query,) = event_store.queries
+    assert isinstance(query, ListConversations)
+    assert (query.status, query.exclude_statuses) == (status, excluded)
+
+
+# --- analytics --------------------------------------------------------------------------------
+
+MAY, JUNE = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 6, 1, tzinfo=UTC)
+WINDOW = {"since": "2024-05-01T00:00:00Z", "until": "2024-06-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "expected"),
+    [
+        ("cost", {}, CostAnalytics(user_id="bob")),
+        (
+            "cost",
+            {"group_by": "conversation", **WINDOW},
+            CostAnalytics(user_id="bob", group_by=CostGroupBy.CONVERSATION, since=MAY, until=JUNE),
+        ),
+        ("durations", {"since": WINDOW["since"]}, DurationAnalytics(user_id="bob", since=MAY)),
+        (
+            "event-kinds",
+            {"conversation_id": "c1", "until": WINDOW["until"]},
+            EventKindCounts(user_id="bob", conversation_id="c1", until=JUNE),
+        ),
+        ("failing-commands", {}, FailingCommands(user_id="bob")),
+        (
+            "failing-commands",
+            {"limit": 2, **WINDOW},
+            FailingCommands(user_id="bob", limit=2, since=MAY, until=JUNE),
+        ),
+    ],
+)
+async def test_analytics_ask_event_store_for_the_callers_report(
+    client: httpx.AsyncClient,
+    bob: Headers,
+    event_store: Any,
+    path: str,
+    params: dict[str, Any],
+    expected: Any,
+) -> None:
+    response = await client.get(f"/api/analytics/{path}", params=params, headers=bob)
+    assert response.status_code == 200, response.text
+    assert "type" not in response.json()
+    assert event_store.queries == [expected]
+
+
+async def test_analytics_answer_the_report_as_json(
+    client: httpx.AsyncClient, alice: Headers, event_store: Any
+) -> None:
+    cost = await client.get("/api/analytics/cost", params={"group_by": "model"}, headers=alice)
+    assert cost.json() == {
+        "group_by": "model",
+        "buckets": [
+            {
+                "key": "gpt-4o",
+                "cost": 1.25,
+                "llm_calls": 3,
+                "prompt_tokens": 1000,
+                "completion_tokens": 200,
+                "conversations": 2,
+            }
+        ],
+    }
+    durations = (await client.get("/api/analytics/durations", headers=alice)).json()
+    assert [outcome["status"] for outcome in durations["outcomes"]] == ["FINISHED", "RUNNING"]
+    assert durations["outcomes"][0]["p90_seconds"] == 38.0
+    assert durations["outcomes"][1]["mean_seconds"] is None
+    kinds = (await client.get("/api/analytics/event-kinds", headers=alice)).json()
+    assert kinds == {"kinds": [{"kind": "MessageAction", "events": 4, "conversations": 2}]}
+    failing = await client.get(
+        "/api/analytics/failing-commands", params={"limit": 2}, headers=alice
+    )
+    commands = failing.json()["commands"]
+    assert [c["command"] for c in commands] == ["pytest -k case0", "pytest -k case1"]
+    assert commands[0]["last_failed_at"] == "2024-05-01T12:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("cost", {"group_by": "week"}),
+        ("cost", {"since": "yesterday"}),
+        ("durations", {"until": "not-a-time"}),
+        ("event-kinds", {"since": "2024-13-01T00:00:00Z"}),
+        ("failing-commands", {"limit": 0}),
+        ("failing-commands", {"limit": 101}),
+    ],
+)
+async def test_invalid_analytics_parameters_are_422_and_send_nothing(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    event_store: Any,
+    path: str,
+    params: dict[str, Any],
+) -> None:
+    response = await client.get(f"/api/analytics/{path}", params=params, headers=alice)
+    assert_problem(response, 422)
+    assert event_store.queries == []
+
+
+async def test_analytics_need_a_key_and_relay_query_errors(
+    client: httpx.AsyncClient, alice: Headers, event_store: Any
+) -> None:
+    assert_problem(await client.get("/api/analytics/durations"), 401)
+    assert event_store.queries == []
+    event_store.analytics_error = QueryError(
+        status=422, title="Invalid query", detail="until is before since"
+    )
+    body = assert_problem(await client.get("/api/analytics/durations", headers=alice), 422)
+    assert (body["title"], body["detail"]) == ("Invalid query", "until is before since")
+    assert body["type"] == "urn:taskbus:problem:query-error"
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+SECRET = "sk-test-0123456789-very-secret"
+NULL_SETTINGS = {
+    "llm_model": None,
+    "llm_api_key_set": False,
+    "llm_base_url": None,
+    "max_budget_per_task": None,
+    "max_iterations": None,
+    "max_concurrent_conversations": None,
+    "no_change_timeout_seconds": None,
+    "concurrency_policy": None,
+}
+
+
+async def stored_settings(kv: KeyValue, user: str) -> UserSettings:
+    entry = await kv.get(user)
+    return msgspec.json.decode(entry.value or b"", type=UserSettings)
+
+
+async def test_settings_default_to_nulls(
+    client: httpx.AsyncClient, alice: Headers, settings_kv: KeyValue
+) -> None:
+    response = await client.get("/api/settings", headers=alice)
+    assert (response.status_code, response.json()) == (200, NULL_SETTINGS)
+    assert_problem(await client.get("/api/settings"), 401)
+
+
+async def test_put_settings_stores_them_and_never_shows_the_key(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    bob: Headers,
+    session_manager: Any,
+    settings_kv: KeyValue,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    session_manager.settings_delay = 0.2  # the answer must wait for the write, not race it
+    full = {
+        "llm_model": "anthropic/claude-sonnet-4",
+        "llm_api_key": SECRET,
+        "max_iterations": 50,
+        "concurrency_policy": "queue",
+    }
+    put = await client.put("/api/settings", json=full, headers=alice)
+    assert put.status_code == 200, put.text
+    expected = NULL_SETTINGS | full | {"llm_api_key_set": True}
+    del expected["llm_api_key"]
+    assert put.json() == expected
+    assert (await client.get("/api/settings", headers=alice)).json() == expected
+    assert (await client.get("/api/settings", headers=bob)).json() == NULL_SETTINGS
+    (command,) = session_manager.commands
+    assert command == UpdateSettings(
+        user_id="alice",
+        settings=UserSettings(
+            llm_model="anthropic/claude-sonnet-4",
+            llm_api_key=SECRET,
+            max_iterations=50,
+            concurrency_policy=ConcurrencyPolicy.QUEUE,
+        ),
+    )
+
+    # A PUT replaces everything but a key it does not mention.
+    put = await client.put("/api/settings", json={"max_budget_per_task": 3}, headers=alice)
+    assert put.json() == NULL_SETTINGS | {"max_budget_per_task": 3.0, "llm_api_key_set": True}
+    assert await stored_settings(settings_kv, "alice") == UserSettings(
+        llm_api_key=SECRET, max_budget_per_task=3
+    )
+    # An empty key clears it.
+    put = await client.put("/api/settings", json={"llm_api_key": ""}, headers=alice)
+    assert put.json() == NULL_SETTINGS
+
+    responses = [put.text, (await client.get("/api/settings", headers=alice)).text]
+    assert all(SECRET not in text for text in responses)
+    assert caplog.records, "the gateway logs nothing at DEBUG?"
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b'{"llm_model": ', 400),
+        (b'{"colour": "red"}', 422),
+        (b'{"llm_api_key_set": true}', 422),
+        (f'{{"llm_api_key": "{SECRET}", "max_budget_per_task": 0.5}}'.encode(), 422),
+        (b'{"max_iterations": 0}', 422),
+        (b'{"concurrency_policy": "lifo"}', 422),
+    ],
+)
+async def test_invalid_settings_are_rejected_and_send_nothing(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    stream_sequences: StreamSequences,
+    content: bytes,
+    status: int,
+) -> None:
+    before = await stream_sequences()
+    response = await client.put("/api/settings", content=content, headers=alice)
+    assert_problem(response, status)
+    assert SECRET not in response.text
+    assert await stream_sequences() == before
+
+
+async def test_put_settings_is_504_when_nothing_stores_them(
+    client: httpx.AsyncClient, alice: Headers, session_manager: Any, settings_kv: KeyValue
+) -> None:
+    session_manager.ignore_settings = True
+    response = await client.put("/api/settings", json={"llm_model": "m"}, headers=alice)
+    assert assert_problem(response, 504)["type"] == "urn:taskbus:problem:not-visible-yet"
+    assert len(session_manager.commands) == 1

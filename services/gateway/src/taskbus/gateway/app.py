@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from taskbus.contracts.config import settings_from_env
-from taskbus.gateway import rest, websocket
+from taskbus.gateway import analytics, rest, websocket
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.openapi import install_msgspec_schemas
@@ -48,6 +48,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.api_keys = api_keys
     install_problem_handlers(app)
     app.include_router(rest.router)
+    app.include_router(analytics.router)
     app.include_router(websocket.router)
     install_msgspec_schemas(app)
     return app

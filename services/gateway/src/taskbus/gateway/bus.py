@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,7 +19,12 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
-from taskbus.contracts.commands import Command, CreateConversation, encode_command
+from taskbus.contracts.commands import (
+    Command,
+    CreateConversation,
+    UpdateSettings,
+    encode_command,
+)
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
@@ -28,9 +34,11 @@ from taskbus.contracts.events import (
     LLMMetrics,
 )
 from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
+from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.streams import ensure_streams
 from taskbus.gateway.conversations import LogTail, fold_conversation
 from taskbus.gateway.problems import Problem, conversation_not_found
+from taskbus.gateway.user_settings import reflects
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ R = TypeVar("R", bound=Reply)
 
 # How often a waiting POST re-reads the log when no ConversationCreated notification arrives.
 _VISIBILITY_POLL_SECONDS = 0.25
+# How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
+_SETTINGS_POLL_SECONDS = 0.05
 
 
 def unavailable(what: str) -> Problem:
@@ -48,10 +58,18 @@ def unavailable(what: str) -> Problem:
 class Bus:
     """One NATS connection shared by every request of the process."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, kv: KeyValue, timeout: float) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        conversations: KeyValue,
+        settings: KeyValue,
+        timeout: float,
+    ) -> None:
         self.nc = nc
         self.js = js
-        self._kv = kv
+        self._conversations = conversations
+        self._settings = settings
         self._timeout = timeout
         self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
 
@@ -61,8 +79,9 @@ class Bus:
         nc = await nats.connect(url, name="taskbus-gateway")
         js = nc.jetstream()
         await ensure_streams(js)
-        kv = await js.key_value(subjects.CONVERSATIONS_BUCKET)
-        return cls(nc, js, kv, wait_seconds)
+        conversations = await js.key_value(subjects.CONVERSATIONS_BUCKET)
+        settings = await js.key_value(subjects.SETTINGS_BUCKET)
+        return cls(nc, js, conversations, settings, wait_seconds)
 
     @property
     def connected(self) -> bool:
@@ -173,7 +192,7 @@ class Bus:
 
     async def _projected(self, conversation_id: str) -> ConversationInfo | None:
         try:
-            entry = await self._kv.get(conversation_id)
+            entry = await self._conversations.get(conversation_id)
         except KeyNotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as error:
@@ -185,6 +204,43 @@ class Bus:
         except msgspec.DecodeError:
             logger.warning("undecodable projection of conversation %s; using the log", entry.key)
             return None
+
+    # --- user settings ------------------------------------------------------------------------
+
+    async def user_settings(self, user_id: str) -> UserSettings | None:
+        """The user's stored settings (with the API key: callers redact), None if none."""
+        try:
+            entry = await self._settings.get(user_id)
+        except KeyNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the settings store") from error
+        if not entry.value:
+            return None
+        try:
+            return msgspec.json.decode(entry.value, type=UserSettings)
+        except msgspec.DecodeError:
+            logger.warning("undecodable settings of user %s; serving the defaults", user_id)
+            return None
+
+    async def update_settings(self, command: UpdateSettings) -> UserSettings:
+        """Ask session-manager (the bucket's writer) to store the settings and wait until the KV
+        entry shows them (read-your-writes). Raises a 504 Problem past the timeout."""
+        # A fresh id each time: a repeated PUT is harmless (it stores the same settings).
+        await self.publish_command(command, msg_id=uuid.uuid4().hex)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            stored = await self.user_settings(command.user_id)
+            if stored is not None and reflects(stored, command.settings):
+                return stored
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Problem(
+                    504,
+                    "the settings were accepted but are not stored yet; retry the GET",
+                    kind="not-visible-yet",
+                )
+            await asyncio.sleep(min(remaining, _SETTINGS_POLL_SECONDS))
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -8,21 +8,26 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.inputs import MessageBody
+from taskbus.gateway.user_settings import SettingsView
 
 _CONVERSATIONS = "/api/conversations"
 _CONVERSATION = "/api/conversations/{conversation_id}"
+_SETTINGS = "/api/settings"
 
 _REQUEST_BODIES: dict[tuple[str, str], type[msgspec.Struct]] = {
     (_CONVERSATIONS, "post"): ConversationSpec,
     (f"{_CONVERSATION}/message", "post"): MessageBody,
+    (_SETTINGS, "put"): UserSettings,
 }
 _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     (_CONVERSATIONS, "post", "201"): CreatedConversation,
     (_CONVERSATIONS, "get", "200"): ConversationList,
     (_CONVERSATION, "get", "200"): ConversationView,
+    (_SETTINGS, "get", "200"): SettingsView,
+    (_SETTINGS, "put", "200"): SettingsView,
 }
 
 

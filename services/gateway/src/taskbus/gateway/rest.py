@@ -1,9 +1,10 @@
-"""The REST surface: conversations, their commands and their events."""
+"""The REST surface: conversations, their commands and their events; the user's settings."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from taskbus.contracts.commands import (
     Command,
+    ConfirmAction,
     ConversationCommand,
     CreateConversation,
     DeleteConversation,
@@ -19,6 +21,7 @@ from taskbus.contracts.commands import (
     SendMessage,
     StartConversation,
     StopConversation,
+    UpdateSettings,
 )
 from taskbus.contracts.events import EventSource
 from taskbus.contracts.queries import (
@@ -32,7 +35,7 @@ from taskbus.contracts.queries import (
 from taskbus.contracts.queries import (
     Query as ContractQuery,
 )
-from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.conversations import (
@@ -45,6 +48,7 @@ from taskbus.gateway.conversations import (
 from taskbus.gateway.dependencies import BusDep, UserId
 from taskbus.gateway.inputs import EmptyBody, MessageBody, decode_body, validated
 from taskbus.gateway.problems import Problem, invalid_body
+from taskbus.gateway.user_settings import SettingsView
 
 router = APIRouter(prefix="/api")
 
@@ -71,7 +75,7 @@ def json_response(
     )
 
 
-def _query(query_type: type[Q], **fields: Any) -> Q:
+def contract_query(query_type: type[Q], **fields: Any) -> Q:
     """Build a contract query from request parameters; its own constraints make the 422s."""
     try:
         return msgspec.convert(fields, query_type)
@@ -143,7 +147,9 @@ async def list_conversations(
     created_before: datetime | None = None,
     title: Annotated[str | None, Query(description="text contained in the title")] = None,
 ) -> Response:
-    query = _query(
+    """Deleted (ARCHIVED) conversations are hidden unless asked for with `status=ARCHIVED`."""
+    archived = ConversationStatus.ARCHIVED
+    query = contract_query(
         ListConversations,
         user_id=user,
         page_id=page_id,
@@ -153,6 +159,7 @@ async def list_conversations(
         created_after=created_after,
         created_before=created_before,
         title_contains=title,
+        exclude_statuses=[] if status == archived else [archived],
     )
     page = await bus.ask(query, ConversationPage)
     results = [ConversationView.of(info) for info in page.conversations]
@@ -189,7 +196,7 @@ async def send_message(
 
 
 def _control_endpoint(
-    command_type: type[ConversationCommand],
+    command_for: Callable[..., ConversationCommand],
 ) -> Callable[..., Awaitable[Response]]:
     async def endpoint(
         conversation_id: str,
@@ -199,25 +206,28 @@ def _control_endpoint(
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         await _body(request, EmptyBody)
-        command = command_type(user_id=user, conversation_id=conversation_id)
+        command = command_for(user_id=user, conversation_id=conversation_id)
         return await _send(bus, command, idempotency_key)
 
     return endpoint
 
 
-_CONTROL_COMMANDS: dict[str, type[ConversationCommand]] = {
-    "start": StartConversation,
-    "stop": StopConversation,
-    "pause": PauseConversation,
-    "resume": ResumeConversation,
+# Bodyless commands: path suffix -> (command factory, summary).
+_CONTROL_COMMANDS: dict[str, tuple[Callable[..., ConversationCommand], str]] = {
+    "start": (StartConversation, "Start the conversation"),
+    "stop": (StopConversation, "Stop the conversation"),
+    "pause": (PauseConversation, "Pause the conversation"),
+    "resume": (ResumeConversation, "Resume the conversation"),
+    "confirm": (partial(ConfirmAction, confirmed=True), "Confirm the action awaiting approval"),
+    "reject": (partial(ConfirmAction, confirmed=False), "Reject the action awaiting approval"),
 }
-for _action, _command_type in _CONTROL_COMMANDS.items():
+for _action, (_command_for, _summary) in _CONTROL_COMMANDS.items():
     router.add_api_route(
         f"/conversations/{{conversation_id}}/{_action}",
-        _control_endpoint(_command_type),
+        _control_endpoint(_command_for),
         methods=["POST"],
         status_code=202,
-        summary=f"{_action.capitalize()} the conversation",
+        summary=_summary,
         name=f"{_action}_conversation",
     )
 
@@ -241,7 +251,7 @@ async def search_events(
     until: datetime | None = None,
     query: Annotated[str | None, Query(description="substring of the event's text")] = None,
 ) -> Response:
-    search = _query(
+    search = contract_query(
         SearchEvents,
         user_id=user,
         conversation_id=conversation_id,
@@ -269,10 +279,30 @@ async def search_events(
 
 @router.get("/conversations/{conversation_id}/events/{event_id}", summary="One event")
 async def get_event(conversation_id: str, event_id: int, user: UserId, bus: BusDep) -> Response:
-    query = _query(GetEvent, user_id=user, conversation_id=conversation_id, event_id=event_id)
+    query = contract_query(
+        GetEvent, user_id=user, conversation_id=conversation_id, event_id=event_id
+    )
     await bus.owned_conversation(user, conversation_id)
     reply = await bus.ask(query, EventReply)
     return json_response(to_wire(reply.event))
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@router.get("/settings", summary="Your settings (the LLM API key only as llm_api_key_set)")
+async def get_user_settings(user: UserId, bus: BusDep) -> Response:
+    return json_response(SettingsView.of(await bus.user_settings(user)))
+
+
+@router.put("/settings", summary="Replace your settings")
+async def put_user_settings(request: Request, user: UserId, bus: BusDep) -> Response:
+    """Body: UserSettings; it replaces every setting, except that an absent or null
+    `llm_api_key` keeps the stored key (`""` clears it). Answers once the settings are stored."""
+    settings = await _body(request, UserSettings)
+    assert isinstance(settings, UserSettings)
+    stored = await bus.update_settings(UpdateSettings(user_id=user, settings=settings))
+    return json_response(SettingsView.of(stored))
 
 
 @router.get("/health", summary="Liveness: the gateway and its NATS connection")

@@ -16,7 +16,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     # "key1=user1,key2=user2"; merged with the lines of `api_keys_file` (one `key=user` a line).
     api_keys: str = ""
     api_keys_file: str = ""
-    # Bound of every wait on another service: command visibility, queries.
+    # Bound of every wait on another service: command visibility, settings writes, queries.
     request_timeout_seconds: PositiveSeconds = 5.0
     ws_heartbeat_seconds: PositiveSeconds = 15.0
     # Live events queued for one WebSocket client before it is closed as a slow consumer.

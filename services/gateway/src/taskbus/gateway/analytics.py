@@ -1,0 +1,83 @@
+"""`GET /api/analytics/*`: the caller's own usage reports, answered by event-store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from fastapi import APIRouter, Query, Response
+
+from taskbus.contracts.queries import (
+    CostAnalytics,
+    CostGroupBy,
+    CostReport,
+    DurationAnalytics,
+    DurationReport,
+    EventKindCounts,
+    EventKindReport,
+    FailingCommands,
+    FailingCommandsReport,
+    Reply,
+)
+from taskbus.gateway.dependencies import BusDep, UserId
+from taskbus.gateway.rest import contract_query, json_response
+
+router = APIRouter(prefix="/api/analytics", tags=["analytics"])
+
+Since = Annotated[datetime | None, Query(description="inclusive")]
+Until = Annotated[datetime | None, Query(description="exclusive")]
+
+
+def report_response(report: Reply) -> Response:
+    """The report's fields without the reply's `type` tag (a detail of the query protocol)."""
+    return json_response(msgspec.structs.asdict(report))
+
+
+@router.get("/cost", summary="Your LLM spend, per user, day, model or conversation")
+async def cost(
+    user: UserId,
+    bus: BusDep,
+    group_by: CostGroupBy = CostGroupBy.DAY,
+    since: Since = None,
+    until: Until = None,
+) -> Response:
+    query = contract_query(CostAnalytics, user_id=user, group_by=group_by, since=since, until=until)
+    return report_response(await bus.ask(query, CostReport))
+
+
+@router.get("/durations", summary="How your conversations ended and how long they took")
+async def durations(
+    user: UserId, bus: BusDep, since: Since = None, until: Until = None
+) -> Response:
+    """The window applies to the conversations' creation time."""
+    query = contract_query(DurationAnalytics, user_id=user, since=since, until=until)
+    return report_response(await bus.ask(query, DurationReport))
+
+
+@router.get("/event-kinds", summary="Events per kind, over all or one of your conversations")
+async def event_kinds(
+    user: UserId,
+    bus: BusDep,
+    conversation_id: str | None = None,
+    since: Since = None,
+    until: Until = None,
+) -> Response:
+    """Another user's or an unknown conversation gives an empty report, as every query is
+    scoped to the caller."""
+    query = contract_query(
+        EventKindCounts, user_id=user, conversation_id=conversation_id, since=since, until=until
+    )
+    return report_response(await bus.ask(query, EventKindReport))
+
+
+@router.get("/failing-commands", summary="Your commands that most often exit non-zero")
+async def failing_commands(
+    user: UserId,
+    bus: BusDep,
+    limit: Annotated[int, Query(description="1..100")] = 10,
+    since: Since = None,
+    until: Until = None,
+) -> Response:
+    query = contract_query(FailingCommands, user_id=user, limit=limit, since=since, until=until)
+    return report_response(await bus.ask(query, FailingCommandsReport))
