@@ -199,3 +199,34 @@ async def test_bad_input_gets_problem_json_and_appends_nothing(
     _assert_problem(unauthenticated, 401)
 
     assert await _log_sequences(stack) == before
+
+
+async def test_analytics_endpoints_agree_with_the_event_history(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
+    conversation_id = created.json()["conversation_id"]
+    async with _ws(stack, conversation_id, -1) as ws:
+        events = await _events_until_final(ws)
+    await _rest_events_when_projected(api, conversation_id, len(events))
+
+    cost = await api.get("/api/analytics/cost", params={"group_by": "conversation"})
+    assert cost.status_code == 200, cost.text
+    bucket = next(b for b in cost.json()["buckets"] if b["key"] == conversation_id)
+    metrics = [e for e in events if e["kind"] == "LLMMetrics"]
+    assert bucket["llm_calls"] == len(metrics)
+    assert bucket["cost"] == pytest.approx(sum(m["cost"] for m in metrics))
+    assert bucket["prompt_tokens"] == sum(m["prompt_tokens"] for m in metrics)
+    assert bucket["completion_tokens"] == sum(m["completion_tokens"] for m in metrics)
+
+    kinds = await api.get("/api/analytics/event-kinds", params={"conversation_id": conversation_id})
+    assert kinds.status_code == 200, kinds.text
+    expected: dict[str, int] = {}
+    for event in events:
+        expected[event["kind"]] = expected.get(event["kind"], 0) + 1
+    assert {k["kind"]: k["events"] for k in kinds.json()["kinds"]} == expected
+
+    durations = await api.get("/api/analytics/durations")
+    assert durations.status_code == 200, durations.text
+    finished = next(o for o in durations.json()["outcomes"] if o["status"] == "FINISHED")
+    assert finished["conversations"] >= 1 and finished["max_seconds"] > 0
