@@ -519,6 +519,8 @@ async def test_put_settings_stores_them_and_never_shows_the_key(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    # litellm, once imported by another suite in this process, turns httpx's logger down.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     session_manager.settings_delay = 0.2  # the answer must wait for the write, not race it
     full = {
         "llm_model": "anthropic/claude-sonnet-4",
