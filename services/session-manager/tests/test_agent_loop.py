@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import litellm
+import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
@@ -21,17 +25,25 @@ from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.commands import (
     Command,
+    ConfirmAction,
     CreateConversation,
     SendMessage,
+    UpdateSettings,
     encode_command,
 )
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.events import (
+    ActionProposed,
     AgentFinishAction,
+    AgentStateChanged,
     CmdOutputObservation,
     CmdRunAction,
+    CondensationAction,
+    ConfirmationGiven,
+    ConfirmationRequested,
     ConversationCreated,
     ConversationStatusChanged,
+    ErrorObservation,
     Event,
     EventSource,
     FileEditAction,
@@ -41,11 +53,12 @@ from taskbus.contracts.events import (
     RuntimeStatusChanged,
     TaskTrackingAction,
     TaskTrackingObservation,
+    ThinkAction,
     UnknownEvent,
     decode_event,
 )
-from taskbus.contracts.specs import ConversationSpec
-from taskbus.contracts.status import ConversationStatus, RuntimeStatus
+from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.devtools.scripted_llm import ScriptedLLM
@@ -56,6 +69,7 @@ from taskbus.session_manager.settings import SessionManagerSettings
 INPUT_PRICE = 3e-6
 OUTPUT_PRICE = 1.5e-5
 S = ConversationStatus
+A = AgentState
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +220,7 @@ def statuses(runtime: FakeRuntime) -> list[tuple[str, str]]:
 
 
 async def test_demo_task_runs_to_finish_with_priced_steps(
-    bus: JetStreamContext, session_manager: SessionManager
+    bus: JetStreamContext, session_manager: SessionManager, scripted_llm: ScriptedLLM
 ) -> None:
     cid = uuid.uuid4().hex
     spec = ConversationSpec(initial_user_msg="Set up a hello world workspace, please.")
@@ -254,6 +268,7 @@ async def test_demo_task_runs_to_finish_with_priced_steps(
         assert isinstance(events[action.id - 1], LLMMetrics)
     metrics = runtime.of(LLMMetrics)
     assert len(metrics) == 6
+    answered = {r.response["id"]: r.response for r in scripted_llm.player.requests}
     accumulated = 0.0
     for m in metrics:
         assert isinstance(m, LLMMetrics)
@@ -268,33 +283,34 @@ async def test_demo_task_runs_to_finish_with_priced_steps(
         accumulated += m.cost
         assert m.accumulated_cost == pytest.approx(accumulated, rel=1e-9)
         assert m.model == "openai/scripted" and m.response_id.startswith("chatcmpl-scripted")
+        # litellm's own price of the very response the model sent.
+        response = litellm.ModelResponse(**answered[m.response_id])
+        assert m.cost == litellm.completion_cost(
+            completion_response=response, custom_llm_provider="openai"
+        )
     # Prompts grow as the history does: each call saw the previous results.
     assert [m.prompt_tokens for m in metrics] == sorted(m.prompt_tokens for m in metrics)  # type: ignore[attr-defined]
     (finish,) = runtime.of(AgentFinishAction)
     assert finish.final_thought == "Created hello.txt and README.md in the workspace."  # type: ignore[attr-defined]
 
 
-async def test_iteration_limit_errors_and_a_user_message_continues(
-    bus: JetStreamContext, session_manager: SessionManager
-) -> None:
-    cid = uuid.uuid4().hex
+async def test_iteration_limit_errors_and_a_user_message_continues(tmp_path: Path) -> None:
     spec = ConversationSpec(initial_user_msg="Do the demo.", max_iterations=2)
-    async with fake_runtime(bus, cid) as runtime:
-        await send(
-            bus,
-            CreateConversation(user_id="bob", conversation_id=cid, spec=spec),
-            "CreateConversation",
-        )
+    async with agent_stack(tmp_path, None) as stack, stack.conversation("bob", spec) as runtime:
         await runtime.wait_for(status_reached(S.ERROR))
         assert statuses(runtime)[-1] == (S.ERROR, "max_iterations")
         assert len(runtime.of(LLMMetrics)) == 2
+        await asyncio.sleep(0.3)
+        assert len(stack.llm.player.requests) == 2  # no third call was even attempted
 
         # Another user's message is ignored; the owner's continues for two more iterations.
+        cid = runtime.cid
         intruder = SendMessage(user_id="mallory", conversation_id=cid, content="hijack")
-        await send(bus, intruder, "SendMessage")
+        await send(stack.js, intruder, "SendMessage")
         message = SendMessage(user_id="bob", conversation_id=cid, content="Please go on.")
-        await send(bus, message, "SendMessage")
+        await send(stack.js, message, "SendMessage")
         await runtime.wait_for(status_reached(S.ERROR, count=2))
+        assert len(stack.llm.player.requests) == 4
 
     assert [s for s, _ in statuses(runtime)] == [S.STARTING, S.RUNNING, S.ERROR, S.RUNNING, S.ERROR]
     assert statuses(runtime)[-1] == (S.ERROR, "max_iterations")
@@ -343,3 +359,395 @@ def test_settings_defaults_work_on_a_laptop_and_env_overrides_them() -> None:
     assert default.nats_url == "nats://127.0.0.1:4222"
     tuned = settings_from_env(SessionManagerSettings, {"TASKBUS_MAX_RUNNING": "3"})
     assert tuned.max_running == 3
+
+
+# --- one isolated stack per test: its own nats-server, scripted model and session-manager ------
+
+FIXED_MODEL = "openai/scripted-fixed-price"
+FIXED_TOKENIZER = "openai/scripted"  # the model the condensation test counts tokens for
+FIXED_USAGE = {"prompt_tokens": 1000, "completion_tokens": 500}  # at the prices below: $0.40
+FIXED_INPUT_PRICE = 2e-4
+FIXED_OUTPUT_PRICE = 4e-4
+
+
+@dataclass
+class Stack:
+    js: JetStreamContext
+    llm: ScriptedLLM
+    settings: SessionManagerSettings
+
+    @contextlib.asynccontextmanager
+    async def conversation(
+        self, user_id: str, spec: ConversationSpec
+    ) -> AsyncIterator[FakeRuntime]:
+        """A new conversation of `user_id`, with a fake runtime answering its actions."""
+        cid = uuid.uuid4().hex
+        async with fake_runtime(self.js, cid) as runtime:
+            create = CreateConversation(user_id=user_id, conversation_id=cid, spec=spec)
+            await send(self.js, create, "CreateConversation")
+            yield runtime
+
+
+@contextlib.asynccontextmanager
+async def agent_stack(
+    tmp_path: Path,
+    script: dict[str, Any] | None,
+    settings: SessionManagerSettings | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Stack]:
+    """Nothing shared with other tests, so request counts and recovered conversations are ours."""
+    with NatsServer(tmp_path / "nats") as server, ScriptedLLM(script) as llm:
+        base = settings or SessionManagerSettings(
+            llm_api_key="scripted",
+            llm_input_cost_per_token=INPUT_PRICE,
+            llm_output_cost_per_token=OUTPUT_PRICE,
+        )
+        tuned = msgspec.structs.replace(
+            base,
+            nats_url=server.url,
+            llm_base_url=llm.url,
+            max_running=100,
+            llm_retry_backoff_seconds=0.01,
+            **overrides,
+        )
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js)
+            async with running_session_manager(tuned):
+                yield Stack(js=js, llm=llm, settings=tuned)
+        finally:
+            await nc.drain()
+
+
+def think(thought: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = {"tool_calls": [{"name": "think", "arguments": {"thought": thought}}]}
+    return step | ({"usage": usage} if usage else {})
+
+
+def bash_step(command: str) -> dict[str, Any]:
+    return {"tool_calls": [{"name": "execute_bash", "arguments": {"command": command}}]}
+
+
+def finish(message: str = "Done.", usage: dict[str, int] | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = {"tool_calls": [{"name": "finish", "arguments": {"message": message}}]}
+    return step | ({"usage": usage} if usage else {})
+
+
+def agent_states(runtime: FakeRuntime) -> list[tuple[str, str]]:
+    return [(e.agent_state, e.reason) for e in runtime.of(AgentStateChanged)]  # type: ignore[attr-defined]
+
+
+def agent_state_reached(state: AgentState, count: int = 1) -> Condition:
+    def reached(events: list[Event | UnknownEvent]) -> bool:
+        seen = [e for e in events if isinstance(e, AgentStateChanged)]
+        return sum(e.agent_state == state for e in seen) >= count
+
+    return reached
+
+
+def tool_results(request_body: dict[str, Any]) -> list[str]:
+    return [m["content"] for m in request_body["messages"] if m["role"] == "tool"]
+
+
+async def test_budget_stops_before_the_fourth_call_and_a_message_raises_it(
+    tmp_path: Path,
+) -> None:
+    script = {
+        "steps": [
+            *(think(f"thought {i}", FIXED_USAGE) for i in range(3)),
+            finish("Within the raised budget.", FIXED_USAGE),
+        ]
+    }
+    spec = ConversationSpec(initial_user_msg="Think a lot.", max_budget_per_task=1)
+    priced = SessionManagerSettings(
+        llm_model=FIXED_MODEL,
+        llm_api_key="scripted",
+        llm_input_cost_per_token=FIXED_INPUT_PRICE,
+        llm_output_cost_per_token=FIXED_OUTPUT_PRICE,
+    )
+    async with (
+        agent_stack(tmp_path, script, priced) as stack,
+        stack.conversation("dana", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.ERROR))
+        await asyncio.sleep(0.3)  # time for a 4th call, were one to happen
+        assert len(stack.llm.player.requests) == 3
+        metrics = runtime.of(LLMMetrics)
+        assert [m.cost for m in metrics] == [pytest.approx(0.4, rel=1e-9)] * 3  # type: ignore[attr-defined]
+        assert metrics[-1].accumulated_cost == pytest.approx(1.2, rel=1e-9)  # type: ignore[attr-defined]
+        (error,) = [e for e in runtime.of(ConversationStatusChanged) if e.status == S.ERROR]  # type: ignore[attr-defined]
+        assert error.reason == "budget_exceeded" and error.id > metrics[-1].id  # type: ignore[attr-defined]
+        assert agent_states(runtime)[-1] == (A.ERROR, "budget_exceeded")
+
+        # The limit rises by its initial amount ($1 -> $2): the agent continues and finishes.
+        more = SendMessage(user_id="dana", conversation_id=runtime.cid, content="Spend more.")
+        await send(stack.js, more, "SendMessage")
+        await runtime.wait_for(status_reached(S.FINISHED))
+        assert len(stack.llm.player.requests) == 4
+
+    for logged, m in zip(stack.llm.player.requests, runtime.of(LLMMetrics), strict=True):
+        response = litellm.ModelResponse(**logged.response)
+        assert m.cost == litellm.completion_cost(
+            completion_response=response, custom_llm_provider="openai"
+        )  # type: ignore[attr-defined]
+    assert [s for s, _ in statuses(runtime)][-3:] == [S.ERROR, S.RUNNING, S.FINISHED]
+
+
+async def test_auth_error_is_typed_and_ends_the_conversation_in_error(tmp_path: Path) -> None:
+    script = {"steps": [{"error": {"status": 401}}]}
+    spec = ConversationSpec(initial_user_msg="Hi.")
+    async with (
+        agent_stack(tmp_path, script) as stack,
+        stack.conversation("erin", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.ERROR))
+        assert len(stack.llm.player.requests) == 1  # an auth error is not retried
+
+    (error,) = runtime.of(ErrorObservation)
+    assert error.code == "llm_auth"  # type: ignore[attr-defined]
+    assert agent_states(runtime)[-1] == (A.ERROR, "llm_auth")
+    assert statuses(runtime)[-1] == (S.ERROR, "llm_auth")
+
+
+async def test_rate_limit_shows_rate_limited_while_backing_off_then_continues(
+    tmp_path: Path,
+) -> None:
+    script = {
+        "steps": [{**think("after the limit"), "error": {"status": 429, "times": 2}}, finish()]
+    }
+    spec = ConversationSpec(initial_user_msg="Hi.")
+    async with (
+        agent_stack(tmp_path, script, llm_num_retries=3) as stack,
+        stack.conversation("finn", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.FINISHED))
+
+    assert [r.status for r in stack.llm.player.requests] == [429, 429, 200, 200]
+    kinds = [
+        getattr(e, "agent_state", type(e).__name__)
+        for e in runtime.events
+        if isinstance(e, (AgentStateChanged, LLMMetrics, ThinkAction))
+    ]
+    assert kinds == [
+        A.RUNNING,
+        A.RATE_LIMITED,  # once, though two attempts were refused
+        A.RUNNING,
+        "LLMMetrics",
+        "ThinkAction",
+        "LLMMetrics",
+        A.FINISHED,
+    ]
+    assert (A.RATE_LIMITED, "llm_rate_limited") in agent_states(runtime)
+    assert not runtime.of(ErrorObservation)
+
+
+async def test_unavailable_model_is_retried_then_reported(tmp_path: Path) -> None:
+    script = {"steps": [{"error": {"status": 503}}]}
+    spec = ConversationSpec(initial_user_msg="Hi.")
+    async with (
+        agent_stack(tmp_path, script, llm_num_retries=2) as stack,
+        stack.conversation("gail", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.ERROR))
+
+    assert [r.status for r in stack.llm.player.requests] == [503, 503, 503]
+    (error,) = runtime.of(ErrorObservation)
+    assert error.code == "llm_unavailable"  # type: ignore[attr-defined]
+    assert A.RATE_LIMITED not in [s for s, _ in agent_states(runtime)]
+    assert agent_states(runtime)[-1] == (A.ERROR, "llm_unavailable")
+    assert statuses(runtime)[-1] == (S.ERROR, "llm_unavailable")
+
+
+CONFIRMATION_SCRIPT = {
+    "steps": [
+        {
+            "tool_calls": [
+                {"name": "task_tracker", "arguments": {"command": "plan", "task_list": []}}
+            ]
+        },
+        bash_step("rm -rf build"),
+        finish(),
+    ]
+}
+
+
+async def test_confirmed_action_runs_only_after_the_user_confirms(tmp_path: Path) -> None:
+    spec = ConversationSpec(initial_user_msg="Clean up.", confirmation_mode=True)
+    async with (
+        agent_stack(tmp_path, CONFIRMATION_SCRIPT) as stack,
+        stack.conversation("hana", spec) as runtime,
+    ):
+        await runtime.wait_for(agent_state_reached(A.AWAITING_USER_CONFIRMATION))
+        await asyncio.sleep(0.3)
+        # The plan (not risky) ran unasked; the command is only proposed, and nothing ran it.
+        assert len(runtime.of(TaskTrackingObservation)) == 1
+        assert not runtime.of(CmdRunAction) and not runtime.of(CmdOutputObservation)
+        (proposal,) = runtime.of(ActionProposed)
+        assert proposal.proposed.command == "rm -rf build"  # type: ignore[attr-defined]
+        (request,) = runtime.of(ConfirmationRequested)
+        assert request.action_id == proposal.id  # type: ignore[attr-defined]
+        assert len(stack.llm.player.requests) == 2
+
+        answer = ConfirmAction(user_id="hana", conversation_id=runtime.cid, confirmed=True)
+        await send(stack.js, answer, "ConfirmAction")
+        await runtime.wait_for(status_reached(S.FINISHED))
+
+    tail = [
+        type(e).__name__ if not isinstance(e, AgentStateChanged) else e.agent_state
+        for e in runtime.events
+        if e.id > request.id
+    ]
+    assert tail[:7] == [
+        A.AWAITING_USER_CONFIRMATION,
+        "ConfirmationGiven",
+        A.USER_CONFIRMED,
+        A.RUNNING,
+        "CmdRunAction",
+        "CmdOutputObservation",
+        "LLMMetrics",
+    ]
+    (given,) = runtime.of(ConfirmationGiven)
+    assert given.confirmed and given.action_id == proposal.id  # type: ignore[attr-defined]
+    (command,) = runtime.of(CmdRunAction)
+    assert command.cause == proposal.id and command.command == "rm -rf build"  # type: ignore[attr-defined]
+    assert "hello.txt" in tool_results(stack.llm.player.requests[-1].body)[-1]
+
+
+async def test_rejected_action_never_runs_and_the_agent_waits_for_the_user(
+    tmp_path: Path,
+) -> None:
+    spec = ConversationSpec(initial_user_msg="Clean up.", confirmation_mode=True)
+    async with (
+        agent_stack(tmp_path, CONFIRMATION_SCRIPT) as stack,
+        stack.conversation("ivan", spec) as runtime,
+    ):
+        await runtime.wait_for(agent_state_reached(A.AWAITING_USER_CONFIRMATION))
+        answer = ConfirmAction(user_id="ivan", conversation_id=runtime.cid, confirmed=False)
+        await send(stack.js, answer, "ConfirmAction")
+        await send(stack.js, answer, "ConfirmAction")  # a second answer changes nothing
+        await runtime.wait_for(agent_state_reached(A.USER_REJECTED))
+        await asyncio.sleep(0.3)
+        assert len(stack.llm.player.requests) == 2  # waiting for the user, not calling the LLM
+        assert statuses(runtime)[-1][0] == S.RUNNING
+
+        message = SendMessage(user_id="ivan", conversation_id=runtime.cid, content="Just finish.")
+        await send(stack.js, message, "SendMessage")
+        await runtime.wait_for(status_reached(S.FINISHED))
+
+    assert not runtime.of(CmdRunAction) and not runtime.of(CmdOutputObservation)
+    (given,) = runtime.of(ConfirmationGiven)
+    assert not given.confirmed  # type: ignore[attr-defined]
+    (rejection,) = runtime.of(ErrorObservation)
+    (proposal,) = runtime.of(ActionProposed)
+    assert rejection.code == "action_rejected" and rejection.cause == proposal.id  # type: ignore[attr-defined]
+    # The LLM is told: the proposed call is answered by a tool result saying it was rejected.
+    last = stack.llm.player.requests[-1].body["messages"]
+    (call,) = [m for m in last if m["role"] == "assistant" and "rm -rf" in str(m["tool_calls"])]
+    result = next(m for m in last if m.get("tool_call_id") == call["tool_calls"][0]["id"])
+    assert "rejected" in result["content"]
+    assert last[-1] == {"role": "user", "content": "Just finish."}
+
+
+async def test_stuck_agent_errors_with_reason_stuck_and_a_message_continues(
+    tmp_path: Path,
+) -> None:
+    script = {"steps": [*(bash_step("ls") for _ in range(5)), finish()]}
+    spec = ConversationSpec(initial_user_msg="List files.")
+    async with (
+        agent_stack(tmp_path, script) as stack,
+        stack.conversation("jack", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.ERROR))
+        assert stack.settings.stuck_repetitions == 4  # the default
+        assert len(stack.llm.player.requests) == 4
+        (error,) = runtime.of(ErrorObservation)
+        assert error.code == "stuck"  # type: ignore[attr-defined]
+        assert statuses(runtime)[-1] == (S.ERROR, "stuck")
+        assert agent_states(runtime)[-1] == (A.ERROR, "stuck")
+
+        message = SendMessage(user_id="jack", conversation_id=runtime.cid, content="Go on.")
+        await send(stack.js, message, "SendMessage")
+        await runtime.wait_for(status_reached(S.FINISHED))
+    assert len(stack.llm.player.requests) == 6
+
+
+async def test_long_history_is_condensed_and_the_task_still_finishes(tmp_path: Path) -> None:
+    spec = ConversationSpec(initial_user_msg="Set up a hello world workspace, please.")
+    async with (
+        agent_stack(
+            tmp_path, None, llm_max_input_tokens=800, condensation_keep_recent_events=2
+        ) as stack,
+        stack.conversation("kim", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.FINISHED))
+
+    condensations = runtime.of(CondensationAction)
+    assert condensations
+    first = condensations[0]
+    (task,) = [e for e in runtime.events if getattr(e, "content", None) == spec.initial_user_msg]
+    assert first.forgotten_start_id > task.id  # type: ignore[attr-defined]
+    assert "earlier events were condensed" in first.summary  # type: ignore[attr-defined]
+    # Every step was played once, in order, though the model saw a shortened history.
+    requests = stack.llm.player.requests
+    assert [r.step for r in requests] == list(range(6))
+    assert len(runtime.of(AgentFinishAction)) == 1
+    condensed_prompt = requests[-1].body["messages"]
+    assert condensed_prompt[1] == {"role": "user", "content": spec.initial_user_msg}
+    assert any("condensed" in str(m.get("content")) for m in condensed_prompt)
+    sent_ids = {c["id"] for m in condensed_prompt for c in m.get("tool_calls") or []}
+    assert "call_s0_0" not in sent_ids and "call_s4_0" in sent_ids
+    # A condensation is only planned when the whole history would not fit; with it, every
+    # prompt fit the limit the model was given.
+    for request in requests:
+        body = request.body
+        assert (
+            litellm.token_counter(FIXED_TOKENIZER, messages=body["messages"], tools=body["tools"])
+            <= 800
+        )
+
+
+async def test_api_keys_appear_in_no_event_and_no_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    operator_key = "sk-operator-" + uuid.uuid4().hex
+    user_key = "sk-user-" + uuid.uuid4().hex
+    caplog.set_level(logging.DEBUG)
+    env = {"TASKBUS_LLM_API_KEY": operator_key, "TASKBUS_LLM_MODEL": "openai/scripted"}
+    from_env = settings_from_env(SessionManagerSettings, env)
+    spec = ConversationSpec(initial_user_msg="Say hi.")
+    script = {"steps": [bash_step("echo hi"), finish()]}
+    with ScriptedLLM({"steps": [{"error": {"status": 401}}]}) as refusing:
+        async with agent_stack(tmp_path, script, from_env) as stack:
+            async with stack.conversation("lena", spec) as runtime:
+                await runtime.wait_for(status_reached(S.FINISHED))
+            # The user's own key and endpoint (KV settings); that endpoint echoes the key back.
+            own = UserSettings(llm_api_key=user_key, llm_base_url=refusing.url)
+            await send(stack.js, UpdateSettings(user_id="lena", settings=own), "UpdateSettings")
+            async with stack.conversation("lena", spec) as refused:
+                await runtime.wait_for(status_reached(S.FINISHED))
+                await refused.wait_for(status_reached(S.ERROR))
+            stored = await stack.js.subscribe(subjects.ALL_EVENTS, ordered_consumer=True)
+            payloads = []
+            while True:
+                try:
+                    payloads.append((await stored.next_msg(timeout=0.5)).data)
+                except nats.errors.TimeoutError:
+                    break
+            await stored.unsubscribe()
+
+    # The keys were really used: each reached its endpoint.
+    assert {r.authorization for r in stack.llm.player.requests} == {f"Bearer {operator_key}"}
+    assert [r.authorization for r in refusing.player.requests] == [f"Bearer {user_key}"]
+    assert user_key in refusing.player.requests[0].response["error"]["message"]
+    (error,) = refused.of(ErrorObservation)
+    assert error.code == "llm_auth"  # type: ignore[attr-defined]
+
+    assert len(payloads) == len(runtime.events) + len(refused.events)
+    logged = "\n".join(
+        [r.getMessage() + (r.exc_text or "") for r in caplog.records] + list(capfd.readouterr())
+    )
+    assert "LLM call" in logged  # the failure was logged, without the key
+    for key in (operator_key, user_key):
+        assert not any(key.encode() in p for p in payloads)
+        assert key not in logged

@@ -9,14 +9,20 @@ import msgspec
 import pytest
 
 from taskbus.contracts.events import (
+    ActionProposed,
     AgentFinishAction,
     AgentStateChanged,
     CmdOutputObservation,
     CmdRunAction,
+    CondensationAction,
+    ConfirmationGiven,
+    ConfirmationRequested,
     ConversationCreated,
     ConversationStatusChanged,
     Event,
     EventSource,
+    FileEditAction,
+    FileReadAction,
     LLMMetrics,
     MessageAction,
     RuntimeRequested,
@@ -28,8 +34,12 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
-from taskbus.session_manager.decide import Step, next_step, start_events
+from taskbus.session_manager.condensation import plan_condensation
+from taskbus.session_manager.decide import Step, as_proposal, next_step, start_events
+from taskbus.session_manager.history import to_messages
+from taskbus.session_manager.lifecycle import confirmation_events
 from taskbus.session_manager.state import apply, limit_reached
+from taskbus.session_manager.stuck import is_stuck
 
 FoldEvents = Callable[..., Any]
 S = ConversationStatus
@@ -296,3 +306,183 @@ def test_a_message_below_the_limit_does_not_extend_it(fold_events: FoldEvents) -
 def test_a_new_sandbox_abandons_the_action_sent_to_the_old_one(fold_events: FoldEvents) -> None:
     state = fold_events(*started(), metrics(), run("sleep 100"), requested())
     assert state.open_action is None
+
+
+# --- rate limits, confirmation, stuck detection, condensation ---------------------------------
+
+
+def test_rate_limited_agent_is_still_running_for_the_loop(fold_events: FoldEvents) -> None:
+    state = fold_events(*started(), agent(A.RATE_LIMITED, "llm_rate_limited"))
+    assert next_step(state) is Step.CALL_LLM  # after a restart mid-backoff, it simply calls again
+
+
+def edit(command: Any, path: str = "a.py") -> FileEditAction:
+    return FileEditAction(
+        conversation_id="c1", source=EventSource.AGENT, command=command, path=path
+    )
+
+
+def test_only_actions_that_change_the_sandbox_need_confirmation(fold_events: FoldEvents) -> None:
+    careful = fold_events(created(confirmation_mode=True))
+    read = FileReadAction(conversation_id="c1", source=EventSource.AGENT, path="a.py")
+    for risky in (run("ls"), edit("create"), edit("str_replace"), edit("insert")):
+        proposal = as_proposal(careful, risky)
+        assert isinstance(proposal, ActionProposed) and proposal.proposed == risky
+    thought = ThinkAction(conversation_id="c1", source=EventSource.AGENT, thought="t")
+    for safe in (read, edit("view"), thought, finish_action()):
+        assert as_proposal(careful, safe) is safe
+    command = run("ls")
+    assert as_proposal(fold_events(created()), command) is command
+
+
+def finish_action() -> AgentFinishAction:
+    return AgentFinishAction(conversation_id="c1", source=EventSource.AGENT)
+
+
+def proposed(command: str) -> ActionProposed:
+    return ActionProposed(conversation_id="c1", source=EventSource.AGENT, proposed=run(command))
+
+
+def given(action_id: int, confirmed: bool) -> ConfirmationGiven:
+    return ConfirmationGiven(
+        conversation_id="c1", source=EventSource.USER, action_id=action_id, confirmed=confirmed
+    )
+
+
+def test_a_proposal_asks_once_then_waits_and_nothing_reaches_the_runtime(
+    fold_events: FoldEvents,
+) -> None:
+    prefix = [*started(confirmation_mode=True), metrics(), proposed("rm -rf x")]
+    proposal_id = len(prefix) - 1
+    asked = next_step(fold_events(*prefix))
+    assert kinds_and_states(asked) == [
+        ("ConfirmationRequested", ""),
+        ("AgentStateChanged", A.AWAITING_USER_CONFIRMATION),
+    ]
+    assert isinstance(asked, list) and isinstance(asked[0], ConfirmationRequested)
+    assert asked[0].action_id == proposal_id
+    waiting = fold_events(*prefix, *asked)
+    assert next_step(waiting) is Step.WAIT
+    assert waiting.history[-1].kind == "MessageAction"  # the proposal is not in the LLM's view
+    # A user message while waiting does not run the action either.
+    assert next_step(fold_events(*prefix, *asked, user("hm"))) is Step.WAIT
+
+
+def test_confirming_appends_the_real_action_caused_by_the_proposal(
+    fold_events: FoldEvents,
+) -> None:
+    prefix = [*started(confirmation_mode=True), metrics(), proposed("make")]
+    proposal_id = len(prefix) - 1
+    prefix += [*next_step(fold_events(*prefix))]  # type: ignore[misc]
+    (answer,) = confirmation_events(fold_events(*prefix), confirmed=True)
+    confirmed = [*prefix, answer]
+    assert confirmation_events(fold_events(*confirmed), confirmed=False) == []  # answered once
+    step = next_step(fold_events(*confirmed))
+    assert kinds_and_states(step) == [
+        ("AgentStateChanged", A.USER_CONFIRMED),
+        ("AgentStateChanged", A.RUNNING),
+        ("CmdRunAction", ""),
+    ]
+    assert isinstance(step, list)
+    action = step[-1]
+    assert isinstance(action, CmdRunAction) and action.cause == proposal_id
+    running = fold_events(*confirmed, *step)
+    assert running.pending_action is None
+    assert next_step(running) is Step.WAIT  # the runtime runs it now
+    # Interrupted after USER_CONFIRMED: only the rest is appended.
+    partial = next_step(fold_events(*confirmed, step[0]))
+    assert kinds_and_states(partial) == [("AgentStateChanged", A.RUNNING), ("CmdRunAction", "")]
+
+
+def test_rejecting_answers_the_proposal_for_the_llm_and_waits_for_the_user(
+    fold_events: FoldEvents,
+) -> None:
+    prefix = [*started(confirmation_mode=True), metrics(), proposed("rm -rf x")]
+    proposal_id = len(prefix) - 1
+    prefix += [*next_step(fold_events(*prefix)), given(proposal_id, confirmed=False)]  # type: ignore[misc]
+    step = next_step(fold_events(*prefix))
+    assert kinds_and_states(step) == [
+        ("AgentStateChanged", A.USER_REJECTED),
+        ("ErrorObservation", ""),
+    ]
+    rejected = fold_events(*prefix, *step)  # type: ignore[misc]
+    assert rejected.pending_action is None
+    assert next_step(rejected) is Step.WAIT
+    messages = to_messages(rejected)
+    assert messages[-2]["tool_calls"][0]["function"]["name"] == "execute_bash"
+    assert messages[-1]["role"] == "tool" and "rejected" in messages[-1]["content"]
+    answered = next_step(fold_events(*prefix, *step, user("do X instead")))  # type: ignore[misc]
+    assert kinds_and_states(answered) == [("AgentStateChanged", A.RUNNING)]
+
+
+def test_stuck_means_the_same_call_and_result_repeatedly_since_the_user_spoke(
+    fold_events: FoldEvents,
+) -> None:
+    events = list(started())
+    for _ in range(3):
+        events += [run("ls"), output(len(events))]
+    assert not is_stuck(fold_events(*events), 4)
+    events += [run("ls"), output(len(events))]
+    assert is_stuck(fold_events(*events), 4)
+    assert not is_stuck(fold_events(*events, user("try again")), 4)
+    varied = [*events[:-2], run("ls -a"), output(len(events) - 2)]
+    assert not is_stuck(fold_events(*varied), 4)
+
+
+def _chars(messages: list[dict[str, Any]]) -> int:
+    """A stand-in tokenizer: one token per ten characters."""
+    return sum(len(str(m)) for m in messages) // 10
+
+
+def test_condensation_keeps_the_task_and_recent_events_and_replaces_the_middle(
+    fold_events: FoldEvents,
+) -> None:
+    events = list(started())
+    for i in range(8):
+        events += [run(f"echo {i} " + "x" * 200), output(len(events))]
+    state = fold_events(*events)
+    assert plan_condensation(state, _chars, max_tokens=10_000, keep_recent=2) is None
+    size = _chars(to_messages(state))
+    condensation = plan_condensation(state, _chars, max_tokens=size - 1, keep_recent=2)
+    assert condensation is not None
+    first_action = started().__len__()
+    assert condensation.forgotten_start_id == first_action  # right after the task message
+    assert "echo 0" in condensation.summary and "(exit code 0)" in condensation.summary
+    after = fold_events(*events, condensation)
+    kinds = [e.kind for e in after.history]
+    assert kinds[:2] == ["MessageAction", "CondensationAction"]
+    assert _chars(to_messages(after)) <= (size - 1) // 2 or kinds[2:] == [
+        "CmdRunAction",
+        "CmdOutputObservation",
+    ]
+    assert after.history[-1] == state.history[-1]
+
+    # A second condensation absorbs the first: its range starts where the first did.
+    more = [*events, condensation]
+    for i in range(4):
+        more += [run(f"echo again {i} " + "y" * 200), output(len(more))]
+    grown = fold_events(*more)
+    second = plan_condensation(grown, _chars, _chars(to_messages(grown)) - 1, keep_recent=2)
+    assert second is not None
+    assert second.forgotten_start_id == condensation.forgotten_start_id
+    assert "echo 0" in second.summary
+    assert [e.kind for e in fold_events(*more, second).history].count("CondensationAction") == 1
+
+
+def test_nothing_to_forget_means_no_condensation(fold_events: FoldEvents) -> None:
+    state = fold_events(*started(), run("ls"), output(len(started())))
+    assert plan_condensation(state, _chars, max_tokens=1, keep_recent=2) is None
+
+
+def test_condensation_event_round_trip_in_the_fold_is_idempotent(fold_events: FoldEvents) -> None:
+    events = [*started(), run("a"), output(7), run("b"), output(9), run("c"), output(11)]
+    forget = CondensationAction(
+        conversation_id="c1",
+        source=EventSource.AGENT,
+        forgotten_start_id=7,
+        forgotten_end_id=10,
+        summary="s",
+    )
+    state = fold_events(*events, forget)
+    assert [e.id for e in state.history] == [2, 13, 11, 12]
+    assert apply(state, msgspec.structs.replace(forget, id=13)) == state

@@ -259,13 +259,30 @@ class LLMMetrics(Event):
     response_id: str = ""
 
 
+class ActionProposed(Event):
+    """A risky action chosen in confirmation mode: recorded, but not executable until the user
+    confirms it (then the action itself is appended with `cause` = this event's id)."""
+
+    proposed: CmdRunAction | FileWriteAction | FileEditAction
+
+
 class ConfirmationRequested(Event):
-    action_id: int
+    action_id: int  # the id of the ActionProposed (or action) waiting for the user
 
 
 class ConfirmationGiven(Event):
     action_id: int
     confirmed: bool
+
+
+class CondensationAction(Event):
+    """The agent's history was condensed: events `forgotten_start_id`..`forgotten_end_id`
+    (inclusive) are no longer sent to the LLM; `summary` stands in for them."""
+
+    openhands_action = "condensation"
+    forgotten_start_id: int
+    forgotten_end_id: int
+    summary: str = ""
 
 
 AnyEvent = (
@@ -294,6 +311,8 @@ AnyEvent = (
     | LLMMetrics
     | ConfirmationRequested
     | ConfirmationGiven
+    | ActionProposed
+    | CondensationAction
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in typing.get_args(AnyEvent)}

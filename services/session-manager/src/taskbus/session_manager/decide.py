@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import enum
 
+import msgspec
+
 from taskbus.contracts.events import (
     EXECUTABLE_ACTIONS,
+    ActionProposed,
     AgentFinishAction,
     AgentStateChanged,
+    CmdRunAction,
+    ConfirmationRequested,
     ConversationStatusChanged,
+    ErrorObservation,
     Event,
     EventSource,
+    FileEditAction,
+    FileWriteAction,
     MessageAction,
     RuntimeRequested,
     TaskTrackingAction,
     TaskTrackingObservation,
+    utc_now,
 )
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.session_manager.state import ConversationState, limit_reached
@@ -34,6 +43,8 @@ class Step(enum.Enum):
 
 _S = ConversationStatus
 _A = AgentState
+
+REJECTED_ACTION_MESSAGE = "The user rejected this action, so it was not run."
 
 
 def next_step(state: ConversationState) -> Step | list[Event]:
@@ -74,7 +85,9 @@ def _ended(state: ConversationState) -> Step | list[Event]:
 
 def _running(state: ConversationState) -> Step | list[Event]:
     agent = state.agent_state
-    if agent in (_A.FINISHED, _A.ERROR, _A.AWAITING_USER_INPUT):
+    if state.pending_action is not None:
+        return _confirmation(state, state.pending_action)
+    if agent in (_A.FINISHED, _A.ERROR, _A.AWAITING_USER_INPUT, _A.USER_REJECTED):
         if _user_is_waiting(state):
             return [agent_state_event(state, _A.RUNNING)]
         if agent == _A.FINISHED:
@@ -82,7 +95,7 @@ def _running(state: ConversationState) -> Step | list[Event]:
         if agent == _A.ERROR:
             return [status_event(state, _S.ERROR, state.agent_state_reason)]
         return Step.WAIT
-    if agent != _A.RUNNING:
+    if agent not in (_A.RUNNING, _A.RATE_LIMITED):  # rate-limited: running, between retries
         return [agent_state_event(state, _A.RUNNING)]  # the conversation status is what counts
     action = state.open_action
     if isinstance(action, EXECUTABLE_ACTIONS):
@@ -97,6 +110,57 @@ def _running(state: ConversationState) -> Step | list[Event]:
     if reason is not None:
         return [agent_state_event(state, _A.ERROR, reason), status_event(state, _S.ERROR, reason)]
     return Step.CALL_LLM
+
+
+def _confirmation(state: ConversationState, pending: ActionProposed) -> Step | list[Event]:
+    """Ask once; on confirm, append the real action (now the runtime runs it); on reject, answer
+    the proposal with an observation saying so and wait for the user."""
+    agent = state.agent_state
+    if state.confirmation is None:
+        if agent == _A.AWAITING_USER_CONFIRMATION:
+            return Step.WAIT
+        request = ConfirmationRequested(
+            conversation_id=state.conversation_id,
+            source=EventSource.AGENT,
+            cause=pending.id,
+            action_id=pending.id,
+        )
+        return [request, agent_state_event(state, _A.AWAITING_USER_CONFIRMATION)]
+    events: list[Event] = []
+    if state.confirmation:
+        if agent == _A.AWAITING_USER_CONFIRMATION:
+            events.append(agent_state_event(state, _A.USER_CONFIRMED))
+        if agent != _A.RUNNING:
+            events.append(agent_state_event(state, _A.RUNNING))
+        action = msgspec.structs.replace(pending.proposed, cause=pending.id, timestamp=utc_now())
+        return [*events, action]
+    if agent != _A.USER_REJECTED:
+        events.append(agent_state_event(state, _A.USER_REJECTED))
+    rejected = ErrorObservation(
+        conversation_id=state.conversation_id,
+        source=EventSource.USER,
+        cause=pending.id,
+        content=REJECTED_ACTION_MESSAGE,
+        code="action_rejected",
+    )
+    return [*events, rejected]
+
+
+def as_proposal(state: ConversationState, action: Event) -> Event:
+    """In confirmation mode a risky action (one that changes the sandbox) is only proposed, so
+    the runtime never sees it; reads, thoughts and plans are not risky."""
+    if not state.spec.confirmation_mode:
+        return action
+    match action:
+        case CmdRunAction() | FileWriteAction():
+            pass
+        case FileEditAction() if action.command != "view":
+            pass
+        case _:
+            return action
+    return ActionProposed(
+        conversation_id=state.conversation_id, source=EventSource.AGENT, proposed=action
+    )
 
 
 def start_events(state: ConversationState) -> list[Event]:

@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 from taskbus.contracts.events import (
+    ActionProposed,
     AgentFinishAction,
     CmdOutputObservation,
     CommandTimeout,
+    CondensationAction,
     ErrorObservation,
     Event,
     EventSource,
@@ -50,8 +52,13 @@ def system_prompt(state: ConversationState) -> str:
     )
 
 
+def _as_called(action: Event) -> Event:
+    """The action as the LLM called it (a rejected proposal stands for its action)."""
+    return action.proposed if isinstance(action, ActionProposed) else action
+
+
 def tool_call_id(action: Event) -> str:
-    return getattr(action, "tool_call_id", "") or f"call_{action.id}"
+    return getattr(_as_called(action), "tool_call_id", "") or f"call_{action.id}"
 
 
 def observation_text(event: Event) -> str:
@@ -128,7 +135,8 @@ def to_messages(state: ConversationState) -> list[dict[str, Any]]:
 
 
 def _tool_call(action: Event, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    thought = "" if isinstance(action, ThinkAction) else getattr(action, "thought", "")
+    called = _as_called(action)
+    thought = "" if isinstance(called, ThinkAction) else getattr(called, "thought", "")
     return {
         "role": "assistant",
         "content": thought or None,
@@ -147,7 +155,10 @@ def _tool_result(action: Event, content: str) -> dict[str, Any]:
 
 
 def _plain_message(event: Event) -> dict[str, Any] | None:
-    """Messages, and errors not tied to an action (e.g. a malformed tool call)."""
+    """Messages, summaries of condensed events, and errors not tied to an action (e.g. a
+    malformed tool call)."""
+    if isinstance(event, CondensationAction):
+        return {"role": "user", "content": event.summary}
     if isinstance(event, MessageAction):
         role = "user" if event.source == EventSource.USER else "assistant"
         return {"role": role, "content": event.content}

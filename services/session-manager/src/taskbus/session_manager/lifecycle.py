@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from taskbus.contracts.events import (
+    ConfirmationGiven,
     ConversationDeleted,
     Event,
     EventSource,
@@ -76,3 +77,23 @@ def delete_events(state: ConversationState) -> list[Event]:
         status_event(state, _S.ARCHIVED, "deleted"),
     ]
     return events
+
+
+def confirmation_events(state: ConversationState, confirmed: bool) -> list[Event]:
+    """The user's answer to the pending confirmation request; nothing if none is pending."""
+    pending = state.pending_action
+    if (
+        pending is None
+        or state.confirmation is not None
+        or state.agent_state != AgentState.AWAITING_USER_CONFIRMATION
+    ):
+        return []
+    return [
+        ConfirmationGiven(
+            conversation_id=state.conversation_id,
+            source=EventSource.USER,
+            cause=pending.id,
+            action_id=pending.id,
+            confirmed=confirmed,
+        )
+    ]

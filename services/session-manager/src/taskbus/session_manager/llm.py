@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from taskbus.contracts.specs import UserSettings
 from taskbus.session_manager.settings import SessionManagerSettings
 
 logger = logging.getLogger(__name__)
+litellm.suppress_debug_info = True  # its "Give Feedback" banners go to stdout on every error
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     cost: float
     latency_ms: float
     response_id: str
+
+
+# Called before each backoff with the error code and the delay in seconds.
+RetryListener = Callable[[str, float], Awaitable[None]]
 
 
 class LLMError(Exception):
@@ -110,10 +116,44 @@ class LLM:
         self._settings = settings
         register_prices(settings)
 
-    async def complete(
+    def max_input_tokens(self, config: LLMConfig) -> int | None:
+        """The prompt size the model accepts: the operator's setting, else litellm's model map."""
+        if self._settings.llm_max_input_tokens is not None:
+            return self._settings.llm_max_input_tokens
+        try:
+            known = litellm.get_model_info(config.model).get("max_input_tokens")
+        except Exception:  # litellm raises plain exceptions for models it does not know
+            return None
+        return int(known) if known else None
+
+    def count_tokens(
         self, config: LLMConfig, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> int:
+        return int(litellm.token_counter(model=config.model, messages=messages, tools=tools))  # type: ignore[arg-type]
+
+    async def complete(
+        self,
+        config: LLMConfig,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_retry: RetryListener | None = None,
     ) -> Completion:
-        """One completion; rate limits and unavailability are retried with backoff."""
+        """One completion; rate limits and unavailability are retried with backoff. Error
+        messages never carry the API key, even when the provider echoes it."""
+        try:
+            return await self._complete(config, messages, tools, on_retry)
+        except LLMError as error:
+            if config.api_key and config.api_key in str(error):
+                raise LLMError(error.code, redact(str(error), config.api_key)) from None
+            raise
+
+    async def _complete(
+        self,
+        config: LLMConfig,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        on_retry: RetryListener | None,
+    ) -> Completion:
         retries = self._settings.llm_num_retries
         for attempt in range(retries + 1):
             started = time.perf_counter()
@@ -140,6 +180,8 @@ class LLM:
                     ) from error
                 delay = self._settings.llm_retry_backoff_seconds * 2**attempt
                 logger.warning("%s from %s; retry in %.1fs", code, config.model, delay)
+                if on_retry is not None:
+                    await on_retry(code, delay)
                 await asyncio.sleep(delay)
                 continue
             except BadRequestError as error:
@@ -149,6 +191,10 @@ class LLM:
                 raise LLMError("llm_error", f"{config.model}: {type(error).__name__}") from error
             return _completion(response, config.model, (time.perf_counter() - started) * 1000)
         raise AssertionError("unreachable")
+
+
+def redact(text: str, secret: str) -> str:
+    return text.replace(secret, "[redacted]")
 
 
 def _completion(response: Any, model: str, latency_ms: float) -> Completion:

@@ -38,6 +38,7 @@ from taskbus.contracts.commands import (
 )
 from taskbus.contracts.events import (
     AnyEvent,
+    CondensationAction,
     ConversationCreated,
     ConversationStatusChanged,
     ErrorObservation,
@@ -51,23 +52,27 @@ from taskbus.contracts.events import (
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, AgentState, ConversationStatus
 from taskbus.session_manager import admission, log
+from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.decide import (
     Step,
     agent_state_event,
+    as_proposal,
     next_step,
     start_events,
     status_event,
 )
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.lifecycle import (
+    confirmation_events,
     delete_events,
     pause_events,
     resume_events,
     stop_events,
 )
-from taskbus.session_manager.llm import LLM, Completion, LLMError, resolve_llm_config
+from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError, resolve_llm_config
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
+from taskbus.session_manager.stuck import is_stuck, stuck_events
 from taskbus.session_manager.tools import TOOLS, InvalidToolCall, action_from_tool_call
 
 logger = logging.getLogger(__name__)
@@ -283,11 +288,42 @@ class SessionManager:
             self._drivers.pop(conversation_id, None)
 
     async def _step_llm(self, state: ConversationState) -> None:
+        """One agent step: stop if stuck, condense if the prompt is too long, else call the LLM
+        and append its metrics and chosen action. Each append is re-checked against the state
+        then current, since the user may have stopped or paused meanwhile."""
         cid = state.conversation_id
         user_settings = await self._settings_store.get(state.user_id)
         config = resolve_llm_config(self._settings, user_settings)
+        state = self._states[cid]
+        if next_step(state) is not Step.CALL_LLM:
+            return
+        if is_stuck(state, self._settings.stuck_repetitions):
+            logger.warning("%s is stuck: the same action and result repeated", cid)
+            await self._append(stuck_events(state, self._settings.stuck_repetitions))
+            return
+        # Token counting is CPU work: off the event loop, so other conversations keep moving.
+        condensation = await asyncio.to_thread(self._condensation, state, config)
+        if condensation is not None:
+            logger.info(
+                "condensing %s: events %d..%d forgotten",
+                cid,
+                condensation.forgotten_start_id,
+                condensation.forgotten_end_id,
+            )
+            await self._append([condensation])
+            return
+
+        async def rate_limited(code: str, delay: float) -> None:
+            current = self._states[cid]
+            if (
+                code == "llm_rate_limited"
+                and current.agent_state == AgentState.RUNNING
+                and next_step(current) is Step.CALL_LLM
+            ):
+                await self._append([agent_state_event(current, AgentState.RATE_LIMITED, code)])
+
         try:
-            completion = await self._llm.complete(config, to_messages(state), TOOLS)
+            completion = await self._llm.complete(config, to_messages(state), TOOLS, rate_limited)
         except LLMError as error:
             logger.warning("LLM call for %s failed: %s", cid, error.code)
             current = self._states[cid]
@@ -295,7 +331,10 @@ class SessionManager:
                 await self._append(_llm_failure_events(current, error))
             return
         current = self._states[cid]
-        events: list[Event] = [
+        events: list[Event] = []
+        if current.agent_state == AgentState.RATE_LIMITED:
+            events.append(agent_state_event(current, AgentState.RUNNING))
+        events.append(
             LLMMetrics(
                 conversation_id=cid,
                 source=EventSource.AGENT,
@@ -307,11 +346,24 @@ class SessionManager:
                 latency_ms=completion.latency_ms,
                 response_id=completion.response_id,
             )
-        ]
+        )
         # Stopped or paused meanwhile: the completion is paid for, but not acted on.
         if next_step(current) is Step.CALL_LLM:
-            events.append(_action_of(cid, completion))
+            events.append(as_proposal(current, _action_of(cid, completion)))
         await self._append(events)
+
+    def _condensation(
+        self, state: ConversationState, config: LLMConfig
+    ) -> CondensationAction | None:
+        max_tokens = self._llm.max_input_tokens(config)
+        if max_tokens is None:
+            return None
+        return plan_condensation(
+            state,
+            lambda messages: self._llm.count_tokens(config, messages, TOOLS),
+            max_tokens,
+            self._settings.condensation_keep_recent_events,
+        )
 
     # --- admission ------------------------------------------------------------------------
 
@@ -449,7 +501,12 @@ class SessionManager:
                     if state.status == ConversationStatus.STOPPED:
                         await self._start_or_queue(state, [])
             case ConfirmAction():
-                logger.warning("confirmation mode is not supported yet; %s ignored", command)
+                answer = confirmation_events(state, command.confirmed)
+                if not answer:
+                    logger.info(
+                        "nothing awaits confirmation in %s; answer ignored", command.conversation_id
+                    )
+                await self._append(answer)
 
     async def _owned_state(self, command: ConversationCommand) -> ConversationState | None:
         cid = command.conversation_id

@@ -18,6 +18,10 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     llm_num_retries: int = 3  # retries of rate-limited / unavailable calls
     llm_retry_backoff_seconds: float = 2.0  # first backoff; doubles on each retry
     llm_timeout_seconds: float = 300.0
+    # Prompt size that triggers condensation; None: the model's context as litellm knows it.
+    llm_max_input_tokens: int | None = None
+    condensation_keep_recent_events: int = 6  # never condensed away
+    stuck_repetitions: int = 4  # the same action with the same result this often: stuck
     max_running: int = 8  # conversations holding a sandbox, across all users
     max_concurrent_conversations: int = 3  # per user, unless the user's settings say otherwise
     concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.EVICT_OLDEST

@@ -14,9 +14,12 @@ import msgspec
 
 from taskbus.contracts.events import (
     EXECUTABLE_ACTIONS,
+    ActionProposed,
     AgentFinishAction,
     AgentStateChanged,
     CmdOutputObservation,
+    CondensationAction,
+    ConfirmationGiven,
     ConversationCreated,
     ConversationDeleted,
     ConversationStatusChanged,
@@ -83,6 +86,9 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     history: tuple[Event, ...] = ()
     # The agent's latest action still waiting for its answer (an observation or a state change).
     open_action: Event | None = None
+    # Confirmation mode: a risky action waiting for the user, and the user's answer once given.
+    pending_action: ActionProposed | None = None
+    confirmation: bool | None = None
     last_user_message_id: int = -1
     task_list: tuple[TaskItem, ...] = ()
     iterations: int = 0
@@ -106,6 +112,14 @@ def apply(state: ConversationState, event: Event | UnknownEvent) -> Conversation
     if isinstance(event, UnknownEvent):
         return msgspec.structs.replace(state, last_event_id=event.id)
     state = msgspec.structs.replace(state, last_event_id=event.id, last_activity=event.timestamp)
+    pending = state.pending_action
+    if (
+        pending is not None
+        and event.cause == pending.id
+        and isinstance(event, (*EXECUTABLE_ACTIONS, ErrorObservation))
+    ):
+        # The confirmed action itself, or the observation that records its rejection.
+        state = msgspec.structs.replace(state, pending_action=None, confirmation=None)
     return _apply_payload(state, event)
 
 
@@ -146,8 +160,22 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
         case ConversationDeleted():
             return replace(state, deleted=True)
         case RuntimeRequested():
-            # A new sandbox: nothing will ever answer an action sent to the previous one.
-            return replace(state, runtime_status=None, runtime_reason="", open_action=None)
+            # A new sandbox: nothing will ever answer an action sent to the previous one, and a
+            # proposal for the previous one is void.
+            return replace(
+                state,
+                runtime_status=None,
+                runtime_reason="",
+                open_action=None,
+                pending_action=None,
+                confirmation=None,
+            )
+        case ActionProposed():
+            return replace(state, pending_action=event, confirmation=None)
+        case ConfirmationGiven():
+            return _apply_confirmation(state, event)
+        case CondensationAction():
+            return replace(state, history=condensed(state.history, event))
         case RuntimeStatusChanged():
             return replace(
                 state,
@@ -181,6 +209,35 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 open_action = None
             return replace(state, history=(*state.history, event), open_action=open_action)
     return state
+
+
+def _apply_confirmation(state: ConversationState, event: ConfirmationGiven) -> ConversationState:
+    pending = state.pending_action
+    if pending is None or event.action_id != pending.id or state.confirmation is not None:
+        return state
+    if event.confirmed:
+        return msgspec.structs.replace(state, confirmation=True)
+    # A rejected proposal stays in the LLM's history, answered by the rejection's observation.
+    return msgspec.structs.replace(state, confirmation=False, history=(*state.history, pending))
+
+
+def condensed(history: tuple[Event, ...], condensation: CondensationAction) -> tuple[Event, ...]:
+    """`history` without the events whose ids lie in the condensation's range (earlier
+    condensations included), with the condensation standing in their place."""
+    start, end = condensation.forgotten_start_id, condensation.forgotten_end_id
+
+    def forgotten(event: Event) -> bool:
+        if isinstance(event, CondensationAction):
+            return start <= event.forgotten_start_id and event.forgotten_end_id <= end
+        return start <= event.id <= end
+
+    kept: list[Event] = []
+    for event in history:
+        if not forgotten(event):
+            kept.append(event)
+        elif condensation not in kept:
+            kept.append(condensation)
+    return tuple(kept) if condensation in kept else history
 
 
 def _apply_message(state: ConversationState, event: MessageAction) -> ConversationState:

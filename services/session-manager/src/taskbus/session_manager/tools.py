@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 from taskbus.contracts.events import (
+    ActionProposed,
     AgentFinishAction,
     CmdRunAction,
     Event,
@@ -192,6 +193,8 @@ _EDITOR_ARGUMENTS = _Editor.__struct_fields__
 def tool_call_of(action: Event) -> tuple[str, dict[str, Any]] | None:
     """The (tool name, arguments) that stands for `action` in the LLM's history."""
     match action:
+        case ActionProposed():
+            return tool_call_of(action.proposed)
         case CmdRunAction():
             args: dict[str, Any] = {"command": action.command}
             if action.is_input:
