@@ -14,6 +14,7 @@ from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversat
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
+    ConversationDeleted,
     ConversationStatusChanged,
     EventSource,
     LLMMetrics,
@@ -107,6 +108,26 @@ def test_fold_takes_the_latest_status_agent_state_and_cost() -> None:
     assert view["selected_repository"] == "https://x/r.git"
     assert view["last_updated_at"] == "2025-01-01T00:00:09Z"
     assert "user_id" not in view
+
+
+def test_fold_of_a_deleted_conversation_is_archived_like_the_projection() -> None:
+    """The log fallback must agree with event-store's KV projection, which keeps a deleted
+    conversation ARCHIVED even when a status change (sandbox teardown) comes after it."""
+    created = ConversationCreated(
+        conversation_id="c1",
+        source=EventSource.USER,
+        id=0,
+        user_id="alice",
+        spec=ConversationSpec(),
+        title="Fix it",
+    )
+    late_status = ConversationStatusChanged(
+        conversation_id="c1", source=EventSource.ENVIRONMENT, status=ConversationStatus.STOPPED
+    )
+    deleted = ConversationDeleted(conversation_id="c1", source=EventSource.USER, reason="deleted")
+    tail = LogTail(id=5, timestamp=created.timestamp)
+    info = fold_conversation(created, tail, late_status, deleted=deleted)
+    assert (info.status, info.status_reason) == (ConversationStatus.ARCHIVED, "deleted")
 
 
 def test_client_actions_map_to_validated_commands() -> None:

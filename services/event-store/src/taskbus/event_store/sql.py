@@ -138,6 +138,14 @@ def _add_filters(conditions: list[str], parameters: dict[str, Any], filters: lis
             parameters[name] = value
 
 
+def _window(column: str, since: datetime | None, until: datetime | None) -> list[Filter]:
+    """`since` <= column < `until`, each bound applying when given."""
+    return [
+        (f"{column} >= {{since:DateTime64(6, 'UTC')}}", "since", since),
+        (f"{column} < {{until:DateTime64(6, 'UTC')}}", "until", until),
+    ]
+
+
 def get_conversation(user_id: str, conversation_id: str) -> Statement:
     return Statement(
         f"{_CONVERSATION_SELECT}"
@@ -173,8 +181,7 @@ def search_events(query: SearchEvents) -> Statement:
         ("kind IN {kinds:Array(String)}", "kinds", query.kinds or None),
         ("kind NOT IN {exclude_kinds:Array(String)}", "exclude_kinds", query.exclude_kinds or None),
         ("source = {source:String}", "source", query.source),
-        ("timestamp >= {since:DateTime64(6, 'UTC')}", "since", query.since),
-        ("timestamp < {until:DateTime64(6, 'UTC')}", "until", query.until),
+        *_window("timestamp", query.since, query.until),
         ("positionCaseInsensitiveUTF8(text, {query:String}) > 0", "query", query.query or None),
     ]
     _add_filters(conditions, parameters, optional)
@@ -199,8 +206,7 @@ def list_conversations(query: ListConversations, after: tuple[datetime, str] | N
             [status.value for status in query.exclude_statuses] or None,
         ),
         ("repository = {repository:String}", "repository", query.repository),
-        ("created_at >= {after:DateTime64(6, 'UTC')}", "after", query.created_after),
-        ("created_at < {before:DateTime64(6, 'UTC')}", "before", query.created_before),
+        *_window("created_at", query.created_after, query.created_before),
         (
             "positionCaseInsensitiveUTF8(title, {title_contains:String}) > 0",
             "title_contains",
@@ -235,22 +241,6 @@ _COST_KEYS: dict[CostGroupBy, str] = {
 ENDED_STATUSES = (ConversationStatus.FINISHED, ConversationStatus.ERROR, ConversationStatus.STOPPED)
 
 
-def _event_window(
-    conditions: list[str],
-    parameters: dict[str, Any],
-    since: datetime | None,
-    until: datetime | None,
-) -> None:
-    _add_filters(
-        conditions,
-        parameters,
-        [
-            ("timestamp >= {since:DateTime64(6, 'UTC')}", "since", since),
-            ("timestamp < {until:DateTime64(6, 'UTC')}", "until", until),
-        ],
-    )
-
-
 # A Float64 sum depends on the order ClickHouse meets the rows in (parts, threads), so the same
 # log could give costs that differ in the last bits, e.g. before and after a rebuild. Summed as
 # decimals (to a pico-dollar) the result is exact and the same in any order.
@@ -261,7 +251,7 @@ def cost_analytics(query: CostAnalytics) -> Statement:
     """Rows: key, cost, llm_calls, prompt_tokens, completion_tokens, conversations."""
     conditions = ["user_id = {user_id:String}", "kind = {kind:String}"]
     parameters: dict[str, Any] = {"user_id": query.user_id, "kind": LLMMetrics.__name__}
-    _event_window(conditions, parameters, query.since, query.until)
+    _add_filters(conditions, parameters, _window("timestamp", query.since, query.until))
     return Statement(
         f"SELECT {_COST_KEYS[query.group_by]} AS key, {_EXACT_COST_SUM}, count(),"
         " sum(prompt_tokens), sum(completion_tokens), uniqExact(conversation_id)"
@@ -287,14 +277,7 @@ def duration_analytics(query: DurationAnalytics) -> Statement:
         "initial": ConversationStatus.QUEUED.value,
         "ended": [status.value for status in ENDED_STATUSES],
     }
-    _add_filters(
-        conditions,
-        parameters,
-        [
-            ("created_at >= {since:DateTime64(6, 'UTC')}", "since", query.since),
-            ("created_at < {until:DateTime64(6, 'UTC')}", "until", query.until),
-        ],
-    )
+    _add_filters(conditions, parameters, _window("created_at", query.since, query.until))
     # Aggregated as whole microseconds, so the mean does not depend on the order of the rows.
     stats = ", ".join(
         f"if(outcome IN {{ended:Array(String)}}, {aggregate}(micros) / 1e6, NULL)"
@@ -332,9 +315,15 @@ def event_kind_counts(query: EventKindCounts) -> Statement:
     _add_filters(
         conditions,
         parameters,
-        [("conversation_id = {conversation_id:String}", "conversation_id", query.conversation_id)],
+        [
+            (
+                "conversation_id = {conversation_id:String}",
+                "conversation_id",
+                query.conversation_id,
+            ),
+            *_window("timestamp", query.since, query.until),
+        ],
     )
-    _event_window(conditions, parameters, query.since, query.until)
     return Statement(
         "SELECT kind, count() AS events, uniqExact(conversation_id)"
         f" FROM events FINAL WHERE {' AND '.join(conditions)}"
@@ -358,7 +347,7 @@ def failing_commands(query: FailingCommands) -> Statement:
         "kind": CmdOutputObservation.__name__,
         "limit": query.limit,
     }
-    _event_window(conditions, parameters, query.since, query.until)
+    _add_filters(conditions, parameters, _window("timestamp", query.since, query.until))
     failed = "exit_code != 0"
     return Statement(
         f"SELECT command, countIf({failed}) AS failures, count(),"

@@ -159,9 +159,9 @@ class Bus:
             self.last_event(conversation_id, LLMMetrics),
             self.last_event(conversation_id, ConversationDeleted),
         )
-        if created is None or deleted is not None:
+        if created is None:
             return None
-        return fold_conversation(created, tail, status, agent_state, metrics)
+        return fold_conversation(created, tail, status, agent_state, metrics, deleted)
 
     async def owned_conversation(self, user_id: str, conversation_id: str) -> ConversationInfo:
         """The user's conversation, or a 404 Problem (also for another user's conversation)."""

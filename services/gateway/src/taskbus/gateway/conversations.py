@@ -11,6 +11,7 @@ import msgspec
 from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
+    ConversationDeleted,
     ConversationStatusChanged,
     LLMMetrics,
 )
@@ -21,13 +22,19 @@ from taskbus.contracts.status import AgentState, ConversationStatus
 INITIAL_STATUS = ConversationStatus.QUEUED
 
 
-def conversation_id_for(user_id: str, idempotency_key: str | None) -> str:
-    """A fresh id, or one derived from (user, Idempotency-Key) so a retried POST names the same
-    conversation. Users are separated in the hash, so two users' keys never collide."""
+def _request_id(user_id: str, idempotency_key: str | None, *scope: str) -> str:
+    """A fresh id without an Idempotency-Key; with one, an id derived from (user, scope, key),
+    so a retried request gets the same id. The user id is length-prefixed in the hash, so two
+    users' keys never collide."""
     if idempotency_key is None:
         return uuid.uuid4().hex
-    material = f"{len(user_id)}:{user_id}:{idempotency_key}".encode()
-    return hashlib.sha256(material).hexdigest()[:32]
+    material = ":".join([str(len(user_id)), user_id, *scope, idempotency_key])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def conversation_id_for(user_id: str, idempotency_key: str | None) -> str:
+    """The id of a new conversation: a retried POST names the same conversation."""
+    return _request_id(user_id, idempotency_key)
 
 
 class LogTail(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,15 +50,23 @@ def fold_conversation(
     status: ConversationStatusChanged | None = None,
     agent_state: AgentStateChanged | None = None,
     metrics: LLMMetrics | None = None,
+    deleted: ConversationDeleted | None = None,
 ) -> ConversationInfo:
-    """The conversation's state from the latest event of each kind that shapes it."""
+    """The conversation's state from the latest event of each kind that shapes it, as
+    event-store's projection folds it: once deleted, ARCHIVED whatever status came later."""
+    if deleted is not None:
+        current_status, reason = ConversationStatus.ARCHIVED, deleted.reason
+    elif status is not None:
+        current_status, reason = status.status, status.reason
+    else:
+        current_status, reason = INITIAL_STATUS, ""
     return ConversationInfo(
         conversation_id=created.conversation_id,
         user_id=created.user_id,
         title=created.title,
-        status=status.status if status else INITIAL_STATUS,
+        status=current_status,
         agent_state=agent_state.agent_state if agent_state else None,
-        status_reason=status.reason if status else "",
+        status_reason=reason,
         repository=created.spec.repository,
         selected_branch=created.spec.selected_branch,
         priority=created.spec.priority,
@@ -119,7 +134,4 @@ def command_msg_id(
 ) -> str:
     """`Nats-Msg-Id` of a command: stable for a retried request carrying an Idempotency-Key,
     unique otherwise (so two deliberate identical requests both count)."""
-    if idempotency_key is None:
-        return uuid.uuid4().hex
-    material = f"{len(user_id)}:{user_id}:{conversation_id}:{command_name}:{idempotency_key}"
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    return _request_id(user_id, idempotency_key, conversation_id, command_name)

@@ -17,6 +17,7 @@ from taskbus.contracts.commands import (
 )
 
 C = TypeVar("C", bound=Command)
+B = TypeVar("B", bound=msgspec.Struct)
 
 
 class MessageBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -29,7 +30,7 @@ class EmptyBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Body of the control endpoints (start, stop, pause, resume): nothing, or `{}`."""
 
 
-def decode_body(body: bytes, body_type: type[msgspec.Struct]) -> msgspec.Struct:
+def decode_body(body: bytes, body_type: type[B]) -> B:
     """Decode a request body; an empty body is `{}`. Raises msgspec.DecodeError/ValidationError."""
     return msgspec.json.decode(body or b"{}", type=body_type)
 

@@ -11,7 +11,6 @@ import msgspec
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from taskbus.contracts.commands import (
-    Command,
     ConfirmAction,
     ConversationCommand,
     CreateConversation,
@@ -53,6 +52,7 @@ from taskbus.gateway.user_settings import SettingsView
 router = APIRouter(prefix="/api")
 
 Q = TypeVar("Q", bound=ContractQuery)
+B = TypeVar("B", bound=msgspec.Struct)
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -90,8 +90,7 @@ def _split(values: list[str] | None) -> list[str]:
     return [item for value in values or [] for item in value.split(",") if item]
 
 
-async def _send(bus: BusDep, command: Command, idempotency_key: str | None) -> Response:
-    assert isinstance(command, ConversationCommand)
+async def _send(bus: BusDep, command: ConversationCommand, idempotency_key: str | None) -> Response:
     try:
         command = validated(command)
     except msgspec.ValidationError as error:
@@ -104,7 +103,7 @@ async def _send(bus: BusDep, command: Command, idempotency_key: str | None) -> R
     return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
 
-async def _body(request: Request, body_type: type[msgspec.Struct]) -> msgspec.Struct:
+async def _body(request: Request, body_type: type[B]) -> B:
     try:
         return decode_body(await request.body(), body_type)
     except msgspec.DecodeError as error:
@@ -121,7 +120,6 @@ async def create_conversation(
     """Body: ConversationSpec. Answers once the conversation is visible (201), or 200 when an
     earlier request with the same Idempotency-Key already created it."""
     spec = await _body(request, ConversationSpec)
-    assert isinstance(spec, ConversationSpec)
     cid = conversation_id_for(user, idempotency_key)
     command = CreateConversation(user_id=user, conversation_id=cid, spec=spec)
     info, created = await bus.create_conversation(command)
@@ -190,7 +188,6 @@ async def send_message(
 ) -> Response:
     """Body `{"message": "..."}`; also answers an agent waiting for input or confirmation."""
     body = await _body(request, MessageBody)
-    assert isinstance(body, MessageBody)
     command = SendMessage(user_id=user, conversation_id=conversation_id, content=body.message)
     return await _send(bus, command, idempotency_key)
 
@@ -300,7 +297,6 @@ async def put_user_settings(request: Request, user: UserId, bus: BusDep) -> Resp
     """Body: UserSettings; it replaces every setting, except that an absent or null
     `llm_api_key` keeps the stored key (`""` clears it). Answers once the settings are stored."""
     settings = await _body(request, UserSettings)
-    assert isinstance(settings, UserSettings)
     stored = await bus.update_settings(UpdateSettings(user_id=user, settings=settings))
     return json_response(SettingsView.of(stored))
 

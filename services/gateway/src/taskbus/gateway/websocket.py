@@ -24,7 +24,7 @@ from starlette.websockets import WebSocketDisconnect
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
-from taskbus.gateway.dependencies import SettingsDep, get_api_keys, get_bus
+from taskbus.gateway.dependencies import BusDep, SettingsDep, get_api_keys
 from taskbus.gateway.event_tail import EventTail
 from taskbus.gateway.inputs import command_for_action, decode_client_action
 from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE, Problem, unauthorized
@@ -104,7 +104,7 @@ async def _deny(websocket: WebSocket, problem: Problem) -> None:
 async def conversation_events(
     websocket: WebSocket,
     conversation_id: str,
-    bus: Annotated[Bus, Depends(get_bus)],
+    bus: BusDep,
     api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
     settings: SettingsDep,
     after_id: Annotated[int, Query(ge=-1, description="replay events with id > after_id")] = -1,

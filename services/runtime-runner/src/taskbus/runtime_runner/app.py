@@ -181,8 +181,10 @@ class EventDispatcher:
         while True:
             await asyncio.sleep(self._ack_wait / 3)
             for message in list(self._in_flight.values()):
-                with contextlib.suppress(Exception):
+                try:
                     await message.in_progress()
+                except Exception as error:  # the message may be redelivered; its reply check holds
+                    logger.debug("in_progress for %s failed: %r", message.subject, error)
 
     async def cancel(self) -> None:
         await self._lanes.cancel()
@@ -227,6 +229,11 @@ class RuntimeRunnerService:
             await runner.close(settings.remove_sandboxes_on_shutdown)
             if engine is not None:
                 engine.close()
-            with contextlib.suppress(Exception):
+            try:
                 await subscription.unsubscribe()
+            except Exception as error:  # the connection may be gone already; drain regardless
+                logger.debug("unsubscribing at shutdown failed: %r", error)
+            if nc.is_connected:
                 await nc.drain()
+            else:  # drain refuses a closed or reconnecting connection
+                await nc.close()

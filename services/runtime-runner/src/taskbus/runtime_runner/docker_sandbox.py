@@ -29,14 +29,10 @@ import docker
 import docker.errors
 from docker.utils import kwargs_from_env
 
-from taskbus.runtime_runner import repository
 from taskbus.runtime_runner.docker_frames import FrameDecoder
 from taskbus.runtime_runner.limits import SandboxResources, docker_host_limits
 from taskbus.runtime_runner.sandbox import (
     ActionError,
-    CommandOutcome,
-    CommandRequest,
-    OutputSink,
     ShellProcess,
     sandbox_environment,
 )
@@ -278,13 +274,7 @@ class DockerSandbox(HostWorkspaceSandbox):
         )
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
-        await asyncio.to_thread(self._host_home.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(self._host_workspace.mkdir, parents=True, exist_ok=True)
-        # A workspace with files is a restarted sandbox: its clone is already there.
-        if repository_url and not await asyncio.to_thread(_has_entries, self._host_workspace):
-            await repository.clone(
-                repository_url, branch, self._host_workspace, self._clone_seconds
-            )
+        await self._prepare_workspace(self._host_home, repository_url, branch, self._clone_seconds)
         await self._create_container()
         await self.shell.start()
 
@@ -346,9 +336,6 @@ class DockerSandbox(HostWorkspaceSandbox):
             await self._engine.call(api.pause, self.sandbox_id)
         return bool(state["Paused"])
 
-    async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
-        return await self.shell.execute(request, on_output)
-
     async def pause(self) -> None:
         await self._engine.call(self._engine.api.pause, self.sandbox_id)
 
@@ -366,7 +353,3 @@ class DockerSandbox(HostWorkspaceSandbox):
     async def _remove_container(self) -> None:
         with contextlib.suppress(docker.errors.NotFound):
             await self._engine.call(self._engine.api.remove_container, self.sandbox_id, force=True)
-
-
-def _has_entries(directory: Path) -> bool:
-    return any(directory.iterdir())

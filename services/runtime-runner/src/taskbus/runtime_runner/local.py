@@ -13,11 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from taskbus.contracts.specs import Resources
-from taskbus.runtime_runner import repository
 from taskbus.runtime_runner.sandbox import (
-    CommandOutcome,
-    CommandRequest,
-    OutputSink,
     ShellProcess,
     sandbox_environment,
 )
@@ -87,7 +83,7 @@ class LocalShellProcess:
             os.killpg(self._process.pid, signum)
 
     async def kill_children(self) -> None:
-        for pid in _group_members(self._process.pid):
+        for pid in await asyncio.to_thread(_group_members, self._process.pid):
             if pid != self._process.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -141,15 +137,8 @@ class LocalSandbox(HostWorkspaceSandbox):
         return await LocalShellProcess.spawn(self._workspace, environment, self._limits)
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
-        self._home.mkdir(parents=True, exist_ok=True)
-        self._workspace.mkdir(parents=True, exist_ok=True)
-        # A workspace with files is a restarted sandbox: its clone is already there.
-        if repository_url and not any(self._workspace.iterdir()):
-            await repository.clone(repository_url, branch, self._workspace, self._clone_seconds)
+        await self._prepare_workspace(self._home, repository_url, branch, self._clone_seconds)
         await self.shell.start()
-
-    async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
-        return await self.shell.execute(request, on_output)
 
     async def pause(self) -> None:
         await self.shell.signal(signal.SIGSTOP)

@@ -20,7 +20,15 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from taskbus.runtime_runner.sandbox import ActionError, Sandbox
+from taskbus.runtime_runner import repository
+from taskbus.runtime_runner.sandbox import (
+    ActionError,
+    CommandOutcome,
+    CommandRequest,
+    OutputSink,
+    Sandbox,
+)
+from taskbus.runtime_runner.shell import PersistentShell
 
 # Files larger than this are not loaded into the runner (the agent can still use the shell).
 MAX_FILE_ACTION_BYTES = 32 * 1024 * 1024
@@ -157,6 +165,28 @@ class HostWorkspaceSandbox(Sandbox):
     docker backend's bind mount): file actions run in the runner, off the event loop."""
 
     files: HostWorkspace
+    shell: PersistentShell
+
+    async def _prepare_workspace(
+        self, home: Path, repository_url: str | None, branch: str | None, clone_seconds: float
+    ) -> None:
+        """Create the workspace and home directories and clone the repository into the workspace.
+
+        A workspace that already has files is a restarted sandbox's: its clone is already there.
+        """
+        workspace = self.files.host_root
+
+        def make_directories() -> bool:
+            home.mkdir(parents=True, exist_ok=True)
+            workspace.mkdir(parents=True, exist_ok=True)
+            return any(workspace.iterdir())
+
+        has_files = await asyncio.to_thread(make_directories)
+        if repository_url and not has_files:
+            await repository.clone(repository_url, branch, workspace, clone_seconds)
+
+    async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
+        return await self.shell.execute(request, on_output)
 
     def resolve(self, path: str) -> str:
         return self.files.resolve(path)
