@@ -30,7 +30,11 @@ from taskbus.gateway.conversations import (
     conversation_id_for,
     fold_conversation,
 )
-from taskbus.gateway.inputs import command_for_action, decode_client_action
+from taskbus.gateway.inputs import (
+    command_for_action,
+    decode_client_action,
+    repository_credentials_problem,
+)
 from taskbus.gateway.user_settings import SettingsView, reflects
 
 
@@ -203,3 +207,22 @@ def test_stored_settings_reflect_a_put(
     stored: UserSettings, requested: UserSettings, expected: bool
 ) -> None:
     assert reflects(stored, requested) is expected
+
+
+@pytest.mark.parametrize(
+    ("repository", "refused"),
+    [
+        (None, False),
+        ("https://github.com/acme/web.git", False),
+        ("ssh://git@github.com/acme/web.git", False),
+        ("git@github.com:acme/web.git", False),
+        ("/srv/repos/web", False),
+        ("https://ghp_token@github.com/acme/web.git", True),
+        ("HTTPS://user:pw@github.com/acme/web.git", True),
+        ("ssh://git:pw@example.org/web.git", True),
+    ],
+)
+def test_repository_urls_with_credentials_are_refused(
+    repository: str | None, refused: bool
+) -> None:
+    assert (repository_credentials_problem(repository) is not None) is refused

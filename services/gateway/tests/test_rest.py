@@ -134,6 +134,9 @@ async def test_post_times_out_with_a_problem_when_nothing_creates_it(
         (b'{"initial_user_msg": "x", "colour": "red"}', 422),
         (b'{"priority": 1000}', 422),
         (b'{"timeouts": {"idle_seconds": -1}}', 422),
+        (b'{"repository": "https://ghp_secret@github.com/acme/web.git"}', 422),
+        (b'{"repository": "https://user:secret@example.org/acme/web.git"}', 422),
+        (b'{"repository": "ssh://git:secret@example.org/acme/web.git"}', 422),
     ],
 )
 async def test_invalid_create_bodies_publish_nothing(

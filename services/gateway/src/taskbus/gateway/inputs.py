@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 import msgspec
@@ -33,6 +34,24 @@ class EmptyBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 def decode_body(body: bytes, body_type: type[B]) -> B:
     """Decode a request body; an empty body is `{}`. Raises msgspec.DecodeError/ValidationError."""
     return msgspec.json.decode(body or b"{}", type=body_type)
+
+
+# `scheme://userinfo@host`: a token or password in the URL would be stored in the event log.
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<userinfo>[^/@]*)@")
+
+
+def repository_credentials_problem(repository: str | None) -> str | None:
+    """Why a repository URL may not be accepted, or None. URLs end up in events, so they must
+    not carry secrets: `https://token@host/...` and `scheme://user:password@...` are refused,
+    while plain user names such as `ssh://git@host/...` are fine."""
+    if repository is None:
+        return None
+    match = _URL_USERINFO.match(repository)
+    if match is None:
+        return None
+    if ":" in match["userinfo"] or repository.lower().startswith(("http://", "https://")):
+        return "repository URLs must not carry credentials (they would be stored in the log)"
+    return None
 
 
 def validated(command: C) -> C:

@@ -45,7 +45,13 @@ from taskbus.gateway.conversations import (
     conversation_id_for,
 )
 from taskbus.gateway.dependencies import BusDep, UserId
-from taskbus.gateway.inputs import EmptyBody, MessageBody, decode_body, validated
+from taskbus.gateway.inputs import (
+    EmptyBody,
+    MessageBody,
+    decode_body,
+    repository_credentials_problem,
+    validated,
+)
 from taskbus.gateway.problems import Problem, invalid_body
 from taskbus.gateway.user_settings import SettingsView
 
@@ -120,6 +126,9 @@ async def create_conversation(
     """Body: ConversationSpec. Answers once the conversation is visible (201), or 200 when an
     earlier request with the same Idempotency-Key already created it."""
     spec = await _body(request, ConversationSpec)
+    credentials_problem = repository_credentials_problem(spec.repository)
+    if credentials_problem is not None:
+        raise Problem(422, credentials_problem, kind="validation-error", title="Invalid repository")
     cid = conversation_id_for(user, idempotency_key)
     command = CreateConversation(user_id=user, conversation_id=cid, spec=spec)
     info, created = await bus.create_conversation(command)
