@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,9 +38,9 @@ def _read_api_key(keys_file: Path) -> str:
     raise AssertionError("launcher wrote no local API key")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def running_stack(data_dir: Path, **settings: str) -> Iterator[Stack]:
+    """`taskbus up` in `data_dir`, with extra `TASKBUS_*` settings, until the block ends."""
     port, nats_port = free_port(), free_port()
     env = dict(
         os.environ,
@@ -52,7 +53,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN="true",
     )
     env.pop("TASKBUS_LLM_MODEL", None)
-    log = (data_dir / "launcher.log").open("wb")
+    env.update(settings)
+    launcher_log = data_dir / "launcher.log"
+    log = launcher_log.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "taskbus.devtools.cli", "up"],
         env=env,
@@ -60,8 +63,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    launcher_log = data_dir / "launcher.log"
     deadline = time.monotonic() + 120
     try:
         # The launcher prints its banner once every service pulls from its consumer.
@@ -72,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 raise AssertionError("stack did not come up within 120 s")
             time.sleep(0.25)
         yield Stack(
-            url=url,
+            url=f"http://127.0.0.1:{port}",
             ws_url=f"ws://127.0.0.1:{port}",
             nats_url=f"nats://127.0.0.1:{nats_port}",
             api_key=_read_api_key(data_dir / "api_keys"),
@@ -86,3 +87,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

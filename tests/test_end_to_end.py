@@ -2,82 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
 import nats
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from taskbus.contracts import subjects
 
 from .conftest import Stack
+from .public_api import (
+    events_until_final,
+    next_event,
+    open_events_ws,
+    rest_events_when_projected,
+)
 
 pytestmark = pytest.mark.slow
 
-FINAL = {"FINISHED", "ERROR", "STOPPED"}
-EVENT_WAIT_SECONDS = 60
 TASK = "Plan with the task tracker, create hello.txt, write a README.md, then finish."
 
 
-async def _next_event(ws: ClientConnection) -> dict[str, Any]:
-    while True:
-        message = json.loads(await asyncio.wait_for(ws.recv(), EVENT_WAIT_SECONDS))
-        if message.get("kind") != "heartbeat":
-            return message
-
-
-async def _events_until_final(ws: ClientConnection) -> list[dict[str, Any]]:
-    events = []
-    while True:
-        event = await _next_event(ws)
-        events.append(event)
-        if event.get("kind") == "ConversationStatusChanged" and event["status"] in FINAL:
-            return events
-
-
-def _ws(stack: Stack, conversation_id: str, after_id: int) -> connect:
-    return connect(
-        f"{stack.ws_url}/api/conversations/{conversation_id}/events?after_id={after_id}",
-        additional_headers=stack.headers,
-    )
-
-
-async def _all_events_via_rest(
-    client: httpx.AsyncClient, conversation_id: str
-) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    start_id = 0
-    while True:
-        response = await client.get(
-            f"/api/conversations/{conversation_id}/events",
-            params={"start_id": start_id, "limit": 7},
-        )
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events.extend(page["events"])
-        if not page["has_more"]:
-            return events
-        start_id = page["next_start_id"]
-
-
-async def _rest_events_when_projected(
-    client: httpx.AsyncClient, conversation_id: str, expected: int
-) -> list[dict[str, Any]]:
-    """The projection trails the log by a batch; wait until it has caught up."""
-    deadline = time.monotonic() + 30
-    while True:
-        events = await _all_events_via_rest(client, conversation_id)
-        if len(events) >= expected or time.monotonic() > deadline:
-            return events
-        await asyncio.sleep(0.2)
-
-
 @pytest.fixture
-async def api(stack: Stack) -> httpx.AsyncClient:
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=30) as client:
         yield client
 
@@ -94,8 +41,8 @@ async def test_task_runs_to_finished_and_ws_equals_rest(
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["conversation_id"] == conversation_id
 
-    async with _ws(stack, conversation_id, -1) as ws:
-        ws_events = await _events_until_final(ws)
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        ws_events = await events_until_final(ws)
 
     kinds = [e["kind"] for e in ws_events]
     assert [e["id"] for e in ws_events] == list(range(len(ws_events)))
@@ -117,7 +64,7 @@ async def test_task_runs_to_finished_and_ws_equals_rest(
     assert any(e["kind"] == "LLMMetrics" and e["cost"] > 0 for e in ws_events)
 
     # The projection serves the very same events, id for id.
-    rest_events = await _rest_events_when_projected(api, conversation_id, len(ws_events))
+    rest_events = await rest_events_when_projected(api, conversation_id, len(ws_events))
     assert rest_events[: len(ws_events)] == ws_events
 
     final = (await api.get(f"/api/conversations/{conversation_id}")).json()
@@ -130,17 +77,17 @@ async def test_ws_reconnect_after_event_k_gets_exactly_the_rest(
     created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
     conversation_id = created.json()["conversation_id"]
 
-    async with _ws(stack, conversation_id, -1) as ws:
-        first_part = [await _next_event(ws) for _ in range(6)]
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        first_part = [await next_event(ws) for _ in range(6)]
     k = first_part[-1]["id"]
     assert [e["id"] for e in first_part] == list(range(6))
 
-    async with _ws(stack, conversation_id, k) as ws:
-        rest = await _events_until_final(ws)
+    async with open_events_ws(stack, conversation_id, k) as ws:
+        rest = await events_until_final(ws)
     assert [e["id"] for e in rest] == list(range(k + 1, k + 1 + len(rest)))
 
-    async with _ws(stack, conversation_id, -1) as ws:
-        everything = await _events_until_final(ws)
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        everything = await events_until_final(ws)
     assert first_part + rest == everything
 
 
@@ -165,8 +112,8 @@ async def test_bad_input_gets_problem_json_and_appends_nothing(
 ) -> None:
     created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
     conversation_id = created.json()["conversation_id"]
-    async with _ws(stack, conversation_id, -1) as ws:
-        await _events_until_final(ws)  # quiet log from here on
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        await events_until_final(ws)  # quiet log from here on
     before = await _log_sequences(stack)
 
     malformed = await api.post(
@@ -206,9 +153,9 @@ async def test_analytics_endpoints_agree_with_the_event_history(
 ) -> None:
     created = await api.post("/api/conversations", json={"initial_user_msg": TASK})
     conversation_id = created.json()["conversation_id"]
-    async with _ws(stack, conversation_id, -1) as ws:
-        events = await _events_until_final(ws)
-    await _rest_events_when_projected(api, conversation_id, len(events))
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        events = await events_until_final(ws)
+    await rest_events_when_projected(api, conversation_id, len(events))
 
     cost = await api.get("/api/analytics/cost", params={"group_by": "conversation"})
     assert cost.status_code == 200, cost.text

@@ -44,6 +44,7 @@ SCRIPTED_INPUT_COST_PER_TOKEN = "0.000003"
 SCRIPTED_OUTPUT_COST_PER_TOKEN = "0.000015"
 STARTUP_SECONDS = 90
 STOP_GRACE_SECONDS = 10
+NATS_WATCH_SECONDS = 0.2
 
 
 class LauncherSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +52,8 @@ class LauncherSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_port: int = 4222
     port: int = 3000
     llm_model: str | None = None
+    # The scripted model's script (JSON file); None plays the packaged demo.
+    scripted_model_script: str | None = None
 
 
 class StackInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,14 +78,24 @@ def ensure_api_key(keys_file: Path) -> str:
     return key
 
 
-class Child:
-    """One supervised process: restarted with backoff whenever it exits while the stack runs."""
+def write_pid_file(pid_file: Path, pid: int) -> None:
+    """`<data_dir>/pids/<name>.pid` names the process now running, for operators and fault tests."""
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{pid}\n")
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+
+class Child:
+    """One supervised process: restarted with backoff whenever it exits while the stack runs.
+    Each (re)start writes the new pid to `pid_file`."""
+
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log_path: Path, pid_file: Path
+    ) -> None:
         self.name = name
         self._args = args
         self._env = env
         self._log_path = log_path
+        self._pid_file = pid_file
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -111,6 +124,7 @@ class Child:
                     start_new_session=True,
                     preexec_fn=die_with_parent,
                 )
+            write_pid_file(self._pid_file, self._process.pid)
             code = await self._process.wait()
             if self._stopping:
                 return
@@ -136,6 +150,27 @@ class Child:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+async def _restart_nats_when_it_exits(server: NatsServer, pid_file: Path) -> None:
+    """nats-server is supervised too: restarted on the same port and store directory, so the
+    services' connections reconnect and JetStream recovers its streams from disk."""
+    while True:
+        await asyncio.sleep(NATS_WATCH_SECONDS)
+        if not server.exited():
+            continue
+        log.warning("nats-server exited; restarting it")
+        try:
+            await asyncio.to_thread(server.start)
+        except (RuntimeError, TimeoutError, OSError):
+            log.exception("nats-server did not restart")
+            continue
+        _write_nats_pid_file(server, pid_file)
+
+
+def _write_nats_pid_file(server: NatsServer, pid_file: Path) -> None:
+    if server.pid is not None:
+        write_pid_file(pid_file, server.pid)
 
 
 async def _wait_for_gateway(url: str) -> None:
@@ -175,7 +210,12 @@ async def run_stack(
     data_dir = await asyncio.to_thread(Path(settings.data_dir).resolve)
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    pids = data_dir / "pids"
     nats_server = NatsServer(data_dir / "nats", port=settings.nats_port).start()
+    _write_nats_pid_file(nats_server, pids / "nats-server.pid")
+    nats_keeper = asyncio.create_task(
+        _restart_nats_when_it_exits(nats_server, pids / "nats-server.pid"), name="nats-keeper"
+    )
     children: list[Child] = []
     try:
         nc = await nats.connect(nats_server.url)
@@ -195,11 +235,15 @@ async def run_stack(
         scripted = settings.llm_model is None
         if scripted:
             model_port = free_port()
+            model_args = ["-m", "taskbus.devtools.scripted_llm", "--port", str(model_port)]
+            if settings.scripted_model_script is not None:
+                model_args += ["--script", settings.scripted_model_script]
             model = Child(
                 "scripted-llm",
-                [sys.executable, "-m", "taskbus.devtools.scripted_llm", "--port", str(model_port)],
+                [sys.executable, *model_args],
                 env,
                 logs / "scripted-llm.log",
+                pids / "scripted-llm.pid",
             )
             children.append(model)
             model.start()
@@ -215,11 +259,13 @@ async def run_stack(
             )
 
         for service in SERVICES:
+            name = service.replace("_", "-")
             child = Child(
-                service.replace("_", "-"),
+                name,
                 [sys.executable, "-m", f"taskbus.{service}"],
                 env,
-                logs / f"{service.replace('_', '-')}.log",
+                logs / f"{name}.log",
+                pids / f"{name}.pid",
             )
             children.append(child)
             child.start()
@@ -241,6 +287,9 @@ async def run_stack(
             _print_banner(info, logs)
             await _wait_for_signal()
     finally:
+        nats_keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await nats_keeper
         for child in children:
             child.stop_restarting()
         for child in reversed(children):

@@ -54,6 +54,14 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def exited(self) -> bool:
+        """Whether the server was started and its process has ended since (crashed, killed)."""
+        return self._process is not None and self._process.poll() is not None
+
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_file or self.store_dir / "nats-server.log"
