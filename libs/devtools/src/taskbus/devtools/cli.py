@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_stack(load_settings()))
         return 0
     if args.command == "demo":
+        # The demo's stack lives only as long as the command: its sandboxes go with it.
+        os.environ.setdefault("TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN", "true")
         asyncio.run(run_stack(load_settings(), after_start=_demo))
         return 0
     if args.command == "run":
