@@ -8,7 +8,10 @@ removes them all at the end whatever happened.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -119,3 +122,31 @@ async def make_sandbox(
 @pytest.fixture
 async def sandbox(make_sandbox: SandboxMaker) -> Sandbox:
     return await make_sandbox()
+
+
+class RunnerProcess:
+    """`python -m taskbus.runtime_runner` as a real process, its log kept in a file."""
+
+    def __init__(self, environment: dict[str, str], log: Path) -> None:
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "taskbus.runtime_runner"],
+            env={**os.environ, **environment},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+        self.process.wait(20)
+        self._log.close()
+
+
+@pytest.fixture
+def runner_processes() -> Iterator[list[RunnerProcess]]:
+    """Runner processes a test starts; those still running at its end are killed."""
+    processes: list[RunnerProcess] = []
+    yield processes
+    for runner in processes:
+        if runner.process.poll() is None:
+            runner.kill(signal.SIGKILL)

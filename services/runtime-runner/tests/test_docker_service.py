@@ -4,12 +4,9 @@ runner killed with SIGKILL mid-command, then restarted (real `python -m` process
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
@@ -37,8 +34,16 @@ from taskbus.runtime_runner.docker_sandbox import (
 )
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
-from .conftest import SANDBOX_IMAGE, TEST_RUN, TEST_RUN_LABEL, run_label_filter
-from .test_service import command, read_log, reply_to, request_runtime, status, wait_for
+from .conftest import SANDBOX_IMAGE, TEST_RUN, TEST_RUN_LABEL, RunnerProcess, run_label_filter
+from .test_service import (
+    command,
+    read_log,
+    reply_to,
+    request_runtime,
+    status,
+    wait_for,
+    wait_for_consumer,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -65,16 +70,6 @@ def containers_of(client: docker.APIClient, runner_id: str) -> list[dict[str, ob
             all=True, filters={"label": [run_label_filter(), f"{LABEL_RUNNER}={runner_id}"]}
         )
     )
-
-
-async def wait_for_consumer(js: JetStreamContext, name: str) -> None:
-    for _ in range(200):
-        try:
-            await js.consumer_info(subjects.EVENTS_STREAM, name)
-            return
-        except Exception:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"consumer {name} never appeared")
 
 
 @pytest.fixture
@@ -143,33 +138,6 @@ async def test_ten_conversations_started_at_once_all_become_ready(
     for cid, stop in zip(cids, stops, strict=True):
         await wait_for(js, cid, status(stop, RuntimeStatus.STOPPED))
     assert containers_of(docker_client, docker_service) == []
-
-
-class RunnerProcess:
-    """`python -m taskbus.runtime_runner` as a real process, its log kept in a file."""
-
-    def __init__(self, environment: dict[str, str], log: Path) -> None:
-        self._log = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "taskbus.runtime_runner"],
-            env={**os.environ, **environment},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-        self.process.wait(20)
-        self._log.close()
-
-
-@pytest.fixture
-def runner_processes() -> Iterator[list[RunnerProcess]]:
-    processes: list[RunnerProcess] = []
-    yield processes
-    for runner in processes:
-        if runner.process.poll() is None:
-            runner.kill(signal.SIGKILL)
 
 
 async def test_a_runner_killed_mid_command_restarts_reattached_without_orphans(

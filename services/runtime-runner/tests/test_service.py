@@ -63,16 +63,22 @@ async def service(
     stop = asyncio.Event()
     runner_service = RuntimeRunnerService(settings)
     task = asyncio.create_task(runner_service.run(stop))
-    for _ in range(100):  # wait until its consumer exists, so no event is appended before it
-        try:
-            await js.consumer_info(subjects.EVENTS_STREAM, settings.consumer_name)
-            break
-        except Exception:
-            await asyncio.sleep(0.05)
+    await wait_for_consumer(js, settings.consumer_name)
     yield runner_service
     stop.set()
     await asyncio.wait_for(task, 10)
     await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+
+
+async def wait_for_consumer(js: JetStreamContext, name: str) -> None:
+    """Until a runner's consumer exists: events appended before it would be skipped ("new")."""
+    for _ in range(200):
+        try:
+            await js.consumer_info(subjects.EVENTS_STREAM, name)
+            return
+        except Exception:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"consumer {name} never appeared")
 
 
 async def read_log(js: JetStreamContext, conversation_id: str) -> list[AnyEvent]:

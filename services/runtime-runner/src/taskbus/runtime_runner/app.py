@@ -39,10 +39,9 @@ from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.lanes import Lanes
 from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
-from taskbus.runtime_runner.reconcile import reconcile
+from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import HANDLED_EVENTS, RuntimeRunner, SandboxFactory
-from taskbus.runtime_runner.sandbox import Sandbox
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 
@@ -101,12 +100,10 @@ def docker_sandbox_factory(
     return new_sandbox
 
 
-def sandbox_factory(settings: RuntimeRunnerSettings, engine: DockerEngine | None) -> SandboxFactory:
-    """Sandboxes of the backend `connect_backend` chose."""
-    if engine is not None:
-        return docker_sandbox_factory(settings, engine)
-
-    def new_sandbox(request: RuntimeRequested) -> Sandbox:
+def local_sandbox_factory(
+    settings: RuntimeRunnerSettings,
+) -> Callable[[RuntimeRequested], LocalSandbox]:
+    def new_sandbox(request: RuntimeRequested) -> LocalSandbox:
         return LocalSandbox(
             request.conversation_id,
             Path(settings.workspace_root),
@@ -116,6 +113,13 @@ def sandbox_factory(settings: RuntimeRunnerSettings, engine: DockerEngine | None
         )
 
     return new_sandbox
+
+
+def sandbox_factory(settings: RuntimeRunnerSettings, engine: DockerEngine | None) -> SandboxFactory:
+    """Sandboxes of the backend `connect_backend` chose."""
+    if engine is not None:
+        return docker_sandbox_factory(settings, engine)
+    return local_sandbox_factory(settings)
 
 
 def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
@@ -210,6 +214,10 @@ class RuntimeRunnerService:
             sandbox_factory(settings, engine),
             settings.max_output_bytes,
             in_flight_journal(settings),
+            # Docker sandboxes outlive the runner and are re-attached below, at start-up.
+            recover=None
+            if engine is not None
+            else local_recovery(js, local_sandbox_factory(settings)),
         )
         if engine is not None:  # before consuming: redelivered actions find their sandbox
             await reconcile(

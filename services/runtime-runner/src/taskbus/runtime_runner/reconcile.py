@@ -1,6 +1,12 @@
-"""Start-up reconciliation of the docker backend, from the log: containers of conversations
-whose runtime is still live (last `RuntimeStatusChanged` ready or paused) are re-attached; every
-other container this runner owns (its runtime stopped, failed, or never got ready) is removed."""
+"""Taking sandboxes over after a runner restart, from the log: a conversation's runtime is live
+when its last `RuntimeStatusChanged` is ready or paused.
+
+Docker, at start-up: containers of live runtimes are re-attached; every other container this
+runner owns (its runtime stopped, failed, or never got ready) is removed. Local sandboxes die
+with the runner, leaving their workspace: a live runtime gets a new sandbox on it, lazily, on the
+conversation's first event after the restart (start-up cannot tell live workspaces from the many
+of stopped conversations without a log read each).
+"""
 
 from __future__ import annotations
 
@@ -20,17 +26,27 @@ from taskbus.runtime_runner.docker_sandbox import (
     DockerEngine,
     DockerSandbox,
 )
+from taskbus.runtime_runner.local import LocalSandbox
 from taskbus.runtime_runner.replies import last_event
-from taskbus.runtime_runner.runner import RuntimeRunner
+from taskbus.runtime_runner.runner import RecoveredSandbox, RuntimeRunner, SandboxRecovery
 
 logger = logging.getLogger(__name__)
 
 
-def is_live(last_status: RuntimeStatusChanged | None) -> bool:
-    return last_status is not None and last_status.status in (
+async def live_runtime(
+    js: JetStreamContext, conversation_id: str
+) -> tuple[RuntimeRequested, RuntimeStatus] | None:
+    """The request behind the conversation's live runtime, and its status (ready or paused)."""
+    status = await last_event(js, conversation_id, RuntimeStatusChanged)
+    if not isinstance(status, RuntimeStatusChanged) or status.status not in (
         RuntimeStatus.READY,
         RuntimeStatus.PAUSED,
-    )
+    ):
+        return None
+    requested = await last_event(js, conversation_id, RuntimeRequested)
+    if not isinstance(requested, RuntimeRequested):
+        return None
+    return requested, status.status
 
 
 async def reconcile(
@@ -49,14 +65,9 @@ async def reconcile(
     async def settle(container: dict[str, Any]) -> None:
         name = container["Names"][0].lstrip("/")
         conversation_id = container["Labels"].get(LABEL_CONVERSATION, "")
-        status = await last_event(js, conversation_id, RuntimeStatusChanged)
-        requested = await last_event(js, conversation_id, RuntimeRequested)
-        if (
-            isinstance(status, RuntimeStatusChanged)
-            and is_live(status)
-            and isinstance(requested, RuntimeRequested)
-        ):
-            sandbox = new_sandbox(requested)
+        live = await live_runtime(js, conversation_id)
+        if live is not None:
+            sandbox = new_sandbox(live[0])
             paused = await sandbox.reattach()
             runner.adopt(conversation_id, sandbox, paused)
             logger.info("re-attached %s (conversation %s)", name, conversation_id)
@@ -65,3 +76,26 @@ async def reconcile(
             logger.info("removed %s: conversation %s has no live runtime", name, conversation_id)
 
     await asyncio.gather(*(settle(container) for container in containers))
+
+
+def local_recovery(
+    js: JetStreamContext, new_sandbox: Callable[[RuntimeRequested], LocalSandbox]
+) -> SandboxRecovery:
+    """A new local sandbox on the workspace of a conversation's live runtime, if it has one
+    and its workspace is still there; paused if the log says so."""
+
+    async def recover(conversation_id: str) -> RecoveredSandbox | None:
+        live = await live_runtime(js, conversation_id)
+        if live is None:
+            return None
+        requested, status = live
+        sandbox = new_sandbox(requested)
+        if not await sandbox.reattach():
+            logger.warning(
+                "conversation %s's runtime is live but its workspace is gone", conversation_id
+            )
+            return None
+        logger.info("took over the workspace of conversation %s (%s)", conversation_id, status)
+        return RecoveredSandbox(sandbox, status == RuntimeStatus.PAUSED, requested.id)
+
+    return recover

@@ -3,8 +3,9 @@ and an observation for every executable action. Transport-free: events in, appen
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from itertools import count
 
 from taskbus.contracts.appender import EventAppender
@@ -43,6 +44,20 @@ HANDLED_EVENTS: tuple[type[Event], ...] = (
 SandboxFactory = Callable[[RuntimeRequested], Sandbox]
 
 
+class RecoveredSandbox:
+    """A live runtime's sandbox taken over after a runner restart."""
+
+    def __init__(self, sandbox: Sandbox, paused: bool, requested_id: int) -> None:
+        self.sandbox = sandbox
+        self.paused = paused
+        # The RuntimeRequested it serves: a stop request after it voids the sandbox.
+        self.requested_id = requested_id
+
+
+# Finds, by conversation id, the sandbox of a runtime the log says is live (None: there is none).
+SandboxRecovery = Callable[[str], Awaitable[RecoveredSandbox | None]]
+
+
 class _Runtime:
     def __init__(self, sandbox: Sandbox, files: FileActions) -> None:
         self.sandbox = sandbox
@@ -65,12 +80,16 @@ class RuntimeRunner:
         new_sandbox: SandboxFactory,
         max_output_bytes: int,
         journal: InFlightJournal,
+        recover: SandboxRecovery | None = None,
     ) -> None:
         self._appender = appender
         self._new_sandbox = new_sandbox
         self._max_output_bytes = max_output_bytes
         self._journal = journal
+        self._recover = recover
         self._runtimes: dict[str, _Runtime] = {}
+        # One recovery per conversation, shared by its work and control lanes.
+        self._recoveries: dict[str, asyncio.Task[_Runtime | None]] = {}
         # conversation id -> id of its latest stop request: a start older than it is void.
         self._stopped_at: dict[str, int] = {}
 
@@ -89,6 +108,32 @@ class RuntimeRunner:
         runtime.paused = paused
         runtime.interrupted_action = self._journal.interrupted(conversation_id)
         self._runtimes[conversation_id] = runtime
+
+    async def _runtime(self, conversation_id: str) -> _Runtime | None:
+        """The conversation's sandbox; on its first event after a restart, the one the log says
+        it has (ready or paused), taken over through `recover` (the local backend's way)."""
+        runtime = self._runtimes.get(conversation_id)
+        if runtime is not None or self._recover is None:
+            return runtime
+        recovery = self._recoveries.get(conversation_id)
+        if recovery is None:
+            recovery = asyncio.create_task(self._recover_runtime(self._recover, conversation_id))
+            self._recoveries[conversation_id] = recovery
+            recovery.add_done_callback(lambda _: self._recoveries.pop(conversation_id, None))
+        return await asyncio.shield(recovery)
+
+    async def _recover_runtime(
+        self, recover: SandboxRecovery, conversation_id: str
+    ) -> _Runtime | None:
+        recovered = await recover(conversation_id)
+        if recovered is None:
+            return None
+        if self._stopped_at.get(conversation_id, -1) > recovered.requested_id:
+            await recovered.sandbox.close()  # stopped meanwhile; "stopped" is in the log
+            return None
+        if conversation_id not in self._runtimes:  # else started anew meanwhile; drop this one
+            self.adopt(conversation_id, recovered.sandbox, recovered.paused)
+        return self._runtimes[conversation_id]
 
     async def close(self, remove_sandboxes: bool = False) -> None:
         """Let go of the sandboxes as the runner shuts down: detached (docker ones stay for the
@@ -141,16 +186,16 @@ class RuntimeRunner:
 
     async def _control(self, request: RuntimeControlRequested) -> None:
         cid = request.conversation_id
-        runtime = self._runtimes.get(cid)
         if request.action == RuntimeControl.STOP:
             self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), request.id)
-            self._runtimes.pop(cid, None)
-            if runtime is not None:
-                await runtime.sandbox.close()
+            stopped = self._runtimes.pop(cid, None)
+            if stopped is not None:
+                await stopped.sandbox.close()
             await self._appender.append(
                 self._status(request, RuntimeStatus.STOPPED, request.reason)
             )
             return
+        runtime = await self._runtime(cid)
         if runtime is None:
             await self._appender.append(_no_runtime(request))
             return
@@ -167,7 +212,7 @@ class RuntimeRunner:
     async def _execute(
         self, action: CmdRunAction | FileReadAction | FileWriteAction | FileEditAction
     ) -> None:
-        runtime = self._runtimes.get(action.conversation_id)
+        runtime = await self._runtime(action.conversation_id)
         if runtime is None:
             await self._appender.append(_no_runtime(action))
             return
