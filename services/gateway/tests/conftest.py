@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,7 +61,7 @@ from taskbus.contracts.queries import (
 )
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ConversationStatus
-from taskbus.devtools.nats_server import free_port
+from taskbus.devtools.nats_server import NatsServer, free_port
 from taskbus.gateway.app import create_app
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.settings import GatewaySettings
@@ -104,8 +105,8 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-@pytest.fixture
-async def server_url(settings: GatewaySettings) -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def served_gateway(settings: GatewaySettings) -> AsyncIterator[str]:
     """The gateway served by a real uvicorn on a free port (for WebSocket clients)."""
     port = free_port()
     server = uvicorn.Server(
@@ -116,9 +117,35 @@ async def server_url(settings: GatewaySettings) -> AsyncIterator[str]:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def server_url(settings: GatewaySettings) -> AsyncIterator[str]:
+    async with served_gateway(settings) as url:
+        yield url
+
+
+@pytest.fixture
+def restartable_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of one test alone, so the test may stop and start it (same port, same
+    store) without disturbing the session's server."""
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+async def restartable_server_url(
+    settings: GatewaySettings, restartable_nats: NatsServer
+) -> AsyncIterator[str]:
+    """The gateway, served as by `server_url`, on `restartable_nats`."""
+    on_own_server = msgspec.structs.replace(settings, nats_url=restartable_nats.url)
+    async with served_gateway(on_own_server) as url:
+        yield url
 
 
 class SessionManagerDouble:

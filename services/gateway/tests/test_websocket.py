@@ -1,19 +1,30 @@
-"""WS /api/conversations/{id}/events over a real uvicorn server and a real nats-server."""
+"""WS /api/conversations/{id}/events (and the event tail under it) over a real uvicorn server
+and a real nats-server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+import nats
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.commands import ConfirmAction, PauseConversation, SendMessage
-from taskbus.contracts.events import CmdOutputChunk, EventSource
+from taskbus.contracts.events import CmdOutputChunk, ConversationCreated, EventSource, MessageAction
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.devtools.nats_server import NatsServer
+from taskbus.gateway.bus import Bus
+from taskbus.gateway.event_tail import EventTail
 
 Headers = dict[str, str]
 
@@ -193,3 +204,89 @@ async def test_a_client_that_stops_reading_is_closed_as_slow_consumer(
     assert closed.value.rcvd.code == 4008
     assert closed.value.rcvd.reason == "slow consumer"
     assert received < 400
+
+
+@contextlib.asynccontextmanager
+async def appender_on(nats_url: str) -> AsyncIterator[EventAppender]:
+    """An appender on a connection of its own (the gateway's is the one under test)."""
+    connection = await nats.connect(nats_url)
+    try:
+        yield EventAppender(connection.jetstream())
+    finally:
+        await connection.drain()
+
+
+def said(cid: str, text: str) -> MessageAction:
+    return MessageAction(conversation_id=cid, source=EventSource.AGENT, content=text)
+
+
+async def alices_conversation(nats_url: str, events: list[MessageAction | CmdOutputChunk]) -> str:
+    cid = uuid.uuid4().hex
+    created = ConversationCreated(
+        conversation_id=cid,
+        source=EventSource.USER,
+        user_id="alice",
+        spec=ConversationSpec(),
+        title="restart",
+    )
+    async with appender_on(nats_url) as appender:
+        await appender.append(created)
+        for event in events:
+            await appender.append(msgspec.structs.replace(event, conversation_id=cid))
+    return cid
+
+
+async def restart(server: NatsServer) -> None:
+    """Stop and start on the same port and store, off the event loop the gateway runs on."""
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(0.3)  # the gateway notices the lost connection
+    await asyncio.to_thread(server.start)
+
+
+async def test_an_open_websocket_resumes_promptly_after_nats_restarts(
+    restartable_server_url: str, restartable_nats: NatsServer, alice: Headers
+) -> None:
+    """JetStream forgets the tail's consumer when nats-server restarts; events appended after
+    the restart must still reach the open socket within a few seconds, gap- and dup-free."""
+    history = [said("", f"before {i}") for i in range(2)]
+    cid = await alices_conversation(restartable_nats.url, history)
+    async with connect(events_url(restartable_server_url, cid), additional_headers=alice) as ws:
+        assert [(await next_event(ws))["id"] for _ in range(3)] == [0, 1, 2]
+        await restart(restartable_nats)
+        restarted_at = time.monotonic()
+        async with appender_on(restartable_nats.url) as appender:
+            await appender.append_all([said(cid, f"after {i}") for i in range(3)])
+        after = [await next_event(ws, wait_seconds=10) for _ in range(3)]
+        latency = time.monotonic() - restarted_at
+        assert [(e["id"], e["message"]) for e in after] == [
+            (3, "after 0"),
+            (4, "after 1"),
+            (5, "after 2"),
+        ]
+        assert latency < 3, f"events after the restart took {latency:.1f}s"
+        assert await no_event_within(ws, 0.5)
+
+
+async def test_a_tail_waiting_for_its_reader_through_a_nats_restart_loses_no_event(
+    restartable_nats: NatsServer,
+) -> None:
+    """The restart finds the tail waiting for a slow reader to take the next history event;
+    the re-created consumer must deliver that event, once."""
+    bus = await Bus.connect(restartable_nats.url, wait_seconds=2.0)  # makes the streams
+    try:
+        history = [said("", f"before {i}") for i in range(20)]
+        cid = await alices_conversation(restartable_nats.url, history)  # ids 0..20
+        async with EventTail(bus.js, bus.reconnects, cid, after_id=-1, max_buffered=5) as tail:
+            await asyncio.sleep(0.2)  # ids 0..4 fill the buffer; the tail waits to put id 5
+            await restart(restartable_nats)
+            await asyncio.wait_for(bus.reconnects.after(0), 5)
+            await asyncio.sleep(0.2)  # the tail resumes while still waiting to put id 5
+            history_taken = [await tail.next_event(wait_seconds=3) for _ in range(21)]
+            assert [item[0] if item else None for item in history_taken] == list(range(21))
+            async with appender_on(restartable_nats.url) as appender:
+                await appender.append(said(cid, "after"))
+            live = await tail.next_event(wait_seconds=3)
+            assert live is not None and live[0] == 21
+            assert await tail.next_event(wait_seconds=0.5) is None
+    finally:
+        await bus.close()

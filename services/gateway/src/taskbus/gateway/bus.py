@@ -38,6 +38,7 @@ from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.streams import ensure_streams
 from taskbus.gateway.conversations import LogTail, fold_conversation
 from taskbus.gateway.problems import Problem, conversation_not_found
+from taskbus.gateway.reconnects import Reconnects
 from taskbus.gateway.user_settings import reflects
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ R = TypeVar("R", bound=Reply)
 _VISIBILITY_POLL_SECONDS = 0.25
 # How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
 _SETTINGS_POLL_SECONDS = 0.05
+# Pause between reconnect attempts: short, as open WebSockets wait on the reconnect.
+_RECONNECT_WAIT_SECONDS = 0.5
 
 
 def unavailable(what: str) -> Problem:
@@ -62,12 +65,14 @@ class Bus:
         self,
         nc: Client,
         js: JetStreamContext,
+        reconnects: Reconnects,
         conversations: KeyValue,
         settings: KeyValue,
         timeout: float,
     ) -> None:
         self.nc = nc
         self.js = js
+        self.reconnects = reconnects
         self._conversations = conversations
         self._settings = settings
         self._timeout = timeout
@@ -76,12 +81,20 @@ class Bus:
     @classmethod
     async def connect(cls, url: str, wait_seconds: float) -> Bus:
         """`wait_seconds` bounds every wait on another service (visibility, queries)."""
-        nc = await nats.connect(url, name="taskbus-gateway")
+        reconnects = Reconnects()
+        nc = await nats.connect(
+            url,
+            name="taskbus-gateway",
+            reconnected_cb=reconnects.notify,
+            # Never give up: the gateway outlives any nats-server restart.
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=_RECONNECT_WAIT_SECONDS,
+        )
         js = nc.jetstream()
         await ensure_streams(js)
         conversations = await js.key_value(subjects.CONVERSATIONS_BUCKET)
         settings = await js.key_value(subjects.SETTINGS_BUCKET)
-        return cls(nc, js, conversations, settings, wait_seconds)
+        return cls(nc, js, reconnects, conversations, settings, wait_seconds)
 
     @property
     def connected(self) -> bool:

@@ -123,7 +123,9 @@ async def conversation_events(
         return
     await websocket.accept()
     connection = _Connection(websocket, bus, user, conversation_id)
-    tail = EventTail(bus.js, conversation_id, after_id, settings.ws_max_buffered_events)
+    tail = EventTail(
+        bus.js, bus.reconnects, conversation_id, after_id, settings.ws_max_buffered_events
+    )
     async with tail:
         tasks: dict[str, asyncio.Task[Any]] = {
             "send": asyncio.create_task(
