@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -16,6 +19,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import Event
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.event_store.clickhouse import ClickHouse
@@ -24,6 +29,7 @@ from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.responder import QueryResponder
 from taskbus.event_store.sql import Statement
 from taskbus.event_store.status_kv import ConversationStatusKV
+from taskbus.event_store.synthetic import users_history
 
 WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
 
@@ -142,3 +148,25 @@ async def event_store(
     yield ingester
     await responder.stop()
     await ingester.stop()
+
+
+IngestHistory = Callable[..., Awaitable[list[list[Event]]]]
+
+
+@pytest.fixture(scope="module")
+def ingest_history(
+    module_js: JetStreamContext, event_store: Ingester, wait_until: WaitUntil
+) -> IngestHistory:
+    """Append a generated history (`synthetic.users_history`) and wait until it is ingested;
+    returns each conversation's events as appended (with their ids)."""
+
+    async def ingest(
+        seed: int, users: list[str], conversations: int, start: datetime, **options: Any
+    ) -> list[list[Event]]:
+        planned = users_history(random.Random(seed), users, conversations, start, **options)
+        appender = EventAppender(module_js)
+        appended = await asyncio.gather(*(appender.append_all(events) for events in planned))
+        await wait_until(event_store.caught_up, "the ingest to catch up")
+        return list(appended)
+
+    return ingest

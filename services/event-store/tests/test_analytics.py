@@ -3,8 +3,6 @@ each figure checked against an independent computation in Python over the append
 
 from __future__ import annotations
 
-import asyncio
-import random
 import statistics
 import uuid
 from collections import Counter, defaultdict
@@ -13,9 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from nats.js import JetStreamContext
 
-from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
     CmdOutputObservation,
     CommandTimeout,
@@ -40,13 +36,11 @@ from taskbus.contracts.queries import (
     OutcomeStats,
 )
 from taskbus.contracts.status import ConversationStatus
-from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
-from taskbus.event_store.synthetic import users_history
 
 pytestmark = pytest.mark.usefixtures("event_store")
 
-WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
+IngestHistory = Callable[..., Awaitable[list[list[Event]]]]
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 ENDED = {ConversationStatus.FINISHED, ConversationStatus.ERROR, ConversationStatus.STOPPED}
 
@@ -57,15 +51,10 @@ class History(msgspec.Struct):
 
 
 @pytest.fixture(scope="module")
-async def history(
-    module_js: JetStreamContext, event_store: Ingester, wait_until: WaitUntil
-) -> History:
+async def history(ingest_history: IngestHistory) -> History:
     tag = uuid.uuid4().hex[:6]
     users = [f"u{n}{tag}" for n in range(3)]
-    planned = users_history(random.Random(5), users, 6, T0, max_steps=14, id_prefix=f"an{tag}")
-    appender = EventAppender(module_js)
-    appended = await asyncio.gather(*(appender.append_all(events) for events in planned))
-    await wait_until(event_store.caught_up, "the ingest to catch up")
+    appended = await ingest_history(5, users, 6, T0, max_steps=14, id_prefix=f"an{tag}")
     by_user: dict[str, list[list[Event]]] = defaultdict(list)
     for events in appended:
         assert isinstance(events[0], ConversationCreated)

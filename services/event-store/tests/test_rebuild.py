@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -13,7 +11,6 @@ import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import ConversationCreated, Event, EventSource, ThinkAction
 from taskbus.contracts.queries import (
     ConversationPage,
@@ -39,11 +36,10 @@ from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.rebuild import rebuild
 from taskbus.event_store.rows import event_row
 from taskbus.event_store.sql import Statement
-from taskbus.event_store.synthetic import users_history
 
 pytestmark = pytest.mark.usefixtures("event_store")
 
-WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
+IngestHistory = Callable[..., Awaitable[list[list[Event]]]]
 T0 = datetime(2025, 4, 1, tzinfo=UTC)
 
 
@@ -53,15 +49,10 @@ class History(msgspec.Struct):
 
 
 @pytest.fixture(scope="module")
-async def history(
-    module_js: JetStreamContext, event_store: Ingester, wait_until: WaitUntil
-) -> History:
+async def history(ingest_history: IngestHistory) -> History:
     tag = uuid.uuid4().hex[:6]
     users = [f"r{n}{tag}" for n in range(2)]
-    planned = users_history(random.Random(11), users, 5, T0, max_steps=12, id_prefix=f"rb{tag}")
-    appender = EventAppender(module_js)
-    appended = await asyncio.gather(*(appender.append_all(events) for events in planned))
-    await wait_until(event_store.caught_up, "the ingest to catch up")
+    appended = await ingest_history(11, users, 5, T0, max_steps=12, id_prefix=f"rb{tag}")
     return History(users=users, conversations={e[0].conversation_id: e for e in appended})
 
 
