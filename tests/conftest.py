@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from taskbus.devtools.launcher import LOCAL_USER
+from taskbus.devtools.launcher import local_api_key
 from taskbus.devtools.nats_server import free_port
 
 
@@ -30,12 +30,10 @@ class Stack(msgspec.Struct, frozen=True, kw_only=True):
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-def _read_api_key(keys_file: Path) -> str:
-    for line in keys_file.read_text().splitlines():
-        key, _, user = line.partition("=")
-        if user == LOCAL_USER:
-            return key
-    raise AssertionError("launcher wrote no local API key")
+def _local_api_key(data_dir: Path) -> str:
+    key = local_api_key(data_dir / "api_keys")
+    assert key is not None, "the launcher wrote no local API key"
+    return key
 
 
 @contextlib.contextmanager
@@ -76,7 +74,7 @@ def running_stack(data_dir: Path, **settings: str) -> Iterator[Stack]:
             url=f"http://127.0.0.1:{port}",
             ws_url=f"ws://127.0.0.1:{port}",
             nats_url=f"nats://127.0.0.1:{nats_port}",
-            api_key=_read_api_key(data_dir / "api_keys"),
+            api_key=_local_api_key(data_dir),
             data_dir=data_dir,
         )
     finally:

@@ -17,7 +17,7 @@ from taskbus.devtools.client import (
     is_final_status_event,
     render_event,
 )
-from taskbus.devtools.launcher import LOCAL_USER, StackInfo, load_settings, run_stack
+from taskbus.devtools.launcher import StackInfo, load_settings, local_api_key, run_stack
 
 DEMO_TASK = (
     "Plan the work with the task tracker, create hello.txt with a greeting, "
@@ -26,15 +26,9 @@ DEMO_TASK = (
 
 
 def _api_key(data_dir: str) -> str:
-    key = os.environ.get("TASKBUS_API_KEY")
+    key = os.environ.get("TASKBUS_API_KEY") or local_api_key(Path(data_dir) / "api_keys")
     if key:
         return key
-    keys_file = Path(data_dir) / "api_keys"
-    if keys_file.exists():
-        for line in keys_file.read_text().splitlines():
-            candidate, _, user = line.partition("=")
-            if user.strip() == LOCAL_USER:
-                return candidate.strip()
     raise SystemExit("no API key: set TASKBUS_API_KEY or run `taskbus up` first")
 
 

@@ -63,13 +63,21 @@ class StackInfo(msgspec.Struct, frozen=True, kw_only=True):
     scripted_model: bool
 
 
-def ensure_api_key(keys_file: Path) -> str:
-    """The local user's API key, created on first start and kept in the data dir."""
+def local_api_key(keys_file: Path) -> str | None:
+    """The local user's key from a `key=user` file, if it has one."""
     if keys_file.exists():
         for line in keys_file.read_text().splitlines():
             key, _, user = line.partition("=")
             if user.strip() == LOCAL_USER:
                 return key.strip()
+    return None
+
+
+def ensure_api_key(keys_file: Path) -> str:
+    """The local user's API key, created on first start and kept in the data dir."""
+    existing = local_api_key(keys_file)
+    if existing is not None:
+        return existing
     key = "tb_" + secrets.token_urlsafe(24)
     keys_file.parent.mkdir(parents=True, exist_ok=True)
     with keys_file.open("a") as handle:
