@@ -169,7 +169,9 @@ async def _restart_nats_when_it_exits(server: NatsServer, pid_file: Path) -> Non
             continue
         log.warning("nats-server exited; restarting it")
         try:
-            await asyncio.to_thread(server.start)
+            # Started from the loop's own thread, not a worker thread: the server's
+            # PDEATHSIG fires when the thread that forked it exits.
+            server.start()
         except (RuntimeError, TimeoutError, OSError):
             log.exception("nats-server did not restart")
             continue
