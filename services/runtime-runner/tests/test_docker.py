@@ -96,10 +96,13 @@ async def test_a_fork_bomb_is_held_by_the_pids_limit(
     resources = SandboxResources(cpus=1, memory_mb=512, pids=64, network=NetworkMode.NONE)
     bombed = await start(docker_config, tmp_path, started, resources)
     neighbour = await start(docker_config, tmp_path, started)
-    # `timeout` puts the bomb in its own process group and kills all of it after 4 s.
+    # Every level waits for its pipeline, so the bomb keeps forking against the limit until
+    # `timeout` kills its whole process group after 4 s; a backgrounded bomb would let the
+    # command end before the fork errors are printed.
     bomb = await run(
-        bombed, "timeout -s KILL 4 bash -c 'bomb() { bomb | bomb & }; bomb; wait'", blocking=True
+        bombed, "timeout -s KILL 4 bash -c 'bomb() { bomb | bomb; }; bomb'", blocking=True
     )
+    assert bomb.exit_code == 137, bomb
     assert "Resource temporarily unavailable" in bomb.content
     assert (await run(neighbour, "echo neighbour fine")).content.strip() == "neighbour fine"
     assert docker_client.inspect_container(bombed.sandbox_id)["State"]["Running"]
