@@ -47,6 +47,7 @@ _reply_decoder = msgspec.json.Decoder(ConversationReply | EventPage | QueryError
 class EventStoreProcess:
     def __init__(self, nats_url: str, data_dir: Path, consumer_name: str) -> None:
         self.data_dir = data_dir
+        self.consumer_name = consumer_name
         self.env = {
             **os.environ,
             "TASKBUS_NATS_URL": nats_url,
@@ -173,6 +174,13 @@ async def stored_ids(data_dir: Path) -> dict[str, list[int]]:
     return {cid: list(ids) for cid, ids in rows}
 
 
+async def ingest_progress(js: JetStreamContext, service: EventStoreProcess) -> tuple[int, int]:
+    """The service's ack floor in the events stream and how many events it has yet to ack."""
+    info = await js.consumer_info(subjects.EVENTS_STREAM, service.consumer_name)
+    assert info.ack_floor is not None and info.num_pending is not None
+    return info.ack_floor.stream_seq or 0, info.num_pending + (info.num_ack_pending or 0)
+
+
 async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log(
     service: EventStoreProcess, nc: Client, js: JetStreamContext
 ) -> None:
@@ -193,10 +201,15 @@ async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log
     assert isinstance(created, ConversationCreated)
     first = await appender.append_all(first)
     await conversation_once_at(nc, created.user_id, created.conversation_id, 0)  # it is up
+    acked_before, _ = await ingest_progress(js, service)
     appending = asyncio.gather(*(appender.append_all(events) for events in others))
-    await asyncio.sleep(0.3)
-    assert not appending.done()
-    service.kill()  # SIGKILL while events are being appended and ingested
+    for _ in range(4000):
+        acked, left = await ingest_progress(js, service)
+        if acked > acked_before:
+            break
+        await asyncio.sleep(0.005)
+    service.kill()  # SIGKILL once the service has acked some of the new events
+    assert acked > acked_before and left > 0, "no kill mid-ingest: nothing acked yet, or all"
     appended = [first, *await appending]
     service.start()
     for events in appended:

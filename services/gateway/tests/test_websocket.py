@@ -263,7 +263,8 @@ async def test_an_open_websocket_resumes_promptly_after_nats_restarts(
             (4, "after 1"),
             (5, "after 2"),
         ]
-        assert latency < 3, f"events after the restart took {latency:.1f}s"
+        # nats-py alone rebuilds the consumer only after two missed heartbeats (~20 s).
+        assert latency < 10, f"events after the restart took {latency:.1f}s"
         assert await no_event_within(ws, 0.5)
 
 

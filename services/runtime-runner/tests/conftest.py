@@ -150,3 +150,12 @@ def runner_processes() -> Iterator[list[RunnerProcess]]:
     for runner in processes:
         if runner.process.poll() is None:
             runner.kill(signal.SIGKILL)
+
+
+async def until(condition: Callable[[], bool], what: str, seconds: float = 20) -> None:
+    """Poll `condition` instead of sleeping a guessed time, which a slower machine outlasts."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never true within {seconds} s: {what}")

@@ -34,7 +34,14 @@ from taskbus.runtime_runner.docker_sandbox import (
 )
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
-from .conftest import SANDBOX_IMAGE, TEST_RUN, TEST_RUN_LABEL, RunnerProcess, run_label_filter
+from .conftest import (
+    SANDBOX_IMAGE,
+    TEST_RUN,
+    TEST_RUN_LABEL,
+    RunnerProcess,
+    run_label_filter,
+    until,
+)
 from .test_service import (
     command,
     read_log,
@@ -160,8 +167,14 @@ async def test_a_runner_killed_mid_command_restarts_reattached_without_orphans(
     await wait_for(js, cid, reply_to(prepared, CmdOutputObservation))
     (container,) = containers_of(docker_client, runner_id)
 
-    in_flight = await appender.append(command(cid, "sleep 60; echo never", blocking=True))
-    await asyncio.sleep(1.0)  # the command is running
+    in_flight = await appender.append(command(cid, "sleep 61; echo never", blocking=True))
+    await until(
+        lambda: any(
+            "sleep 61" in " ".join(process)
+            for process in docker_client.top(container["Id"])["Processes"]
+        ),
+        "the command is running",
+    )
     runner_processes[0].kill(signal.SIGKILL)
     assert docker_client.inspect_container(container["Id"])["State"]["Running"]
     # A container this runner owns whose conversation never got a live runtime: an orphan.

@@ -26,7 +26,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.status import RuntimeStatus
 
-from .conftest import RunnerProcess
+from .conftest import RunnerProcess, until
 from .test_service import (
     command,
     read_log,
@@ -77,7 +77,7 @@ async def test_a_local_runner_killed_mid_command_goes_on_in_the_same_workspaces(
 
     sleeper = f"sleep 60.{random.randrange(10**6):06d}"  # this test's own process to look for
     in_flight = await appender.append(command(cid, f"{sleeper}; echo never", blocking=True))
-    await asyncio.sleep(1.0)  # the command is running
+    await until(lambda: running(sleeper), "the command is running")
     runner_processes[0].kill(signal.SIGKILL)
     assert running(sleeper)  # the shell died with the runner, what it started did not
     await asyncio.to_thread(shutil.rmtree, workspaces[gone_cid])

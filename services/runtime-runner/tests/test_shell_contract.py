@@ -51,7 +51,7 @@ async def test_soft_timeout_keeps_the_command_and_an_empty_command_gets_the_rest
 ) -> None:
     started = time.monotonic()
     soft = await run(sandbox, "echo begun; sleep 2.5; echo finished")
-    assert time.monotonic() - started < TEST_LIMITS.no_change_seconds + 1.0
+    assert time.monotonic() - started < 2.5  # returned before the command could finish
     assert soft.timed_out == CommandTimeout.SOFT
     assert soft.exit_code == -1
     assert "begun" in soft.content
@@ -86,7 +86,7 @@ async def test_control_c_interrupts_the_running_command_and_keeps_the_shell(
     assert soft.timed_out == CommandTimeout.SOFT
     started = time.monotonic()
     interrupted = await run(sandbox, "C-c", is_input=True)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5 * TEST_LIMITS.no_change_seconds  # not `sleep 100`
     assert interrupted.exit_code == 130
     assert interrupted.timed_out == CommandTimeout.NONE
     assert (await run(sandbox, "echo $KEPT")).content.strip() == "yes"
