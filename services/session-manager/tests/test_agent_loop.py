@@ -54,6 +54,7 @@ from taskbus.contracts.events import (
     TaskTrackingAction,
     TaskTrackingObservation,
     ThinkAction,
+    ToolCallsQueued,
     UnknownEvent,
     decode_event,
 )
@@ -448,6 +449,67 @@ def agent_state_reached(state: AgentState, count: int = 1) -> Condition:
 
 def tool_results(request_body: dict[str, Any]) -> list[str]:
     return [m["content"] for m in request_body["messages"] if m["role"] == "tool"]
+
+
+PARALLEL_CALLS_SCRIPT: dict[str, Any] = {
+    "steps": [
+        {
+            "content": "Plan, look, then write.",
+            "tool_calls": [
+                {
+                    "name": "task_tracker",
+                    "arguments": {
+                        "command": "plan",
+                        "task_list": [{"id": "1", "title": "Write notes", "status": "in_progress"}],
+                    },
+                },
+                {"name": "execute_bash", "arguments": {"command": "ls"}},
+                {
+                    "name": "str_replace_editor",
+                    "arguments": {"command": "create", "path": "notes.md", "file_text": "notes"},
+                },
+            ],
+        },
+        finish("Wrote notes.md."),
+    ]
+}
+
+
+async def test_several_tool_calls_in_one_response_all_run_in_order(tmp_path: Path) -> None:
+    spec = ConversationSpec(initial_user_msg="Write some notes.")
+    async with (
+        agent_stack(tmp_path, PARALLEL_CALLS_SCRIPT) as stack,
+        stack.conversation("ines", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.FINISHED))
+
+    (queue,) = runtime.of(ToolCallsQueued)
+    assert isinstance(queue, ToolCallsQueued)
+    assert [call.name for call in queue.calls] == [
+        "task_tracker",
+        "execute_bash",
+        "str_replace_editor",
+    ]
+    work = [e for e in runtime.events if e.id > queue.id and not isinstance(e, AgentStateChanged)]
+    assert [type(e).__name__ for e in work][:7] == [
+        "TaskTrackingAction",
+        "TaskTrackingObservation",
+        "CmdRunAction",
+        "CmdOutputObservation",
+        "FileEditAction",
+        "FileEditObservation",
+        "LLMMetrics",
+    ]
+    released = [work[0], work[2], work[4]]
+    assert [e.cause for e in released] == [queue.id] * 3
+    assert [getattr(e, "tool_call_id", "") for e in released] == [c.id for c in queue.calls]
+    # One LLM call for the three tool calls; the next one saw every call answered, in order.
+    assert len(runtime.of(LLMMetrics)) == 2 and len(stack.llm.player.requests) == 2
+    last_request = stack.llm.player.requests[-1].body["messages"]
+    called = [m["tool_calls"][0]["id"] for m in last_request if m["role"] == "assistant"]
+    answered = [m["tool_call_id"] for m in last_request if m["role"] == "tool"]
+    assert called == answered == [c.id for c in queue.calls]
+    assert "hello.txt" in tool_results(stack.llm.player.requests[-1].body)[1]
 
 
 async def test_budget_stops_before_the_fourth_call_and_a_message_raises_it(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from taskbus.contracts.events import (
     ConfirmationRequested,
     ConversationCreated,
     ConversationStatusChanged,
+    ErrorObservation,
     Event,
     EventSource,
     FileEditAction,
@@ -31,6 +33,8 @@ from taskbus.contracts.events import (
     TaskTrackingAction,
     TaskTrackingObservation,
     ThinkAction,
+    ToolCall,
+    ToolCallsQueued,
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
@@ -413,6 +417,149 @@ def test_rejecting_answers_the_proposal_for_the_llm_and_waits_for_the_user(
     assert messages[-1]["role"] == "tool" and "rejected" in messages[-1]["content"]
     answered = next_step(fold_events(*prefix, *step, user("do X instead")))  # type: ignore[misc]
     assert kinds_and_states(answered) == [("AgentStateChanged", A.RUNNING)]
+
+
+def queued(*calls: tuple[str, dict[str, Any] | str]) -> ToolCallsQueued:
+    """One LLM response's several tool calls; a str stands for malformed argument text."""
+    return ToolCallsQueued(
+        conversation_id="c1",
+        source=EventSource.AGENT,
+        thought="Several things at once.",
+        calls=[
+            ToolCall(
+                id=f"toolu_{n}",
+                name=name,
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+            )
+            for n, (name, arguments) in enumerate(calls)
+        ],
+    )
+
+
+def play(fold_events: FoldEvents, events: list[Event]) -> list[Event]:
+    """Append what the loop decides and answer each command, until the loop would call the LLM
+    or has nothing to do."""
+    events = list(events)
+    for _ in range(50):
+        state = fold_events(*events)
+        step = next_step(state)
+        if isinstance(step, list):
+            events += step
+        elif step is Step.WAIT and isinstance(state.open_action, CmdRunAction):
+            events.append(output(cause=state.open_action.id))
+        else:
+            return events
+    raise AssertionError("the loop never settled")
+
+
+def test_several_tool_calls_of_one_response_run_one_at_a_time_in_order(
+    fold_events: FoldEvents,
+) -> None:
+    calls = queued(
+        ("task_tracker", {"command": "plan", "task_list": [{"id": "1", "title": "Look"}]}),
+        ("execute_bash", {"command": "ls"}),
+        ("execute_bash", "{not json"),
+        ("think", {"thought": "Now pwd."}),
+        ("execute_bash", {"command": "pwd"}),
+    )
+    prefix = [*started(), metrics(), calls]
+    queue_id = len(prefix) - 1
+    # The first call is released at once; the LLM is not called while calls remain.
+    first = next_step(fold_events(*prefix))
+    assert isinstance(first, list) and len(first) == 1
+    assert isinstance(first[0], TaskTrackingAction)
+    assert (first[0].cause, first[0].tool_call_id) == (queue_id, "toolu_0")
+    assert first[0].thought == "Several things at once."
+    released_one = fold_events(*prefix, *first)
+    assert released_one.tool_calls_released == 1 and released_one.tool_queue is not None
+
+    played = play(fold_events, prefix)
+    state = fold_events(*played)
+    assert next_step(state) is Step.CALL_LLM and state.tool_queue is None
+    assert state.iterations == 1  # one LLM call, five tool calls
+    after = played[len(prefix) :]
+    assert [e.kind for e in after] == [
+        "TaskTrackingAction",
+        "TaskTrackingObservation",
+        "CmdRunAction",
+        "CmdOutputObservation",
+        "ErrorObservation",
+        "ThinkAction",
+        "CmdRunAction",
+        "CmdOutputObservation",
+    ]
+    released = [e for e in after if e.cause == queue_id]
+    assert [getattr(e, "tool_call_id", None) for e in released] == [
+        "toolu_0",
+        "toolu_1",
+        None,
+        "toolu_3",
+        "toolu_4",
+    ]
+    assert [getattr(e, "thought", "") for e in released[1:]] == ["", "", "Now pwd.", ""]
+    error = after[4]
+    assert isinstance(error, ErrorObservation) and error.code == "invalid_tool_call"
+    assert "execute_bash" in error.content
+    # The LLM sees each released call answered in turn, the malformed one as an error.
+    messages = to_messages(state)[2:]
+    assert [m["role"] for m in messages] == [
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+    ]
+    ids = [m["tool_calls"][0]["id"] for m in messages if m["role"] == "assistant"]
+    assert ids == ["toolu_0", "toolu_1", "toolu_3", "toolu_4"]
+    assert [m["tool_call_id"] for m in messages if m["role"] == "tool"] == [*ids]
+
+
+def test_queued_calls_are_dropped_when_the_agent_finishes_or_is_stopped(
+    fold_events: FoldEvents,
+) -> None:
+    finish_first = queued(("finish", {"message": "Done."}), ("execute_bash", {"command": "ls"}))
+    played = play(fold_events, [*started(), metrics(), finish_first])
+    assert [e.kind for e in played[-3:]] == [
+        "AgentFinishAction",
+        "AgentStateChanged",
+        "ConversationStatusChanged",
+    ]
+    assert fold_events(*played).tool_queue is None
+    assert not any(isinstance(e, CmdRunAction) for e in played)
+
+    two_commands = queued(("execute_bash", {"command": "a"}), ("execute_bash", {"command": "b"}))
+    prefix = [*started(), metrics(), two_commands]
+    prefix += next_step(fold_events(*prefix))  # type: ignore[arg-type]
+    stopped = fold_events(*prefix, status(S.STOPPED), agent(A.STOPPED))
+    assert stopped.tool_queue is None
+    # Asked to go on later, the agent asks the LLM again instead of running the stale "b".
+    resumed = play(fold_events, [*prefix, status(S.STOPPED), agent(A.STOPPED), user("go on")])
+    assert next_step(fold_events(*resumed)) is Step.READMIT
+
+
+def test_queued_risky_calls_are_proposed_and_a_rejection_drops_the_rest(
+    fold_events: FoldEvents,
+) -> None:
+    calls = queued(("execute_bash", {"command": "rm -rf x"}), ("execute_bash", {"command": "b"}))
+    prefix = [*started(confirmation_mode=True), metrics(), calls]
+    (proposal,) = next_step(fold_events(*prefix))  # type: ignore[misc]
+    assert isinstance(proposal, ActionProposed) and proposal.cause == len(prefix) - 1
+    prefix.append(proposal)
+    asked = next_step(fold_events(*prefix))
+    assert kinds_and_states(asked) == [
+        ("ConfirmationRequested", ""),
+        ("AgentStateChanged", A.AWAITING_USER_CONFIRMATION),
+    ]
+    prefix += [*asked, given(len(prefix) - 1, confirmed=False)]  # type: ignore[misc]
+    rejected = play(fold_events, prefix)
+    state = fold_events(*rejected)
+    assert state.agent_state == A.USER_REJECTED and state.tool_queue is None
+    assert next_step(state) is Step.WAIT
+    assert not any(isinstance(e, CmdRunAction) for e in rejected)
 
 
 def test_stuck_means_the_same_call_and_result_repeatedly_since_the_user_spoke(

@@ -187,6 +187,24 @@ class AgentFinishAction(Event):
     tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
 
 
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call as the LLM made it, before it becomes an action."""
+
+    id: str
+    name: str
+    arguments: str  # the JSON text as the LLM sent it, valid or not
+
+
+class ToolCallsQueued(Event):
+    """The LLM asked for several tool calls in one response. They run one at a time, in order:
+    each becomes an action (with `cause` = this event's id) once the one before it is answered,
+    and those not yet released are dropped if the agent stops, finishes or errs."""
+
+    calls: list[ToolCall]
+    thought: str = ""  # the response's text, carried by the first released action
+    response_id: str = ""
+
+
 # --- observations -----------------------------------------------------------------------------
 
 
@@ -301,6 +319,7 @@ AnyEvent = (
     | TaskTrackingAction
     | ThinkAction
     | AgentFinishAction
+    | ToolCallsQueued
     | CmdOutputChunk
     | CmdOutputObservation
     | FileReadObservation

@@ -28,11 +28,12 @@ from taskbus.contracts.events import (
     RuntimeRequested,
     TaskTrackingAction,
     TaskTrackingObservation,
+    ToolCallsQueued,
     utc_now,
 )
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.session_manager.state import ConversationState, limit_reached
-from taskbus.session_manager.tools import render_task_list
+from taskbus.session_manager.tools import event_for_call, render_task_list
 
 
 class Step(enum.Enum):
@@ -106,10 +107,21 @@ def _running(state: ConversationState) -> Step | list[Event]:
         return [agent_state_event(state, _A.FINISHED), status_event(state, _S.FINISHED)]
     if isinstance(action, MessageAction):
         return [agent_state_event(state, _A.AWAITING_USER_INPUT)]
+    if state.tool_queue is not None:
+        return [_next_queued_call(state, state.tool_queue)]
     reason = limit_reached(state)
     if reason is not None:
         return [agent_state_event(state, _A.ERROR, reason), status_event(state, _S.ERROR, reason)]
     return Step.CALL_LLM
+
+
+def _next_queued_call(state: ConversationState, queue: ToolCallsQueued) -> Event:
+    """The next call of a multi-call response, released once the previous one is answered; it is
+    part of the LLM call already counted, so no limit is checked for it."""
+    index = state.tool_calls_released
+    thought = queue.thought if index == 0 else ""
+    released = event_for_call(state.conversation_id, queue.calls[index], thought, cause=queue.id)
+    return as_proposal(state, released)
 
 
 def _confirmation(state: ConversationState, pending: ActionProposed) -> Step | list[Event]:
@@ -159,7 +171,10 @@ def as_proposal(state: ConversationState, action: Event) -> Event:
         case _:
             return action
     return ActionProposed(
-        conversation_id=state.conversation_id, source=EventSource.AGENT, proposed=action
+        conversation_id=state.conversation_id,
+        source=EventSource.AGENT,
+        cause=action.cause,
+        proposed=action,
     )
 
 

@@ -29,6 +29,7 @@ from litellm.exceptions import (
     Timeout,
 )
 
+from taskbus.contracts.events import ToolCall
 from taskbus.contracts.specs import UserSettings
 from taskbus.session_manager.settings import SessionManagerSettings
 
@@ -51,12 +52,6 @@ def resolve_llm_config(settings: SessionManagerSettings, user: UserSettings | No
         base_url=user.llm_base_url or settings.llm_base_url,
         api_key=user.llm_api_key or settings.llm_api_key,
     )
-
-
-class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    name: str
-    arguments: str
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):

@@ -46,6 +46,7 @@ from taskbus.contracts.events import (
     EventSource,
     LLMMetrics,
     MessageAction,
+    ToolCallsQueued,
     UnknownEvent,
     decode_event,
 )
@@ -73,7 +74,7 @@ from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError, re
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
 from taskbus.session_manager.stuck import is_stuck, stuck_events
-from taskbus.session_manager.tools import TOOLS, InvalidToolCall, action_from_tool_call
+from taskbus.session_manager.tools import TOOLS, event_for_call
 
 logger = logging.getLogger(__name__)
 
@@ -547,30 +548,26 @@ class SessionManager:
 
 
 def _action_of(conversation_id: str, completion: Completion) -> Event:
-    """The event for the LLM's answer: its first tool call, or a message to the user."""
-    if not completion.tool_calls:
+    """The event for the LLM's answer: its tool call's action, the queue of its several tool
+    calls, or a message to the user."""
+    calls = completion.tool_calls
+    thought = completion.content or ""
+    if not calls:
         return MessageAction(
             conversation_id=conversation_id,
             source=EventSource.AGENT,
-            content=completion.content or "",
+            content=thought,
             wait_for_response=True,
         )
-    if len(completion.tool_calls) > 1:
-        logger.info(
-            "%s: acting on the first of %d tool calls", conversation_id, len(completion.tool_calls)
-        )
-    call = completion.tool_calls[0]
-    try:
-        return action_from_tool_call(
-            conversation_id, call.name, call.arguments, call.id, completion.content or ""
-        )
-    except InvalidToolCall as error:
-        return ErrorObservation(
-            conversation_id=conversation_id,
-            source=EventSource.ENVIRONMENT,
-            content=str(error),
-            code="invalid_tool_call",
-        )
+    if len(calls) == 1:
+        return event_for_call(conversation_id, calls[0], thought)
+    return ToolCallsQueued(
+        conversation_id=conversation_id,
+        source=EventSource.AGENT,
+        calls=calls,
+        thought=thought,
+        response_id=completion.response_id,
+    )
 
 
 def _llm_failure_events(state: ConversationState, error: LLMError) -> list[Event]:

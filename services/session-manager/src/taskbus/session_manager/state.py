@@ -37,6 +37,7 @@ from taskbus.contracts.events import (
     TaskTrackingAction,
     TaskTrackingObservation,
     ThinkAction,
+    ToolCallsQueued,
     UnknownEvent,
 )
 from taskbus.contracts.specs import ConversationSpec
@@ -61,6 +62,17 @@ OBSERVATIONS: tuple[type[Event], ...] = (
     FileEditObservation,
     TaskTrackingObservation,
     ErrorObservation,
+)
+
+# Agent states in which queued tool calls still run; any other drops them (stop, finish, error,
+# a rejected confirmation, a question to the user).
+_WORKING = frozenset(
+    {
+        AgentState.RUNNING,
+        AgentState.RATE_LIMITED,
+        AgentState.AWAITING_USER_CONFIRMATION,
+        AgentState.USER_CONFIRMED,
+    }
 )
 
 
@@ -89,6 +101,9 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     # Confirmation mode: a risky action waiting for the user, and the user's answer once given.
     pending_action: ActionProposed | None = None
     confirmation: bool | None = None
+    # Tool calls of one LLM response still to run, and how many of them are released already.
+    tool_queue: ToolCallsQueued | None = None
+    tool_calls_released: int = 0
     last_user_message_id: int = -1
     task_list: tuple[TaskItem, ...] = ()
     iterations: int = 0
@@ -120,6 +135,15 @@ def apply(state: ConversationState, event: Event | UnknownEvent) -> Conversation
     ):
         # The confirmed action itself, or the observation that records its rejection.
         state = msgspec.structs.replace(state, pending_action=None, confirmation=None)
+    queue = state.tool_queue
+    if queue is not None and event.cause == queue.id:
+        # Released from the queue: an action, its proposal, or the error of a malformed call.
+        released = state.tool_calls_released + 1
+        state = msgspec.structs.replace(
+            state,
+            tool_queue=queue if released < len(queue.calls) else None,
+            tool_calls_released=released,
+        )
     return _apply_payload(state, event)
 
 
@@ -150,12 +174,14 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 open_action, EXECUTABLE_ACTIONS
             ):
                 open_action = None  # finish / agent message are answered by this change
+            tool_queue = state.tool_queue if event.agent_state in _WORKING else None
             return replace(
                 state,
                 agent_state=event.agent_state,
                 agent_state_reason=event.reason,
                 agent_state_event_id=event.id,
                 open_action=open_action,
+                tool_queue=tool_queue,
             )
         case ConversationDeleted():
             return replace(state, deleted=True)
@@ -169,7 +195,10 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 open_action=None,
                 pending_action=None,
                 confirmation=None,
+                tool_queue=None,
             )
+        case ToolCallsQueued():
+            return replace(state, tool_queue=event, tool_calls_released=0)
         case ActionProposed():
             return replace(state, pending_action=event, confirmation=None)
         case ConfirmationGiven():

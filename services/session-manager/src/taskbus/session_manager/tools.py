@@ -11,6 +11,7 @@ from taskbus.contracts.events import (
     ActionProposed,
     AgentFinishAction,
     CmdRunAction,
+    ErrorObservation,
     Event,
     EventSource,
     FileEditAction,
@@ -20,6 +21,7 @@ from taskbus.contracts.events import (
     TaskItem,
     TaskTrackingAction,
     ThinkAction,
+    ToolCall,
 )
 
 EXECUTE_BASH = "execute_bash"
@@ -27,6 +29,7 @@ STR_REPLACE_EDITOR = "str_replace_editor"
 TASK_TRACKER = "task_tracker"
 THINK = "think"
 FINISH = "finish"
+INVALID_TOOL_CALL = "invalid_tool_call"  # the code of the error answering a malformed call
 
 
 def _function(name: str, description: str, properties: dict[str, Any], required: list[str]) -> Any:
@@ -184,6 +187,23 @@ def action_from_tool_call(
     except (json.JSONDecodeError, msgspec.ValidationError) as error:
         raise InvalidToolCall(f"invalid arguments for tool {name!r}: {error}") from error
     raise InvalidToolCall(f"unknown tool {name!r}; the tools are {', '.join(_TOOL_NAMES)}")
+
+
+def event_for_call(
+    conversation_id: str, call: ToolCall, thought: str, cause: int | None = None
+) -> Event:
+    """The action `call` asks for, or the error that tells the LLM why it is not valid."""
+    try:
+        action = action_from_tool_call(conversation_id, call.name, call.arguments, call.id, thought)
+    except InvalidToolCall as error:
+        return ErrorObservation(
+            conversation_id=conversation_id,
+            source=EventSource.ENVIRONMENT,
+            cause=cause,
+            content=str(error),
+            code=INVALID_TOOL_CALL,
+        )
+    return msgspec.structs.replace(action, cause=cause)
 
 
 _TOOL_NAMES = [tool["function"]["name"] for tool in TOOLS]
