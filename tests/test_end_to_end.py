@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import docker
+import docker.errors
 import httpx
 import nats
 import pytest
@@ -69,6 +71,35 @@ async def test_task_runs_to_finished_and_ws_equals_rest(
 
     final = (await api.get(f"/api/conversations/{conversation_id}")).json()
     assert final["status"] == "FINISHED"
+
+
+async def test_an_idle_finished_conversation_gives_its_sandbox_back(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    created = await api.post(
+        "/api/conversations", json={"initial_user_msg": TASK, "timeouts": {"idle_seconds": 1}}
+    )
+    assert created.status_code == 201, created.text
+    conversation_id = created.json()["conversation_id"]
+    async with open_events_ws(stack, conversation_id, -1) as ws:
+        events = await events_until_final(ws)
+        assert events[-1]["status"] == "FINISHED"
+        while not (
+            (event := await next_event(ws))["kind"] == "RuntimeStatusChanged"
+            and event["status"] == "stopped"
+        ):
+            assert event["kind"] in ("RuntimeControlRequested", "CmdOutputChunk"), event
+    assert event["reason"] == "idle"
+    (ready,) = [e for e in events if e["kind"] == "RuntimeStatusChanged" and e["status"] == "ready"]
+    if ready["backend"] == "docker":
+        engine = docker.from_env()
+        try:
+            with pytest.raises(docker.errors.NotFound):
+                engine.containers.get(ready["sandbox_id"])
+        finally:
+            engine.close()
+    final = (await api.get(f"/api/conversations/{conversation_id}")).json()
+    assert final["status"] == "FINISHED"  # the outcome stays
 
 
 async def test_ws_reconnect_after_event_k_gets_exactly_the_rest(

@@ -49,6 +49,8 @@ from taskbus.contracts.events import (
     FileEditAction,
     FileEditObservation,
     LLMMetrics,
+    RuntimeControl,
+    RuntimeControlRequested,
     RuntimeRequested,
     RuntimeStatusChanged,
     TaskTrackingAction,
@@ -58,7 +60,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
     decode_event,
 )
-from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.specs import ConversationSpec, Timeouts, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
@@ -148,6 +150,14 @@ class FakeRuntime:
                     **env, status=RuntimeStatus.READY, backend="test", workspace="/workspace"
                 )
                 await self._appender.append(ready)
+            case RuntimeControlRequested():
+                answered = {
+                    RuntimeControl.STOP: RuntimeStatus.STOPPED,
+                    RuntimeControl.PAUSE: RuntimeStatus.PAUSED,
+                    RuntimeControl.RESUME: RuntimeStatus.READY,
+                }[event.action]
+                status = RuntimeStatusChanged(**env, status=answered, reason=event.reason)
+                await self._appender.append(status)
             case CmdRunAction() if self.hold_commands:
                 self._held.append(event)
             case CmdRunAction():
@@ -212,6 +222,13 @@ def status_reached(status: ConversationStatus, count: int = 1) -> Condition:
     def reached(events: list[Event | UnknownEvent]) -> bool:
         seen = [e for e in events if isinstance(e, ConversationStatusChanged)]
         return sum(e.status == status for e in seen) >= count
+
+    return reached
+
+
+def runtime_reached(status: RuntimeStatus) -> Condition:
+    def reached(events: list[Event | UnknownEvent]) -> bool:
+        return any(isinstance(e, RuntimeStatusChanged) and e.status == status for e in events)
 
     return reached
 
@@ -510,6 +527,58 @@ async def test_several_tool_calls_in_one_response_all_run_in_order(tmp_path: Pat
     answered = [m["tool_call_id"] for m in last_request if m["role"] == "tool"]
     assert called == answered == [c.id for c in queue.calls]
     assert "hello.txt" in tool_results(stack.llm.player.requests[-1].body)[1]
+
+
+async def test_an_idle_conversation_pauses_wakes_on_a_message_and_gives_its_sandbox_back(
+    tmp_path: Path,
+) -> None:
+    script = {"steps": [{"content": "Which file should I change?"}, finish("Changed it.")]}
+    spec = ConversationSpec(initial_user_msg="Fix a file.", timeouts=Timeouts(idle_seconds=1))
+    async with (
+        agent_stack(tmp_path, script, time_limit_check_seconds=0.1) as stack,
+        stack.conversation("jo", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.PAUSED))
+        assert statuses(runtime)[-1] == (S.PAUSED, "idle")
+        (created,) = runtime.of(ConversationCreated)
+        assert created.spec.timeouts.idle_seconds == 1  # type: ignore[attr-defined]
+        assert created.spec.timeouts.max_duration_seconds is None  # type: ignore[attr-defined]
+        answer = SendMessage(user_id="jo", conversation_id=runtime.cid, content="main.py")
+        await send(stack.js, answer, "SendMessage")
+        await runtime.wait_for(status_reached(S.FINISHED))
+        await runtime.wait_for(runtime_reached(RuntimeStatus.STOPPED))
+
+    assert statuses(runtime) == [
+        (S.STARTING, ""),
+        (S.RUNNING, ""),
+        (S.PAUSED, "idle"),
+        (S.RUNNING, "user_returned"),
+        (S.FINISHED, ""),
+    ]
+    controls = [(e.action, e.reason) for e in runtime.of(RuntimeControlRequested)]  # type: ignore[attr-defined]
+    assert controls == [
+        (RuntimeControl.PAUSE, "idle"),
+        (RuntimeControl.RESUME, "user_returned"),
+        (RuntimeControl.STOP, "idle"),
+    ]
+    assert len(stack.llm.player.requests) == 2
+
+
+async def test_max_duration_stops_a_busy_conversation(tmp_path: Path) -> None:
+    timeouts = Timeouts(max_duration_seconds=1.5)
+    spec = ConversationSpec(initial_user_msg="Do the demo.", timeouts=timeouts)
+    async with (
+        agent_stack(tmp_path, None, time_limit_check_seconds=0.1) as stack,
+        stack.conversation("kim", spec) as runtime,
+    ):
+        runtime.hold_commands = True  # a command that never ends
+        await runtime.wait_for(runtime_reached(RuntimeStatus.STOPPED))
+    assert statuses(runtime)[-1] == (S.STOPPED, "timeout")
+    starting, *_, stopped = runtime.of(ConversationStatusChanged)
+    assert (stopped.timestamp - starting.timestamp).total_seconds() >= 1.5
+    assert len(runtime.of(CmdRunAction)) == 1 and not runtime.of(CmdOutputObservation)
+    controls = [(e.action, e.reason) for e in runtime.of(RuntimeControlRequested)]  # type: ignore[attr-defined]
+    assert controls == [(RuntimeControl.STOP, "timeout")]
 
 
 async def test_budget_stops_before_the_fourth_call_and_a_message_raises_it(

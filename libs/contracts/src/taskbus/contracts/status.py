@@ -58,6 +58,10 @@ TRANSITIONS: dict[ConversationStatus, frozenset[ConversationStatus]] = {
 
 # Statuses in which a conversation holds (or is about to hold) a sandbox.
 ACTIVE_STATUSES = frozenset({_S.STARTING, _S.RUNNING, _S.PAUSED})
+# Runtime statuses of a sandbox that exists (an ended conversation may still hold one).
+LIVE_RUNTIME_STATUSES = frozenset(
+    {RuntimeStatus.STARTING, RuntimeStatus.READY, RuntimeStatus.PAUSED}
+)
 
 
 class InvalidTransition(ValueError):

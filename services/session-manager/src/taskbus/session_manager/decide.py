@@ -25,6 +25,8 @@ from taskbus.contracts.events import (
     FileEditAction,
     FileWriteAction,
     MessageAction,
+    RuntimeControl,
+    RuntimeControlRequested,
     RuntimeRequested,
     TaskTrackingAction,
     TaskTrackingObservation,
@@ -34,6 +36,9 @@ from taskbus.contracts.events import (
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.session_manager.state import ConversationState, limit_reached
 from taskbus.session_manager.tools import event_for_call, render_task_list
+
+# The status reason of a conversation paused because nobody used it for `idle_seconds`.
+IDLE_REASON = "idle"
 
 
 class Step(enum.Enum):
@@ -55,7 +60,9 @@ def next_step(state: ConversationState) -> Step | list[Event]:
     match state.status:
         case _S.STARTING:
             return _starting(state)
-        case _S.QUEUED | _S.PAUSED | _S.ARCHIVED:
+        case _S.PAUSED:
+            return _paused(state)
+        case _S.QUEUED | _S.ARCHIVED:
             return Step.WAIT
         case _S.STOPPED | _S.FINISHED | _S.ERROR:
             return _ended(state)
@@ -64,6 +71,19 @@ def next_step(state: ConversationState) -> Step | list[Event]:
 
 def _user_is_waiting(state: ConversationState) -> bool:
     return state.last_user_message_id > state.agent_state_event_id
+
+
+def _paused(state: ConversationState) -> Step | list[Event]:
+    """A conversation paused for being idle wakes up when its user answers; one the user paused
+    waits for an explicit resume."""
+    returned = _user_is_waiting(state) or state.confirmation is not None
+    if state.status_reason != IDLE_REASON or not returned:
+        return Step.WAIT
+    return [
+        runtime_control_event(state, RuntimeControl.RESUME, "user_returned"),
+        status_event(state, _S.RUNNING, "user_returned"),
+        agent_state_event(state, _A.RUNNING),
+    ]
 
 
 def _starting(state: ConversationState) -> Step | list[Event]:
@@ -222,6 +242,17 @@ def status_event(
         conversation_id=state.conversation_id,
         source=EventSource.ENVIRONMENT,
         status=status,
+        reason=reason,
+    )
+
+
+def runtime_control_event(
+    state: ConversationState, action: RuntimeControl, reason: str
+) -> RuntimeControlRequested:
+    return RuntimeControlRequested(
+        conversation_id=state.conversation_id,
+        source=EventSource.ENVIRONMENT,
+        action=action,
         reason=reason,
     )
 

@@ -8,22 +8,17 @@ from taskbus.contracts.events import (
     Event,
     EventSource,
     RuntimeControl,
-    RuntimeControlRequested,
 )
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus, can_transition
-from taskbus.session_manager.decide import agent_state_event, status_event
+from taskbus.session_manager.decide import (
+    IDLE_REASON,
+    agent_state_event,
+    runtime_control_event,
+    status_event,
+)
 from taskbus.session_manager.state import ConversationState
 
 _S = ConversationStatus
-
-
-def _runtime(state: ConversationState, action: RuntimeControl, reason: str) -> Event:
-    return RuntimeControlRequested(
-        conversation_id=state.conversation_id,
-        source=EventSource.ENVIRONMENT,
-        action=action,
-        reason=reason,
-    )
 
 
 def _has_sandbox(state: ConversationState) -> bool:
@@ -40,16 +35,16 @@ def stop_events(state: ConversationState, reason: str) -> list[Event]:
         agent_state_event(state, AgentState.STOPPED, reason),
     ]
     if _has_sandbox(state):
-        events.append(_runtime(state, RuntimeControl.STOP, reason))
+        events.append(runtime_control_event(state, RuntimeControl.STOP, reason))
     return events
 
 
-def pause_events(state: ConversationState) -> list[Event]:
+def pause_events(state: ConversationState, reason: str = "user_pause") -> list[Event]:
     if state.status not in (_S.RUNNING, _S.STARTING):
         return []
     return [
-        _runtime(state, RuntimeControl.PAUSE, "user_pause"),
-        status_event(state, _S.PAUSED, "user_pause"),
+        runtime_control_event(state, RuntimeControl.PAUSE, reason),
+        status_event(state, _S.PAUSED, reason),
         agent_state_event(state, AgentState.PAUSED),
     ]
 
@@ -58,7 +53,7 @@ def resume_events(state: ConversationState) -> list[Event]:
     if state.status != _S.PAUSED:
         return []
     return [
-        _runtime(state, RuntimeControl.RESUME, "user_resume"),
+        runtime_control_event(state, RuntimeControl.RESUME, "user_resume"),
         status_event(state, _S.RUNNING, "user_resume"),
         agent_state_event(state, AgentState.RUNNING),
     ]
@@ -69,7 +64,7 @@ def delete_events(state: ConversationState) -> list[Event]:
         return []
     events: list[Event] = []
     if _has_sandbox(state):
-        events.append(_runtime(state, RuntimeControl.STOP, "deleted"))
+        events.append(runtime_control_event(state, RuntimeControl.STOP, "deleted"))
     events += [
         ConversationDeleted(
             conversation_id=state.conversation_id, source=EventSource.USER, reason="deleted"
@@ -80,12 +75,14 @@ def delete_events(state: ConversationState) -> list[Event]:
 
 
 def confirmation_events(state: ConversationState, confirmed: bool) -> list[Event]:
-    """The user's answer to the pending confirmation request; nothing if none is pending."""
+    """The user's answer to the pending confirmation request; nothing if none is pending. A
+    conversation paused while it waited for the answer records it and wakes up."""
     pending = state.pending_action
+    idle = state.status == _S.PAUSED and state.status_reason == IDLE_REASON
     if (
         pending is None
         or state.confirmation is not None
-        or state.agent_state != AgentState.AWAITING_USER_CONFIRMATION
+        or (state.agent_state != AgentState.AWAITING_USER_CONFIRMATION and not idle)
     ):
         return []
     return [

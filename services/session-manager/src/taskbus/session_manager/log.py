@@ -14,11 +14,12 @@ from taskbus.contracts.events import (
     ConversationCreated,
     ConversationStatusChanged,
     MessageAction,
+    RuntimeStatusChanged,
     UnknownEvent,
     decode_event,
 )
 from taskbus.contracts.specs import UserSettings
-from taskbus.contracts.status import ACTIVE_STATUSES, ConversationStatus
+from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ async def conversation_exists(js: JetStreamContext, conversation_id: str) -> boo
 
 
 async def conversations_to_recover(js: JetStreamContext) -> list[str]:
-    """Conversations that may need work after a restart: queued or holding a sandbox, or with a
-    user message newer than their last status change."""
+    """Conversations that may need work after a restart: queued or holding a sandbox (ended
+    ones included), or with a user message newer than their last status change."""
     created = subjects.event_subject("*", ConversationCreated.__name__)
     info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=created)
     found: list[str] = []
@@ -81,6 +82,10 @@ async def conversations_to_recover(js: JetStreamContext) -> list[str]:
             continue
         if status.status in ACTIVE_STATUSES or status.status == ConversationStatus.QUEUED:
             found.append(cid)
+            continue
+        runtime = await _last_event(js, subjects.event_subject(cid, RuntimeStatusChanged.__name__))
+        if isinstance(runtime, RuntimeStatusChanged) and runtime.status in LIVE_RUNTIME_STATUSES:
+            found.append(cid)  # ended, but its sandbox is still to be given back when idle
             continue
         message = await _last_event(js, subjects.event_subject(cid, MessageAction.__name__))
         if message is not None and message.id > status.id:

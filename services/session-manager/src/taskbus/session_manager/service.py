@@ -74,6 +74,7 @@ from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError, re
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
 from taskbus.session_manager.stuck import is_stuck, stuck_events
+from taskbus.session_manager.time_limits import time_limit_events
 from taskbus.session_manager.tools import TOOLS, event_for_call
 
 logger = logging.getLogger(__name__)
@@ -103,13 +104,19 @@ def effective_spec(
     spec: ConversationSpec, user: UserSettings | None, settings: SessionManagerSettings
 ) -> ConversationSpec:
     """The spec with its limits resolved (request, then user settings, then operator default),
-    so the log records which limits applied."""
+    so the log records which limits applied. The runtime resolves its own command timeouts."""
     user = user or UserSettings()
+    timeouts = spec.timeouts
     return msgspec.structs.replace(
         spec,
         max_iterations=spec.max_iterations or user.max_iterations or settings.max_iterations,
         max_budget_per_task=(
             spec.max_budget_per_task or user.max_budget_per_task or settings.max_budget_per_task
+        ),
+        timeouts=msgspec.structs.replace(
+            timeouts,
+            idle_seconds=timeouts.idle_seconds or settings.idle_seconds,
+            max_duration_seconds=timeouts.max_duration_seconds or settings.max_duration_seconds,
         ),
     )
 
@@ -158,6 +165,7 @@ class SessionManager:
         self._tasks = [
             asyncio.create_task(self._consume(events, self._on_event_message), name="events"),
             asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
+            asyncio.create_task(self._enforce_time_limits(), name="time-limits"),
         ]
         await self._admit_waiting()
 
@@ -183,6 +191,20 @@ class SessionManager:
             except Exception:
                 logger.exception("failed to handle a batch; it will be redelivered")
                 await asyncio.sleep(_RETRY_DRIVER_SECONDS)
+
+    async def _enforce_time_limits(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._settings.time_limit_check_seconds)
+            now = datetime.now(UTC)
+            for cid, state in list(self._states.items()):
+                events = time_limit_events(state, now)
+                if not events:
+                    continue
+                logger.info("%s reached a time limit: %s", cid, events[0].kind)
+                try:
+                    await self._append(events)
+                except Exception:
+                    logger.exception("time limit of %s not applied; retrying", cid)
 
     # --- state ----------------------------------------------------------------------------
 

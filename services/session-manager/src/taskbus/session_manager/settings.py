@@ -26,5 +26,9 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_conversations: int = 3  # per user, unless the user's settings say otherwise
     concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.EVICT_OLDEST
     max_iterations: int = 50
+    # Conversation time limits unless the request sets them (see time_limits.py); None: none.
+    idle_seconds: float | None = 1800.0
+    max_duration_seconds: float | None = None
+    time_limit_check_seconds: float = 1.0
     max_budget_per_task: float | None = None
     fetch_batch: int = 256

@@ -88,6 +88,7 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     status: ConversationStatus | None = None
     status_reason: str = ""
     status_since: datetime | None = None
+    started_at: datetime | None = None  # the latest STARTING: max_duration_seconds counts from it
     agent_state: AgentState | None = None
     agent_state_reason: str = ""
     agent_state_event_id: int = -1
@@ -162,11 +163,13 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 budget_limit=event.spec.max_budget_per_task,
             )
         case ConversationStatusChanged():
+            starting = event.status == ConversationStatus.STARTING
             return replace(
                 state,
                 status=event.status,
                 status_reason=event.reason,
                 status_since=event.timestamp,
+                started_at=event.timestamp if starting else state.started_at,
             )
         case AgentStateChanged():
             open_action = state.open_action
