@@ -11,6 +11,7 @@
    stored, projected (ClickHouse + KV) and acked every one of them.
 3. search_events: 100-event pages of one conversation inside the 1M-event table, asked over
    NATS request-reply of the real QueryResponder (the gateway's path), and the bare SQL.
+4. Analytics: each analytics query's SQL for one user's figures over that table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +32,15 @@ import nats
 
 from taskbus.contracts import subjects
 from taskbus.contracts.events import decode_event, encode_event
-from taskbus.contracts.queries import ConversationInfo, EventPage, SearchEvents
+from taskbus.contracts.queries import (
+    ConversationInfo,
+    CostAnalytics,
+    DurationAnalytics,
+    EventKindCounts,
+    EventPage,
+    FailingCommands,
+    SearchEvents,
+)
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.event_store import sql
@@ -208,6 +217,33 @@ async def search_latencies(
     return over_nats, bare_sql
 
 
+# Each analytics query's SQL for one user's figures.
+ANALYTICS: dict[str, Callable[[str], sql.Statement]] = {
+    "cost by day": lambda user: sql.cost_analytics(CostAnalytics(user_id=user)),
+    "durations and outcomes": lambda user: sql.duration_analytics(DurationAnalytics(user_id=user)),
+    "events per kind": lambda user: sql.event_kind_counts(EventKindCounts(user_id=user)),
+    "top failing commands": lambda user: sql.failing_commands(FailingCommands(user_id=user)),
+}
+ANALYTICS_RUNS = 30
+
+
+async def analytics_latencies(clickhouse: ClickHouse) -> dict[str, list[float]]:
+    """Per analytics query, SQL latencies in ms over the whole table, users taken in turn (each
+    owns 1/USERS of the events)."""
+    latencies: dict[str, list[float]] = {}
+    for name, statement_for in ANALYTICS.items():
+        samples = latencies[name] = []
+        for n in range(ANALYTICS_RUNS + 3):  # the first 3 warm up
+            statement = statement_for(f"user-{n % USERS}")
+            started = time.perf_counter()
+            rows = await clickhouse.select(statement)
+            elapsed = time.perf_counter() - started
+            assert rows, name
+            if n >= 3:
+                samples.append(elapsed * 1000)
+    return latencies
+
+
 async def main(total: int, jetstream_total: int, requests: int) -> None:
     with tempfile.TemporaryDirectory(prefix="taskbus-bench-") as tmp:
         root = Path(tmp)
@@ -220,6 +256,8 @@ async def main(total: int, jetstream_total: int, requests: int) -> None:
             over_nats, bare_sql = await search_latencies(
                 server.url, clickhouse, conversation_ids, requests
             )
+            print(f"analytics, {ANALYTICS_RUNS} runs of each query ...", flush=True)
+            analytics = await analytics_latencies(clickhouse)
             await clickhouse.close()
             print(f"ingesting {jetstream_total:,} events through JetStream ...", flush=True)
             e2e_seconds = await ingest_through_jetstream(server.url, root / "e2e", jetstream_total)
@@ -239,6 +277,14 @@ async def main(total: int, jetstream_total: int, requests: int) -> None:
             "search_events 100/page, SQL only",
             f"{requests} pages in {total:,}",
             f"p50 {percentile(bare_sql, 50):.1f} ms, p99 {percentile(bare_sql, 99):.1f} ms",
+        ),
+        *(
+            (
+                f"analytics: {name}, SQL",
+                f"1 of {USERS} users in {total:,}",
+                f"p50 {percentile(samples, 50):.1f} ms, p99 {percentile(samples, 99):.1f} ms",
+            )
+            for name, samples in analytics.items()
         ),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
