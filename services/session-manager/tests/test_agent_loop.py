@@ -564,6 +564,26 @@ async def test_an_idle_conversation_pauses_wakes_on_a_message_and_gives_its_sand
     assert len(stack.llm.player.requests) == 2
 
 
+async def test_a_restarted_session_manager_still_gives_back_an_ended_conversations_sandbox(
+    tmp_path: Path,
+) -> None:
+    script = {"steps": [finish("Nothing to do.")]}
+    spec = ConversationSpec(initial_user_msg="Anything?", timeouts=Timeouts(idle_seconds=0.5))
+    async with (
+        agent_stack(tmp_path, script, time_limit_check_seconds=3600) as stack,
+        stack.conversation("lee", spec) as runtime,
+    ):
+        await runtime.wait_for(status_reached(S.FINISHED))
+        assert not runtime.of(RuntimeControlRequested)  # this instance never checks
+        # A new instance recovers the finished conversation because its sandbox is live.
+        restarted = msgspec.structs.replace(stack.settings, time_limit_check_seconds=0.1)
+        async with running_session_manager(restarted):
+            await runtime.wait_for(runtime_reached(RuntimeStatus.STOPPED))
+    controls = [(e.action, e.reason) for e in runtime.of(RuntimeControlRequested)]  # type: ignore[attr-defined]
+    assert controls == [(RuntimeControl.STOP, "idle")]
+    assert statuses(runtime)[-1] == (S.FINISHED, "")
+
+
 async def test_max_duration_stops_a_busy_conversation(tmp_path: Path) -> None:
     timeouts = Timeouts(max_duration_seconds=1.5)
     spec = ConversationSpec(initial_user_msg="Do the demo.", timeouts=timeouts)

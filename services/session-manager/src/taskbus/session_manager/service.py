@@ -165,8 +165,8 @@ class SessionManager:
         self._tasks = [
             asyncio.create_task(self._consume(events, self._on_event_message), name="events"),
             asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
-            asyncio.create_task(self._enforce_time_limits(), name="time-limits"),
         ]
+        self._background.add(asyncio.create_task(self._enforce_time_limits(), name="time-limits"))
         await self._admit_waiting()
 
     async def stop(self) -> None:
@@ -193,7 +193,8 @@ class SessionManager:
                 await asyncio.sleep(_RETRY_DRIVER_SECONDS)
 
     async def _enforce_time_limits(self) -> None:
-        while not self._stopping:
+        """Runs until cancelled by `stop`."""
+        while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
             now = datetime.now(UTC)
             for cid, state in list(self._states.items()):
