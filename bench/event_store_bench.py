@@ -77,7 +77,9 @@ def log_stream(total: int, seed: int, prefix: str) -> Iterator[list[Stored]]:
     while produced < total:
         group = []
         for _ in range(CONVERSATIONS_AT_ONCE):
-            cid = f"{prefix}-{conversation}"
+            # Random-looking like real ids, so no table part holds a narrow range of them;
+            # the trailing number names the owner.
+            cid = f"{rng.getrandbits(48):012x}-{prefix}-{conversation}"
             user = f"user-{conversation % USERS}"
             start = T0 + timedelta(minutes=rng.randint(0, 60 * 24 * 30))
             events = conversation_history(

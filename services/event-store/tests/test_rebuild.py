@@ -35,7 +35,7 @@ from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.rebuild import rebuild
 from taskbus.event_store.rows import event_row
-from taskbus.event_store.sql import Statement
+from taskbus.event_store.sql import MIGRATIONS, Statement
 
 pytestmark = pytest.mark.usefixtures("event_store")
 
@@ -141,3 +141,37 @@ async def test_rebuild_reproduces_every_query_result(
         assert rewritten.value == entry.value
         assert rewritten.revision is not None and entry.revision is not None
         assert rewritten.revision > entry.revision  # written again by the rebuild
+
+
+async def test_reordering_events_by_user_keeps_every_query_result(
+    queries: QueryClient, clickhouse: ClickHouse, history: History
+) -> None:
+    """Migration 2 on a store that version 1 made: same answers, new key, and safe to run again
+    after an interruption (before its version was recorded)."""
+    before = await every_answer(queries, history)
+    for statement in (  # back to the table version 1 created, holding the same rows
+        "CREATE TABLE events_v1 AS events"
+        " ENGINE = ReplacingMergeTree(ingested_at) ORDER BY (conversation_id, id)",
+        "INSERT INTO events_v1 SELECT * FROM events",
+        "RENAME TABLE events TO events_v2, events_v1 TO events",
+        "DROP TABLE events_v2 SYNC",
+        "ALTER TABLE schema_migrations DELETE WHERE version = 2 SETTINGS mutations_sync = 2",
+    ):
+        await clickhouse.select(Statement(statement, {}))
+    assert "ORDER BY (conversation_id, id)" in await table_definition(clickhouse, "events")
+
+    assert await clickhouse.migrate() == [2]
+    assert "ORDER BY (user_id, conversation_id, id)" in await table_definition(clickhouse, "events")
+    assert await every_answer(queries, history) == before
+
+    (reorder,) = [migration for migration in MIGRATIONS if migration.version == 2]
+    for statement in reorder.statements:
+        await clickhouse.select(Statement(statement, {}))
+    assert await every_answer(queries, history) == before
+    tables = await clickhouse.select(Statement("SHOW TABLES", {}))
+    assert {"events_by_user", "events_before_v2"}.isdisjoint(name for (name,) in tables)
+
+
+async def table_definition(clickhouse: ClickHouse, table: str) -> str:
+    ((definition,),) = await clickhouse.select(Statement(f"SHOW CREATE TABLE {table}", {}))
+    return str(definition)

@@ -4,10 +4,11 @@ User input only ever reaches ClickHouse as a bound parameter (`{name:Type}` plac
 by clickhouse-connect's `parameters=`); the SQL text itself is built from fixed fragments.
 
 Why ReplacingMergeTree + FINAL: ingest is at-least-once (a batch is inserted, then acked), so a
-redelivered batch inserts the same (conversation_id, id) rows again. A ReplacingMergeTree keyed
-on that sorting key keeps one row per key after background merges, and `FINAL` makes every read
-see the merged result before the merge has happened. Reads are always scoped to one conversation
-or one user, i.e. to a prefix of the sorting key, so FINAL only merges a few granules. The
+redelivered batch inserts the same (user_id, conversation_id, id) rows again. A
+ReplacingMergeTree keyed on that sorting key keeps one row per key after background merges, and
+`FINAL` makes every read see the merged result before the merge has happened. Reads are always
+scoped to one user or one of their conversations, i.e. to a prefix of the sorting key, so FINAL
+only merges a few granules. The
 alternative, `argMax(payload, ingested_at) GROUP BY id` per query, gives the same answer with
 more SQL at every call site; insert-time dedup (`insert_deduplicate`) only catches byte-identical
 blocks, and a redelivered batch is rarely cut the same way.
@@ -109,6 +110,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    # Every query carries the user (isolation), so with the user first in the key a
+    # conversation's page and one user's analytics are both index reads: analytics cost what
+    # the user owns, not what the table holds. A conversation's user never changes, so rows
+    # still collapse exactly as before. Re-runnable: each step works on what the last left.
+    Migration(
+        version=2,
+        description="events ordered by (user_id, conversation_id, id)",
+        statements=(
+            "CREATE TABLE IF NOT EXISTS events_by_user AS events"
+            " ENGINE = ReplacingMergeTree(ingested_at) ORDER BY (user_id, conversation_id, id)",
+            "INSERT INTO events_by_user SELECT * FROM events",
+            "RENAME TABLE events TO events_before_v2, events_by_user TO events",
+            "DROP TABLE IF EXISTS events_before_v2 SYNC",
+        ),
+    ),
 )
 
 
@@ -116,9 +132,10 @@ def pending_migrations(applied: set[int]) -> list[Migration]:
     return [migration for migration in MIGRATIONS if migration.version not in applied]
 
 
-# Every table the migrations create, and their record: a rebuild drops them all and migrates
-# from scratch. SYNC frees the name at once (an Atomic database otherwise drops it minutes later).
-TABLES = ("events", "conversations", "schema_migrations")
+# Every table the migrations create (an interrupted one's included), and their record: a
+# rebuild drops them all and migrates from scratch. SYNC frees the name at once (an Atomic
+# database otherwise drops it minutes later).
+TABLES = ("events", "conversations", "schema_migrations", "events_by_user", "events_before_v2")
 DROP_TABLES = tuple(f"DROP TABLE IF EXISTS {table} SYNC" for table in TABLES)
 
 
