@@ -393,6 +393,7 @@ class Stack:
     js: JetStreamContext
     llm: ScriptedLLM
     settings: SessionManagerSettings
+    manager: SessionManager
 
     @contextlib.asynccontextmanager
     async def conversation(
@@ -432,8 +433,8 @@ async def agent_stack(
         try:
             js = nc.jetstream()
             await ensure_streams(js)
-            async with running_session_manager(tuned):
-                yield Stack(js=js, llm=llm, settings=tuned)
+            async with running_session_manager(tuned) as manager:
+                yield Stack(js=js, llm=llm, settings=tuned, manager=manager)
         finally:
             await nc.drain()
 
@@ -532,7 +533,13 @@ async def test_several_tool_calls_in_one_response_all_run_in_order(tmp_path: Pat
 async def test_an_idle_conversation_pauses_wakes_on_a_message_and_gives_its_sandbox_back(
     tmp_path: Path,
 ) -> None:
-    script = {"steps": [{"content": "Which file should I change?"}, finish("Changed it.")]}
+    script = {
+        "steps": [
+            {"content": "Which file should I change?"},
+            finish("Changed it."),
+            finish("Did that too."),
+        ]
+    }
     spec = ConversationSpec(initial_user_msg="Fix a file.", timeouts=Timeouts(idle_seconds=1))
     async with (
         agent_stack(tmp_path, script, time_limit_check_seconds=0.1) as stack,
@@ -548,20 +555,36 @@ async def test_an_idle_conversation_pauses_wakes_on_a_message_and_gives_its_sand
         await runtime.wait_for(status_reached(S.FINISHED))
         await runtime.wait_for(runtime_reached(RuntimeStatus.STOPPED))
 
+        # Settled, it leaves memory; a later message folds it from the log and goes on.
+        for _ in range(200):
+            if runtime.cid not in stack.manager.held_conversations:
+                break
+            await asyncio.sleep(0.05)
+        assert runtime.cid not in stack.manager.held_conversations
+        again = SendMessage(user_id="jo", conversation_id=runtime.cid, content="Also README.")
+        await send(stack.js, again, "SendMessage")
+        await runtime.wait_for(status_reached(S.FINISHED, count=2))
+
     assert statuses(runtime) == [
         (S.STARTING, ""),
         (S.RUNNING, ""),
         (S.PAUSED, "idle"),
         (S.RUNNING, "user_returned"),
         (S.FINISHED, ""),
+        (S.STARTING, ""),
+        (S.RUNNING, ""),
+        (S.FINISHED, ""),
     ]
     controls = [(e.action, e.reason) for e in runtime.of(RuntimeControlRequested)]  # type: ignore[attr-defined]
-    assert controls == [
+    assert controls[:3] == [
         (RuntimeControl.PAUSE, "idle"),
         (RuntimeControl.RESUME, "user_returned"),
         (RuntimeControl.STOP, "idle"),
     ]
-    assert len(stack.llm.player.requests) == 2
+    assert len(runtime.of(RuntimeRequested)) == 2  # a new sandbox for the follow-up
+    assert len(stack.llm.player.requests) == 3
+    last_prompt = [m.get("content") for m in stack.llm.player.requests[-1].body["messages"]]
+    assert "main.py" in last_prompt and "Also README." in last_prompt
 
 
 async def test_a_restarted_session_manager_still_gives_back_an_ended_conversations_sandbox(

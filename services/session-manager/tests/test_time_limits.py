@@ -19,7 +19,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import Timeouts
 from taskbus.contracts.status import RuntimeStatus
-from taskbus.session_manager.decide import Step, next_step
+from taskbus.session_manager.decide import Step, is_settled, next_step
 from taskbus.session_manager.lifecycle import confirmation_events
 from taskbus.session_manager.time_limits import time_limit_events
 
@@ -148,5 +148,8 @@ def test_an_idle_finished_conversation_gives_its_sandbox_back(fold_events: FoldE
     )
     gone = [*done, *timed([*released, runtime_stopped], 300)]
     assert time_limit_events(fold_events(*gone), at(5000)) == []
+    # Only now may the service forget it: nothing is held and nothing is to do.
+    assert not is_settled(fold_events(*done)) and is_settled(fold_events(*gone))
     # A later message needs a sandbox again, on the same workspace.
     assert next_step(fold_events(*gone, user("One more thing."))) is Step.READMIT
+    assert not is_settled(fold_events(*gone, user("One more thing.")))

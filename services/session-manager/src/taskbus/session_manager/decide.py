@@ -33,7 +33,12 @@ from taskbus.contracts.events import (
     ToolCallsQueued,
     utc_now,
 )
-from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
+from taskbus.contracts.status import (
+    LIVE_RUNTIME_STATUSES,
+    AgentState,
+    ConversationStatus,
+    RuntimeStatus,
+)
 from taskbus.session_manager.state import ConversationState, limit_reached
 from taskbus.session_manager.tools import event_for_call, render_task_list
 
@@ -67,6 +72,19 @@ def next_step(state: ConversationState) -> Step | list[Event]:
         case _S.STOPPED | _S.FINISHED | _S.ERROR:
             return _ended(state)
     return _running(state)
+
+
+def is_settled(state: ConversationState) -> bool:
+    """Ended, holding no sandbox, and nothing to do until a new event or command arrives: the
+    service may forget its state and fold it from the log again when it is needed."""
+    return (
+        state.status in _SETTLED_STATUSES
+        and state.runtime_status not in LIVE_RUNTIME_STATUSES
+        and next_step(state) is Step.WAIT
+    )
+
+
+_SETTLED_STATUSES = frozenset({_S.STOPPED, _S.FINISHED, _S.ERROR, _S.ARCHIVED})
 
 
 def _user_is_waiting(state: ConversationState) -> bool:

@@ -58,6 +58,7 @@ from taskbus.session_manager.decide import (
     Step,
     agent_state_event,
     as_proposal,
+    is_settled,
     next_step,
     start_events,
     status_event,
@@ -138,6 +139,11 @@ class SessionManager:
         self._subscriptions: list[JetStreamContext.PullSubscription] = []
         self._stopping = False
 
+    @property
+    def held_conversations(self) -> frozenset[str]:
+        """The conversations whose state is in memory (the others are folded when needed)."""
+        return frozenset(self._states)
+
     # --- start / stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -166,7 +172,7 @@ class SessionManager:
             asyncio.create_task(self._consume(events, self._on_event_message), name="events"),
             asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
         ]
-        self._background.add(asyncio.create_task(self._enforce_time_limits(), name="time-limits"))
+        self._background.add(asyncio.create_task(self._sweep(), name="sweep"))
         await self._admit_waiting()
 
     async def stop(self) -> None:
@@ -192,12 +198,18 @@ class SessionManager:
                 logger.exception("failed to handle a batch; it will be redelivered")
                 await asyncio.sleep(_RETRY_DRIVER_SECONDS)
 
-    async def _enforce_time_limits(self) -> None:
-        """Runs until cancelled by `stop`."""
+    async def _sweep(self) -> None:
+        """Every `time_limit_check_seconds` until `stop` cancels it: apply the time limits, and
+        forget settled conversations so memory holds only those that may still move."""
         while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
             now = datetime.now(UTC)
             for cid, state in list(self._states.items()):
+                if self._states.get(cid) is not state:
+                    continue  # changed during an append of this sweep
+                if is_settled(state):
+                    self._forget(cid)
+                    continue
                 events = time_limit_events(state, now)
                 if not events:
                     continue
@@ -206,6 +218,18 @@ class SessionManager:
                     await self._append(events)
                 except Exception:
                     logger.exception("time limit of %s not applied; retrying", cid)
+
+    def _forget(self, conversation_id: str) -> None:
+        """Drop a settled conversation's state unless a task is using it; `_load` folds it from
+        the log again when an event or a command names it."""
+        busy = (
+            conversation_id in self._drivers
+            or conversation_id in self._changed
+            or self._loading[conversation_id].locked()
+        )
+        if not busy:
+            del self._states[conversation_id]
+            self._loading.pop(conversation_id, None)
 
     # --- state ----------------------------------------------------------------------------
 
