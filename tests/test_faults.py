@@ -46,9 +46,6 @@ def _fault_stack(data_dir: Path, **settings: str) -> contextlib.AbstractContextM
     return running_stack(
         data_dir,
         TASKBUS_SCRIPTED_MODEL_SCRIPT=str(FAULT_SCRIPT),
-        # An action a killed runtime-runner took but never acked comes back after ack_wait:
-        # 3 s here rather than the default 30 s, to keep the suite short.
-        TASKBUS_ACK_WAIT_SECONDS="3",
         **settings,
     )
 

@@ -67,7 +67,8 @@ def runner_environment(nats_url: str, root: Path, runner_id: str) -> dict[str, s
         "TASKBUS_CONSUMER_NAME": f"runtime_runner_{runner_id}",
         "TASKBUS_CONSUME_FROM": "new",
         "TASKBUS_NO_CHANGE_SECONDS": "5",
-        "TASKBUS_ACK_WAIT_SECONDS": "2",
+        # Far longer than the test: a cut-off action must be answered without a redelivery.
+        "TASKBUS_ACK_WAIT_SECONDS": "300",
     }
 
 

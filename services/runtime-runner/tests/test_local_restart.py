@@ -57,7 +57,8 @@ async def test_a_local_runner_killed_mid_command_goes_on_in_the_same_workspaces(
         "TASKBUS_CONSUMER_NAME": consumer,
         "TASKBUS_CONSUME_FROM": "new",
         "TASKBUS_NO_CHANGE_SECONDS": "5",
-        "TASKBUS_ACK_WAIT_SECONDS": "2",
+        # Far longer than the test: a cut-off action must be answered without a redelivery.
+        "TASKBUS_ACK_WAIT_SECONDS": "300",
     }
     log = tmp_path / "runner.log"
     runner_processes.append(RunnerProcess(environment, log))

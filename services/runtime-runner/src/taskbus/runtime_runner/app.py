@@ -41,7 +41,12 @@ from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered
-from taskbus.runtime_runner.runner import HANDLED_EVENTS, RuntimeRunner, SandboxFactory
+from taskbus.runtime_runner.runner import (
+    HANDLED_EVENTS,
+    RuntimeRunner,
+    SandboxFactory,
+    answer_cut_off_actions,
+)
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 
@@ -209,11 +214,13 @@ class RuntimeRunnerService:
             durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
         )
         engine = await connect_backend(settings)
+        appender = EventAppender(js)
+        journal = in_flight_journal(settings)
         runner = RuntimeRunner(
-            EventAppender(js),
+            appender,
             sandbox_factory(settings, engine),
             settings.max_output_bytes,
-            in_flight_journal(settings),
+            journal,
             # Docker sandboxes outlive the runner and are re-attached below, at start-up.
             recover=None
             if engine is not None
@@ -223,6 +230,10 @@ class RuntimeRunnerService:
             await reconcile(
                 engine, settings.runner_id, js, docker_sandbox_factory(settings, engine), runner
             )
+        # After reconcile, so the agent's next action finds its sandbox re-attached.
+        interrupted = await answer_cut_off_actions(js, appender, journal)
+        if interrupted:
+            logger.info("answered %d actions cut off by the previous runner", interrupted)
         dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
         heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
         logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)

@@ -19,8 +19,10 @@ class InFlightJournal:
     def end(self, conversation_id: str) -> None:
         (self._directory / conversation_id).unlink(missing_ok=True)
 
-    def interrupted(self, conversation_id: str) -> int | None:
-        """The action a previous runner began for this conversation and never answered."""
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            return int((self._directory / conversation_id).read_text())
-        return None
+    def entries(self) -> dict[str, int]:
+        """conversation id -> the action a previous runner began there and never answered."""
+        found: dict[str, int] = {}
+        for path in self._directory.iterdir():
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                found[path.name] = int(path.read_text())
+        return found

@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from itertools import count
 
+from nats.js import JetStreamContext
+
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
     CmdOutputChunk,
@@ -15,6 +17,7 @@ from taskbus.contracts.events import (
     CmdRunAction,
     ErrorObservation,
     Event,
+    EventSource,
     FileEditAction,
     FileReadAction,
     FileWriteAction,
@@ -26,6 +29,7 @@ from taskbus.contracts.events import (
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.files import FileActions, reply_to
 from taskbus.runtime_runner.journal import InFlightJournal
+from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.repository import redact_credentials
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 
@@ -63,8 +67,6 @@ class _Runtime:
         self.sandbox = sandbox
         self.files = files
         self.paused = False
-        # The action a crashed runner was carrying out in this (re-attached) sandbox.
-        self.interrupted_action: int | None = None
 
 
 class RuntimeRunner:
@@ -106,7 +108,6 @@ class RuntimeRunner:
         """Take over a sandbox that outlived the previous runner (see `reconcile`)."""
         runtime = _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes))
         runtime.paused = paused
-        runtime.interrupted_action = self._journal.interrupted(conversation_id)
         self._runtimes[conversation_id] = runtime
 
     async def _runtime(self, conversation_id: str) -> _Runtime | None:
@@ -216,10 +217,6 @@ class RuntimeRunner:
         if runtime is None:
             await self._appender.append(_no_runtime(action))
             return
-        if runtime.interrupted_action == action.id:
-            runtime.interrupted_action = None
-            await self._appender.append(_interrupted(action))
-            return
         if runtime.paused:
             await self._appender.append(
                 ErrorObservation(
@@ -278,10 +275,27 @@ class RuntimeRunner:
         )
 
 
-def _interrupted(action: Event) -> ErrorObservation:
-    """The answer to an action a crashed runner had begun: never run twice, never unanswered."""
+async def answer_cut_off_actions(
+    js: JetStreamContext, appender: EventAppender, journal: InFlightJournal
+) -> int:
+    """Answer each action a crashed runner had begun with `runtime_restarted`: never run twice,
+    never unanswered. Called at start-up before consuming, so the agent goes on at once rather
+    than when JetStream redelivers the unacked action (`ack_wait` later); the redelivered action
+    then finds its answer and is skipped. Returns how many were answered."""
+    answered = 0
+    for conversation_id, action_id in journal.entries().items():
+        if not await is_answered(js, conversation_id, action_id, stream_sequence=0):
+            await appender.append(_interrupted(conversation_id, action_id))
+            answered += 1
+        journal.end(conversation_id)
+    return answered
+
+
+def _interrupted(conversation_id: str, action_id: int) -> ErrorObservation:
     return ErrorObservation(
-        **reply_to(action),
+        conversation_id=conversation_id,
+        source=EventSource.ENVIRONMENT,
+        cause=action_id,
         code="runtime_restarted",
         content=(
             "The runtime-runner restarted while carrying out this action: it was stopped and its "
