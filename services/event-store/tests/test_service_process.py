@@ -174,6 +174,23 @@ async def stored_ids(data_dir: Path) -> dict[str, list[int]]:
     return {cid: list(ids) for cid, ids in rows}
 
 
+async def rebuild_with_the_cli(service: EventStoreProcess) -> tuple[int, str]:
+    """`python -m taskbus.event_store rebuild` on the service's data: exit code and stderr."""
+    rebuild = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskbus.event_store",
+        "rebuild",
+        env=service.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(rebuild.communicate(), timeout=120)
+    assert rebuild.returncode is not None
+    assert (b"rebuilt" in out) == (rebuild.returncode == 0)
+    return rebuild.returncode, err.decode()
+
+
 async def ingest_progress(js: JetStreamContext, service: EventStoreProcess) -> tuple[int, int]:
     """The service's ack floor in the events stream and how many events it has yet to ack."""
     info = await js.consumer_info(subjects.EVENTS_STREAM, service.consumer_name)
@@ -216,6 +233,9 @@ async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log
         created = events[0]
         assert isinstance(created, ConversationCreated)
         await conversation_once_at(nc, created.user_id, created.conversation_id, events[-1].id)
+    # A rebuild is refused while the service runs, and changes nothing.
+    refused, err = await rebuild_with_the_cli(service)
+    assert refused != 0 and "rebuild refused: the event-store is consuming" in err, err
     assert service.stop() == 0
 
     logged = {events[0].conversation_id: [e.id for e in events] for events in appended}
@@ -223,18 +243,8 @@ async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log
     stored = await stored_ids(service.data_dir)
     assert {cid: stored.get(cid) for cid in logged} == logged
 
-    # The CLI rebuild on the same data gives the same content.
-    rebuild = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "taskbus.event_store",
-        "rebuild",
-        env=service.env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(rebuild.communicate(), timeout=120)
-    assert rebuild.returncode == 0, err.decode()[-2000:]
-    assert b"rebuilt" in out
+    # The CLI rebuild on the same data, the service stopped, gives the same content.
+    returncode, err = await rebuild_with_the_cli(service)
+    assert returncode == 0, err[-2000:]
     stored = await stored_ids(service.data_dir)
     assert {cid: stored.get(cid) for cid in logged} == logged

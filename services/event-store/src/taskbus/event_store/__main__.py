@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from taskbus.contracts.config import settings_from_env
 from taskbus.event_store.app import run, run_rebuild
+from taskbus.event_store.rebuild import EventStoreRunning
 from taskbus.event_store.settings import EventStoreSettings
 
 
@@ -28,7 +30,10 @@ def main() -> None:
     )
     settings = settings_from_env(EventStoreSettings)
     if command == "rebuild":
-        conversations = asyncio.run(run_rebuild(settings))
+        try:
+            conversations = asyncio.run(run_rebuild(settings))
+        except EventStoreRunning as running:
+            sys.exit(f"rebuild refused: {running}")
         print(f"rebuilt {conversations} conversations")
     else:
         asyncio.run(run(settings))

@@ -13,7 +13,7 @@ from taskbus.contracts import subjects
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
-from taskbus.event_store.rebuild import rebuild
+from taskbus.event_store.rebuild import ensure_not_consuming, rebuild
 from taskbus.event_store.responder import QueryResponder
 from taskbus.event_store.settings import EventStoreSettings
 from taskbus.event_store.status_kv import ConversationStatusKV
@@ -81,19 +81,23 @@ async def run(settings: EventStoreSettings) -> None:
 
 
 async def run_rebuild(settings: EventStoreSettings) -> int:
-    """Rebuild the read models from the log (the event-store must not be running)."""
-    clickhouse = await ClickHouse.connect(settings.clickhouse_dsn, query_connections=1)
+    """Rebuild the read models from the log; refused while the event-store runs."""
     nc = await nats.connect(settings.nats_url, name="event-store-rebuild")
     try:
         js = nc.jetstream()
         await ensure_streams(js)
-        return await rebuild(
-            js,
-            clickhouse,
-            consumer_name=settings.consumer_name,
-            batch_size=settings.batch_size,
-            flush_interval=settings.flush_interval_ms / 1000,
-        )
+        # Before opening ClickHouse: a running service may own the embedded data path.
+        await ensure_not_consuming(js, settings.consumer_name)
+        clickhouse = await ClickHouse.connect(settings.clickhouse_dsn, query_connections=1)
+        try:
+            return await rebuild(
+                js,
+                clickhouse,
+                consumer_name=settings.consumer_name,
+                batch_size=settings.batch_size,
+                flush_interval=settings.flush_interval_ms / 1000,
+            )
+        finally:
+            await clickhouse.close()
     finally:
         await nc.drain()
-        await clickhouse.close()

@@ -1,6 +1,7 @@
 """`python -m taskbus.event_store rebuild`: drop every ClickHouse table and replay the whole log.
 
-Run it with the event-store stopped (an embedded chDB path has one owner anyway). The durable
+Run it with the event-store stopped: it refuses while the service's consumer is in use (an
+embedded chDB path has one owner anyway). The durable
 consumer is deleted and created afresh under the same name, so the service, once restarted,
 continues exactly where the replay ended. The KV status projection is written once at the end,
 overwriting each conversation's value with the rebuilt one; events appended during the replay
@@ -25,6 +26,34 @@ from taskbus.event_store.status_kv import ConversationStatusKV
 log = logging.getLogger(__name__)
 
 _CATCH_UP_POLL_SECONDS = 0.1
+# How long a consumer may look busy before the rebuild concludes its event-store is running:
+# a service stopped a moment ago still has a pull request waiting for up to a fetch timeout.
+_BUSY_GRACE_SECONDS = 5.0
+
+
+class EventStoreRunning(RuntimeError):
+    """The event-store still consumes under the name the rebuild would replace."""
+
+
+async def ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None:
+    """Refuse to rebuild under a running event-store (with a ClickHouse server nothing else
+    stops it): its consumer has pull requests waiting or events in hand."""
+    deadline = time.monotonic() + _BUSY_GRACE_SECONDS
+    while True:
+        try:
+            info = await js.consumer_info(subjects.EVENTS_STREAM, consumer_name)
+        except NotFoundError:
+            return
+        if not info.num_waiting and not info.num_ack_pending:
+            return
+        if time.monotonic() > deadline:
+            raise EventStoreRunning(
+                f"the event-store is consuming as {consumer_name!r} ({info.num_waiting} pulls"
+                f" waiting, {info.num_ack_pending} events unacked): stop it before a rebuild; if"
+                " it was killed, its unacked events are released after the consumer's ack_wait"
+                f" ({info.config.ack_wait} s)"
+            )
+        await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
 
 
 async def rebuild(
@@ -35,8 +64,11 @@ async def rebuild(
     batch_size: int,
     flush_interval: float,
 ) -> int:
-    """Rebuild every read model from the log; returns the number of conversations projected."""
+    """Rebuild every read model from the log; returns the number of conversations projected.
+    Raises `EventStoreRunning`, touching nothing, while an event-store consumes as
+    `consumer_name`."""
     started = time.monotonic()
+    await ensure_not_consuming(js, consumer_name)
     await clickhouse.drop_all_tables()
     await clickhouse.migrate()
     with contextlib.suppress(NotFoundError):
