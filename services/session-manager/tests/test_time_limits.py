@@ -49,6 +49,10 @@ def question() -> list[Event]:
     return [metrics(), asked, agent(A.AWAITING_USER_INPUT)]
 
 
+def runtime_is(status: RuntimeStatus) -> RuntimeStatusChanged:
+    return RuntimeStatusChanged(conversation_id="c1", source=EventSource.ENVIRONMENT, status=status)
+
+
 def runtime_control(events: list[Event]) -> list[tuple[str, str]]:
     return [(e.action, e.reason) for e in events if isinstance(e, RuntimeControlRequested)]
 
@@ -89,7 +93,8 @@ def test_idle_pauses_a_conversation_that_waits_for_its_user(fold_events: FoldEve
         ("AgentStateChanged", "paused"),
     ]
     assert runtime_control(paused) == [(RuntimeControl.PAUSE, "idle")]
-    idle = [*limited(idle=300), *timed(question(), 10), *timed(paused, 310)]
+    sandbox_paused = runtime_is(RuntimeStatus.PAUSED)
+    idle = [*limited(idle=300), *timed(question(), 10), *timed([*paused, sandbox_paused], 310)]
     assert fold_events(*idle).status_reason == "idle"
     assert next_step(fold_events(*idle)) is Step.WAIT
     assert time_limit_events(fold_events(*idle), at(5000)) == []
@@ -102,7 +107,9 @@ def test_idle_pauses_a_conversation_that_waits_for_its_user(fold_events: FoldEve
         ("AgentStateChanged", "running"),
     ]
     assert runtime_control(woken) == [(RuntimeControl.RESUME, "user_returned")]  # type: ignore[arg-type]
-    assert next_step(fold_events(*idle, user("The second one."), *woken)) is Step.CALL_LLM  # type: ignore[misc]
+    resumed = [*idle, user("The second one."), *woken]  # type: ignore[misc]
+    assert next_step(fold_events(*resumed)) is Step.WAIT  # until the sandbox runs again
+    assert next_step(fold_events(*resumed, runtime_is(RuntimeStatus.READY))) is Step.CALL_LLM
 
 
 def test_a_user_pause_is_not_lifted_by_a_message(fold_events: FoldEvents) -> None:
@@ -143,10 +150,7 @@ def test_an_idle_finished_conversation_gives_its_sandbox_back(fold_events: FoldE
     released = time_limit_events(fold_events(*done), at(300))
     assert runtime_control(released) == [(RuntimeControl.STOP, "idle")]
     assert fold_events(*done, *released).status == S.FINISHED  # the outcome stays
-    runtime_stopped = RuntimeStatusChanged(
-        conversation_id="c1", source=EventSource.ENVIRONMENT, status=RuntimeStatus.STOPPED
-    )
-    gone = [*done, *timed([*released, runtime_stopped], 300)]
+    gone = [*done, *timed([*released, runtime_is(RuntimeStatus.STOPPED)], 300)]
     assert time_limit_events(fold_events(*gone), at(5000)) == []
     # Only now may the service forget it: nothing is held and nothing is to do.
     assert not is_settled(fold_events(*done)) and is_settled(fold_events(*gone))
