@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections import defaultdict
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
@@ -22,6 +26,8 @@ from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
 
 logger = logging.getLogger(__name__)
+
+_RECOVERY_BATCH = 1000
 
 
 async def read_conversation(
@@ -52,15 +58,6 @@ async def _last(js: JetStreamContext, subject: str) -> int | None:
     return message.seq
 
 
-async def _last_event(js: JetStreamContext, subject: str) -> AnyEvent | UnknownEvent | None:
-    try:
-        message = await js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
-    except NotFoundError:
-        return None
-    assert message.data is not None
-    return decode_event(message.data)
-
-
 async def conversation_exists(js: JetStreamContext, conversation_id: str) -> bool:
     subject = subjects.event_subject(conversation_id, ConversationCreated.__name__)
     return await _last(js, subject) is not None
@@ -69,28 +66,57 @@ async def conversation_exists(js: JetStreamContext, conversation_id: str) -> boo
 async def conversations_to_recover(js: JetStreamContext) -> list[str]:
     """Conversations that may need work after a restart: queued or holding a sandbox (ended
     ones included), or with a user message newer than their last status change."""
-    created = subjects.event_subject("*", ConversationCreated.__name__)
-    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=created)
-    found: list[str] = []
-    for subject in info.state.subjects or {}:
-        cid = subjects.conversation_id_of(subject)
-        status = await _last_event(
-            js, subjects.event_subject(cid, ConversationStatusChanged.__name__)
-        )
-        if not isinstance(status, ConversationStatusChanged):
-            found.append(cid)  # created but never given a status: admission was interrupted
-            continue
-        if status.status in ACTIVE_STATUSES or status.status == ConversationStatus.QUEUED:
-            found.append(cid)
-            continue
-        runtime = await _last_event(js, subjects.event_subject(cid, RuntimeStatusChanged.__name__))
-        if isinstance(runtime, RuntimeStatusChanged) and runtime.status in LIVE_RUNTIME_STATUSES:
-            found.append(cid)  # ended, but its sandbox is still to be given back when idle
-            continue
-        message = await _last_event(js, subjects.event_subject(cid, MessageAction.__name__))
-        if message is not None and message.id > status.id:
-            found.append(cid)
-    return found
+    kinds = (ConversationCreated, ConversationStatusChanged, RuntimeStatusChanged, MessageAction)
+    filters = [subjects.event_subject("*", kind.__name__) for kind in kinds]
+    latest: dict[str, dict[str, AnyEvent | UnknownEvent]] = defaultdict(dict)
+    for message in await _last_per_subject(js, filters):
+        event = decode_event(message.data)
+        latest[event.conversation_id][message.subject.rsplit(".", 1)[1]] = event
+    return [cid for cid, last in latest.items() if _may_need_work(last)]
+
+
+def _may_need_work(last: dict[str, AnyEvent | UnknownEvent]) -> bool:
+    """From a conversation's latest event of each kind that matters (by kind name)."""
+    status = last.get(ConversationStatusChanged.__name__)
+    if not isinstance(status, ConversationStatusChanged):
+        return True  # created but never given a status: admission was interrupted
+    if status.status in ACTIVE_STATUSES or status.status == ConversationStatus.QUEUED:
+        return True
+    runtime = last.get(RuntimeStatusChanged.__name__)
+    if isinstance(runtime, RuntimeStatusChanged) and runtime.status in LIVE_RUNTIME_STATUSES:
+        return True  # ended, but its sandbox is still to be given back when idle
+    message = last.get(MessageAction.__name__)
+    return message is not None and message.id > status.id
+
+
+async def _last_per_subject(js: JetStreamContext, filters: list[str]) -> list[Msg]:
+    """The last message of every subject matching `filters`, streamed by a throwaway consumer.
+
+    Listing subjects through stream info would stop at the server's 100,000 and cost a request
+    per subject; this reads only what is needed, whatever the number of conversations.
+    """
+    name = f"session_manager_recovery_{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        filter_subjects=filters,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        mem_storage=True,
+        inactive_threshold=60,
+    )
+    info = await js.add_consumer(subjects.EVENTS_STREAM, config)
+    messages: list[Msg] = []
+    try:
+        subscription = await js.pull_subscribe_bind(durable=name, stream=subjects.EVENTS_STREAM)
+        remaining = info.num_pending or 0
+        while remaining > 0:
+            batch = await subscription.fetch(min(remaining, _RECOVERY_BATCH), timeout=10)
+            messages += batch
+            remaining = batch[-1].metadata.num_pending
+        await subscription.unsubscribe()
+    finally:
+        await js.delete_consumer(subjects.EVENTS_STREAM, name)
+    return messages
 
 
 class SettingsStore:
