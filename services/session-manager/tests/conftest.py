@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
+import nats
 import pytest
+from nats.js import JetStreamContext
 
 from taskbus.contracts.events import Event
+from taskbus.contracts.streams import ensure_streams
+from taskbus.devtools.nats_server import NatsServer
 from taskbus.session_manager.state import ConversationState, fold
 
 CID = "c1"
@@ -23,3 +27,19 @@ def fold_events() -> FoldEvents:
         return fold(CID, [msgspec.structs.replace(e, id=i) for i, e in enumerate(events)])
 
     return state_of
+
+
+@pytest.fixture(scope="module")
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A nats-server of the module's own, so other tests' conversations are not recovered."""
+    with NatsServer(tmp_path_factory.mktemp("sm-nats")) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def bus(own_nats: str) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(own_nats)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    yield js
+    await nc.drain()

@@ -76,25 +76,9 @@ A = AgentState
 
 
 @pytest.fixture(scope="module")
-def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A nats-server of this module's own, so other tests' conversations are not recovered."""
-    with NatsServer(tmp_path_factory.mktemp("sm-nats")) as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
 def scripted_llm() -> Iterator[ScriptedLLM]:
     with ScriptedLLM() as server:
         yield server
-
-
-@pytest.fixture
-async def bus(own_nats: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(own_nats)
-    js = nc.jetstream()
-    await ensure_streams(js)
-    yield js
-    await nc.drain()
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import msgspec
-import nats
-import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
@@ -24,26 +21,9 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus, RuntimeStatus
-from taskbus.contracts.streams import ensure_streams
-from taskbus.devtools.nats_server import NatsServer
 from taskbus.session_manager.log import conversations_to_recover
 
 S = ConversationStatus
-
-
-@pytest.fixture(scope="module")
-def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with NatsServer(tmp_path_factory.mktemp("recovery-nats")) as server:
-        yield server.url
-
-
-@pytest.fixture
-async def js(own_nats: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(own_nats)
-    context = nc.jetstream()
-    await ensure_streams(context)
-    yield context
-    await nc.drain()
 
 
 def created(cid: str) -> ConversationCreated:
@@ -70,7 +50,7 @@ def message(cid: str) -> MessageAction:
     return MessageAction(conversation_id=cid, source=EventSource.USER, content="more, please")
 
 
-async def test_recovers_what_may_need_work_and_nothing_settled(js: JetStreamContext) -> None:
+async def test_recovers_what_may_need_work_and_nothing_settled(bus: JetStreamContext) -> None:
     histories: dict[str, list[Event]] = {}
 
     def history(name: str, *steps: object) -> None:
@@ -98,11 +78,11 @@ async def test_recovers_what_may_need_work_and_nothing_settled(js: JetStreamCont
     history("stopped-then-asked", to(S.STARTING), to(S.STOPPED), message)
     history("asked-then-stopped", to(S.STARTING), message, to(S.STOPPED))
     history("archived", to(S.STARTING), to(S.STOPPED), to(S.ARCHIVED))
-    appender = EventAppender(js)
+    appender = EventAppender(bus)
     for events in histories.values():
         await appender.append_all(events)
 
-    recovered = set(await conversations_to_recover(js)) & set(histories)
+    recovered = set(await conversations_to_recover(bus)) & set(histories)
     assert {cid.rsplit("-", 1)[0] for cid in recovered} == {
         "admission-interrupted",
         "queued",
@@ -113,18 +93,18 @@ async def test_recovers_what_may_need_work_and_nothing_settled(js: JetStreamCont
     }
 
 
-async def test_recovers_beyond_the_100000_subjects_stream_info_lists(js: JetStreamContext) -> None:
+async def test_recovers_beyond_the_100000_subjects_stream_info_lists(bus: JetStreamContext) -> None:
     """Stream info lists at most 100,000 subjects; recovery must see every conversation."""
     tag = uuid.uuid4().hex[:6]
     count = 100_500
     for start in range(0, count, 5000):
         acks = [
-            await js.publish_async(
+            await bus.publish_async(
                 subjects.event_subject(cid, ConversationCreated.__name__),
                 encode_event(msgspec.structs.replace(created(cid), id=0)),
             )
             for cid in (f"{tag}{n:07d}" for n in range(start, min(start + 5000, count)))
         ]
         await asyncio.gather(*acks)
-    recovered = [cid for cid in await conversations_to_recover(js) if cid.startswith(tag)]
+    recovered = [cid for cid in await conversations_to_recover(bus) if cid.startswith(tag)]
     assert len(recovered) == len(set(recovered)) == count
