@@ -106,6 +106,9 @@ def render_event(event: dict[str, Any]) -> str:
         )
         if kind == "CmdOutputObservation":
             gist = f"exit {extras.get('exit_code')}: {gist}"
+    elif kind == "ToolCallsQueued":
+        calls = event.get("calls", [])
+        gist = f"{len(calls)} tool calls, run in turn: " + ", ".join(c["name"] for c in calls)
     elif kind == "LLMMetrics":
         gist = (
             f"{event.get('model')} {event.get('prompt_tokens')}+{event.get('completion_tokens')}"
