@@ -48,15 +48,27 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update every stream and bucket; safe to call from every service at start-up."""
+    """Create what is missing; safe to call from every service at start-up.
+
+    An existing stream gets back only what Taskbus relies on (its subjects, direct gets, a long
+    enough dedupe window) and keeps what an operator tuned: replicas, limits, placement. So a
+    service restarting never turns an R3 stream back into R1 or lifts a size limit.
+    """
     for config in stream_configs(replicas):
         assert config.name is not None
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
-        else:
-            await js.update_stream(config)
+            continue
+        current = info.config
+        required = current.evolve(
+            subjects=config.subjects,
+            allow_direct=config.allow_direct,
+            duplicate_window=max(current.duplicate_window or 0, config.duplicate_window or 0),
+        )
+        if required != current:
+            await js.update_stream(required)
     for bucket in bucket_configs(replicas):
         try:
             await js.key_value(bucket.bucket)
