@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from taskbus.contracts.asyncapi import asyncapi_document
 from taskbus.devtools.client import (
     TaskbusClient,
     is_final_status_event,
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     event_store.add_argument(
         "action", choices=["rebuild"], help="rebuild: replay the log into fresh tables"
     )
+    commands.add_parser("asyncapi", help="print the internal protocol as AsyncAPI 3.0 JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None
         }
         return asyncio.run(_with_client(lambda c: _submit_and_follow(c, spec)))
+    if args.command == "asyncapi":
+        print(json.dumps(asyncapi_document(), indent=2))
+        return 0
     if args.command == "event-store":
         # Runs the event-store's own command in its own process: the CLI imports no service.
         return subprocess.call([sys.executable, "-m", "taskbus.event_store", args.action])
