@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
+import subprocess
 import time
 
 import pytest
@@ -182,3 +184,42 @@ async def test_fifty_megabytes_of_output_are_capped_in_bounded_memory(sandbox: S
     streamed = sum(len(text) for text in chunks.texts)
     assert streamed <= TEST_LIMITS.max_streamed_bytes + TEST_LIMITS.max_output_bytes + 200
     assert peak_after - peak_before < 30 * 1024
+
+
+async def test_a_process_that_left_the_shells_session_is_paused_and_removed_with_it(
+    sandbox: Sandbox,
+) -> None:
+    """`setsid` puts a process out of the shell's session and process group; it still belongs
+    to the sandbox."""
+    tag = f"escapee-{time.monotonic_ns()}"
+    loop = "while :; do echo tick >> ticks; sleep 0.05; done"
+    await run(sandbox, f"setsid sh -c '{loop}' {tag} > /dev/null 2>&1 < /dev/null &")
+
+    async def ticks() -> int:
+        try:
+            return (await sandbox.read_bytes("ticks")).count(b"\n")
+        except ActionError:
+            return 0
+
+    async def ticking() -> bool:
+        before = await ticks()
+        await asyncio.sleep(0.4)
+        return await ticks() > before
+
+    assert await ticking()
+    await sandbox.pause()
+    await asyncio.sleep(0.2)
+    assert not await ticking()
+    await sandbox.resume()
+    assert await ticking()
+
+    await sandbox.close()
+    for _ in range(100):
+        if not running(tag):
+            break
+        await asyncio.sleep(0.05)
+    assert not running(tag)
+
+
+def running(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0

@@ -1,9 +1,12 @@
 """The local backend: a process sandbox in a per-conversation directory, for machines without
 Docker. It isolates by directory, process group and rlimits only, not by namespaces.
 
-The shell dies with the runner (PDEATHSIG), but what it started does not. Each shell's session
-is therefore recorded in `<workspace_root>/.runner/shells/<cid>`, so that the runner taking the
-workspace over after a restart (`reattach`) can kill what the dead runner's shell left running.
+Every process of a sandbox carries `TASKBUS_SANDBOX=<sandbox id>` in its environment, inherited
+through forks, new sessions (`setsid`) and daemonising alike. Pause, resume and close signal
+every process so marked, as well as the shell's process group, so nothing a command started
+keeps running in a paused or removed sandbox. The shell dies with the runner (PDEATHSIG), but
+what it started does not: the runner taking the workspace over after a restart (`reattach`)
+kills the marked processes the dead runner's shell left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import resource
 import signal
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from taskbus.contracts.specs import Resources
 from taskbus.runtime_runner.sandbox import (
@@ -26,6 +29,7 @@ from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
 from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
 
 _READ_SIZE = 64 * 1024
+SANDBOX_MARKER = "TASKBUS_SANDBOX"
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -103,58 +107,41 @@ class LocalShellProcess:
         return await self._process.wait()
 
 
-class _ProcessStat(NamedTuple):
-    pid: int
-    group: int
-    session: int
-    # Clock ticks after boot: with the pid, it tells a process from a later one reusing the pid.
-    start_time: int
-
-
-def _process_stat(pid: int) -> _ProcessStat | None:
-    """A process' ids and start time, from /proc; None once it is gone."""
+def _process_group(pid: int) -> int | None:
+    """A process' group id, from /proc; None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Fields after the parenthesised command name: state ppid pgrp session ... starttime
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return _ProcessStat(pid, int(fields[2]), int(fields[3]), int(fields[19]))
-
-
-def _process_stats() -> list[_ProcessStat]:
-    """Every process' ids and start time."""
-    stats = (
-        _process_stat(int(entry.name)) for entry in os.scandir("/proc") if entry.name.isdigit()
-    )
-    return [stat for stat in stats if stat is not None]
+    # Fields after the parenthesised command name: state ppid pgrp ...
+    return int(stat[stat.rindex(")") + 2 :].split()[2])
 
 
 def _group_members(pgid: int) -> list[int]:
-    return [process.pid for process in _process_stats() if process.group == pgid]
+    pids = (int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
+    return [pid for pid in pids if _process_group(pid) == pgid]
 
 
-def _record_session(record: Path, pid: int) -> None:
-    """Note the shell's session (its pid and start time) for the runner after a restart."""
-    shell = _process_stat(pid)
-    if shell is not None:  # else it has already exited, leaving nothing behind to kill
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(f"{pid} {shell.start_time}")
+def _marked_processes(sandbox_id: str) -> list[int]:
+    """The processes whose environment carries `sandbox_id`'s marker."""
+    marker = f"{SANDBOX_MARKER}={sandbox_id}".encode()
+    found: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = Path(f"/proc/{entry.name}/environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environment.split(b"\0"):
+            found.append(int(entry.name))
+    return found
 
 
-def _kill_recorded_session(record: Path) -> None:
-    """SIGKILL whatever is left of the recorded shell session (started by a dead runner)."""
-    try:
-        session, started = map(int, record.read_text().split())
-    except (FileNotFoundError, ValueError):
-        return
-    members = [process for process in _process_stats() if process.session == session]
-    if any(process.pid == session and process.start_time != started for process in members):
-        return  # the pid now leads another session: ours is gone, and its processes with it
-    for process in members:
-        if process.start_time >= started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
+def _signal_marked(sandbox_id: str, signum: signal.Signals) -> None:
+    for pid in _marked_processes(sandbox_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 class LocalSandbox(HostWorkspaceSandbox):
@@ -171,7 +158,6 @@ class LocalSandbox(HostWorkspaceSandbox):
         root = workspace_root.resolve()
         self._workspace = root / conversation_id
         self._home = root / ".home" / conversation_id
-        self._session_record = root / ".runner" / "shells" / conversation_id
         self._limits = limits
         self._clone_seconds = clone_seconds
         self.sandbox_id = f"local-{conversation_id}"
@@ -182,9 +168,8 @@ class LocalSandbox(HostWorkspaceSandbox):
     async def _spawn_shell(self) -> ShellProcess:
         environment = sandbox_environment(str(self._home))
         environment["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
-        process = await LocalShellProcess.spawn(self._workspace, environment, self._limits)
-        await asyncio.to_thread(_record_session, self._session_record, process.pid)
-        return process
+        environment[SANDBOX_MARKER] = self.sandbox_id
+        return await LocalShellProcess.spawn(self._workspace, environment, self._limits)
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
         await self._prepare_workspace(self._home, repository_url, branch, self._clone_seconds)
@@ -199,17 +184,22 @@ class LocalSandbox(HostWorkspaceSandbox):
             if not self._workspace.is_dir():
                 return False
             self._home.mkdir(parents=True, exist_ok=True)
-            _kill_recorded_session(self._session_record)
+            _signal_marked(self.sandbox_id, signal.SIGKILL)
             return True
 
         return await asyncio.to_thread(take_over)
 
     async def pause(self) -> None:
-        await self.shell.signal(signal.SIGSTOP)
+        await self._signal_all(signal.SIGSTOP)
 
     async def resume(self) -> None:
-        await self.shell.signal(signal.SIGCONT)
+        await self._signal_all(signal.SIGCONT)
 
     async def close(self) -> None:
         await self.shell.close()
-        await asyncio.to_thread(self._session_record.unlink, missing_ok=True)
+        await asyncio.to_thread(_signal_marked, self.sandbox_id, signal.SIGKILL)
+
+    async def _signal_all(self, signum: signal.Signals) -> None:
+        """The shell's group (a command may have dropped the marker) and every marked process."""
+        await self.shell.signal(signum)
+        await asyncio.to_thread(_signal_marked, self.sandbox_id, signum)
