@@ -437,8 +437,8 @@ def queued(*calls: tuple[str, dict[str, Any] | str]) -> ToolCallsQueued:
 
 
 def play(fold_events: FoldEvents, events: list[Event]) -> list[Event]:
-    """Append what the loop decides and answer each command, until the loop would call the LLM
-    or has nothing to do."""
+    """Append what the loop decides and play the runner (answer commands and resumes), until the
+    loop would call the LLM or has nothing to do."""
     events = list(events)
     for _ in range(50):
         state = fold_events(*events)
@@ -447,6 +447,8 @@ def play(fold_events: FoldEvents, events: list[Event]) -> list[Event]:
             events += step
         elif step is Step.WAIT and isinstance(state.open_action, CmdRunAction):
             events.append(output(cause=state.open_action.id))
+        elif step is Step.WAIT and state.pending_resume_id is not None:
+            events.append(ready())  # the runner unpaused the sandbox
         else:
             return events
     raise AssertionError("the loop never settled")

@@ -10,6 +10,7 @@ import msgspec
 from taskbus.contracts.events import (
     ActionProposed,
     AgentFinishAction,
+    ErrorObservation,
     Event,
     EventSource,
     MessageAction,
@@ -110,6 +111,17 @@ def test_idle_pauses_a_conversation_that_waits_for_its_user(fold_events: FoldEve
     resumed = [*idle, user("The second one."), *woken]  # type: ignore[misc]
     assert next_step(fold_events(*resumed)) is Step.WAIT  # until the sandbox runs again
     assert next_step(fold_events(*resumed, runtime_is(RuntimeStatus.READY))) is Step.CALL_LLM
+    # A runner that cannot resume it answers with an error: the agent goes on and hears of it.
+    resume_id = len(idle) + 1
+    failed = ErrorObservation(
+        conversation_id="c1",
+        source=EventSource.ENVIRONMENT,
+        cause=resume_id,
+        content="No sandbox is running for this conversation.",
+        code="no_runtime",
+    )
+    assert isinstance(resumed[resume_id], RuntimeControlRequested)
+    assert next_step(fold_events(*resumed, failed)) is Step.CALL_LLM
 
 
 def test_a_user_pause_is_not_lifted_by_a_message(fold_events: FoldEvents) -> None:
@@ -135,10 +147,11 @@ def test_an_idle_wait_for_confirmation_is_woken_by_the_answer(fold_events: FoldE
     assert fold_events(*prefix).status == S.PAUSED
     (answer,) = confirmation_events(fold_events(*prefix), confirmed=True)
     played = play(fold_events, [*prefix, answer])
-    assert [e.kind for e in played[len(prefix) + 1 :]][:4] == [
+    assert [e.kind for e in played[len(prefix) + 1 :]][:5] == [
         "RuntimeControlRequested",
         "ConversationStatusChanged",
         "AgentStateChanged",
+        "RuntimeStatusChanged",  # the runner unpaused the sandbox: only now the action
         "CmdRunAction",
     ]
 

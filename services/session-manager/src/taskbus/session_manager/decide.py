@@ -123,8 +123,8 @@ def _ended(state: ConversationState) -> Step | list[Event]:
 
 
 def _running(state: ConversationState) -> Step | list[Event]:
-    if state.runtime_status == RuntimeStatus.PAUSED:
-        return Step.WAIT  # resumed, but the sandbox is not unpaused yet: actions would bounce
+    if state.pending_resume_id is not None:
+        return Step.WAIT  # the sandbox may still be frozen: actions would bounce
     agent = state.agent_state
     if state.pending_action is not None:
         return _confirmation(state, state.pending_action)

@@ -31,6 +31,8 @@ from taskbus.contracts.events import (
     FileWriteObservation,
     LLMMetrics,
     MessageAction,
+    RuntimeControl,
+    RuntimeControlRequested,
     RuntimeRequested,
     RuntimeStatusChanged,
     TaskItem,
@@ -93,6 +95,8 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     agent_state_reason: str = ""
     agent_state_event_id: int = -1
     runtime_status: RuntimeStatus | None = None
+    # A resume the runner has not answered yet: until it has, the sandbox may still be frozen.
+    pending_resume_id: int | None = None
     runtime_reason: str = ""
     workspace: str = ""
     # What the LLM sees: messages, the agent's actions and their observations, in log order.
@@ -199,6 +203,7 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 pending_action=None,
                 confirmation=None,
                 tool_queue=None,
+                pending_resume_id=None,
             )
         case ToolCallsQueued():
             return replace(state, tool_queue=event, tool_calls_released=0)
@@ -208,12 +213,16 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
             return _apply_confirmation(state, event)
         case CondensationAction():
             return replace(state, history=condensed(state.history, event))
+        case RuntimeControlRequested():
+            resume = event.action == RuntimeControl.RESUME
+            return replace(state, pending_resume_id=event.id if resume else None)
         case RuntimeStatusChanged():
             return replace(
                 state,
                 runtime_status=event.status,
                 runtime_reason=event.reason,
                 workspace=event.workspace or state.workspace,
+                pending_resume_id=None,
             )
         case MessageAction():
             return _apply_message(state, event)
@@ -239,7 +248,15 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
             open_action = state.open_action
             if open_action is not None and event.cause == open_action.id:
                 open_action = None
-            return replace(state, history=(*state.history, event), open_action=open_action)
+            pending_resume_id = state.pending_resume_id
+            if event.cause is not None and event.cause == pending_resume_id:
+                pending_resume_id = None  # the runner could not resume the sandbox
+            return replace(
+                state,
+                history=(*state.history, event),
+                open_action=open_action,
+                pending_resume_id=pending_resume_id,
+            )
     return state
 
 
