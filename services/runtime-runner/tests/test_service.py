@@ -19,6 +19,7 @@ from taskbus.contracts.events import (
     CmdOutputObservation,
     CmdRunAction,
     CommandTimeout,
+    ConversationDeleted,
     ErrorObservation,
     Event,
     EventSource,
@@ -221,6 +222,30 @@ async def test_pause_resume_and_stop(js: JetStreamContext) -> None:
 
 
 @pytest.mark.usefixtures("service")
+async def test_a_deleted_conversation_leaves_no_sandbox_and_no_files(js: JetStreamContext) -> None:
+    cid = uuid.uuid4().hex
+    appender = EventAppender(js)
+    requested = await appender.append(request_runtime(cid))
+    ready = await wait_for(js, cid, status(requested, RuntimeStatus.READY))
+    assert isinstance(ready, RuntimeStatusChanged)
+    wrote = await appender.append(command(cid, "echo secret > notes.txt && mkdir -p d/e"))
+    await wait_for(js, cid, reply_to(wrote, CmdOutputObservation))
+    workspace = Path(ready.workspace)
+    assert await asyncio.to_thread((workspace / "notes.txt").is_file)
+
+    deleted = await appender.append(
+        ConversationDeleted(conversation_id=cid, source=EventSource.USER, reason="deleted")
+    )
+    removed = await wait_for(js, cid, status(deleted, RuntimeStatus.STOPPED))
+    assert isinstance(removed, RuntimeStatusChanged) and removed.reason == "deleted"
+    assert not await asyncio.to_thread(workspace.exists)
+    assert not await asyncio.to_thread((workspace.parent / ".home" / cid).exists)
+    gone = await appender.append(command(cid, "cat notes.txt"))
+    error = await wait_for(js, cid, reply_to(gone, ErrorObservation))
+    assert isinstance(error, ErrorObservation) and error.code == "no_runtime"
+
+
+@pytest.mark.usefixtures("service")
 async def test_conversations_run_concurrently(js: JetStreamContext) -> None:
     slow_cid, fast_cid = uuid.uuid4().hex, uuid.uuid4().hex
     appender = EventAppender(js)
@@ -265,6 +290,7 @@ async def test_a_redelivered_action_does_not_run_twice(
         sandbox_factory(settings, engine=None),
         settings.max_output_bytes,
         in_flight_journal(settings),
+        Path(settings.workspace_root),
     )
     dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
     await runner.handle(await appender.append(request_runtime(cid)))

@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
+    ConversationDeleted,
     RuntimeControlRequested,
     RuntimeRequested,
     UnknownEvent,
@@ -165,7 +166,12 @@ class EventDispatcher:
         if isinstance(event, UnknownEvent):
             await message.ack()
             return
-        lane = "control" if isinstance(event, RuntimeControlRequested) else "work"
+        # Stop, pause, resume and delete must not wait behind a long command.
+        lane = (
+            "control"
+            if isinstance(event, (RuntimeControlRequested, ConversationDeleted))
+            else "work"
+        )
         self._in_flight[id(message)] = message
 
         async def process() -> None:
@@ -221,6 +227,7 @@ class RuntimeRunnerService:
             sandbox_factory(settings, engine),
             settings.max_output_bytes,
             journal,
+            Path(settings.workspace_root),
             # Docker sandboxes outlive the runner and are re-attached below, at start-up.
             recover=None
             if engine is not None

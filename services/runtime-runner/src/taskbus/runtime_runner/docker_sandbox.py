@@ -37,7 +37,11 @@ from taskbus.runtime_runner.sandbox import (
     sandbox_environment,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
-from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
+from taskbus.runtime_runner.workspace import (
+    HostWorkspace,
+    HostWorkspaceSandbox,
+    conversation_directories,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -254,13 +258,13 @@ class DockerSandbox(HostWorkspaceSandbox):
         shell_limits: ShellLimits,
         clone_seconds: float,
     ) -> None:
-        root = workspace_root.resolve()
         self._config = config
         self._engine = config.engine
         self._conversation_id = conversation_id
         self._user_id = user_id
-        self._host_workspace = root / conversation_id
-        self._host_home = root / ".home" / conversation_id
+        self._host_workspace, self._host_home = conversation_directories(
+            workspace_root, conversation_id
+        )
         self._resources = resources
         self._clone_seconds = clone_seconds
         self.sandbox_id = container_name(conversation_id)

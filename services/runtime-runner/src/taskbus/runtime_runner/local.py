@@ -26,7 +26,11 @@ from taskbus.runtime_runner.sandbox import (
     sandbox_environment,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
-from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
+from taskbus.runtime_runner.workspace import (
+    HostWorkspace,
+    HostWorkspaceSandbox,
+    conversation_directories,
+)
 
 _READ_SIZE = 64 * 1024
 SANDBOX_MARKER = "TASKBUS_SANDBOX"
@@ -155,9 +159,7 @@ class LocalSandbox(HostWorkspaceSandbox):
         limits: LocalLimits,
         clone_seconds: float,
     ) -> None:
-        root = workspace_root.resolve()
-        self._workspace = root / conversation_id
-        self._home = root / ".home" / conversation_id
+        self._workspace, self._home = conversation_directories(workspace_root, conversation_id)
         self._limits = limits
         self._clone_seconds = clone_seconds
         self.sandbox_id = f"local-{conversation_id}"

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from itertools import count
+from pathlib import Path
 
 from nats.js import JetStreamContext
 
@@ -15,6 +16,7 @@ from taskbus.contracts.events import (
     CmdOutputChunk,
     CmdOutputObservation,
     CmdRunAction,
+    ConversationDeleted,
     ErrorObservation,
     Event,
     EventSource,
@@ -32,6 +34,7 @@ from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.repository import redact_credentials
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
+from taskbus.runtime_runner.workspace import remove_conversation_directories
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 HANDLED_EVENTS: tuple[type[Event], ...] = (
     RuntimeRequested,
     RuntimeControlRequested,
+    ConversationDeleted,
     CmdRunAction,
     FileReadAction,
     FileWriteAction,
@@ -82,9 +86,11 @@ class RuntimeRunner:
         new_sandbox: SandboxFactory,
         max_output_bytes: int,
         journal: InFlightJournal,
+        workspace_root: Path,
         recover: SandboxRecovery | None = None,
     ) -> None:
         self._appender = appender
+        self._workspace_root = workspace_root
         self._new_sandbox = new_sandbox
         self._max_output_bytes = max_output_bytes
         self._journal = journal
@@ -101,6 +107,8 @@ class RuntimeRunner:
                 await self._start(event)
             case RuntimeControlRequested():
                 await self._control(event)
+            case ConversationDeleted():
+                await self._delete(event)
             case CmdRunAction() | FileReadAction() | FileWriteAction() | FileEditAction():
                 await self._execute(event)
 
@@ -209,6 +217,23 @@ class RuntimeRunner:
             runtime.paused = False
             status = RuntimeStatus.READY
         await self._appender.append(self._status(request, status, request.reason))
+
+    async def _delete(self, deleted: ConversationDeleted) -> None:
+        """A deleted conversation leaves nothing on this host: its sandbox, if any, and its
+        workspace and home go (the user's code and files with them)."""
+        cid = deleted.conversation_id
+        self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), deleted.id)
+        runtime = self._runtimes.pop(cid, None)
+        if runtime is not None:
+            await runtime.sandbox.close()
+        self._journal.end(cid)
+        await asyncio.to_thread(remove_conversation_directories, self._workspace_root, cid)
+        logger.info("removed the sandbox and workspace of deleted conversation %s", cid)
+        await self._appender.append(
+            RuntimeStatusChanged(
+                **reply_to(deleted), status=RuntimeStatus.STOPPED, reason="deleted"
+            )
+        )
 
     async def _execute(
         self, action: CmdRunAction | FileReadAction | FileWriteAction | FileEditAction

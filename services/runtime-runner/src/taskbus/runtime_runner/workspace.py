@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import posixpath
+import shutil
 import stat
 from collections import deque
 from collections.abc import Iterator
@@ -34,6 +35,17 @@ from taskbus.runtime_runner.shell import PersistentShell
 MAX_FILE_ACTION_BYTES = 32 * 1024 * 1024
 _MAX_SYMLINK_HOPS = 40
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def conversation_directories(workspace_root: Path, conversation_id: str) -> tuple[Path, Path]:
+    """(workspace, home) of a conversation's sandbox on this host, on either backend."""
+    root = workspace_root.resolve()
+    return root / conversation_id, root / ".home" / conversation_id
+
+
+def remove_conversation_directories(workspace_root: Path, conversation_id: str) -> None:
+    for directory in conversation_directories(workspace_root, conversation_id):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class HostWorkspace:
