@@ -1,14 +1,19 @@
-"""`ensure_streams` creates what is missing and never undoes what an operator tuned."""
+"""`ensure_streams` creates what is missing, never undoes what an operator tuned, and on a
+cluster makes the log survive the loss of a node."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
+import nats.errors
 
 from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import Event, EventSource, ThinkAction, decode_event
 from taskbus.contracts.streams import DEDUPE_WINDOW_SECONDS, ensure_streams
-from taskbus.devtools.nats_server import NatsServer
+from taskbus.devtools.nats_server import NatsServer, free_port
 
 
 async def test_restarting_services_keep_operator_limits_and_restore_what_taskbus_needs(
@@ -40,3 +45,71 @@ async def test_restarting_services_keep_operator_limits_and_restore_what_taskbus
             assert kept.subjects == [subjects.ALL_EVENTS]
         finally:
             await nc.drain()
+
+
+def cluster(root: Path) -> list[NatsServer]:
+    """Three nats-servers routed into one JetStream cluster on loopback."""
+    routes = [free_port() for _ in range(3)]
+    return [
+        NatsServer(
+            root / f"n{n}",
+            extra_args=[
+                "--server_name",
+                f"n{n}",
+                "--cluster_name",
+                "taskbus",
+                "--cluster",
+                f"nats://127.0.0.1:{routes[n]}",
+                "--routes",
+                ",".join(f"nats://127.0.0.1:{port}" for port in routes),
+            ],
+        )
+        for n in range(3)
+    ]
+
+
+async def test_on_a_three_node_cluster_the_log_survives_losing_a_node(tmp_path: Path) -> None:
+    nodes = cluster(tmp_path)
+    for node in nodes:
+        node.start()
+    try:
+        nc = await nats.connect([node.url for node in nodes])
+        js = nc.jetstream()
+        for _ in range(100):  # until the cluster has elected its JetStream meta leader
+            try:
+                await ensure_streams(js, replicas=3)
+                break
+            except nats.errors.Error:  # no meta leader yet
+                await asyncio.sleep(0.2)
+        info = await js.stream_info(subjects.EVENTS_STREAM)
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+        kv = await js.key_value(subjects.CONVERSATIONS_BUCKET)
+        assert (await kv.status()).stream_info.config.num_replicas == 3
+
+        appender = EventAppender(js)
+        before = await appender.append_all([think("c1", f"before {n}") for n in range(5)])
+        leader = next(node for node in nodes if node_name(node) == info.cluster.leader)
+        leader.kill()  # the stream's leader, the worst node to lose
+        after: list[Event] = []
+        for _ in range(100):  # until a new leader is elected
+            try:
+                after = await appender.append_all([think("c1", f"after {n}") for n in range(5)])
+                break
+            except nats.errors.Error:  # no stream leader yet
+                await asyncio.sleep(0.2)
+        assert [e.id for e in [*before, *after]] == list(range(10))
+        stored = await js.get_last_msg(subjects.EVENTS_STREAM, subjects.conversation_events("c1"))
+        assert decode_event(stored.data).id == 9  # type: ignore[arg-type]
+        await nc.close()
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def node_name(node: NatsServer) -> str:
+    return node.extra_args[node.extra_args.index("--server_name") + 1]
+
+
+def think(cid: str, text: str) -> ThinkAction:
+    return ThinkAction(conversation_id=cid, source=EventSource.AGENT, thought=text)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -44,10 +45,17 @@ def free_port() -> int:
 class NatsServer:
     """A nats-server child process; `url` is valid between start() and stop()."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None):
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ):
         self.store_dir = store_dir
         self.port = port if port is not None else free_port()
         self.log_file = log_file
+        self.extra_args = list(extra_args)  # e.g. cluster options
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,6 +84,7 @@ class NatsServer:
             str(self.store_dir),
             "--log",
             str(log),
+            *self.extra_args,
         ]
         log.unlink(missing_ok=True)
         self._process = subprocess.Popen(

@@ -39,7 +39,7 @@ class EventStore:
         await self._clickhouse.migrate()
         self._nc = await nats.connect(settings.nats_url, name="event-store")
         js = self._nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, settings.stream_replicas)
         status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
         self._ingester = Ingester(
             js,
@@ -85,7 +85,7 @@ async def run_rebuild(settings: EventStoreSettings) -> int:
     nc = await nats.connect(settings.nats_url, name="event-store-rebuild")
     try:
         js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, settings.stream_replicas)
         # Before opening ClickHouse: a running service may own the embedded data path.
         await ensure_not_consuming(js, settings.consumer_name)
         clickhouse = await ClickHouse.connect(settings.clickhouse_dsn, query_connections=1)

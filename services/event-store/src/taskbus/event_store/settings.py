@@ -14,6 +14,9 @@ DEFAULT_CLICKHOUSE_DSN = "chdb:.taskbus/clickhouse"
 
 class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # Replicas of the streams and KV buckets, if this service is the first to create them
+    # (3 on a 3-node NATS cluster); existing ones keep what they have.
+    stream_replicas: int = 1
     clickhouse_dsn: str = DEFAULT_CLICKHOUSE_DSN
     # Durable consumer name; a fresh name with fresh tables replays the whole log (rebuild).
     consumer_name: str = "event_store"

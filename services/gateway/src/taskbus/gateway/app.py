@@ -30,7 +30,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bus = await Bus.connect(settings.nats_url, wait_seconds=settings.request_timeout_seconds)
+        bus = await Bus.connect(
+            settings.nats_url,
+            wait_seconds=settings.request_timeout_seconds,
+            stream_replicas=settings.stream_replicas,
+        )
         app.state.bus = bus
         logger.info("gateway connected to NATS at %s", settings.nats_url)
         try:

@@ -79,7 +79,7 @@ class Bus:
         self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
 
     @classmethod
-    async def connect(cls, url: str, wait_seconds: float) -> Bus:
+    async def connect(cls, url: str, wait_seconds: float, stream_replicas: int = 1) -> Bus:
         """`wait_seconds` bounds every wait on another service (visibility, queries)."""
         reconnects = Reconnects()
         nc = await nats.connect(
@@ -91,7 +91,7 @@ class Bus:
             reconnect_time_wait=_RECONNECT_WAIT_SECONDS,
         )
         js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, stream_replicas)
         conversations = await js.key_value(subjects.CONVERSATIONS_BUCKET)
         settings = await js.key_value(subjects.SETTINGS_BUCKET)
         return cls(nc, js, reconnects, conversations, settings, wait_seconds)

@@ -11,6 +11,9 @@ PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # Replicas of the streams and KV buckets, if this service is the first to create them
+    # (3 on a 3-node NATS cluster); existing ones keep what they have.
+    stream_replicas: int = 1
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 3000
     # "key1=user1,key2=user2"; merged with the lines of `api_keys_file` (one `key=user` a line).

@@ -214,7 +214,7 @@ class RuntimeRunnerService:
         settings = self._settings
         nc = await nats.connect(settings.nats_url, name="taskbus-runtime-runner")
         js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, settings.stream_replicas)
         await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
         subscription = await js.pull_subscribe_bind(
             durable=settings.consumer_name, stream=subjects.EVENTS_STREAM

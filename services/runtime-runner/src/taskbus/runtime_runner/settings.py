@@ -14,6 +14,9 @@ Bytes = Annotated[int, msgspec.Meta(ge=1024)]
 
 class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # Replicas of the streams and KV buckets, if this service is the first to create them
+    # (3 on a 3-node NATS cluster); existing ones keep what they have.
+    stream_replicas: int = 1
     # "auto" is docker when an engine answers and has the sandbox image, else local.
     backend: Literal["auto", "local", "docker"] = "auto"
     sandbox_image: str = "taskbus-sandbox:latest"

@@ -27,7 +27,7 @@ async def running_session_manager(
     nc = await nats.connect(settings.nats_url, name="session-manager")
     try:
         js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, settings.stream_replicas)
         manager = SessionManager(settings, js, LLM(settings))
         await manager.start()
         try:

@@ -9,6 +9,9 @@ from taskbus.contracts.specs import ConcurrencyPolicy
 
 class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # Replicas of the streams and KV buckets, if this service is the first to create them
+    # (3 on a 3-node NATS cluster); existing ones keep what they have.
+    stream_replicas: int = 1
     llm_model: str = "openai/scripted"
     llm_base_url: str | None = None
     llm_api_key: str | None = None  # never logged, never in events
