@@ -65,10 +65,8 @@ async def rebuild(
     flush_interval: float,
 ) -> int:
     """Rebuild every read model from the log; returns the number of conversations projected.
-    Raises `EventStoreRunning`, touching nothing, while an event-store consumes as
-    `consumer_name`."""
+    Call `ensure_not_consuming` first (`run_rebuild` does, before it opens ClickHouse)."""
     started = time.monotonic()
-    await ensure_not_consuming(js, consumer_name)
     await clickhouse.drop_all_tables()
     await clickhouse.migrate()
     with contextlib.suppress(NotFoundError):

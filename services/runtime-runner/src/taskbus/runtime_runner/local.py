@@ -121,25 +121,25 @@ def _process_group(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2 :].split()[2])
 
 
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+
+
 def _group_members(pgid: int) -> list[int]:
-    pids = (int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
-    return [pid for pid in pids if _process_group(pid) == pgid]
+    return [pid for pid in _pids() if _process_group(pid) == pgid]
+
+
+def _is_marked(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
 
 
 def _marked_processes(sandbox_id: str) -> list[int]:
     """The processes whose environment carries `sandbox_id`'s marker."""
     marker = f"{SANDBOX_MARKER}={sandbox_id}".encode()
-    found: list[int] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            environment = Path(f"/proc/{entry.name}/environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if marker in environment.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+    return [pid for pid in _pids() if _is_marked(pid, marker)]
 
 
 def _signal_marked(sandbox_id: str, signum: signal.Signals) -> None:

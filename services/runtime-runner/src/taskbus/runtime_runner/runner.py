@@ -196,10 +196,7 @@ class RuntimeRunner:
     async def _control(self, request: RuntimeControlRequested) -> None:
         cid = request.conversation_id
         if request.action == RuntimeControl.STOP:
-            self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), request.id)
-            stopped = self._runtimes.pop(cid, None)
-            if stopped is not None:
-                await stopped.sandbox.close()
+            await self._remove_sandbox(request)
             await self._appender.append(
                 self._status(request, RuntimeStatus.STOPPED, request.reason)
             )
@@ -218,14 +215,20 @@ class RuntimeRunner:
             status = RuntimeStatus.READY
         await self._appender.append(self._status(request, status, request.reason))
 
+    async def _remove_sandbox(self, cause: RuntimeControlRequested | ConversationDeleted) -> None:
+        """Close the conversation's sandbox, if this runner holds one; a start requested before
+        `cause` and still under way is void."""
+        cid = cause.conversation_id
+        self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), cause.id)
+        runtime = self._runtimes.pop(cid, None)
+        if runtime is not None:
+            await runtime.sandbox.close()
+
     async def _delete(self, deleted: ConversationDeleted) -> None:
         """A deleted conversation leaves nothing on this host: its sandbox, if any, and its
         workspace and home go (the user's code and files with them)."""
         cid = deleted.conversation_id
-        self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), deleted.id)
-        runtime = self._runtimes.pop(cid, None)
-        if runtime is not None:
-            await runtime.sandbox.close()
+        await self._remove_sandbox(deleted)
         self._journal.end(cid)
         await asyncio.to_thread(remove_conversation_directories, self._workspace_root, cid)
         logger.info("removed the sandbox and workspace of deleted conversation %s", cid)

@@ -9,7 +9,12 @@ from taskbus.contracts.events import (
     EventSource,
     RuntimeControl,
 )
-from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus, can_transition
+from taskbus.contracts.status import (
+    LIVE_RUNTIME_STATUSES,
+    AgentState,
+    ConversationStatus,
+    can_transition,
+)
 from taskbus.session_manager.decide import (
     IDLE_REASON,
     agent_state_event,
@@ -22,9 +27,7 @@ _S = ConversationStatus
 
 
 def _has_sandbox(state: ConversationState) -> bool:
-    return state.runtime_status not in (None, RuntimeStatus.STOPPED, RuntimeStatus.ERROR) or (
-        state.status == _S.STARTING
-    )
+    return state.runtime_status in LIVE_RUNTIME_STATUSES or state.status == _S.STARTING
 
 
 def stop_events(state: ConversationState, reason: str) -> list[Event]:

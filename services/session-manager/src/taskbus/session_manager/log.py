@@ -71,7 +71,7 @@ async def conversations_to_recover(js: JetStreamContext) -> list[str]:
     latest: dict[str, dict[str, AnyEvent | UnknownEvent]] = defaultdict(dict)
     for message in await _last_per_subject(js, filters):
         event = decode_event(message.data)
-        latest[event.conversation_id][message.subject.rsplit(".", 1)[1]] = event
+        latest[event.conversation_id][type(event).__name__] = event
     return [cid for cid, last in latest.items() if _may_need_work(last)]
 
 
