@@ -26,8 +26,11 @@ from taskbus.event_store.status_kv import ConversationStatusKV
 log = logging.getLogger(__name__)
 
 _CATCH_UP_POLL_SECONDS = 0.1
-# How long a consumer may look busy before the rebuild concludes its event-store is running:
-# a service stopped a moment ago still has a pull request waiting for up to a fetch timeout.
+# A running event-store keeps a pull request waiting almost all the time (each lasts the
+# ingest's 1 s idle fetch), so its consumer is taken as free only once it has looked idle this
+# long without a break; one that still looks busy after the grace period belongs to a running
+# service (a stopped one's last pull expires within a second).
+_IDLE_PROOF_SECONDS = 2.0
 _BUSY_GRACE_SECONDS = 5.0
 
 
@@ -39,20 +42,26 @@ async def ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None
     """Refuse to rebuild under a running event-store (with a ClickHouse server nothing else
     stops it): its consumer has pull requests waiting or events in hand."""
     deadline = time.monotonic() + _BUSY_GRACE_SECONDS
+    idle_since: float | None = None
     while True:
         try:
             info = await js.consumer_info(subjects.EVENTS_STREAM, consumer_name)
         except NotFoundError:
             return
-        if not info.num_waiting and not info.num_ack_pending:
+        now = time.monotonic()
+        if info.num_waiting or info.num_ack_pending:
+            idle_since = None
+            if now > deadline:
+                raise EventStoreRunning(
+                    f"the event-store is consuming as {consumer_name!r} ({info.num_waiting}"
+                    f" pulls waiting, {info.num_ack_pending} events unacked): stop it before a"
+                    " rebuild; if it was killed, its unacked events are released after the"
+                    f" consumer's ack_wait ({info.config.ack_wait} s)"
+                )
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since >= _IDLE_PROOF_SECONDS:
             return
-        if time.monotonic() > deadline:
-            raise EventStoreRunning(
-                f"the event-store is consuming as {consumer_name!r} ({info.num_waiting} pulls"
-                f" waiting, {info.num_ack_pending} events unacked): stop it before a rebuild; if"
-                " it was killed, its unacked events are released after the consumer's ack_wait"
-                f" ({info.config.ack_wait} s)"
-            )
         await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
 
 
