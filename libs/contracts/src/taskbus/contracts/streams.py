@@ -44,6 +44,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
     return [
         KeyValueConfig(bucket=subjects.CONVERSATIONS_BUCKET, history=1, replicas=replicas),
         KeyValueConfig(bucket=subjects.SETTINGS_BUCKET, history=5, replicas=replicas),
+        KeyValueConfig(bucket=subjects.RUNNERS_BUCKET, history=1, replicas=replicas),
     ]
 
 

@@ -8,6 +8,8 @@ EVENTS_STREAM = "TASKBUS_EVENTS"
 COMMANDS_STREAM = "TASKBUS_COMMANDS"
 CONVERSATIONS_BUCKET = "taskbus_conversations"
 SETTINGS_BUCKET = "taskbus_settings"
+# One entry per runtime-runner (key = runner id): its host, backend and sandbox isolation.
+RUNNERS_BUCKET = "taskbus_runners"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"
@@ -23,8 +25,19 @@ SESSION_MANAGER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.>"
 CONVERSATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+class InvalidConversationId(ValueError):
+    """An id that is not a safe subject token; it must never reach a subject or a path."""
+
+
 def is_valid_conversation_id(conversation_id: str) -> bool:
-    return bool(CONVERSATION_ID_PATTERN.match(conversation_id))
+    return bool(CONVERSATION_ID_PATTERN.fullmatch(conversation_id))
+
+
+def require_conversation_id(conversation_id: str) -> str:
+    """The id itself if it has the one allowed form; call before building a subject or a path."""
+    if not is_valid_conversation_id(conversation_id):
+        raise InvalidConversationId(f"invalid conversation id {conversation_id[:80]!r}")
+    return conversation_id
 
 
 def event_subject(conversation_id: str, kind: str) -> str:
