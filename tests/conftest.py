@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
+from taskbus.contracts.bus import BusCredential, read_credential
+from taskbus.devtools.bus_auth import credential_file
 from taskbus.devtools.launcher import local_api_key
 from taskbus.devtools.nats_server import free_port
 
@@ -28,6 +31,10 @@ class Stack(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    def bus_credential(self, user: str) -> BusCredential:
+        """The NATS credential `taskbus up` gave `user` (a service, or "admin")."""
+        return read_credential(credential_file(self.data_dir / "bus", user))
 
 
 def _local_api_key(data_dir: Path) -> str:
@@ -91,3 +98,10 @@ def running_stack(data_dir: Path, **settings: str) -> Iterator[Stack]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """The local user's client on whichever `stack` the test module runs (modules override it)."""
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as client:
+        yield client

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import docker
 import docker.errors
 import httpx
-import nats
 import pytest
 
 from taskbus.contracts import subjects
+from taskbus.contracts.bus import connect
+from taskbus.devtools.bus_auth import ADMIN
 
 from .conftest import Stack
 from .public_api import (
@@ -23,12 +22,6 @@ from .public_api import (
 pytestmark = pytest.mark.slow
 
 TASK = "Plan with the task tracker, create hello.txt, write a README.md, then finish."
-
-
-@pytest.fixture
-async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=30) as client:
-        yield client
 
 
 async def test_task_runs_to_finished_and_ws_equals_rest(
@@ -123,7 +116,7 @@ async def test_ws_reconnect_after_event_k_gets_exactly_the_rest(
 
 
 async def _log_sequences(stack: Stack) -> tuple[int, int]:
-    nc = await nats.connect(stack.nats_url)
+    nc = await connect(stack.nats_url, "e2e-test", stack.bus_credential(ADMIN))
     js = nc.jetstream()
     events = await js.stream_info(subjects.EVENTS_STREAM)
     commands = await js.stream_info(subjects.COMMANDS_STREAM)

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Build the sandbox image locally, without any registry: debootstrap a minimal Debian rootfs with
-# bash, git and python3, then `docker import` it. Usage: build.sh [IMAGE_TAG]
+# bash, git and python3 and the unprivileged user `taskbus` (uid/gid 1000) that sandboxes run as,
+# then `docker import` it. Usage: build.sh [IMAGE_TAG]
 set -euo pipefail
 
 tag="${1:-taskbus-sandbox:latest}"
 suite="${TASKBUS_SANDBOX_SUITE:-bookworm}"
 mirror="${TASKBUS_SANDBOX_MIRROR:-http://deb.debian.org/debian}"
+# Bumped whenever the image's contents change, so an image of an older build.sh is rebuilt.
+revision=2
 
-if docker image inspect "$tag" >/dev/null 2>&1 && [ "${TASKBUS_SANDBOX_REBUILD:-0}" != 1 ]; then
+built="$(docker image inspect -f '{{index .Config.Labels "taskbus.sandbox-image"}}' "$tag" 2>/dev/null || true)"
+if [ "$built" = "$revision" ] && [ "${TASKBUS_SANDBOX_REBUILD:-0}" != 1 ]; then
     echo "$tag already exists (TASKBUS_SANDBOX_REBUILD=1 rebuilds it)"
     exit 0
 fi
@@ -24,12 +28,19 @@ debootstrap --variant=minbase \
 # Trim what a sandbox never needs.
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
     "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/*
-mkdir -p "$rootfs/workspace"
+# The sandbox user: no password, no sudo, a home the runner mounts a tmpfs on.
+echo 'taskbus:x:1000:1000:Taskbus sandbox:/home/taskbus:/bin/bash' >>"$rootfs/etc/passwd"
+echo 'taskbus:x:1000:' >>"$rootfs/etc/group"
+echo 'taskbus:!:19000::::::' >>"$rootfs/etc/shadow"
+mkdir -p "$rootfs/workspace" "$rootfs/home/taskbus"
+chown 1000:1000 "$rootfs/workspace" "$rootfs/home/taskbus"
 
 tar -C "$rootfs" -c . | docker import \
     --change 'WORKDIR /workspace' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["sleep", "infinity"]' \
+    --change 'USER taskbus' \
+    --change "LABEL taskbus.sandbox-image=$revision" \
     - "$tag" >/dev/null
 echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag" | numfmt --to=iec))"

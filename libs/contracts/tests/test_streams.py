@@ -8,11 +8,13 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
+import pytest
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.appender import EventAppender, StreamFull
 from taskbus.contracts.events import Event, EventSource, ThinkAction, decode_event
-from taskbus.contracts.streams import DEDUPE_WINDOW_SECONDS, ensure_streams
+from taskbus.contracts.streams import DEDUPE_WINDOW_SECONDS, StreamLimits, ensure_streams
 from taskbus.devtools.nats_server import NatsServer, free_port
 
 
@@ -113,3 +115,55 @@ def node_name(node: NatsServer) -> str:
 
 def think(cid: str, text: str) -> ThinkAction:
     return ThinkAction(conversation_id=cid, source=EventSource.AGENT, thought=text)
+
+
+async def test_a_full_log_refuses_the_writer_and_keeps_every_conversations_history(
+    tmp_path: Path,
+) -> None:
+    with NatsServer(tmp_path) as server:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js)
+            # The operator (the launcher's admin credential) lowers the limit of the existing log.
+            await ensure_streams(js, limits=StreamLimits(events_max_bytes=8_000))
+            assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
+            appender = EventAppender(js)
+            appended = 0
+            with pytest.raises(StreamFull, match=subjects.EVENTS_STREAM):
+                for n in range(1000):
+                    await appender.append(think("live", f"thought {n} " + "x" * 200))
+                    appended += 1
+            assert 10 < appended < 1000
+            # Nothing was dropped to make room: the first event is still the first.
+            first = await js.get_msg(subjects.EVENTS_STREAM, 1, direct=True)
+            assert decode_event(first.data).id == 0
+            assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == appended
+
+            await ensure_streams(js)  # a service starting leaves the operator's limit alone
+            assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
+            # Raising the limit lets the same writer go on, with the next id.
+            await ensure_streams(js, limits=StreamLimits())
+            again = await appender.append(think("live", "after the operator acted"))
+            assert again.id == appended
+        finally:
+            await nc.drain()
+
+
+async def test_the_command_queue_is_bounded_and_dead_letters_age_out(tmp_path: Path) -> None:
+    with NatsServer(tmp_path) as server:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, limits=StreamLimits(commands_max_msgs=2))
+            commands = (await js.stream_info(subjects.COMMANDS_STREAM)).config
+            assert commands.max_msgs == 2 and commands.max_bytes and commands.max_bytes > 0
+            for n in range(2):
+                await js.publish(subjects.command_subject("session_manager", f"C{n}"), b"{}")
+            with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
+                await js.publish(subjects.command_subject("session_manager", "C2"), b"{}")
+            dead = (await js.stream_info(subjects.DEADLETTER_STREAM)).config
+            assert dead.subjects == [subjects.ALL_DEADLETTERS]
+            assert dead.max_age and dead.max_bytes and dead.max_bytes > 0
+        finally:
+            await nc.drain()

@@ -17,7 +17,15 @@ from taskbus.contracts.events import (
     decode_event,
     encode_event,
 )
-from taskbus.contracts.queries import ConversationInfo, ListConversations, SearchEvents
+from taskbus.contracts.queries import (
+    ConversationInfo,
+    EventPage,
+    EventReply,
+    ListConversations,
+    QueryError,
+    SearchEvents,
+)
+from taskbus.contracts.specs import NATS_DEFAULT_MAX_PAYLOAD
 from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store import replies, sql
 from taskbus.event_store.rows import (
@@ -159,6 +167,7 @@ def test_search_asks_for_one_row_more_than_the_page() -> None:
 def test_event_page_next_start_id(reverse: bool, ids: list[int], expected_next: int) -> None:
     query = SearchEvents(user_id="u", conversation_id="c", limit=2, reverse=reverse)
     page = replies.event_page(query, [(i, b'{"id":%d}' % i) for i in ids])
+    assert isinstance(page, EventPage)
     assert page.has_more
     assert page.next_start_id == expected_next
     assert [msgspec.json.decode(raw)["id"] for raw in page.events] == ids[:2]
@@ -167,6 +176,7 @@ def test_event_page_next_start_id(reverse: bool, ids: list[int], expected_next: 
 def test_last_event_page_has_no_next() -> None:
     query = SearchEvents(user_id="u", conversation_id="c", limit=5)
     page = replies.event_page(query, [(1, b"{}")])
+    assert isinstance(page, EventPage)
     assert (page.has_more, page.next_start_id, len(page.events)) == (False, None, 1)
 
 
@@ -183,3 +193,57 @@ def test_cursor_round_trips_and_rejects_garbage() -> None:
     for garbage in ("not-a-cursor", "", "!!!", "WzEsMl0"):
         with pytest.raises(replies.InvalidCursor):
             replies.decode_cursor(garbage)
+
+
+# --- replies never exceed the bus' max_payload ---------------------------------------------------
+
+
+def _event(event_id: int, size: int) -> tuple[int, bytes]:
+    return event_id, b'{"id":%d,"text":"%s"}' % (event_id, b"x" * size)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_an_event_page_too_large_for_one_message_is_cut_and_continues(reverse: bool) -> None:
+    max_bytes = 64 * 1024
+    ids = list(range(20, 0, -1)) if reverse else list(range(1, 21))
+    query = SearchEvents(user_id="u", conversation_id="c", limit=100, reverse=reverse)
+    page = replies.event_page(query, [_event(i, 10_000) for i in ids], max_bytes)
+    assert isinstance(page, EventPage)
+    assert 0 < len(page.events) < 20 and page.has_more
+    assert len(replies.encode_reply(page, max_bytes)) <= max_bytes
+    last = msgspec.json.decode(page.events[-1])["id"]
+    assert page.next_start_id == (last - 1 if reverse else last + 1)
+
+
+def test_an_event_larger_than_one_message_is_a_typed_error() -> None:
+    query = SearchEvents(user_id="u", conversation_id="c")
+    error = replies.event_page(query, [_event(1, 70_000)], 64 * 1024)
+    assert isinstance(error, QueryError)
+    assert (error.status, error.kind) == (422, "reply-too-large")
+
+
+def test_a_conversation_page_too_large_for_one_message_is_cut_with_a_cursor() -> None:
+    infos = [
+        ConversationInfo(
+            conversation_id=f"c{n:03}",
+            user_id="u",
+            title="\x01" * 200,  # 6 bytes a character in JSON
+            repository="\x01" * 2048,
+            status=ConversationStatus.QUEUED,
+            created_at=T0,
+            updated_at=T0,
+        )
+        for n in range(101)
+    ]
+    page = replies.conversation_page(ListConversations(user_id="u", limit=100), infos)
+    assert 0 < len(page.conversations) < 100
+    assert page.next_page_id == replies.encode_cursor(page.conversations[-1])
+    assert len(replies.encode_reply(page)) <= NATS_DEFAULT_MAX_PAYLOAD
+
+
+def test_any_other_reply_too_large_becomes_a_typed_error() -> None:
+    huge = EventReply(event=msgspec.Raw(b'"%s"' % (b"x" * 2000)))
+    error = msgspec.json.decode(replies.encode_reply(huge, 1000), type=QueryError)
+    assert (error.status, error.kind) == (422, "reply-too-large")
+    small = EventReply(event=msgspec.Raw(b"{}"))
+    assert replies.encode_reply(small, 1000) == msgspec.json.encode(small)

@@ -59,6 +59,7 @@ from taskbus.contracts.queries import (
     Reply,
     SearchEvents,
 )
+from taskbus.contracts.secret_box import generate_key
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools.nats_server import NatsServer, free_port
@@ -67,6 +68,8 @@ from taskbus.gateway.bus import Bus
 from taskbus.gateway.settings import GatewaySettings
 
 ALICE_KEY, BOB_KEY = "alice-secret-key", "bob-secret-key"
+# Seals users' LLM keys (taskbus.contracts.secret_box), as `taskbus up`'s key file does.
+SECRETS_KEY = generate_key()
 
 
 @pytest.fixture
@@ -88,6 +91,7 @@ def settings(nats_url: str) -> GatewaySettings:
         request_timeout_seconds=2.0,
         ws_heartbeat_seconds=0.5,
         ws_max_buffered_events=50,
+        secrets_key=SECRETS_KEY,
     )
 
 

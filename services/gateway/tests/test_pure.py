@@ -19,7 +19,7 @@ from taskbus.contracts.events import (
     EventSource,
     LLMMetrics,
 )
-from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.specs import MAX_MESSAGE_CHARS, ConversationSpec, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
 from taskbus.gateway.app import RedactApiKeys
 from taskbus.gateway.auth import ApiKeyError, ApiKeys
@@ -33,8 +33,9 @@ from taskbus.gateway.conversations import (
 from taskbus.gateway.inputs import (
     command_for_action,
     decode_client_action,
-    repository_credentials_problem,
+    repository_problem,
 )
+from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
 from taskbus.gateway.user_settings import SettingsView, reflects
 
 
@@ -161,10 +162,16 @@ def test_invalid_client_actions_fail_to_decode(text: str) -> None:
         decode_client_action(text)
 
 
-def test_empty_message_violates_the_contract() -> None:
-    action = decode_client_action('{"action": "message", "message": ""}')
+@pytest.mark.parametrize("message", ["", "x" * (MAX_MESSAGE_CHARS + 1)])
+def test_messages_outside_the_contracts_bounds_are_invalid(message: str) -> None:
     with pytest.raises(msgspec.ValidationError):
-        command_for_action(action, "alice", "c1")
+        decode_client_action(msgspec.json.encode({"action": "message", "message": message}))
+
+
+def test_deeply_nested_client_actions_are_invalid_not_a_crash() -> None:
+    with pytest.raises(msgspec.ValidationError, match="nested too deeply"):
+        # msgspec must read past the nesting to find the tag
+        decode_client_action('{"x": ' + "[" * 100_000 + "]" * 100_000 + ', "action": "pause"}')
 
 
 def test_api_keys_in_websocket_urls_are_redacted_from_logs() -> None:
@@ -225,4 +232,32 @@ def test_stored_settings_reflect_a_put(
 def test_repository_urls_with_credentials_are_refused(
     repository: str | None, refused: bool
 ) -> None:
-    assert (repository_credentials_problem(repository) is not None) is refused
+    problem = repository_problem(repository)
+    assert (problem is not None) is refused
+    assert problem is None or problem.status == 422
+
+
+def test_the_creation_rate_allows_a_burst_then_one_per_interval() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate_per_minute=6, burst=3, clock=lambda: now[0])
+    assert [limiter.take("mallory") for _ in range(3)] == [None, None, None]
+    assert limiter.take("mallory") == pytest.approx(10.0)  # one token per 10 s
+    assert limiter.take("alice") is None  # another user's bucket is untouched
+    now[0] = 9.0
+    assert limiter.take("mallory") == pytest.approx(1.0)
+    now[0] = 10.0
+    assert limiter.take("mallory") is None
+    now[0] = 1000.0  # a long pause refills only up to the burst
+    assert [limiter.take("mallory") is None for _ in range(4)] == [True, True, True, False]
+
+
+def test_connections_are_counted_per_user_and_released() -> None:
+    limiter = ConnectionLimiter(2)
+    assert [limiter.acquire("u"), limiter.acquire("u"), limiter.acquire("u")] == [
+        True,
+        True,
+        False,
+    ]
+    assert limiter.acquire("v")
+    limiter.release("u")
+    assert limiter.acquire("u")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,8 +12,11 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
+from taskbus.contracts import subjects
 from taskbus.contracts.commands import (
     ConfirmAction,
     CreateConversation,
@@ -31,8 +35,11 @@ from taskbus.contracts.queries import (
     QueryError,
     SearchEvents,
 )
+from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, encode_runner_info
+from taskbus.contracts.secret_box import SecretBox, llm_key_context
 from taskbus.contracts.specs import ConcurrencyPolicy, UserSettings
 from taskbus.contracts.status import ConversationStatus
+from taskbus.gateway.settings import GatewaySettings
 
 Headers = dict[str, str]
 StreamSequences = Callable[[], Awaitable[tuple[int, int]]]
@@ -55,9 +62,71 @@ async def create(client: httpx.AsyncClient, headers: Headers, **spec: Any) -> st
     return cid
 
 
-async def test_health_needs_no_key(client: httpx.AsyncClient) -> None:
+async def test_health_needs_no_key_and_names_each_runners_isolation(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    runners = await js.key_value(subjects.RUNNERS_BUCKET)
+    with contextlib.suppress(NoKeysError):
+        for key in await runners.keys():
+            await runners.purge(key)
     response = await client.get("/api/health")
-    assert response.json() == {"status": "ok", "nats": True}
+    assert response.json() == {
+        "status": "ok",
+        "nats": True,
+        "runners": [],
+        "warnings": ["no runtime-runner has registered: sandbox isolation unknown"],
+    }
+    started = datetime(2024, 5, 1, tzinfo=UTC)
+    hardened = RunnerInfo(
+        runner_id="r-docker", host="h1", backend="docker",
+        isolation=SandboxIsolation.GVISOR, started_at=started,
+    )  # fmt: skip
+    unsandboxed = RunnerInfo(
+        runner_id="r-local", host="h2", backend="local", isolation=SandboxIsolation.NONE,
+        warning="bubblewrap is missing: apt-get install bubblewrap", started_at=started,
+    )  # fmt: skip
+    try:
+        for info in (hardened, unsandboxed):
+            await runners.put(info.runner_id, encode_runner_info(info))
+        await runners.put("r-garbage", b"not json")
+        body = (await client.get("/api/health")).json()
+        assert body["status"] == "ok"
+        assert [(r["runner_id"], r["backend"], r["isolation"]) for r in body["runners"]] == [
+            ("r-docker", "docker", "gvisor"),
+            ("r-local", "local", "none"),
+        ]
+        [warning] = body["warnings"]
+        assert "r-local" in warning and "UNSANDBOXED" in warning
+        assert "apt-get install bubblewrap" in warning
+    finally:
+        for key in ("r-docker", "r-local", "r-garbage"):
+            await runners.purge(key)
+
+
+async def test_a_405_names_every_method_of_the_path(
+    client: httpx.AsyncClient, alice: Headers
+) -> None:
+    response = await client.request("PATCH", "/api/conversations/abc", headers=alice)
+    assert_problem(response, 405)
+    assert response.headers["allow"] == "DELETE, GET"
+
+
+async def test_event_kinds_must_be_event_type_names(
+    client: httpx.AsyncClient, alice: Headers
+) -> None:
+    for kind in ("false", "MessageAction,,X", "message_action"):
+        response = await client.get(
+            "/api/conversations/abc/events", params={"kind": kind}, headers=alice
+        )
+        assert_problem(response, 422)
+
+
+async def test_openapi_declares_problem_answers(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    create = paths["/api/conversations"]["post"]["responses"]
+    for status in ("400", "401", "413", "422", "429", "503"):
+        assert "application/problem+json" in create[status]["content"], status
+    assert "404" in paths["/api/conversations/{conversation_id}"]["get"]["responses"]
 
 
 @pytest.mark.parametrize(
@@ -515,6 +584,7 @@ async def test_settings_default_to_nulls(
 
 async def test_put_settings_stores_them_and_never_shows_the_key(
     client: httpx.AsyncClient,
+    settings: GatewaySettings,
     alice: Headers,
     bob: Headers,
     session_manager: Any,
@@ -539,11 +609,16 @@ async def test_put_settings_stores_them_and_never_shows_the_key(
     assert (await client.get("/api/settings", headers=alice)).json() == expected
     assert (await client.get("/api/settings", headers=bob)).json() == NULL_SETTINGS
     (command,) = session_manager.commands
+    # The key leaves the gateway sealed for alice; only the secrets key opens it.
+    sealed = command.settings.llm_api_key
+    assert sealed is not None and SECRET not in sealed
+    box = SecretBox(settings.secrets_key or "")
+    assert box.open(sealed, llm_key_context("alice")) == SECRET
     assert command == UpdateSettings(
         user_id="alice",
         settings=UserSettings(
             llm_model="anthropic/claude-sonnet-4",
-            llm_api_key=SECRET,
+            llm_api_key=sealed,
             max_iterations=50,
             concurrency_policy=ConcurrencyPolicy.QUEUE,
         ),
@@ -553,7 +628,7 @@ async def test_put_settings_stores_them_and_never_shows_the_key(
     put = await client.put("/api/settings", json={"max_budget_per_task": 3}, headers=alice)
     assert put.json() == NULL_SETTINGS | {"max_budget_per_task": 3.0, "llm_api_key_set": True}
     assert await stored_settings(settings_kv, "alice") == UserSettings(
-        llm_api_key=SECRET, max_budget_per_task=3
+        llm_api_key=sealed, max_budget_per_task=3
     )
     # An empty key clears it.
     put = await client.put("/api/settings", json={"llm_api_key": ""}, headers=alice)
@@ -594,6 +669,6 @@ async def test_put_settings_is_504_when_nothing_stores_them(
     client: httpx.AsyncClient, alice: Headers, session_manager: Any, settings_kv: KeyValue
 ) -> None:
     session_manager.ignore_settings = True
-    response = await client.put("/api/settings", json={"llm_model": "m"}, headers=alice)
+    response = await client.put("/api/settings", json={"max_iterations": 7}, headers=alice)
     assert assert_problem(response, 504)["type"] == "urn:taskbus:problem:not-visible-yet"
     assert len(session_manager.commands) == 1

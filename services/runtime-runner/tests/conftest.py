@@ -20,11 +20,13 @@ import docker
 import docker.errors
 import pytest
 
-from taskbus.contracts.specs import NetworkMode, Resources
+from taskbus.contracts.specs import NetworkMode
+from taskbus.runtime_runner.backend import sandbox_user
 from taskbus.runtime_runner.docker_sandbox import DockerEngine, DockerSandbox, DockerSandboxConfig
 from taskbus.runtime_runner.limits import SandboxResources
-from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
+from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.sandbox import Sandbox
+from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 
 BACKENDS = ["local", pytest.param("docker", marks=pytest.mark.docker)]
@@ -52,10 +54,8 @@ def docker_client() -> Iterator[docker.APIClient]:
         client.ping()
     except docker.errors.DockerException as error:
         pytest.skip(f"no Docker engine answers: {error}")
-    try:
-        client.inspect_image(SANDBOX_IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run([str(BUILD_SCRIPT), SANDBOX_IMAGE], check=True, timeout=600)
+    # Builds the image when missing or made by an older build.sh; quick when up to date.
+    subprocess.run([str(BUILD_SCRIPT), SANDBOX_IMAGE], check=True, timeout=600)
     yield client
     for container in client.containers(all=True, filters={"label": run_label_filter()}):
         client.remove_container(container["Id"], force=True)
@@ -75,7 +75,23 @@ def docker_engine(docker_client: docker.APIClient) -> Iterator[DockerEngine]:
 
 @pytest.fixture
 def docker_config(docker_engine: DockerEngine) -> DockerSandboxConfig:
-    return DockerSandboxConfig(docker_engine, SANDBOX_IMAGE, "test", {TEST_RUN_LABEL: TEST_RUN})
+    return DockerSandboxConfig(
+        docker_engine,
+        SANDBOX_IMAGE,
+        "test",
+        {TEST_RUN_LABEL: TEST_RUN},
+        user=sandbox_user(RuntimeRunnerSettings()) or (os.getuid(), os.getgid()),
+    )
+
+
+def local_confinement(resources: SandboxResources = TEST_RESOURCES) -> LocalConfinement:
+    """The runner's own: under bubblewrap, as the unprivileged sandbox user when root."""
+    return LocalConfinement(
+        bubblewrap=True,
+        user=sandbox_user(RuntimeRunnerSettings()),
+        resources=resources,
+        max_file_bytes=100 * 1024 * 1024,
+    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -108,7 +124,7 @@ async def make_sandbox(
                 conversation_id,
                 tmp_path / "workspaces",
                 TEST_LIMITS,
-                LocalLimits(max_file_bytes=100 * 1024 * 1024, resources=Resources()),
+                local_confinement(resources),
                 clone_seconds=60,
             )
         started.append(sandbox)

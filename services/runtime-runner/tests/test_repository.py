@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbus.runtime_runner.repository import redact_credentials
+from taskbus.contracts.redaction import redact
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest
 
 from .conftest import SandboxMaker
@@ -16,10 +16,10 @@ from .test_shell_contract import Chunks
 
 def test_credentials_in_urls_are_removed() -> None:
     text = "fatal: could not read from 'https://bob:s3cret@git.example.com/r.git' and ssh://tok@h/x"
-    assert redact_credentials(text) == (
+    assert redact(text) == (
         "fatal: could not read from 'https://git.example.com/r.git' and ssh://h/x"
     )
-    assert redact_credentials("/srv/repos/plain.git") == "/srv/repos/plain.git"
+    assert redact("/srv/repos/plain.git") == "/srv/repos/plain.git"
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
     decode_event,
 )
+from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.specs import Timeouts
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.app import (
@@ -38,6 +39,7 @@ from taskbus.runtime_runner.app import (
     in_flight_journal,
     sandbox_factory,
 )
+from taskbus.runtime_runner.backend import Backend
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import RuntimeRunner
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
@@ -287,7 +289,7 @@ async def test_a_redelivered_action_does_not_run_twice(
     appender = EventAppender(js)
     runner = RuntimeRunner(
         appender,
-        sandbox_factory(settings, engine=None),
+        sandbox_factory(settings, Backend(SandboxIsolation.BUBBLEWRAP)),
         settings.max_output_bytes,
         in_flight_journal(settings),
         Path(settings.workspace_root),

@@ -60,6 +60,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
     decode_event,
 )
+from taskbus.contracts.secret_box import SecretBox, generate_key, llm_key_context
 from taskbus.contracts.specs import ConversationSpec, Timeouts, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 from taskbus.contracts.streams import ensure_streams
@@ -875,12 +876,21 @@ async def test_api_keys_appear_in_no_event_and_no_log_line(
     from_env = settings_from_env(SessionManagerSettings, env)
     spec = ConversationSpec(initial_user_msg="Say hi.")
     script = {"steps": [bash_step("echo hi"), finish()]}
+    secrets_key = generate_key()
+    secrets = SecretBox(secrets_key)
     with ScriptedLLM({"steps": [{"error": {"status": 401}}]}) as refusing:
-        async with agent_stack(tmp_path, script, from_env) as stack:
+        async with agent_stack(
+            tmp_path, script, from_env, llm_allowed_base_urls=refusing.url, secrets_key=secrets_key
+        ) as stack:
             async with stack.conversation("lena", spec) as runtime:
                 await runtime.wait_for(status_reached(S.FINISHED))
-            # The user's own key and endpoint (KV settings); that endpoint echoes the key back.
-            own = UserSettings(llm_api_key=user_key, llm_base_url=refusing.url)
+            # The user's own set (KV settings, its key sealed as the gateway seals it), at an
+            # endpoint the operator allows; that endpoint echoes the key back.
+            own = UserSettings(
+                llm_model="openai/scripted",
+                llm_api_key=secrets.seal(user_key, llm_key_context("lena")),
+                llm_base_url=refusing.url,
+            )
             await send(stack.js, UpdateSettings(user_id="lena", settings=own), "UpdateSettings")
             async with stack.conversation("lena", spec) as refused:
                 await runtime.wait_for(status_reached(S.FINISHED))
@@ -909,3 +919,32 @@ async def test_api_keys_appear_in_no_event_and_no_log_line(
     for key in (operator_key, user_key):
         assert not any(key.encode() in p for p in payloads)
         assert key not in logged
+
+
+async def test_a_users_endpoint_is_checked_again_before_each_call(tmp_path: Path) -> None:
+    """Settings that passed the API once can point somewhere refused by call time (DNS changed,
+    the operator shrank the allow-list): the call is refused with a typed error, nothing is
+    sent, and the service goes on serving others."""
+    spec = ConversationSpec(initial_user_msg="Say hi.")
+    with ScriptedLLM({"steps": [finish()]}) as listener:
+        # A name entry must resolve to public addresses only; localhost resolves to loopback.
+        by_name = listener.url.replace("127.0.0.1", "localhost")
+        async with agent_stack(
+            tmp_path, {"steps": [finish()]}, llm_allowed_base_urls=f"{by_name},https://x.example"
+        ) as stack:
+            refused = {
+                "rita": (by_name, "resolves to a loopback, private or link-local address"),
+                "raul": (listener.url, "is not an LLM endpoint this server allows"),
+            }
+            for user, (url, why) in refused.items():
+                own = UserSettings(llm_model="openai/scripted", llm_base_url=url)
+                await send(stack.js, UpdateSettings(user_id=user, settings=own), "UpdateSettings")
+                async with stack.conversation(user, spec) as runtime:
+                    await runtime.wait_for(status_reached(S.ERROR))
+                (error,) = runtime.of(ErrorObservation)
+                assert error.code == "llm_endpoint_refused"  # type: ignore[attr-defined]
+                assert why in error.content  # type: ignore[attr-defined]
+            async with stack.conversation("olga", spec) as runtime:
+                await runtime.wait_for(status_reached(S.FINISHED))
+    assert listener.player.requests == []
+    assert len(stack.llm.player.requests) == 1  # olga's, on the operator's model

@@ -21,6 +21,8 @@ from taskbus.contracts import subjects
 from taskbus.contracts.events import Event, encode_event
 
 WRONG_LAST_SEQUENCE = 10071
+# JetStream refused to store the message: with DiscardPolicy.NEW, the stream is at its limits.
+STREAM_STORE_FAILED = 10077
 _MAX_CACHED_CONVERSATIONS = 10_000
 
 E = TypeVar("E", bound=Event)
@@ -32,6 +34,17 @@ class _Envelope(msgspec.Struct):
 
 class AppendConflict(RuntimeError):
     """Raised when an append keeps losing races (should not happen under sane contention)."""
+
+
+class StreamFull(RuntimeError):
+    """The event log is at its operator-set `max_bytes` (or message limit): nothing is appended,
+    and nothing old is dropped, until the operator raises the limit or removes conversations."""
+
+
+def raise_if_full(error: APIError, stream: str) -> None:
+    """`StreamFull` for JetStream's "maximum bytes/messages exceeded" on `stream`."""
+    if error.err_code == STREAM_STORE_FAILED and "maximum" in (error.description or ""):
+        raise StreamFull(f"{stream} is full ({error.description})") from error
 
 
 class EventAppender:
@@ -82,6 +95,7 @@ class EventAppender:
                     },
                 )
             except APIError as error:
+                raise_if_full(error, subjects.EVENTS_STREAM)
                 if error.err_code != WRONG_LAST_SEQUENCE:
                     raise
                 self._tails.pop(cid, None)  # another writer won: re-read the tail

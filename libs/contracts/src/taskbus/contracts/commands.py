@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.specs import MAX_MESSAGE_CHARS, ConversationSpec, UserSettings
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="command", tag=True):
@@ -29,7 +29,7 @@ class ConversationCommand(Command):
 
 
 class SendMessage(ConversationCommand):
-    content: Annotated[str, msgspec.Meta(min_length=1, max_length=1_000_000)]
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
 
 
 class StartConversation(ConversationCommand):

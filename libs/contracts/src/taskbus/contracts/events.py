@@ -71,6 +71,16 @@ class ConversationDeleted(Event):
     reason: str = ""
 
 
+class ConversationRejected(Event):
+    """Session-manager refused to create or start the conversation (e.g. `queue_full`: the user
+    has as many queued conversations as the operator allows). A refused creation leaves this as
+    the conversation's only event: the id is used up, and the gateway answers the create 429."""
+
+    user_id: str
+    reason: str
+    detail: str = ""
+
+
 # --- runtime ----------------------------------------------------------------------------------
 
 
@@ -308,6 +318,7 @@ AnyEvent = (
     | ConversationStatusChanged
     | AgentStateChanged
     | ConversationDeleted
+    | ConversationRejected
     | RuntimeRequested
     | RuntimeStatusChanged
     | RuntimeControlRequested

@@ -6,15 +6,25 @@ Events in replies are the stored JSON as `msgspec.Raw`, so kinds unknown to a re
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 import msgspec
 
 from taskbus.contracts.events import EventSource
+from taskbus.contracts.specs import MAX_NAME_CHARS, MAX_QUERY_TEXT_CHARS, Name, Url
 from taskbus.contracts.status import AgentState, ConversationStatus
 
 PageLimit = Annotated[int, msgspec.Meta(ge=1, le=100)]
+# Bounds of query parameters (see specs' size limits): a query always fits in a NATS message.
+ConversationId = Annotated[str, msgspec.Meta(max_length=64)]
+Kinds = Annotated[
+    list[Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]], msgspec.Meta(max_length=100)
+]
+QueryText = Annotated[str, msgspec.Meta(max_length=MAX_QUERY_TEXT_CHARS)]
+# Time bounds a query may name: ClickHouse's DateTime64 holds 1900..2299; a naive time is UTC.
+EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2262, 1, 1, tzinfo=UTC)
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -27,20 +37,30 @@ class Query(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     subject_name: ClassVar[str]
     user_id: str
 
+    def __post_init__(self) -> None:
+        """Every time a query names must be one the store can hold (msgspec reports it as
+        invalid, so year 117 is a 422, never an error of the store)."""
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if isinstance(value, datetime):
+                aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+                if not EARLIEST_TIME <= aware < LATEST_TIME:
+                    raise ValueError(f"{field} must be between 1900 and 2261")
+
 
 class SearchEvents(Query):
     subject_name = "search_events"
-    conversation_id: str
+    conversation_id: ConversationId
     start_id: Annotated[int, msgspec.Meta(ge=0)] = 0
     end_id: Annotated[int, msgspec.Meta(ge=0)] | None = None
     reverse: bool = False
     limit: PageLimit = 20
-    kinds: list[str] = []
-    exclude_kinds: list[str] = []
+    kinds: Kinds = []
+    exclude_kinds: Kinds = []
     source: EventSource | None = None
     since: datetime | None = None
     until: datetime | None = None
-    query: str | None = None
+    query: QueryText | None = None
 
 
 class EventPage(Reply):
@@ -51,7 +71,7 @@ class EventPage(Reply):
 
 class GetEvent(Query):
     subject_name = "get_event"
-    conversation_id: str
+    conversation_id: ConversationId
     event_id: Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -80,7 +100,7 @@ class ConversationInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 class GetConversation(Query):
     subject_name = "get_conversation"
-    conversation_id: str
+    conversation_id: ConversationId
 
 
 class ConversationReply(Reply):
@@ -89,13 +109,13 @@ class ConversationReply(Reply):
 
 class ListConversations(Query):
     subject_name = "list_conversations"
-    page_id: str | None = None
+    page_id: QueryText | None = None
     limit: PageLimit = 20
     status: ConversationStatus | None = None
-    repository: str | None = None
+    repository: Url | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
-    title_contains: str | None = None
+    title_contains: Name | None = None
     # e.g. [ARCHIVED] to hide deleted conversations
     exclude_statuses: list[ConversationStatus] = []
 
@@ -172,7 +192,7 @@ class DurationReport(Reply):
 
 class EventKindCounts(Query):
     subject_name = "analytics_event_kinds"
-    conversation_id: str | None = None
+    conversation_id: ConversationId | None = None
     since: datetime | None = None
     until: datetime | None = None
 
@@ -215,8 +235,10 @@ class FailingCommandsReport(Reply):
 
 
 class QueryError(Reply):
-    """Typed error reply: `status` is the HTTP status the gateway should answer with."""
+    """Typed error reply: `status` is the HTTP status the gateway should answer with, `kind`
+    the problem type it names (e.g. "reply-too-large")."""
 
     status: int
     title: str
     detail: str = ""
+    kind: str = "query-error"

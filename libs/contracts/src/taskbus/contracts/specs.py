@@ -10,6 +10,42 @@ import msgspec
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
 
+# --- size limits ----------------------------------------------------------------------------
+# Every string a user can send has a length limit, all of them here. They are sized so that the
+# largest command, event and query reply stays below NATS' max_payload (1 MiB by default) even
+# when every character takes JSON's worst case of 6 bytes ("\u0001"): a CreateConversation at
+# every limit is ~800 KB (checked by tests/security/test_limits.py). Event-store also splits or
+# refuses any reply that would still exceed the connection's max_payload.
+NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+MAX_MESSAGE_CHARS = 100_000  # initial_user_msg, a user message
+MAX_INSTRUCTIONS_CHARS = 20_000  # conversation_instructions
+MAX_URL_CHARS = 2048  # repository, llm_base_url
+MAX_BRANCH_CHARS = 255  # selected_branch (git's own limit on a ref name component)
+MAX_NAME_CHARS = 200  # title, git_provider, llm_model
+MAX_SECRET_CHARS = 4096  # llm_api_key
+MAX_MCP_CONFIG_BYTES = 64 * 1024  # mcp_config, as JSON
+MAX_MCP_CONFIG_DEPTH = 16  # nesting of mcp_config's objects and arrays
+MAX_QUERY_TEXT_CHARS = 1000  # free-text search parameters
+
+Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
+# No whitespace or control character: such a string is no URL, and could hide a credential.
+Url = Annotated[str, msgspec.Meta(max_length=MAX_URL_CHARS, pattern=r"^[^\x00-\x20\x7f]*$")]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+
+
+def json_depth(value: object) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            stack.append((child, depth + 1))
+        deepest = max(deepest, depth + 1 if isinstance(item, dict | list) else depth)
+    return deepest
+
 
 class NetworkMode(enum.StrEnum):
     NONE = "none"
@@ -42,13 +78,15 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of POST /api/conversations: OpenHands' InitSessionRequest plus Taskbus' limits."""
 
-    initial_user_msg: str | None = None
-    repository: str | None = None
-    git_provider: str | None = None
-    selected_branch: str | None = None
-    conversation_instructions: str | None = None
+    initial_user_msg: Message | None = None
+    repository: Url | None = None
+    git_provider: Name | None = None
+    selected_branch: Annotated[str, msgspec.Meta(max_length=MAX_BRANCH_CHARS)] | None = None
+    conversation_instructions: (
+        Annotated[str, msgspec.Meta(max_length=MAX_INSTRUCTIONS_CHARS)] | None
+    ) = None
     mcp_config: dict[str, Any] | None = None
-    title: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    title: Name | None = None
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     max_budget_per_task: Annotated[float, msgspec.Meta(ge=1)] | None = None
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
@@ -56,13 +94,22 @@ class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     timeouts: Timeouts = Timeouts()
     resources: Resources = Resources()
 
+    def __post_init__(self) -> None:
+        """Bounds `mcp_config`, the one free-form field (msgspec reports these as invalid)."""
+        if self.mcp_config is None:
+            return
+        if json_depth(self.mcp_config) > MAX_MCP_CONFIG_DEPTH:
+            raise ValueError(f"mcp_config is nested deeper than {MAX_MCP_CONFIG_DEPTH} levels")
+        if len(msgspec.json.encode(self.mcp_config)) > MAX_MCP_CONFIG_BYTES:
+            raise ValueError(f"mcp_config is larger than {MAX_MCP_CONFIG_BYTES} bytes as JSON")
+
 
 class UserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Per-user settings (KV `taskbus_settings`). `llm_api_key` is write-only at the API."""
 
-    llm_model: str | None = None
-    llm_api_key: str | None = None
-    llm_base_url: str | None = None
+    llm_model: Name | None = None
+    llm_api_key: Annotated[str, msgspec.Meta(max_length=MAX_SECRET_CHARS)] | None = None
+    llm_base_url: Url | None = None
     max_budget_per_task: Annotated[float, msgspec.Meta(ge=1)] | None = None
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
     max_concurrent_conversations: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None

@@ -1,9 +1,22 @@
-"""Idempotent creation of the JetStream streams and KV buckets every service relies on."""
+"""Idempotent creation of the JetStream streams and KV buckets every service relies on.
+
+Limits: the operator sets them (`StreamLimits`, from `TASKBUS_*` variables) and the holder of the
+admin credential applies them (`taskbus up`, or `python -m taskbus.contracts.streams` in a
+deployment). The event log and the command queue discard NEW messages when full: the writer gets
+an error (`appender.StreamFull`, a 503 at the gateway) and no conversation's history is ever
+dropped to make room. `events_max_age_seconds` is a retention choice and is off by default: when
+set, whole events older than it are removed, live conversation or not.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import (
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -12,12 +25,41 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.bus import connect, nats_url_from_env
+from taskbus.contracts.config import settings_from_env
+
+logger = logging.getLogger(__name__)
 
 # Window in which JetStream drops a re-sent Nats-Msg-Id (idempotent appends and commands).
 DEDUPE_WINDOW_SECONDS = 120.0
+_GIB = 1024**3
+_MIB = 1024**2
 
 
-def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+class StreamLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Operator limits of the streams (`TASKBUS_EVENTS_MAX_BYTES`, ...); 0 means none."""
+
+    events_max_bytes: int = 10 * _GIB
+    events_max_age_seconds: float = 0
+    commands_max_bytes: int = 256 * _MIB
+    commands_max_msgs: int = 100_000
+    # Dead letters are diagnostics: the oldest go first when the stream is full.
+    deadletter_max_bytes: int = 64 * _MIB
+    deadletter_max_msgs: int = 10_000
+    deadletter_max_age_seconds: float = 30 * 86400
+
+
+def stream_limits_from_env() -> StreamLimits:
+    return settings_from_env(StreamLimits)
+
+
+def _limit(value: float, none: int = -1) -> int:
+    """JetStream's own spelling of a limit: -1 (0 for ages) means none."""
+    return int(value) if value > 0 else none
+
+
+def stream_configs(replicas: int = 1, limits: StreamLimits | None = None) -> list[StreamConfig]:
+    limits = limits or StreamLimits()
     return [
         StreamConfig(
             name=subjects.EVENTS_STREAM,
@@ -27,6 +69,9 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             num_replicas=replicas,
             duplicate_window=DEDUPE_WINDOW_SECONDS,
             allow_direct=True,
+            discard=DiscardPolicy.NEW,
+            max_bytes=_limit(limits.events_max_bytes),
+            max_age=_limit(limits.events_max_age_seconds, none=0),
             # No max_msgs_per_subject: per-subject limits slow JetStream down with many subjects.
         ),
         StreamConfig(
@@ -36,6 +81,20 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=replicas,
             duplicate_window=DEDUPE_WINDOW_SECONDS,
+            discard=DiscardPolicy.NEW,
+            max_bytes=_limit(limits.commands_max_bytes),
+            max_msgs=_limit(limits.commands_max_msgs),
+        ),
+        StreamConfig(
+            name=subjects.DEADLETTER_STREAM,
+            subjects=[subjects.ALL_DEADLETTERS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            discard=DiscardPolicy.OLD,
+            max_bytes=_limit(limits.deadletter_max_bytes),
+            max_msgs=_limit(limits.deadletter_max_msgs),
+            max_age=_limit(limits.deadletter_max_age_seconds, none=0),
         ),
     ]
 
@@ -48,30 +107,73 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_streams(
+    js: JetStreamContext, replicas: int = 1, limits: StreamLimits | None = None
+) -> None:
     """Create what is missing; safe to call from every service at start-up.
 
     An existing stream gets back only what Taskbus relies on (its subjects, direct gets, a long
-    enough dedupe window) and keeps what an operator tuned: replicas, limits, placement. So a
-    service restarting never turns an R3 stream back into R1 or lifts a size limit.
+    enough dedupe window, discarding new messages when full) and keeps what an operator tuned:
+    replicas, placement, and its limits unless `limits` is given (the launcher's admin
+    credential passes the operator's). A service whose credential may only read (see the bus
+    permissions) finds everything in place and writes nothing.
     """
-    for config in stream_configs(replicas):
-        assert config.name is not None
-        try:
-            info = await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
-            continue
-        current = info.config
-        required = current.evolve(
-            subjects=config.subjects,
-            allow_direct=config.allow_direct,
-            duplicate_window=max(current.duplicate_window or 0, config.duplicate_window or 0),
+    try:
+        for config in stream_configs(replicas, limits):
+            await _ensure_stream(js, config, apply_limits=limits is not None)
+        for bucket in bucket_configs(replicas):
+            try:
+                await js.key_value(bucket.bucket)
+            except BucketNotFoundError:
+                await js.create_key_value(bucket)
+    except TimeoutError:  # also how a denied JetStream API request ends: never answered
+        logger.error(
+            "the streams did not answer: JetStream may have no leader yet, or they are missing"
+            " or outdated and this NATS credential may not change them; the admin credential"
+            " creates them (`taskbus up` does; `python -m taskbus.contracts.streams` in a"
+            " deployment)"
         )
-        if required != current:
-            await js.update_stream(required)
-    for bucket in bucket_configs(replicas):
-        try:
-            await js.key_value(bucket.bucket)
-        except BucketNotFoundError:
-            await js.create_key_value(bucket)
+        raise
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, apply_limits: bool) -> None:
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    current = info.config
+    required = current.evolve(
+        subjects=config.subjects,
+        allow_direct=bool(current.allow_direct or config.allow_direct),
+        duplicate_window=max(current.duplicate_window or 0, config.duplicate_window or 0),
+        discard=config.discard,
+    )
+    if apply_limits:
+        required = required.evolve(
+            max_bytes=config.max_bytes, max_msgs=config.max_msgs, max_age=config.max_age
+        )
+    if required != current:
+        await js.update_stream(required)
+
+
+async def _main() -> None:
+    """Create or update the streams with the operator's limits, as the admin credential."""
+    nc = await connect(nats_url_from_env(), name="taskbus-streams")
+    try:
+        await ensure_streams(
+            nc.jetstream(), settings_from_env(_Replicas).stream_replicas, stream_limits_from_env()
+        )
+    finally:
+        await nc.drain()
+    logger.info("streams and buckets are in place")
+
+
+class _Replicas(msgspec.Struct, frozen=True):
+    stream_replicas: int = 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(_main())

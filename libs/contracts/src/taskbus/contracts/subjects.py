@@ -6,6 +6,9 @@ import re
 
 EVENTS_STREAM = "TASKBUS_EVENTS"
 COMMANDS_STREAM = "TASKBUS_COMMANDS"
+# Messages a consumer refused (bad id, id not matching the subject, undecodable), kept for the
+# operator: never acted on.
+DEADLETTER_STREAM = "TASKBUS_DEADLETTER"
 CONVERSATIONS_BUCKET = "taskbus_conversations"
 SETTINGS_BUCKET = "taskbus_settings"
 # One entry per runtime-runner (key = runner id): its host, backend and sandbox isolation.
@@ -14,12 +17,25 @@ RUNNERS_BUCKET = "taskbus_runners"
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"
 QUERIES_PREFIX = "taskbus.query"
+DEADLETTER_PREFIX = "taskbus.deadletter"
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_COMMANDS = f"{COMMANDS_PREFIX}.>"
+ALL_QUERIES = f"{QUERIES_PREFIX}.>"
+ALL_DEADLETTERS = f"{DEADLETTER_PREFIX}.>"
 
+# Service names: in command and dead-letter subjects, and as their NATS users.
+GATEWAY = "gateway"
 SESSION_MANAGER = "session_manager"
+RUNTIME_RUNNER = "runtime_runner"
+EVENT_STORE = "event_store"
 SESSION_MANAGER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.>"
+
+# The durable consumers of the services (their defaults; the bus permissions name them).
+SESSION_MANAGER_EVENTS_DURABLE = "session_manager_events"
+SESSION_MANAGER_COMMANDS_DURABLE = "session_manager_commands"
+RUNTIME_RUNNER_DURABLE = "runtime_runner"
+EVENT_STORE_DURABLE = "event_store"
 
 # Conversation ids are subject tokens, so they are restricted to a safe alphabet.
 CONVERSATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -51,6 +67,11 @@ def conversation_events(conversation_id: str) -> str:
 
 def conversation_id_of(subject: str) -> str:
     return subject.split(".")[2]
+
+
+def dead_letter_subject(service: str) -> str:
+    """Where `service` puts the messages it refused."""
+    return f"{DEADLETTER_PREFIX}.{service}"
 
 
 def command_subject(service: str, command: str) -> str:

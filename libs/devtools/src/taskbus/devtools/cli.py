@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from taskbus.contracts.asyncapi import asyncapi_document
+from taskbus.contracts.bus import CREDENTIALS_FILE_ENV
+from taskbus.devtools import bus_auth
 from taskbus.devtools.client import (
     TaskbusClient,
     is_final_status_event,
     render_event,
 )
-from taskbus.devtools.launcher import StackInfo, load_settings, local_api_key, run_stack
+from taskbus.devtools.launcher import (
+    StackInfo,
+    load_settings,
+    local_api_key,
+    run_stack,
+    write_nats_config,
+)
+from taskbus.devtools.sandbox_policy import UnsandboxedRefused
 
 DEMO_TASK = (
     "Plan the work with the task tracker, create hello.txt with a greeting, "
@@ -106,18 +115,32 @@ def main(argv: list[str] | None = None) -> int:
         "action", choices=["rebuild"], help="rebuild: replay the log into fresh tables"
     )
     commands.add_parser("asyncapi", help="print the internal protocol as AsyncAPI 3.0 JSON")
+    nats_auth = commands.add_parser(
+        "nats-auth",
+        help="write one NATS credential per service and the server's users (deploy/nats)",
+    )
+    nats_auth.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-    if args.command == "up":
-        asyncio.run(run_stack(load_settings()))
+    if args.command in ("up", "demo"):
+        if args.command == "demo":
+            # The demo's stack lives only as long as the command: its sandboxes go with it.
+            os.environ.setdefault("TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN", "true")
+        try:
+            asyncio.run(
+                run_stack(load_settings(), after_start=_demo if args.command == "demo" else None)
+            )
+        except UnsandboxedRefused as refused:
+            print(refused, file=sys.stderr)
+            return 2
         return 0
-    if args.command == "demo":
-        # The demo's stack lives only as long as the command: its sandboxes go with it.
-        os.environ.setdefault("TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN", "true")
-        asyncio.run(run_stack(load_settings(), after_start=_demo))
+    if args.command == "nats-auth":
+        credentials = bus_auth.new_credentials(args.directory)
+        write_nats_config(args.directory / "auth.conf", credentials)
+        print(f"wrote {args.directory}/auth.conf and one <user>.json per service (0600)")
         return 0
     if args.command == "run":
         spec = {
@@ -135,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "event-store":
         # Runs the event-store's own command in its own process: the CLI imports no service.
-        return subprocess.call([sys.executable, "-m", "taskbus.event_store", args.action])
+        # It logs in as the event-store (`taskbus up`'s credential, unless one is set).
+        credential = bus_auth.credential_file(Path(load_settings().data_dir) / "bus", "event_store")
+        env = dict(os.environ)
+        if credential.exists():
+            env.setdefault(CREDENTIALS_FILE_ENV, str(credential))
+        return subprocess.call([sys.executable, "-m", "taskbus.event_store", args.action], env=env)
     if args.command == "ls":
 
         async def list_all(client: TaskbusClient) -> int:

@@ -1,7 +1,10 @@
 """`taskbus up`: the whole stack on one machine with embedded defaults.
 
-Starts nats-server (JetStream, data under the data dir), the scripted model when no LLM is
-configured, and the four services as supervised child processes (restarted when they crash).
+Starts nats-server (JetStream, data under the data dir) with one user per service (fresh
+passwords in `<data dir>/bus/<user>.json`, 0600; permissions in `bus_auth`), creates the streams
+with the admin user and the operator's limits, then the scripted model when no LLM is
+configured, and the four services as supervised child processes (restarted when they crash),
+each handed only its own credential file.
 """
 
 from __future__ import annotations
@@ -19,24 +22,32 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import nats
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.bus import CREDENTIALS_FILE_ENV, BusCredential, connect
 from taskbus.contracts.config import settings_from_env
-from taskbus.contracts.streams import ensure_streams
+from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, decode_runner_info
+from taskbus.contracts.secret_box import ensure_key_file
+from taskbus.contracts.streams import ensure_streams, stream_limits_from_env
+from taskbus.devtools import bus_auth
 from taskbus.devtools.nats_server import NatsServer, die_with_parent, free_port
+from taskbus.devtools.sandbox_policy import (
+    ALLOW_UNSANDBOXED_ENV,
+    INSTALL_BWRAP,
+    runner_may_run_unsandboxed,
+)
 
 log = logging.getLogger("taskbus.launcher")
 
 SERVICES = ("event_store", "session_manager", "runtime_runner", "gateway")
 # The durable consumers the services pull from: the stack is ready when each has a pull waiting.
 DURABLES = (
-    (subjects.COMMANDS_STREAM, "session_manager_commands"),
-    (subjects.EVENTS_STREAM, "session_manager_events"),
-    (subjects.EVENTS_STREAM, "runtime_runner"),
-    (subjects.EVENTS_STREAM, "event_store"),
+    (subjects.COMMANDS_STREAM, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
+    (subjects.EVENTS_STREAM, subjects.SESSION_MANAGER_EVENTS_DURABLE),
+    (subjects.EVENTS_STREAM, subjects.RUNTIME_RUNNER_DURABLE),
+    (subjects.EVENTS_STREAM, subjects.EVENT_STORE_DURABLE),
 )
 LOCAL_USER = "local"
 # Prices of the scripted model, so cost accounting runs through litellm for real.
@@ -61,6 +72,8 @@ class StackInfo(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
     api_key: str
     scripted_model: bool
+    # What the runtime-runner reported about itself: its backend and sandbox isolation.
+    runner: RunnerInfo
 
 
 def local_api_key(keys_file: Path) -> str | None:
@@ -203,6 +216,26 @@ async def _wait_for_consumers(js: JetStreamContext) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _wait_for_runner(js: JetStreamContext, runner_id: str, since: float) -> RunnerInfo:
+    """The runner's report of the isolation it uses, written after `since` (epoch seconds)."""
+    kv = await js.key_value(subjects.RUNNERS_BUCKET)
+    while True:
+        with contextlib.suppress(KeyNotFoundError):
+            entry = await kv.get(runner_id)
+            if entry.value:
+                info = decode_runner_info(entry.value)
+                if info.started_at.timestamp() >= since:
+                    return info
+        await asyncio.sleep(0.2)
+
+
+def write_nats_config(path: Path, credentials: dict[str, BusCredential]) -> None:
+    """nats-server's users and permissions, passwords included: the operator's file (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(bus_auth.render_authorization({u: c.password for u, c in credentials.items()}))
+
+
 async def _wait_for_port(port: int) -> None:
     while True:
         with contextlib.suppress(OSError):
@@ -217,21 +250,31 @@ async def run_stack(
     after_start: Callable[[StackInfo], Awaitable[None]] | None = None,
 ) -> None:
     """Run the stack until `after_start` returns (or, without one, until SIGINT/SIGTERM)."""
+    started = time.time()
     data_dir = await asyncio.to_thread(Path(settings.data_dir).resolve)
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pids = data_dir / "pids"
-    nats_server = NatsServer(data_dir / "nats", port=settings.nats_port).start()
+    api_key = ensure_api_key(data_dir / "api_keys")
+    # Before anything starts: may raise UnsandboxedRefused.
+    unsandboxed = await runner_may_run_unsandboxed(os.environ, data_dir / "api_keys")
+    bus = data_dir / "bus"
+    credentials = bus_auth.new_credentials(bus)
+    write_nats_config(bus / "nats.conf", credentials)
+    nats_server = NatsServer(
+        data_dir / "nats", port=settings.nats_port, config_file=bus / "nats.conf"
+    ).start()
     _write_nats_pid_file(nats_server, pids / "nats-server.pid")
     nats_keeper = asyncio.create_task(
         _restart_nats_when_it_exits(nats_server, pids / "nats-server.pid"), name="nats-keeper"
     )
     children: list[Child] = []
     try:
-        nc = await nats.connect(nats_server.url)
-        await ensure_streams(nc.jetstream())
+        nc = await connect(nats_server.url, "taskbus-launcher", credentials[bus_auth.ADMIN])
+        await ensure_streams(nc.jetstream(), limits=stream_limits_from_env())
 
         env = dict(os.environ)
+        env.pop(CREDENTIALS_FILE_ENV, None)  # each service gets its own, below
         env.update(
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             TASKBUS_NATS_URL=nats_server.url,
@@ -240,7 +283,9 @@ async def run_stack(
         )
         env.setdefault("TASKBUS_CLICKHOUSE_DSN", f"chdb://{data_dir / 'clickhouse'}")
         env.setdefault("TASKBUS_WORKSPACE_ROOT", str(data_dir / "workspaces"))
-        api_key = ensure_api_key(data_dir / "api_keys")
+        # The key that seals users' LLM keys in NATS lives outside it (0600, in the data dir).
+        if not env.get("TASKBUS_SECRETS_KEY") and not env.get("TASKBUS_SECRETS_KEY_FILE"):
+            env["TASKBUS_SECRETS_KEY_FILE"] = str(ensure_key_file(data_dir / "secrets.key"))
 
         scripted = settings.llm_model is None
         if scripted:
@@ -270,10 +315,16 @@ async def run_stack(
 
         for service in SERVICES:
             name = service.replace("_", "-")
+            service_env = {
+                **env,
+                CREDENTIALS_FILE_ENV: str(bus_auth.credential_file(bus, service)),
+            }
+            if service == "runtime_runner" and unsandboxed:
+                service_env[ALLOW_UNSANDBOXED_ENV] = "1"
             child = Child(
                 name,
                 [sys.executable, "-m", f"taskbus.{service}"],
-                env,
+                service_env,
                 logs / f"{name}.log",
                 pids / f"{name}.pid",
             )
@@ -284,17 +335,21 @@ async def run_stack(
         async with asyncio.timeout(STARTUP_SECONDS):
             await _wait_for_gateway(gateway_url)
             await _wait_for_consumers(nc.jetstream())
+            runner = await _wait_for_runner(
+                nc.jetstream(), env.get("TASKBUS_RUNNER_ID", "default"), started
+            )
         await nc.drain()
         info = StackInfo(
             gateway_url=gateway_url,
             nats_url=nats_server.url,
             api_key=api_key,
             scripted_model=scripted,
+            runner=runner,
         )
         if after_start is not None:
             await after_start(info)
         else:
-            _print_banner(info, logs)
+            _print_banner(info, logs, bus)
             await _wait_for_signal()
     finally:
         nats_keeper.cancel()
@@ -307,19 +362,35 @@ async def run_stack(
         nats_server.stop()
 
 
-def _print_banner(info: StackInfo, logs: Path) -> None:
+def _print_banner(info: StackInfo, logs: Path, bus_dir: Path) -> None:
     model = "scripted model (offline, plays a fixed script)" if info.scripted_model else "LLM"
     print(
         f"Taskbus is up.\n"
         f"  gateway   {info.gateway_url}   (OpenAPI: {info.gateway_url}/docs)\n"
         f"  API key   {info.api_key}\n"
-        f"  NATS      {info.nats_url}\n"
+        f"  NATS      {info.nats_url}   (one credential per service: {bus_dir})\n"
         f"  model     {model}\n"
+        f"  sandboxes {_isolation(info.runner)}\n"
         f"  logs      {logs}\n"
         f"Try: curl -H 'Authorization: Bearer {info.api_key}' \\\n"
         f"       {info.gateway_url}/api/conversations\n"
         f"Ctrl-C stops everything.",
         flush=True,
+    )
+
+
+def _isolation(runner: RunnerInfo) -> str:
+    """The isolation line of the banner; unsandboxed is impossible to miss."""
+    named = f"{runner.isolation.value} ({runner.backend} backend, runner {runner.runner_id})"
+    if runner.isolation is not SandboxIsolation.NONE:
+        return named
+    bar = "!" * 78
+    return (
+        f"{named}\n{bar}\n"
+        "  WARNING: SANDBOXES ARE NOT ISOLATED. Code written by the LLM runs as this user,\n"
+        "  with this user's files, processes and network. Only for a single-user laptop.\n"
+        f"  {runner.warning or ''}\n"
+        f"  Isolate them with bubblewrap:  {INSTALL_BWRAP}\n{bar}"
     )
 
 

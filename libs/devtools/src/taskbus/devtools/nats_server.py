@@ -51,11 +51,15 @@ class NatsServer:
         port: int | None = None,
         log_file: Path | None = None,
         extra_args: Sequence[str] = (),
+        config_file: Path | None = None,
     ):
         self.store_dir = store_dir
         self.port = port if port is not None else free_port()
         self.log_file = log_file
         self.extra_args = list(extra_args)  # e.g. cluster options
+        # A nats-server config (e.g. the users and permissions of `taskbus up`); the options
+        # given here on the command line take precedence over it.
+        self.config_file = config_file
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,6 +88,7 @@ class NatsServer:
             str(self.store_dir),
             "--log",
             str(log),
+            *(["--config", str(self.config_file)] if self.config_file else []),
             *self.extra_args,
         ]
         log.unlink(missing_ok=True)

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import signal
 
-import nats
 from nats.aio.client import Client
 
 from taskbus.contracts import subjects
+from taskbus.contracts.bus import connect
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
@@ -37,7 +37,7 @@ class EventStore:
             settings.clickhouse_dsn, settings.query_connections
         )
         await self._clickhouse.migrate()
-        self._nc = await nats.connect(settings.nats_url, name="event-store")
+        self._nc = await connect(settings.nats_url, "event-store")
         js = self._nc.jetstream()
         await ensure_streams(js, settings.stream_replicas)
         status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
@@ -82,7 +82,7 @@ async def run(settings: EventStoreSettings) -> None:
 
 async def run_rebuild(settings: EventStoreSettings) -> int:
     """Rebuild the read models from the log; refused while the event-store runs."""
-    nc = await nats.connect(settings.nats_url, name="event-store-rebuild")
+    nc = await connect(settings.nats_url, "event-store-rebuild")
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings.stream_replicas)

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
-from taskbus.contracts.events import decode_event
+from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse
@@ -56,6 +56,7 @@ class Ingester:
         flush_interval: float,
     ) -> None:
         self._js = js
+        self._dead_letters = DeadLetters(js, subjects.EVENT_STORE)
         self._clickhouse = clickhouse
         self._status_kv = status_kv
         self._consumer_name = consumer_name
@@ -147,9 +148,10 @@ class Ingester:
         stored: list[Msg] = []
         deferred: list[Msg] = []
         poison: list[Msg] = []
+        refused: list[tuple[Msg, Refused]] = []
         for msg in batch:
             try:
-                event = decode_event(msg.data)
+                event = inbound_event(msg.subject, msg.data)
                 cid = event.conversation_id
                 before = changed.get(cid) or self._conversations.get(cid)
                 if not in_log_order(before, event):
@@ -160,6 +162,9 @@ class Ingester:
                 after = apply(before, event)
                 user_id = after.user_id if after is not None else ""
                 row = event_row(msg.data, event, user_id, msg.metadata.timestamp, ingested_at)
+            except Refused as refusal:
+                refused.append((msg, refusal))
+                continue
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
                 log.error("dropping undecodable message on %s: %s", msg.subject, error)
                 poison.append(msg)
@@ -175,6 +180,8 @@ class Ingester:
         self._conversations.update(changed)
         for msg in poison:
             await msg.term()
+        for msg, reason in refused:
+            await self._dead_letters.refuse(msg, reason)
         for msg in deferred:
             await msg.nak(delay=_REDELIVERY_DELAY_SECONDS)
         for msg in stored:

@@ -6,6 +6,11 @@ more. `next_start_id` is the value to pass to continue in the same direction:
 - reverse (`reverse=True`): the next `end_id` (inclusive), i.e. the last returned id - 1,
   keeping the same `start_id` as the lower bound.
 Either way consecutive pages neither skip nor repeat an event, whatever the filters.
+
+Every reply must fit in one NATS message (`max_bytes`, the connection's max_payload): a page
+whose rows would not fit is cut to the rows that do, with `has_more` and the cursor set so the
+next page continues after them; any other reply that would not fit becomes a `reply-too-large`
+QueryError. A client is never left waiting for an answer that cannot be sent.
 """
 
 from __future__ import annotations
@@ -34,18 +39,57 @@ from taskbus.contracts.queries import (
     ListConversations,
     OutcomeStats,
     QueryError,
+    Reply,
     SearchEvents,
 )
+from taskbus.contracts.specs import NATS_DEFAULT_MAX_PAYLOAD
 from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store.rows import as_utc
 
 Rows = Sequence[Sequence[Any]]
 
+# Room for a page's envelope (type tag, has_more, cursor) beside its rows.
+_ENVELOPE_BYTES = 1024
+_encoder = msgspec.json.Encoder()
 
-def event_page(query: SearchEvents, rows: Sequence[tuple[int, bytes]]) -> EventPage:
+
+def rows_that_fit(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many leading rows of these encoded sizes fit in one reply of `max_bytes`."""
+    total = _ENVELOPE_BYTES
+    for count, size in enumerate(sizes):
+        total += size + 1  # and the comma
+        if total > max_bytes:
+            return count
+    return len(sizes)
+
+
+def encode_reply(reply: Reply, max_bytes: int = NATS_DEFAULT_MAX_PAYLOAD) -> bytes:
+    """The reply as sent, or a reply-too-large QueryError when it would exceed `max_bytes`."""
+    data = _encoder.encode(reply)
+    if len(data) <= max_bytes:
+        return data
+    return _encoder.encode(
+        QueryError(
+            status=422,
+            kind="reply-too-large",
+            title="Reply too large",
+            detail=f"the answer is larger than the bus allows ({max_bytes} bytes); ask for less",
+        )
+    )
+
+
+def event_page(
+    query: SearchEvents,
+    rows: Sequence[tuple[int, bytes]],
+    max_bytes: int = NATS_DEFAULT_MAX_PAYLOAD,
+) -> EventPage | QueryError:
     """`rows` are (id, stored JSON) in page order, at most `query.limit + 1` of them."""
     page = rows[: query.limit]
-    has_more = len(rows) > query.limit
+    fitting = rows_that_fit([len(payload) for _, payload in page], max_bytes)
+    if fitting == 0 and page:
+        return event_too_large(query.conversation_id, page[0][0])
+    page = page[:fitting]
+    has_more = len(rows) > len(page)
     next_start_id = None
     if has_more:
         last_id = page[-1][0]
@@ -58,11 +102,16 @@ def event_page(query: SearchEvents, rows: Sequence[tuple[int, bytes]]) -> EventP
 
 
 def conversation_page(
-    query: ListConversations, conversations: Sequence[ConversationInfo]
+    query: ListConversations,
+    conversations: Sequence[ConversationInfo],
+    max_bytes: int = NATS_DEFAULT_MAX_PAYLOAD,
 ) -> ConversationPage:
     """`conversations` are newest first, at most `query.limit + 1` of them."""
     page = list(conversations[: query.limit])
-    next_page_id = encode_cursor(page[-1]) if len(conversations) > query.limit else None
+    # One conversation is a few KB at most (its strings are bounded), so at least one fits.
+    sizes = [len(_encoder.encode(info)) for info in page]
+    page = page[: max(1, rows_that_fit(sizes, max_bytes))]
+    next_page_id = encode_cursor(page[-1]) if len(conversations) > len(page) else None
     return ConversationPage(conversations=page, next_page_id=next_page_id)
 
 
@@ -170,6 +219,15 @@ def conversation_not_found(conversation_id: str) -> QueryError:
 def event_not_found(conversation_id: str, event_id: int) -> QueryError:
     return QueryError(
         status=404, title="Event not found", detail=f"no event {event_id} in {conversation_id}"
+    )
+
+
+def event_too_large(conversation_id: str, event_id: int) -> QueryError:
+    return QueryError(
+        status=422,
+        kind="reply-too-large",
+        title="Event too large",
+        detail=f"event {event_id} of {conversation_id} is larger than one reply may be",
     )
 
 

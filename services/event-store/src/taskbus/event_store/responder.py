@@ -45,8 +45,6 @@ AnyQuery = (
 )
 QUERY_TYPES: tuple[type[Query], ...] = typing.get_args(AnyQuery)
 
-_encoder = msgspec.json.Encoder()
-
 
 class QueryResponder:
     def __init__(self, nc: Client, clickhouse: ClickHouse) -> None:
@@ -86,7 +84,7 @@ class QueryResponder:
         except Exception:
             log.exception("query on %s failed", msg.subject)
             reply = replies.internal_error()
-        await msg.respond(_encoder.encode(reply))
+        await msg.respond(replies.encode_reply(reply, self._nc.max_payload))
 
     async def answer(self, query: Query) -> Reply:
         select = self._clickhouse.select
@@ -113,7 +111,8 @@ class QueryResponder:
         rows = await self._clickhouse.select(sql.search_events(query))
         if not rows and not await self._owns(query.user_id, query.conversation_id):
             return replies.conversation_not_found(query.conversation_id)
-        return replies.event_page(query, [(row[0], row[1]) for row in rows])
+        events = [(row[0], row[1]) for row in rows]
+        return replies.event_page(query, events, self._nc.max_payload)
 
     async def _get_event(self, query: GetEvent) -> Reply:
         rows = await self._clickhouse.select(
@@ -139,7 +138,7 @@ class QueryResponder:
         except replies.InvalidCursor as error:
             return replies.invalid_query(str(error))
         found = await self._clickhouse.conversations(sql.list_conversations(query, after))
-        return replies.conversation_page(query, found)
+        return replies.conversation_page(query, found, self._nc.max_payload)
 
     async def _owns(self, user_id: str, conversation_id: str) -> bool:
         return bool(await self._clickhouse.select(sql.get_conversation(user_id, conversation_id)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -21,12 +20,9 @@ from taskbus.contracts.queries import (
     Reply,
 )
 from taskbus.gateway.dependencies import BusDep, UserId
-from taskbus.gateway.rest import contract_query, json_response
+from taskbus.gateway.rest import Limit, Since, Until, contract_query, json_response
 
 router = APIRouter(prefix="/api/analytics", tags=["analytics"])
-
-Since = Annotated[datetime | None, Query(description="inclusive")]
-Until = Annotated[datetime | None, Query(description="exclusive")]
 
 
 def report_response(report: Reply) -> Response:
@@ -59,7 +55,7 @@ async def durations(
 async def event_kinds(
     user: UserId,
     bus: BusDep,
-    conversation_id: str | None = None,
+    conversation_id: Annotated[str | None, Query(max_length=64)] = None,
     since: Since = None,
     until: Until = None,
 ) -> Response:
@@ -75,7 +71,7 @@ async def event_kinds(
 async def failing_commands(
     user: UserId,
     bus: BusDep,
-    limit: Annotated[int, Query(description="1..100")] = 10,
+    limit: Limit = 10,
     since: Since = None,
     until: Until = None,
 ) -> Response:

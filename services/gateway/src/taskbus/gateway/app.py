@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 import uvicorn
 from fastapi import FastAPI
 
 from taskbus.contracts.config import settings_from_env
+from taskbus.contracts.redaction import redact
 from taskbus.gateway import analytics, rest, websocket
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
+from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
 from taskbus.gateway.openapi import install_msgspec_schemas
 from taskbus.gateway.problems import install_problem_handlers
 from taskbus.gateway.settings import GatewaySettings
+from taskbus.gateway.user_settings import SettingsPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.api_keys = api_keys
+    app.state.settings_policy = SettingsPolicy.of(settings)
+    app.state.create_rate = RateLimiter(settings.create_rate_per_minute, settings.create_burst)
+    app.state.websocket_limit = ConnectionLimiter(settings.ws_max_per_user)
     install_problem_handlers(app)
     app.include_router(rest.router)
     app.include_router(analytics.router)
@@ -59,13 +65,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 class RedactApiKeys(logging.Filter):
-    """Masks `api_key=` query values (WebSocket URLs) in uvicorn's request lines."""
-
-    _pattern = re.compile(r"(api_key=)[^&\s\"]+", re.IGNORECASE)
+    """Masks `api_key=` query values (WebSocket URLs) and every other credential `redact` knows
+    (e.g. a repository URL with a token in a query string) in uvicorn's request lines, which
+    are percent-encoded: they are decoded first so an encoded credential is seen."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = self._pattern.sub(r"\1***", message)
+        redacted = redact(unquote(message))
         if redacted != message:
             record.msg, record.args = redacted, None
         return True

@@ -19,6 +19,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
+from taskbus.contracts.bus import connect
 from taskbus.contracts.commands import (
     Command,
     CreateConversation,
@@ -29,11 +30,13 @@ from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
     ConversationDeleted,
+    ConversationRejected,
     ConversationStatusChanged,
     Event,
     LLMMetrics,
 )
 from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
+from taskbus.contracts.runners import RunnerInfo, decode_runner_info
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.streams import ensure_streams
 from taskbus.gateway.conversations import LogTail, fold_conversation
@@ -56,6 +59,12 @@ _RECONNECT_WAIT_SECONDS = 0.5
 
 def unavailable(what: str) -> Problem:
     return Problem(503, f"{what} did not answer in time", kind="service-unavailable")
+
+
+def too_large_for_the_bus(error: nats.errors.MaxPayloadError) -> Problem:
+    """A message the bus cannot carry: the request was too large (field limits keep valid
+    requests far below max_payload, so this is a last line, never a 5xx)."""
+    return Problem(413, f"the request is too large for the bus: {error}", kind="content-too-large")
 
 
 class Bus:
@@ -82,9 +91,9 @@ class Bus:
     async def connect(cls, url: str, wait_seconds: float, stream_replicas: int = 1) -> Bus:
         """`wait_seconds` bounds every wait on another service (visibility, queries)."""
         reconnects = Reconnects()
-        nc = await nats.connect(
+        nc = await connect(
             url,
-            name="taskbus-gateway",
+            "taskbus-gateway",
             reconnected_cb=reconnects.notify,
             # Never give up: the gateway outlives any nats-server restart.
             max_reconnect_attempts=-1,
@@ -116,6 +125,8 @@ class Bus:
                 headers={"Nats-Msg-Id": msg_id},
                 timeout=self._timeout,
             )
+        except nats.errors.MaxPayloadError as error:
+            raise too_large_for_the_bus(error) from error
         except (nats.errors.Error, TimeoutError) as error:
             logger.warning("publishing %s failed: %r", command.name(), error)
             raise unavailable("the command stream") from error
@@ -126,20 +137,23 @@ class Bus:
         """Ask session-manager to create the conversation and wait until the log shows it.
 
         Returns the conversation and whether this call created it (False: an earlier request
-        with the same id did). Raises a 504 Problem if it is not visible within the timeout.
+        with the same id did). Raises a 429 Problem if session-manager refused it (now or
+        for an earlier request with the same id), a 504 one if it is not visible in time.
         """
         cid = command.conversation_id
         existing = await self.find_conversation(cid)
         if existing is not None:
             return existing, False
-        # Subscribe before publishing so the ConversationCreated notification cannot be missed;
-        # the log stays the authority, the notification only wakes us up early.
-        created_subject = subjects.event_subject(cid, ConversationCreated.__name__)
-        notifications = await self.nc.subscribe(created_subject)
+        await self._raise_if_rejected(cid)
+        # Subscribe before publishing so the answer's notification (ConversationCreated or
+        # ConversationRejected) cannot be missed; the log stays the authority, the
+        # notification only wakes us up early.
+        notifications = await self.nc.subscribe(subjects.conversation_events(cid))
         try:
             await self.publish_command(command, msg_id=f"{command.name()}:{cid}")
             deadline = time.monotonic() + self._timeout
             while (info := await self.find_conversation(cid)) is None:
+                await self._raise_if_rejected(cid)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Problem(
@@ -153,6 +167,17 @@ class Bus:
             return info, True
         finally:
             await notifications.unsubscribe()
+
+    async def _raise_if_rejected(self, conversation_id: str) -> None:
+        rejected = await self.last_event(conversation_id, ConversationRejected)
+        if rejected is not None:
+            raise Problem(
+                429,
+                rejected.detail or rejected.reason,
+                kind=rejected.reason.replace("_", "-"),
+                title="Conversation refused",
+                conversation_id=conversation_id,
+            )
 
     # --- conversation state -------------------------------------------------------------------
 
@@ -265,7 +290,9 @@ class Bus:
                 msgspec.json.encode(query),
                 timeout=self._timeout,
             )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as error:
+        except nats.errors.MaxPayloadError as error:
+            raise too_large_for_the_bus(error) from error
+        except (nats.errors.Error, TimeoutError) as error:
             raise unavailable("event-store") from error
         try:
             reply = self._reply_decoder(reply_type).decode(message.data)
@@ -273,7 +300,7 @@ class Bus:
             logger.error("event-store answered %s with an undecodable reply", query.subject_name)
             raise Problem(502, "event-store answered with an unexpected reply") from error
         if isinstance(reply, QueryError):
-            raise Problem(reply.status, reply.detail, title=reply.title, kind="query-error")
+            raise Problem(reply.status, reply.detail, title=reply.title, kind=reply.kind)
         assert isinstance(reply, reply_type)
         return reply
 
@@ -283,3 +310,29 @@ class Bus:
             decoder = msgspec.json.Decoder(reply_type | QueryError)
             self._reply_decoders[reply_type] = decoder
         return decoder
+
+    # --- runners ------------------------------------------------------------------------------
+
+    async def runners(self) -> list[RunnerInfo]:
+        """What each runtime-runner says of itself (KV `taskbus_runners`): the isolation its
+        sandboxes run under. Keys come from the bucket's stream info and values from direct
+        gets, so no consumer is needed. Raises a 503 Problem if the bucket cannot be read."""
+        stream = f"KV_{subjects.RUNNERS_BUCKET}"
+        prefix = f"$KV.{subjects.RUNNERS_BUCKET}."
+        entries = []
+        try:
+            async with asyncio.timeout(self._timeout):
+                info = await self.js.stream_info(stream, subjects_filter=f"{prefix}>")
+                bucket = await self.js.key_value(subjects.RUNNERS_BUCKET)
+                for subject in sorted(info.state.subjects or {}):
+                    with contextlib.suppress(KeyNotFoundError):  # deleted since it was listed
+                        entries.append(await bucket.get(subject.removeprefix(prefix)))
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the runner registry") from error
+        runners = []
+        for entry in entries:
+            try:
+                runners.append(decode_runner_info(entry.value or b""))
+            except msgspec.DecodeError:
+                logger.warning("undecodable entry of runner %s in the registry", entry.key)
+        return runners

@@ -16,6 +16,7 @@ from taskbus.contracts.events import (
     LLMMetrics,
 )
 from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import AgentState, ConversationStatus
 
 # Before session-manager's first ConversationStatusChanged, an accepted conversation waits.
@@ -103,7 +104,8 @@ class ConversationView(msgspec.Struct, frozen=True, kw_only=True):
             status=info.status,
             agent_state=info.agent_state,
             status_reason=info.status_reason,
-            selected_repository=info.repository,
+            # Refused at creation; masked here should an older event still carry one.
+            selected_repository=None if info.repository is None else redact(info.repository),
             selected_branch=info.selected_branch,
             priority=info.priority,
             created_at=info.created_at,

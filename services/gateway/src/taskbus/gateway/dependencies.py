@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
+from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
 from taskbus.gateway.problems import unauthorized
 from taskbus.gateway.settings import GatewaySettings
 
@@ -28,6 +29,14 @@ def get_settings(connection: HTTPConnection) -> GatewaySettings:
     return cast(GatewaySettings, connection.app.state.settings)
 
 
+def get_create_rate(connection: HTTPConnection) -> RateLimiter:
+    return cast(RateLimiter, connection.app.state.create_rate)
+
+
+def get_websocket_limit(connection: HTTPConnection) -> ConnectionLimiter:
+    return cast(ConnectionLimiter, connection.app.state.websocket_limit)
+
+
 def current_user(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
@@ -42,3 +51,5 @@ def current_user(
 UserId = Annotated[str, Depends(current_user)]
 BusDep = Annotated[Bus, Depends(get_bus)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+CreateRateDep = Annotated[RateLimiter, Depends(get_create_rate)]
+WebSocketLimitDep = Annotated[ConnectionLimiter, Depends(get_websocket_limit)]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
+from starlette.requests import Request
 
 from taskbus.contracts.commands import (
     Command,
@@ -16,42 +16,65 @@ from taskbus.contracts.commands import (
     StopConversation,
     encode_command,
 )
+from taskbus.contracts.redaction import repository_credential
+from taskbus.contracts.specs import MAX_MESSAGE_CHARS
+from taskbus.gateway.problems import Problem, content_too_large
 
 C = TypeVar("C", bound=Command)
 B = TypeVar("B", bound=msgspec.Struct)
+T = TypeVar("T")
+
+
+# A user message, bounded as the command it becomes (SendMessage.content).
+MessageText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
 
 
 class MessageBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """POST /api/conversations/{id}/message."""
 
-    message: str
+    message: MessageText
 
 
 class EmptyBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of the control endpoints (start, stop, pause, resume): nothing, or `{}`."""
 
 
+def decode_json(data: str | bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode with `decoder`; JSON nested too deeply for the decoder is invalid input like any
+    other (msgspec raises RecursionError for it). Raises msgspec.DecodeError/ValidationError."""
+    try:
+        return decoder.decode(data)
+    except RecursionError as error:
+        raise msgspec.ValidationError("JSON is nested too deeply") from error
+
+
 def decode_body(body: bytes, body_type: type[B]) -> B:
     """Decode a request body; an empty body is `{}`. Raises msgspec.DecodeError/ValidationError."""
-    return msgspec.json.decode(body or b"{}", type=body_type)
+    return decode_json(body or b"{}", msgspec.json.Decoder(body_type))
 
 
-# `scheme://userinfo@host`: a token or password in the URL would be stored in the event log.
-_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<userinfo>[^/@]*)@")
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or a 413 Problem as soon as it exceeds `max_bytes`: a larger body could
+    never travel as one NATS message, and reading it whole would let a client fill memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise content_too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise content_too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def repository_credentials_problem(repository: str | None) -> str | None:
-    """Why a repository URL may not be accepted, or None. URLs end up in events, so they must
-    not carry secrets: `https://token@host/...` and `scheme://user:password@...` are refused,
-    while plain user names such as `ssh://git@host/...` are fine."""
-    if repository is None:
+def repository_problem(repository: str | None) -> Problem | None:
+    """A 422 when the repository URL carries (or could hide) a credential: it would be stored
+    in the log. The policy is `taskbus.contracts.redaction`'s."""
+    reason = None if repository is None else repository_credential(repository)
+    if reason is None:
         return None
-    match = _URL_USERINFO.match(repository)
-    if match is None:
-        return None
-    if ":" in match["userinfo"] or repository.lower().startswith(("http://", "https://")):
-        return "repository URLs must not carry credentials (they would be stored in the log)"
-    return None
+    return Problem(422, reason, kind="repository-credentials", title="Invalid repository")
 
 
 def validated(command: C) -> C:
@@ -70,7 +93,7 @@ class ClientAction(
 
 
 class MessageClientAction(ClientAction, frozen=True, tag="message"):
-    message: str
+    message: MessageText
 
 
 class PauseClientAction(ClientAction, frozen=True, tag="pause"):
@@ -109,7 +132,7 @@ _client_action_decoder: msgspec.json.Decoder[AnyClientAction] = msgspec.json.Dec
 
 def decode_client_action(text: str | bytes) -> AnyClientAction:
     """Raises msgspec.DecodeError (ValidationError for a wrong shape)."""
-    return _client_action_decoder.decode(text)
+    return decode_json(text, _client_action_decoder)
 
 
 def command_for_action(action: AnyClientAction, user_id: str, conversation_id: str) -> Command:

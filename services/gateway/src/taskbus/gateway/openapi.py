@@ -1,4 +1,5 @@
-"""OpenAPI for the endpoints whose bodies are msgspec types (FastAPI only sees pydantic ones)."""
+"""OpenAPI for the endpoints whose bodies are msgspec types (FastAPI only sees pydantic ones),
+and the problem responses every operation may answer, so the document says what is returned."""
 
 from __future__ import annotations
 
@@ -11,19 +12,23 @@ from fastapi.openapi.utils import get_openapi
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.inputs import MessageBody
+from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE
 from taskbus.gateway.user_settings import SettingsView
 
 _CONVERSATIONS = "/api/conversations"
 _CONVERSATION = "/api/conversations/{conversation_id}"
 _SETTINGS = "/api/settings"
 
-_REQUEST_BODIES: dict[tuple[str, str], type[msgspec.Struct]] = {
-    (_CONVERSATIONS, "post"): ConversationSpec,
-    (f"{_CONVERSATION}/message", "post"): MessageBody,
-    (_SETTINGS, "put"): UserSettings,
+# (path, method) -> (body type, required): an absent body is `{}`, so it is optional where
+# every field is.
+_REQUEST_BODIES: dict[tuple[str, str], tuple[type[msgspec.Struct], bool]] = {
+    (_CONVERSATIONS, "post"): (ConversationSpec, False),
+    (f"{_CONVERSATION}/message", "post"): (MessageBody, True),
+    (_SETTINGS, "put"): (UserSettings, False),
 }
 _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     (_CONVERSATIONS, "post", "201"): CreatedConversation,
+    (_CONVERSATIONS, "post", "200"): CreatedConversation,
     (_CONVERSATIONS, "get", "200"): ConversationList,
     (_CONVERSATION, "get", "200"): ConversationView,
     (_SETTINGS, "get", "200"): SettingsView,
@@ -31,8 +36,44 @@ _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
 }
 
 
+class ProblemDocument(msgspec.Struct, frozen=True, kw_only=True):
+    """RFC 9457 problem details; some add members (e.g. `errors`, `retry_after_seconds`)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+
+
+# Problems by the shape of the operation: (applies, status, description).
+_PROBLEMS: list[tuple[Any, str, str]] = [
+    (lambda path, method, op: "security" in op, "401", "No valid API key"),
+    (lambda path, method, op: "{conversation_id}" in path, "404", "No such conversation of yours"),
+    (lambda path, method, op: method in ("post", "put"), "400", "Malformed JSON body"),
+    (lambda path, method, op: method in ("post", "put"), "413", "Body larger than the bus carries"),
+    (lambda path, method, op: path != "/api/health", "422", "Invalid parameter or body"),
+    (lambda path, method, op: path != "/api/health", "503", "A service did not answer in time"),
+    (lambda path, method, op: (path, method) == (_CONVERSATIONS, "post"), "409", "Id taken"),
+    (lambda path, method, op: (path, method) == (_CONVERSATIONS, "post"), "429", "Rate limited"),
+    (lambda path, method, op: method in ("post", "put"), "504", "Accepted, not visible yet"),
+]
+
+
 def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
+
+
+def _add_problem_responses(paths: dict[str, Any], problem_ref: dict[str, Any]) -> None:
+    """Declare each operation's problem answers as `application/problem+json` (replacing
+    FastAPI's pydantic-shaped 422, which the gateway never sends)."""
+    content = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for applies, status, description in _PROBLEMS:
+                if applies(path, method, operation):
+                    responses[status] = {"description": description, "content": content}
 
 
 def install_msgspec_schemas(app: FastAPI) -> None:
@@ -41,16 +82,17 @@ def install_msgspec_schemas(app: FastAPI) -> None:
             schema = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
-            types = [*_REQUEST_BODIES.values(), *_RESPONSE_BODIES.values()]
+            request_types = [body_type for body_type, _ in _REQUEST_BODIES.values()]
+            types = [*request_types, *_RESPONSE_BODIES.values(), ProblemDocument]
             refs, components = msgspec.json.schema_components(
                 types, ref_template="#/components/schemas/{name}"
             )
             ref_of = dict(zip(types, refs, strict=True))
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             paths = schema["paths"]
-            for (path, method), body_type in _REQUEST_BODIES.items():
+            for (path, method), (body_type, required) in _REQUEST_BODIES.items():
                 paths[path][method]["requestBody"] = {
-                    "required": True,
+                    "required": required,
                     "content": _json_content(ref_of[body_type]),
                 }
             for (path, method, status), body_type in _RESPONSE_BODIES.items():
@@ -59,6 +101,9 @@ def install_msgspec_schemas(app: FastAPI) -> None:
                     "description": body_type.__doc__ or body_type.__name__,
                     "content": _json_content(ref_of[body_type]),
                 }
+            _add_problem_responses(paths, ref_of[ProblemDocument])
+            schema["components"]["schemas"].pop("HTTPValidationError", None)
+            schema["components"]["schemas"].pop("ValidationError", None)
             app.openapi_schema = schema
         return app.openapi_schema
 

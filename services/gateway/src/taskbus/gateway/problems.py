@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -11,6 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from taskbus.contracts.redaction import redact
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_PREFIX = "urn:taskbus:problem:"
@@ -40,12 +44,13 @@ class Problem(Exception):
         self.extensions = extensions
 
     def body(self, instance: str) -> dict[str, Any]:
+        """The problem document; a credential echoed from the request is masked."""
         return {
             "type": self.type,
             "title": self.title,
             "status": self.status,
-            "detail": self.detail,
-            "instance": instance,
+            "detail": redact(self.detail),
+            "instance": redact(instance),
             **self.extensions,
         }
 
@@ -71,6 +76,29 @@ def conversation_not_found(conversation_id: str) -> Problem:
     return Problem(404, f"conversation {conversation_id!r} not found", kind="not-found")
 
 
+def content_too_large(max_bytes: int) -> Problem:
+    return Problem(
+        413,
+        f"the request body is larger than {max_bytes} bytes",
+        kind="content-too-large",
+        title="Content too large",
+        max_bytes=max_bytes,
+    )
+
+
+def rate_limited(retry_after_seconds: float, detail: str) -> Problem:
+    """429 with Retry-After in whole seconds (at least 1)."""
+    retry_after = max(1, math.ceil(retry_after_seconds))
+    return Problem(
+        429,
+        detail,
+        kind="rate-limited",
+        title="Too many requests",
+        headers={"Retry-After": str(retry_after)},
+        retry_after_seconds=retry_after,
+    )
+
+
 def invalid_body(error: msgspec.DecodeError) -> Problem:
     """Malformed JSON is a 400; well-formed JSON of the wrong shape a 422 (msgspec tells which)."""
     if isinstance(error, msgspec.ValidationError):
@@ -92,11 +120,29 @@ async def _on_problem(request: Request, error: Exception) -> JSONResponse:
     return problem_response(error, request)
 
 
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first
+    matching route's, and a path such as /api/conversations/{id} has a route per method."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    )
+
+
 async def _on_http_exception(request: Request, error: Exception) -> JSONResponse:
     """FastAPI's own errors (unknown route 404, 405, ...) in the same shape."""
     assert isinstance(error, StarletteHTTPException)
     detail = error.detail if isinstance(error.detail, str) else str(error.detail)
     headers = dict(error.headers) if error.headers else None
+    if error.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
     return problem_response(Problem(error.status_code, detail, headers=headers), request)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import msgspec
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from taskbus.contracts.commands import (
     ConfirmAction,
@@ -34,7 +33,14 @@ from taskbus.contracts.queries import (
 from taskbus.contracts.queries import (
     Query as ContractQuery,
 )
-from taskbus.contracts.specs import ConversationSpec, UserSettings
+from taskbus.contracts.runners import RunnerInfo, SandboxIsolation
+from taskbus.contracts.specs import (
+    MAX_NAME_CHARS,
+    MAX_QUERY_TEXT_CHARS,
+    MAX_URL_CHARS,
+    ConversationSpec,
+    UserSettings,
+)
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.conversations import (
@@ -44,16 +50,17 @@ from taskbus.gateway.conversations import (
     command_msg_id,
     conversation_id_for,
 )
-from taskbus.gateway.dependencies import BusDep, UserId
+from taskbus.gateway.dependencies import BusDep, CreateRateDep, UserId
 from taskbus.gateway.inputs import (
     EmptyBody,
     MessageBody,
     decode_body,
-    repository_credentials_problem,
+    read_body,
+    repository_problem,
     validated,
 )
-from taskbus.gateway.problems import Problem, invalid_body
-from taskbus.gateway.user_settings import SettingsView
+from taskbus.gateway.problems import Problem, invalid_body, rate_limited
+from taskbus.gateway.user_settings import SettingsView, admissible
 
 router = APIRouter(prefix="/api")
 
@@ -68,6 +75,29 @@ IdempotencyKey = Annotated[
     ),
 ]
 _ACCEPTED = msgspec.json.encode({"status": "ok"})
+
+# RFC 3339 times are parsed by the contract (msgspec, strictly) rather than by FastAPI, which
+# would also take a number as a Unix time; the pattern documents the years the store can hold
+# (queries.EARLIEST_TIME..LATEST_TIME), which the contract enforces.
+_TIME_PATTERN = r"^(19\d\d|2[01]\d\d|22[0-5]\d|226[01])-\d\d-\d\dT"
+
+
+def time_parameter(description: str) -> Any:
+    return Query(
+        description=f"RFC 3339 date-time, {description}",
+        pattern=_TIME_PATTERN,
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+Since = Annotated[str | None, time_parameter("inclusive")]
+Until = Annotated[str | None, time_parameter("exclusive")]
+Limit = Annotated[int, Query(description="1..100", ge=1, le=100)]
+# Event kinds are event type names (`MessageAction`); several are repeated or comma-separated.
+Kinds = Annotated[
+    list[Annotated[str, Query(pattern=r"^[A-Z][A-Za-z0-9]*(,[A-Z][A-Za-z0-9]*)*$")]] | None,
+    Query(description="event kinds, repeatable or comma-separated"),
+]
 
 
 def json_response(
@@ -109,9 +139,11 @@ async def _send(bus: BusDep, command: ConversationCommand, idempotency_key: str 
     return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
 
-async def _body(request: Request, body_type: type[B]) -> B:
+async def _body(request: Request, bus: BusDep, body_type: type[B]) -> B:
+    """The decoded body; no body may be larger than one message on the bus (413)."""
+    body = await read_body(request, bus.nc.max_payload)
     try:
-        return decode_body(await request.body(), body_type)
+        return decode_body(body, body_type)
     except msgspec.DecodeError as error:
         raise invalid_body(error) from error
 
@@ -121,14 +153,23 @@ async def _body(request: Request, body_type: type[B]) -> B:
 
 @router.post("/conversations", status_code=201, summary="Create a conversation (start a task)")
 async def create_conversation(
-    request: Request, user: UserId, bus: BusDep, idempotency_key: IdempotencyKey = None
+    request: Request,
+    user: UserId,
+    bus: BusDep,
+    create_rate: CreateRateDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Body: ConversationSpec. Answers once the conversation is visible (201), or 200 when an
-    earlier request with the same Idempotency-Key already created it."""
-    spec = await _body(request, ConversationSpec)
-    credentials_problem = repository_credentials_problem(spec.repository)
+    earlier request with the same Idempotency-Key already created it. Each user may create
+    `TASKBUS_CREATE_BURST` conversations at once, then `TASKBUS_CREATE_RATE_PER_MINUTE` (429
+    with Retry-After beyond that)."""
+    spec = await _body(request, bus, ConversationSpec)
+    credentials_problem = repository_problem(spec.repository)
     if credentials_problem is not None:
-        raise Problem(422, credentials_problem, kind="validation-error", title="Invalid repository")
+        raise credentials_problem
+    retry_after = create_rate.take(user)
+    if retry_after is not None:
+        raise rate_limited(retry_after, "too many conversations created; retry later")
     cid = conversation_id_for(user, idempotency_key)
     command = CreateConversation(user_id=user, conversation_id=cid, spec=spec)
     info, created = await bus.create_conversation(command)
@@ -146,13 +187,15 @@ async def create_conversation(
 async def list_conversations(
     user: UserId,
     bus: BusDep,
-    page_id: str | None = None,
-    limit: Annotated[int, Query(description="1..100")] = 20,
+    page_id: Annotated[str | None, Query(max_length=MAX_QUERY_TEXT_CHARS)] = None,
+    limit: Limit = 20,
     status: ConversationStatus | None = None,
-    repository: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    title: Annotated[str | None, Query(description="text contained in the title")] = None,
+    repository: Annotated[str | None, Query(max_length=MAX_URL_CHARS)] = None,
+    created_after: Since = None,
+    created_before: Until = None,
+    title: Annotated[
+        str | None, Query(description="text contained in the title", max_length=MAX_NAME_CHARS)
+    ] = None,
 ) -> Response:
     """Deleted (ARCHIVED) conversations are hidden unless asked for with `status=ARCHIVED`."""
     archived = ConversationStatus.ARCHIVED
@@ -196,7 +239,7 @@ async def send_message(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Body `{"message": "..."}`; also answers an agent waiting for input or confirmation."""
-    body = await _body(request, MessageBody)
+    body = await _body(request, bus, MessageBody)
     command = SendMessage(user_id=user, conversation_id=conversation_id, content=body.message)
     return await _send(bus, command, idempotency_key)
 
@@ -211,7 +254,7 @@ def _control_endpoint(
         bus: BusDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        await _body(request, EmptyBody)
+        await _body(request, bus, EmptyBody)
         command = command_for(user_id=user, conversation_id=conversation_id)
         return await _send(bus, command, idempotency_key)
 
@@ -246,16 +289,19 @@ async def search_events(
     conversation_id: str,
     user: UserId,
     bus: BusDep,
-    start_id: int = 0,
-    end_id: Annotated[int | None, Query(description="inclusive")] = None,
+    start_id: Annotated[int, Query(ge=0)] = 0,
+    end_id: Annotated[int | None, Query(description="inclusive", ge=0)] = None,
     reverse: bool = False,
-    limit: Annotated[int, Query(description="1..100")] = 20,
-    kind: Annotated[list[str] | None, Query(description="repeatable or comma-separated")] = None,
-    exclude_kind: Annotated[list[str] | None, Query()] = None,
+    limit: Limit = 20,
+    kind: Kinds = None,
+    exclude_kind: Kinds = None,
     source: EventSource | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    query: Annotated[str | None, Query(description="substring of the event's text")] = None,
+    since: Since = None,
+    until: Until = None,
+    query: Annotated[
+        str | None,
+        Query(description="substring of the event's text", max_length=MAX_QUERY_TEXT_CHARS),
+    ] = None,
 ) -> Response:
     search = contract_query(
         SearchEvents,
@@ -284,7 +330,9 @@ async def search_events(
 
 
 @router.get("/conversations/{conversation_id}/events/{event_id}", summary="One event")
-async def get_event(conversation_id: str, event_id: int, user: UserId, bus: BusDep) -> Response:
+async def get_event(
+    conversation_id: str, event_id: Annotated[int, Path(ge=0)], user: UserId, bus: BusDep
+) -> Response:
     query = contract_query(
         GetEvent, user_id=user, conversation_id=conversation_id, event_id=event_id
     )
@@ -304,16 +352,52 @@ async def get_user_settings(user: UserId, bus: BusDep) -> Response:
 @router.put("/settings", summary="Replace your settings")
 async def put_user_settings(request: Request, user: UserId, bus: BusDep) -> Response:
     """Body: UserSettings; it replaces every setting, except that an absent or null
-    `llm_api_key` keeps the stored key (`""` clears it). Answers once the settings are stored."""
-    settings = await _body(request, UserSettings)
+    `llm_api_key` keeps the stored key (`""` clears it). `llm_model`, `llm_base_url` and
+    `llm_api_key` are one set, used without the server's own: the model names its provider, the
+    base URL must be one the operator allows and not a private address (422 otherwise). Answers
+    once the settings are stored."""
+    settings = await admissible(
+        await _body(request, bus, UserSettings), user, request.app.state.settings_policy
+    )
     stored = await bus.update_settings(UpdateSettings(user_id=user, settings=settings))
     return json_response(SettingsView.of(stored))
 
 
-@router.get("/health", summary="Liveness: the gateway and its NATS connection")
+def _isolation_warnings(runners: list[RunnerInfo]) -> list[str]:
+    """Loud lines for runners whose sandboxes are not isolated (or when none is known)."""
+    if not runners:
+        return ["no runtime-runner has registered: sandbox isolation unknown"]
+    return [
+        f"runner {runner.runner_id} on {runner.host} runs sandboxes UNSANDBOXED "
+        f"(backend {runner.backend}, isolation none): {runner.warning or 'no isolation'}"
+        for runner in runners
+        if runner.isolation == SandboxIsolation.NONE
+    ]
+
+
+@router.get(
+    "/health",
+    summary="Liveness: the gateway, its NATS connection, sandbox isolation",
+    responses={503: {"description": "NATS is unreachable (`status: degraded`)"}},
+)
 async def health(bus: BusDep) -> Response:
+    """`runners` names each runtime-runner's sandbox backend and isolation; `warnings` says
+    loudly when a runner runs untrusted code unsandboxed (isolation `none`)."""
     connected = bus.connected
+    runners: list[RunnerInfo] = []
+    warnings: list[str] = []
+    if connected:
+        try:
+            runners = await bus.runners()
+            warnings = _isolation_warnings(runners)
+        except Problem as problem:
+            warnings = [problem.detail]
     return json_response(
-        {"status": "ok" if connected else "degraded", "nats": connected},
+        {
+            "status": "ok" if connected else "degraded",
+            "nats": connected,
+            "runners": runners,
+            "warnings": warnings,
+        },
         status_code=200 if connected else 503,
     )

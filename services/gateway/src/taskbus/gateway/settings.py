@@ -6,6 +6,8 @@ from typing import Annotated
 
 import msgspec
 
+from taskbus.contracts.llm_endpoints import DEFAULT_ALLOWED_BASE_URLS
+
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -24,4 +26,18 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     ws_heartbeat_seconds: PositiveSeconds = 15.0
     # Live events queued for one WebSocket client before it is closed as a slow consumer.
     ws_max_buffered_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # Per-user limits, counted per gateway process (with N gateways a user gets N times these
+    # until the counters move to a shared KV bucket, ARCHITECTURE §9).
+    # Conversations a user may create per minute on average, and in one burst.
+    create_rate_per_minute: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    create_burst: Annotated[int, msgspec.Meta(ge=1)] = 20
+    # WebSockets a user may hold open at once.
+    ws_max_per_user: Annotated[int, msgspec.Meta(ge=1)] = 20
+    # Base URLs users' LLM settings may use, comma-separated (contracts/llm_endpoints.py); the
+    # same value as session-manager's, which checks again before each call.
+    llm_allowed_base_urls: str = DEFAULT_ALLOWED_BASE_URLS
+    # The key that seals users' LLM keys before they enter NATS (contracts/secret_box.py), or a
+    # file holding it; without one, a PUT with an LLM key is refused.
+    secrets_key: str | None = None
+    secrets_key_file: str | None = None
     log_level: str = "INFO"

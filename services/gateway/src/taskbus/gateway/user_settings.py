@@ -1,10 +1,23 @@
-"""User settings as the gateway serves them: the API key is write-only. Pure, no I/O."""
+"""User settings as the gateway takes and serves them: an LLM set the operator allows, its key
+sealed before it enters NATS and never shown again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 
-from taskbus.contracts.specs import ConcurrencyPolicy, UserSettings
+from taskbus.contracts.llm_endpoints import (
+    AllowList,
+    EndpointRefused,
+    EndpointUnresolved,
+    check_destination,
+    user_base_url,
+)
+from taskbus.contracts.secret_box import SecretBox, llm_key_context
+from taskbus.contracts.specs import MAX_SECRET_CHARS, ConcurrencyPolicy, UserSettings
+from taskbus.gateway.problems import Problem
+from taskbus.gateway.settings import GatewaySettings
 
 
 class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
@@ -23,7 +36,7 @@ class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def of(cls, settings: UserSettings | None) -> SettingsView:
         """None (nothing stored yet) is the defaults. An empty key counts as none: it is how a
-        client clears the key, and session-manager then falls back to the operator's key."""
+        client clears the key."""
         if settings is None:
             return cls()
         fields = msgspec.structs.asdict(settings)
@@ -37,3 +50,54 @@ def reflects(stored: UserSettings, requested: UserSettings) -> bool:
     if requested.llm_api_key is None:
         requested = msgspec.structs.replace(requested, llm_api_key=stored.llm_api_key)
     return stored == requested
+
+
+@dataclass(frozen=True)
+class SettingsPolicy:
+    """What the operator lets users' LLM settings do, built once from the gateway's settings."""
+
+    allowed: AllowList
+    box: SecretBox | None
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> SettingsPolicy:
+        return cls(
+            allowed=AllowList(settings.llm_allowed_base_urls),
+            box=SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file),
+        )
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem(422, detail, kind="validation-error", title="Invalid LLM settings")
+
+
+async def admissible(settings: UserSettings, user_id: str, policy: SettingsPolicy) -> UserSettings:
+    """The settings as they may be stored, or a 422 Problem. A user's model, base URL and key
+    are one set (session-manager never completes it with the operator's), so a set names its
+    model; its endpoint must be allowed and resolve to public addresses now (a name that does
+    not resolve yet is left to the check before each call); its key is sealed for this user."""
+    if settings.llm_model or settings.llm_base_url or settings.llm_api_key:
+        if not settings.llm_model:
+            raise _invalid("llm_model is required with llm_base_url or llm_api_key")
+        try:
+            await check_destination(
+                user_base_url(settings.llm_model, settings.llm_base_url), policy.allowed
+            )
+        except EndpointUnresolved:
+            pass
+        except EndpointRefused as error:
+            raise _invalid(str(error)) from None
+    if not settings.llm_api_key:
+        return settings
+    if policy.box is None:
+        raise Problem(
+            422,
+            "this server stores no LLM keys: it has no secrets key to encrypt them with "
+            "(TASKBUS_SECRETS_KEY_FILE)",
+            kind="secrets-unavailable",
+            title="LLM keys cannot be stored",
+        )
+    sealed = policy.box.seal(settings.llm_api_key, llm_key_context(user_id))
+    if len(sealed) > MAX_SECRET_CHARS:
+        raise _invalid("llm_api_key is too long")
+    return msgspec.structs.replace(settings, llm_api_key=sealed)

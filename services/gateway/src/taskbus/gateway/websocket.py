@@ -6,6 +6,8 @@ JSON; `{"kind": "heartbeat"}` when idle; `{"kind": "error", "code", "detail"}` f
 client message. Client → server: `{"action": "message", "message": "..."}`, or `{"action":
 "pause" | "resume" | "stop" | "confirm" | "reject"}`. A client that falls more than
 `ws_max_buffered_events` behind the live log is closed with code 4008 ("slow consumer").
+A user holding `ws_max_per_user` open WebSockets (per gateway process) is refused the next
+handshake with a 429 problem (or close code 1008 where the server cannot answer HTTP).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from starlette.websockets import WebSocketDisconnect
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
-from taskbus.gateway.dependencies import BusDep, SettingsDep, get_api_keys
+from taskbus.gateway.dependencies import BusDep, SettingsDep, WebSocketLimitDep, get_api_keys
 from taskbus.gateway.event_tail import EventTail
 from taskbus.gateway.inputs import command_for_action, decode_client_action
 from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE, Problem, unauthorized
+from taskbus.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ async def conversation_events(
     bus: BusDep,
     api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
     settings: SettingsDep,
+    websocket_limit: WebSocketLimitDep,
     after_id: Annotated[int, Query(ge=-1, description="replay events with id > after_id")] = -1,
     api_key: Annotated[str | None, Query(description="for clients that cannot set headers")] = None,
 ) -> None:
@@ -121,6 +125,34 @@ async def conversation_events(
     except Problem as problem:
         await _deny(websocket, problem)
         return
+    if not websocket_limit.acquire(user):
+        await _deny(websocket, too_many_websockets(websocket_limit.maximum))
+        return
+    try:
+        await _serve(websocket, bus, settings, user, conversation_id, after_id)
+    finally:
+        websocket_limit.release(user)
+
+
+def too_many_websockets(maximum: int) -> Problem:
+    return Problem(
+        429,
+        f"you already hold {maximum} open WebSockets, the most one user may; close one first",
+        kind="too-many-websockets",
+        title="Too many WebSockets",
+        max_websockets=maximum,
+    )
+
+
+async def _serve(
+    websocket: WebSocket,
+    bus: Bus,
+    settings: GatewaySettings,
+    user: str,
+    conversation_id: str,
+    after_id: int,
+) -> None:
+    """Replay and tail the log to an authorised client while taking its actions."""
     await websocket.accept()
     connection = _Connection(websocket, bus, user, conversation_id)
     tail = EventTail(

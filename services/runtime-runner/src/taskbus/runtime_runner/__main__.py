@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from taskbus.contracts.config import settings_from_env
 from taskbus.runtime_runner.app import RuntimeRunnerService
+from taskbus.runtime_runner.backend import SandboxUnavailable
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
 
@@ -24,4 +26,8 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SandboxUnavailable as refusal:  # one line that says what to do, not a traceback
+        logging.getLogger("taskbus.runtime_runner").error("%s", refusal)
+        sys.exit(2)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -22,24 +22,27 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.bus import connect
 from taskbus.contracts.events import (
     ConversationDeleted,
     RuntimeControlRequested,
     RuntimeRequested,
     UnknownEvent,
-    decode_event,
 )
+from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
+from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.streams import ensure_streams
-from taskbus.runtime_runner.docker_sandbox import (
-    DockerEngine,
-    DockerSandbox,
-    DockerSandboxConfig,
-    EngineUnavailable,
+from taskbus.runtime_runner.backend import (
+    Backend,
+    choose_backend,
+    publish_runner_info,
+    sandbox_user,
 )
+from taskbus.runtime_runner.docker_sandbox import DockerEngine, DockerSandbox, DockerSandboxConfig
 from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.lanes import Lanes
 from taskbus.runtime_runner.limits import effective_resources, parse_labels
-from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
+from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import (
@@ -58,23 +61,6 @@ _FETCH_SECONDS = 1.0
 _RETRY_DELAY_SECONDS = 5.0
 
 
-async def connect_backend(settings: RuntimeRunnerSettings) -> DockerEngine | None:
-    """The Docker engine when the docker backend is in use ("auto": if one answers and has the
-    sandbox image); None for the local backend. The choice is logged once."""
-    if settings.backend == "local":
-        logger.info("sandbox backend: local (configured)")
-        return None
-    try:
-        engine = await DockerEngine.connect(settings.sandbox_image)
-    except EngineUnavailable as reason:
-        if settings.backend == "docker":
-            raise
-        logger.info("sandbox backend: local (auto: %s)", reason)
-        return None
-    logger.info("sandbox backend: docker (%s, image %s)", settings.backend, settings.sandbox_image)
-    return engine
-
-
 def shell_limits(settings: RuntimeRunnerSettings, request: RuntimeRequested) -> ShellLimits:
     timeouts = request.timeouts
     return ShellLimits(
@@ -89,7 +75,12 @@ def docker_sandbox_factory(
     settings: RuntimeRunnerSettings, engine: DockerEngine
 ) -> Callable[[RuntimeRequested], DockerSandbox]:
     config = DockerSandboxConfig(
-        engine, settings.sandbox_image, settings.runner_id, parse_labels(settings.sandbox_labels)
+        engine,
+        settings.sandbox_image,
+        settings.runner_id,
+        parse_labels(settings.sandbox_labels),
+        user=sandbox_user(settings) or (os.getuid(), os.getgid()),
+        runtime=settings.docker_runtime,
     )
 
     def new_sandbox(request: RuntimeRequested) -> DockerSandbox:
@@ -107,25 +98,31 @@ def docker_sandbox_factory(
 
 
 def local_sandbox_factory(
-    settings: RuntimeRunnerSettings,
+    settings: RuntimeRunnerSettings, isolation: SandboxIsolation
 ) -> Callable[[RuntimeRequested], LocalSandbox]:
     def new_sandbox(request: RuntimeRequested) -> LocalSandbox:
+        confinement = LocalConfinement(
+            bubblewrap=isolation == SandboxIsolation.BUBBLEWRAP,
+            user=sandbox_user(settings),
+            resources=effective_resources(request.resources, settings),
+            max_file_bytes=settings.max_file_bytes,
+        )
         return LocalSandbox(
             request.conversation_id,
             Path(settings.workspace_root),
             shell_limits(settings, request),
-            LocalLimits(settings.max_file_bytes, request.resources),
+            confinement,
             settings.clone_seconds,
         )
 
     return new_sandbox
 
 
-def sandbox_factory(settings: RuntimeRunnerSettings, engine: DockerEngine | None) -> SandboxFactory:
-    """Sandboxes of the backend `connect_backend` chose."""
-    if engine is not None:
-        return docker_sandbox_factory(settings, engine)
-    return local_sandbox_factory(settings)
+def sandbox_factory(settings: RuntimeRunnerSettings, backend: Backend) -> SandboxFactory:
+    """Sandboxes of the backend `choose_backend` chose."""
+    if backend.engine is not None:
+        return docker_sandbox_factory(settings, backend.engine)
+    return local_sandbox_factory(settings, backend.isolation)
 
 
 def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
@@ -153,15 +150,15 @@ class EventDispatcher:
         self._runner = runner
         self._ack_wait = ack_wait
         self._lanes = Lanes()
+        self._dead_letters = DeadLetters(js, subjects.RUNTIME_RUNNER)
         # Messages taken but not yet acked, by identity (Msg is not hashable).
         self._in_flight: dict[int, Msg] = {}
 
     async def dispatch(self, message: Msg) -> None:
         try:
-            event = decode_event(message.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as error:
-            logger.error("undecodable event on %s: %s", message.subject, error)
-            await message.term()
+            event = inbound_event(message.subject, message.data)
+        except Refused as refused:  # never acted on: its id may be a path on this host
+            await self._dead_letters.refuse(message, refused)
             return
         if isinstance(event, UnknownEvent):
             await message.ack()
@@ -212,26 +209,28 @@ class RuntimeRunnerService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then kill the sandboxes and drain the connection."""
         settings = self._settings
-        nc = await nats.connect(settings.nats_url, name="taskbus-runtime-runner")
+        backend = await choose_backend(settings)  # before anything: it may refuse to start
+        engine = backend.engine
+        nc = await connect(settings.nats_url, "taskbus-runtime-runner")
         js = nc.jetstream()
         await ensure_streams(js, settings.stream_replicas)
         await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
         subscription = await js.pull_subscribe_bind(
             durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
         )
-        engine = await connect_backend(settings)
+        await publish_runner_info(js, settings, backend)
         appender = EventAppender(js)
         journal = in_flight_journal(settings)
         runner = RuntimeRunner(
             appender,
-            sandbox_factory(settings, engine),
+            sandbox_factory(settings, backend),
             settings.max_output_bytes,
             journal,
             Path(settings.workspace_root),
             # Docker sandboxes outlive the runner and are re-attached below, at start-up.
             recover=None
             if engine is not None
-            else local_recovery(js, local_sandbox_factory(settings)),
+            else local_recovery(js, local_sandbox_factory(settings, backend.isolation)),
         )
         if engine is not None:  # before consuming: redelivered actions find their sandbox
             await reconcile(

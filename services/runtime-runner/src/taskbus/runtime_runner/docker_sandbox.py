@@ -3,8 +3,13 @@
 The workspace is a bind mount of the conversation's directory on this host (as the local
 backend's), so the repository is cloned here with the runner's git and credentials (a local-path
 repository is reachable and a network-less sandbox still gets its code), file actions reuse the
-host-side workspace code, and the files outlive the container. The container runs as the runner's
-own uid, so files either side creates stay writable by the other.
+host-side workspace code, and the files outlive the container.
+
+Containers hold untrusted code: they run as an unprivileged user (the image's `taskbus`, or the
+runner's own uid when the runner is not root; what the runner writes in the workspace is given
+to that user), with every capability dropped, no-new-privileges, a read-only root, tmpfs /tmp
+and home, the workspace as the only writable mount, and memory, pids and CPU limits always set.
+The `docker_runtime` setting picks the OCI runtime: runc, or runsc for gVisor.
 
 The docker SDK blocks, so its calls run on a thread pool of the engine's own; the shell's
 stream is the exec's hijacked socket read with asyncio.
@@ -52,7 +57,9 @@ LABEL_CONVERSATION = "taskbus.conversation_id"
 LABEL_USER = "taskbus.user_id"
 LABEL_RUNNER = "taskbus.runner_id"
 WORKSPACE = "/workspace"
-HOME = "/home/sandbox"
+HOME = "/home/taskbus"
+# exec: a sandbox may build and run programs in /tmp; nosuid, nodev: nothing there gains rights.
+_TMPFS_OPTIONS = "rw,exec,nosuid,nodev,size={megabytes}m,mode={mode}"
 _READ_SIZE = 64 * 1024
 _ENGINE_THREADS = 32
 _EXEC_EXIT_SECONDS = 2.0
@@ -233,12 +240,21 @@ class DockerSandboxConfig:
     """What every container of this runner shares."""
 
     def __init__(
-        self, engine: DockerEngine, image: str, runner_id: str, labels: dict[str, str]
+        self,
+        engine: DockerEngine,
+        image: str,
+        runner_id: str,
+        labels: dict[str, str],
+        *,
+        user: tuple[int, int],
+        runtime: str = "runc",
     ) -> None:
         self.engine = engine
         self.image = image
         self.runner_id = runner_id
         self.labels = labels
+        self.user = user
+        self.runtime = runtime
 
 
 def container_name(conversation_id: str) -> str:
@@ -269,7 +285,8 @@ class DockerSandbox(HostWorkspaceSandbox):
         self._clone_seconds = clone_seconds
         self.sandbox_id = container_name(conversation_id)
         self.workspace = WORKSPACE
-        self.files = HostWorkspace(self._host_workspace, WORKSPACE)
+        owner = config.user if config.user != (os.getuid(), os.getgid()) else None
+        self.files = HostWorkspace(self._host_workspace, WORKSPACE, owner)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
 
     async def _spawn_shell(self) -> ShellProcess:
@@ -291,12 +308,22 @@ class DockerSandbox(HostWorkspaceSandbox):
             LABEL_USER: self._user_id,
             LABEL_RUNNER: self._config.runner_id,
         }
+        uid, gid = self._config.user
+        megabytes = self._resources.memory_mb
+        tmpfs = {
+            "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),
+            HOME: _TMPFS_OPTIONS.format(megabytes=megabytes, mode="0700") + f",uid={uid},gid={gid}",
+        }
         host_config = api.create_host_config(
             init=True,  # reaps orphans, which would otherwise count against the pids limit
-            binds={
-                str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"},
-                str(self._host_home): {"bind": HOME, "mode": "rw"},
-            },
+            binds={str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            read_only=True,
+            tmpfs=tmpfs,  # in the memory limit, whatever their size
+            # None added back: the shell, its commands and the signalling scripts all run as
+            # the one unprivileged user, which needs no capability to signal its own processes.
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            runtime=self._config.runtime,
             **docker_host_limits(self._resources, self._engine.cpus),
         )
         create = partial(
@@ -305,7 +332,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             command=["sleep", "infinity"],
             name=self.sandbox_id,
             labels=labels,
-            user=f"{os.getuid()}:{os.getgid()}",
+            user=f"{uid}:{gid}",
             working_dir=WORKSPACE,
             host_config=host_config,
         )

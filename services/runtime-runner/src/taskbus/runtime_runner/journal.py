@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from taskbus.contracts import subjects
+
 
 class InFlightJournal:
     def __init__(self, directory: Path) -> None:
@@ -14,10 +16,13 @@ class InFlightJournal:
         directory.mkdir(parents=True, exist_ok=True)
 
     def begin(self, conversation_id: str, action_id: int) -> None:
-        (self._directory / conversation_id).write_text(str(action_id))
+        self._entry(conversation_id).write_text(str(action_id))
 
     def end(self, conversation_id: str) -> None:
-        (self._directory / conversation_id).unlink(missing_ok=True)
+        self._entry(conversation_id).unlink(missing_ok=True)
+
+    def _entry(self, conversation_id: str) -> Path:
+        return self._directory / subjects.require_conversation_id(conversation_id)
 
     def entries(self) -> dict[str, int]:
         """conversation id -> the action a previous runner began there and never answered."""

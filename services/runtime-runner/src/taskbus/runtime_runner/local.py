@@ -1,5 +1,7 @@
 """The local backend: a process sandbox in a per-conversation directory, for machines without
-Docker. It isolates by directory, process group and rlimits only, not by namespaces.
+Docker. With bubblewrap (`bubblewrap.py`) each sandbox has its own namespaces and an
+unprivileged uid; without, it is a process group with limits only, which the runner allows only
+when the operator says so (`allow_unsandboxed`).
 
 Every process of a sandbox carries `TASKBUS_SANDBOX=<sandbox id>` in its environment, inherited
 through forks, new sessions (`setsid`) and daemonising alike. Pause, resume and close signal
@@ -13,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import resource
 import signal
 from pathlib import Path
 from typing import ClassVar
 
-from taskbus.contracts.specs import Resources
+from taskbus.runtime_runner import bubblewrap
+from taskbus.runtime_runner.cgroups import SandboxCgroup
+from taskbus.runtime_runner.limits import SandboxResources
 from taskbus.runtime_runner.sandbox import (
     ShellProcess,
     sandbox_environment,
@@ -34,57 +36,62 @@ from taskbus.runtime_runner.workspace import (
 
 _READ_SIZE = 64 * 1024
 SANDBOX_MARKER = "TASKBUS_SANDBOX"
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+_SHELL = ["bash", "--norc", "--noprofile", "--noediting", "-i"]
 
 
-class LocalLimits:
-    """rlimits of a local sandbox's processes. RLIMIT_NPROC is per user, so it is not used."""
+class LocalConfinement:
+    """How a local sandbox's processes are held: under bubblewrap or not, as which user (a root
+    runner's sandboxes drop to an unprivileged one), with which limits."""
 
-    def __init__(self, max_file_bytes: int, resources: Resources) -> None:
+    def __init__(
+        self,
+        *,
+        bubblewrap: bool,
+        user: tuple[int, int] | None,
+        resources: SandboxResources,
+        max_file_bytes: int,
+    ) -> None:
+        self.bubblewrap = bubblewrap
+        self.user = user if bubblewrap else None
+        self.resources = resources
         self.max_file_bytes = max_file_bytes
-        self.memory_bytes = resources.memory_mb * 1024 * 1024 if resources.memory_mb else None
-
-    def apply(self) -> None:
-        """Runs in the child between fork and exec."""
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
-        if self.memory_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
-        # Die with the runner instead of lingering as an orphan.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LocalShellProcess:
-    """`bash -i` on pipes, leader of its own session and process group."""
+    """`bash -i` on pipes (or the `bwrap` that runs it), leader of its own session and group."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, wrapped: bool) -> None:
         self._process = process
+        # Under bwrap the leader is bwrap, whose child is the sandbox's init (bwrap again); the
+        # shell is that init's first child, leading a process group of its own.
+        self._wrapped = wrapped
+        self._shell_group: int | None = None if wrapped else process.pid
 
     @property
     def pid(self) -> int:
-        """The shell's pid, also its process group and session id."""
+        """The leader's pid, also its process group and session id."""
         return self._process.pid
 
     @classmethod
     async def spawn(
-        cls, cwd: Path, environment: dict[str, str], limits: LocalLimits
+        cls,
+        argv: list[str],
+        cwd: Path,
+        environment: dict[str, str],
+        setup: bubblewrap.ChildSetup,
+        wrapped: bool,
     ) -> LocalShellProcess:
         process = await asyncio.create_subprocess_exec(
-            "bash",
-            "--norc",
-            "--noprofile",
-            "--noediting",
-            "-i",
+            *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             cwd=cwd,
             env=environment,
             start_new_session=True,
-            preexec_fn=limits.apply,
+            preexec_fn=setup,
         )
-        return cls(process)
+        return cls(process, wrapped)
 
     async def write(self, data: bytes) -> None:
         assert self._process.stdin is not None
@@ -96,29 +103,41 @@ class LocalShellProcess:
         assert self._process.stdout is not None
         return await self._process.stdout.read(_READ_SIZE)
 
+    async def _shell(self) -> int | None:
+        """The shell's pid, its group and session id (found once the shell has answered)."""
+        if self._shell_group is None:
+            self._shell_group = await asyncio.to_thread(_wrapped_shell, self._process.pid)
+        return self._shell_group
+
     async def signal_group(self, signum: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signum)
+        if (shell := await self._shell()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell, signum)
 
     async def kill_children(self) -> None:
-        for pid in await asyncio.to_thread(_group_members, self._process.pid):
-            if pid != self._process.pid:
+        if (shell := await self._shell()) is None:
+            return
+        for pid in await asyncio.to_thread(_group_members, shell):
+            if pid != shell:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
     async def terminate(self) -> int:
         await self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # bwrap, whose sandbox dies with it
+            os.killpg(self._process.pid, signal.SIGKILL)
         return await self._process.wait()
 
 
-def _process_group(pid: int) -> int | None:
-    """A process' group id, from /proc; None once it is gone."""
+def _stat_ids(pid: int) -> tuple[int, int, int] | None:
+    """A process' parent id, group id and start time, from /proc; None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Fields after the parenthesised command name: state ppid pgrp ...
-    return int(stat[stat.rindex(")") + 2 :].split()[2])
+    # Fields after the parenthesised command name: state ppid pgrp ... (starttime is the 20th)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[2]), int(fields[19])
 
 
 def _pids() -> list[int]:
@@ -126,7 +145,20 @@ def _pids() -> list[int]:
 
 
 def _group_members(pgid: int) -> list[int]:
-    return [pid for pid in _pids() if _process_group(pid) == pgid]
+    return [pid for pid in _pids() if (ids := _stat_ids(pid)) is not None and ids[1] == pgid]
+
+
+def _first_child(parent: int) -> int | None:
+    """The earliest started child (orphans re-parented to a sandbox's init come later)."""
+    children = {
+        pid: ids[2] for pid in _pids() if (ids := _stat_ids(pid)) is not None and ids[0] == parent
+    }
+    return min(children, key=lambda pid: (children[pid], pid)) if children else None
+
+
+def _wrapped_shell(bwrap: int) -> int | None:
+    init = _first_child(bwrap)
+    return _first_child(init) if init is not None else None
 
 
 def _is_marked(pid: int, marker: bytes) -> bool:
@@ -156,22 +188,45 @@ class LocalSandbox(HostWorkspaceSandbox):
         conversation_id: str,
         workspace_root: Path,
         shell_limits: ShellLimits,
-        limits: LocalLimits,
+        confinement: LocalConfinement,
         clone_seconds: float,
     ) -> None:
         self._workspace, self._home = conversation_directories(workspace_root, conversation_id)
-        self._limits = limits
+        self._confinement = confinement
         self._clone_seconds = clone_seconds
+        self._cgroup: SandboxCgroup | None = None
         self.sandbox_id = f"local-{conversation_id}"
         self.workspace = str(self._workspace)
-        self.files = HostWorkspace(self._workspace, self.workspace)
+        self.files = HostWorkspace(self._workspace, self.workspace, confinement.user)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, self.workspace)
 
     async def _spawn_shell(self) -> ShellProcess:
+        confinement = self._confinement
         environment = sandbox_environment(str(self._home))
         environment["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         environment[SANDBOX_MARKER] = self.sandbox_id
-        return await LocalShellProcess.spawn(self._workspace, environment, self._limits)
+        if self._cgroup is None:
+            self._cgroup = await asyncio.to_thread(
+                SandboxCgroup.create, self.sandbox_id, confinement.resources
+            )
+        memory_bytes = confinement.resources.memory_mb * 1024 * 1024
+        staged = confinement.user is not None
+        setup = bubblewrap.ChildSetup(
+            user=confinement.user,
+            cgroup=self._cgroup,
+            max_file_bytes=confinement.max_file_bytes,
+            # The cgroup's limit, where there is one, also holds children and tmpfs.
+            memory_bytes=memory_bytes if self._cgroup is None else None,
+            stage=(self._workspace, self._home) if staged else None,
+        )
+        if not confinement.bubblewrap:
+            return await LocalShellProcess.spawn(
+                _SHELL, self._workspace, environment, setup, wrapped=False
+            )
+        argv = bubblewrap.command(
+            self._workspace, self._home, confinement.resources.network, staged, _SHELL
+        )
+        return await LocalShellProcess.spawn(argv, Path("/"), environment, setup, wrapped=True)
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
         await self._prepare_workspace(self._home, repository_url, branch, self._clone_seconds)
@@ -200,6 +255,9 @@ class LocalSandbox(HostWorkspaceSandbox):
     async def close(self) -> None:
         await self.shell.close()
         await asyncio.to_thread(_signal_marked, self.sandbox_id, signal.SIGKILL)
+        if self._cgroup is not None:
+            await asyncio.to_thread(self._cgroup.remove)
+            self._cgroup = None
 
     async def _signal_all(self, signum: signal.Signals) -> None:
         """The shell's group (a command may have dropped the marker) and every marked process."""

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 
+from taskbus.contracts.redaction import redact
 from taskbus.runtime_runner.sandbox import ActionError
-
-# `scheme://user:token@host/...`: the userinfo part is a credential.
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-
-
-def redact_credentials(text: str) -> str:
-    """Remove userinfo (user, password, token) from every URL in `text`."""
-    return _URL_USERINFO.sub(r"\1", text)
 
 
 def clone_command(repository: str, branch: str | None, target: Path) -> list[str]:
@@ -54,9 +46,7 @@ async def clone(repository: str, branch: str | None, target: Path, seconds: floa
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise ActionError(
-            "clone_failed", f"git clone of {redact_credentials(repository)} timed out"
-        ) from None
+        raise ActionError("clone_failed", f"git clone of {redact(repository)} timed out") from None
     if process.returncode != 0:
         message = output.decode(errors="replace").strip() or f"git exited with {process.returncode}"
-        raise ActionError("clone_failed", redact_credentials(message))
+        raise ActionError("clone_failed", redact(message))

@@ -28,11 +28,11 @@ from taskbus.contracts.events import (
     RuntimeRequested,
     RuntimeStatusChanged,
 )
+from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.files import FileActions, reply_to
 from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.replies import is_answered
-from taskbus.runtime_runner.repository import redact_credentials
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 from taskbus.runtime_runner.workspace import remove_conversation_directories
 
@@ -178,7 +178,7 @@ class RuntimeRunner:
             except Exception as error:
                 await sandbox.close()
                 code = error.code if isinstance(error, ActionError) else "runtime_start_failed"
-                message = redact_credentials(str(error))
+                message = redact(str(error))
                 logger.warning("sandbox for %s failed to start: %s", cid, message)
                 await self._appender.append_all(
                     [

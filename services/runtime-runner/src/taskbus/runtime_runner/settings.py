@@ -17,9 +17,19 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Replicas of the streams and KV buckets, if this service is the first to create them
     # (3 on a 3-node NATS cluster); existing ones keep what they have.
     stream_replicas: int = 1
-    # "auto" is docker when an engine answers and has the sandbox image, else local.
+    # "auto" is docker when an engine answers and has the sandbox image, else local under
+    # bubblewrap, else local unsandboxed if `allow_unsandboxed`.
     backend: Literal["auto", "local", "docker"] = "auto"
     sandbox_image: str = "taskbus-sandbox:latest"
+    # The OCI runtime of docker sandboxes: "runc", or "runsc" for gVisor (registered in dockerd).
+    docker_runtime: str = "runc"
+    # Lets the local backend run sandboxes without bubblewrap, unisolated (development on a
+    # single-user machine only); without it, a local backend lacking bwrap refuses to start.
+    allow_unsandboxed: bool = False
+    # The user sandboxed processes run as when the runner is root (the sandbox image's
+    # `taskbus`); a runner that is not root runs them as itself.
+    sandbox_uid: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    sandbox_gid: Annotated[int, msgspec.Meta(ge=1)] = 1000
     # Reconciliation at start-up only touches containers labelled with this runner's id: give
     # each runner sharing a Docker engine its own id, and keep it across restarts.
     runner_id: str = "default"

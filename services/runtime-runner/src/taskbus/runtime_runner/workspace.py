@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from taskbus.contracts import subjects
 from taskbus.runtime_runner import repository
 from taskbus.runtime_runner.sandbox import (
     ActionError,
@@ -39,6 +40,7 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def conversation_directories(workspace_root: Path, conversation_id: str) -> tuple[Path, Path]:
     """(workspace, home) of a conversation's sandbox on this host, on either backend."""
+    subjects.require_conversation_id(conversation_id)  # the id becomes a path: checked first
     root = workspace_root.resolve()
     return root / conversation_id, root / ".home" / conversation_id
 
@@ -49,9 +51,14 @@ def remove_conversation_directories(workspace_root: Path, conversation_id: str) 
 
 
 class HostWorkspace:
-    def __init__(self, host_root: Path, visible_root: str) -> None:
+    def __init__(
+        self, host_root: Path, visible_root: str, owner: tuple[int, int] | None = None
+    ) -> None:
         self.host_root = host_root
         self.visible_root = visible_root
+        # The (uid, gid) sandboxed processes run as, when not the runner's: what the runner
+        # creates is given to them, or they could not change the files it writes.
+        self.owner = owner
 
     def _parts(self, path: str) -> list[str]:
         """`path` (relative to the workspace, or absolute in the sandbox's view) as components."""
@@ -83,6 +90,8 @@ class HostWorkspace:
                     if not make_parents:
                         raise ActionError("file_not_found", f"{path} does not exist") from None
                     os.mkdir(name, dir_fd=directories[-1])
+                    if self.owner is not None:
+                        os.chown(name, *self.owner, dir_fd=directories[-1], follow_symlinks=False)
                     info = os.stat(name, dir_fd=directories[-1], follow_symlinks=False)
                 if stat.S_ISLNK(info.st_mode):
                     hops += 1
@@ -141,6 +150,8 @@ class HostWorkspace:
             except IsADirectoryError:
                 raise ActionError("is_a_directory", f"{path} is a directory") from None
             with os.fdopen(fd, "wb") as file:
+                if self.owner is not None:
+                    os.fchown(file.fileno(), *self.owner)
                 file.write(data)
 
     def exists(self, path: str) -> bool:
@@ -196,6 +207,11 @@ class HostWorkspaceSandbox(Sandbox):
         has_files = await asyncio.to_thread(make_directories)
         if repository_url and not has_files:
             await repository.clone(repository_url, branch, workspace, clone_seconds)
+        if self.files.owner is not None:
+            # Only directories just made and a fresh clone: nothing the sandbox could have
+            # planted (a hard link to a host file) is ever chowned.
+            owner = self.files.owner
+            await asyncio.to_thread(_give, [home, workspace], owner, not has_files)
 
     async def run_command(self, request: CommandRequest, on_output: OutputSink) -> CommandOutcome:
         return await self.shell.execute(request, on_output)
@@ -217,6 +233,16 @@ class HostWorkspaceSandbox(Sandbox):
 
     async def list_tree(self, path: str, depth: int) -> list[str]:
         return await asyncio.to_thread(self.files.list_tree, path, depth)
+
+
+def _give(directories: list[Path], owner: tuple[int, int], whole_tree: bool) -> None:
+    """Give `directories` (and, when `whole_tree`, everything under them) to `owner`."""
+    for top in directories:
+        os.chown(top, *owner, follow_symlinks=False)
+        if whole_tree:
+            for current, names, files in os.walk(top):
+                for name in [*names, *files]:
+                    os.chown(os.path.join(current, name), *owner, follow_symlinks=False)
 
 
 def _stat(name: str, directory: int) -> os.stat_result | None:

@@ -3,7 +3,8 @@
 Per user, at most `max_concurrent` conversations run; past that, policy `evict_oldest` stops the
 user's least recently active one (OpenHands' behaviour) and `queue` makes the new one wait.
 Across users, `max_running` caps sandboxes. Waiting conversations go in order of priority
-(higher first), then age.
+(higher first), then age. A user's own settings never lift these past the operator's maxima:
+their concurrency is capped, and past `max_queued` waiting conversations a new one is refused.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from datetime import datetime
 
 import msgspec
 
-from taskbus.contracts.specs import ConcurrencyPolicy
+from taskbus.contracts.specs import ConcurrencyPolicy, UserSettings
+from taskbus.session_manager.settings import SessionManagerSettings
 
 EVICTION_REASON = "too_many_conversations"
+QUEUE_FULL_REASON = "queue_full"
 
 
 class Running(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +37,18 @@ class Waiting(msgspec.Struct, frozen=True, kw_only=True):
 class UserLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent: int
     policy: ConcurrencyPolicy
+    max_queued: int
+
+
+def user_limits(user: UserSettings | None, settings: SessionManagerSettings) -> UserLimits:
+    """The user's settings, else the operator's defaults, within the operator's maxima."""
+    user = user or UserSettings()
+    wanted = user.max_concurrent_conversations or settings.max_concurrent_conversations
+    return UserLimits(
+        max_concurrent=min(wanted, settings.max_concurrent_conversations_limit),
+        policy=user.concurrency_policy or settings.concurrency_policy,
+        max_queued=settings.max_queued_conversations,
+    )
 
 
 class Admit(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +57,11 @@ class Admit(msgspec.Struct, frozen=True, kw_only=True):
 
 class Queue(msgspec.Struct, frozen=True, kw_only=True):
     reason: str  # EVICTION_REASON (user limit under the queue policy) or "capacity"
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str  # QUEUE_FULL_REASON
+    detail: str
 
 
 def admit(
@@ -58,6 +78,27 @@ def admit(
     if len(running) - len(evict) >= max_running:
         return Queue(reason="capacity")
     return Admit(evict=tuple(r.conversation_id for r in evict))
+
+
+def admit_new(
+    user_id: str,
+    running: Sequence[Running],
+    queued: int,
+    limits: UserLimits,
+    max_running: int,
+) -> Admit | Queue | Reject:
+    """Decide for a conversation that is not waiting yet, `queued` being how many of the user's
+    already wait: one that would wait beyond the user's queue limit is refused instead."""
+    decision = admit(user_id, running, limits, max_running)
+    if isinstance(decision, Queue) and queued >= limits.max_queued:
+        return Reject(
+            reason=QUEUE_FULL_REASON,
+            detail=(
+                f"you already have {queued} queued conversations, the most this server allows; "
+                "stop or delete one, or wait until one starts"
+            ),
+        )
+    return decision
 
 
 def admit_waiting(

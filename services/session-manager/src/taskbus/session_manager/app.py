@@ -8,8 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import nats
-
+from taskbus.contracts.bus import connect
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.streams import ensure_streams
 from taskbus.session_manager.llm import LLM
@@ -24,7 +23,7 @@ async def running_session_manager(
     settings: SessionManagerSettings,
 ) -> AsyncIterator[SessionManager]:
     """A started session-manager; on exit its tasks stop and its NATS connection drains."""
-    nc = await nats.connect(settings.nats_url, name="session-manager")
+    nc = await connect(settings.nats_url, "session-manager")
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings.stream_replicas)

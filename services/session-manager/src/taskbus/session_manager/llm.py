@@ -30,6 +30,13 @@ from litellm.exceptions import (
 )
 
 from taskbus.contracts.events import ToolCall
+from taskbus.contracts.llm_endpoints import (
+    AllowList,
+    EndpointRefused,
+    check_destination,
+    user_base_url,
+)
+from taskbus.contracts.secret_box import SecretBox, SecretError, llm_key_context
 from taskbus.contracts.specs import UserSettings
 from taskbus.session_manager.settings import SessionManagerSettings
 
@@ -37,21 +44,58 @@ logger = logging.getLogger(__name__)
 litellm.suppress_debug_info = True  # its "Give Feedback" banners go to stdout on every error
 
 
+# Sent as the key of a user's endpoint when they set none: an explicit key keeps litellm from
+# falling back to a provider key in the service's environment (OPENAI_API_KEY and the like).
+NO_KEY = "taskbus-no-key"
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     model: str
     base_url: str | None
     api_key: str | None = field(default=None, repr=False)
+    # A user's endpoint: checked against the allow-list and DNS before every call.
+    users: bool = False
 
 
-def resolve_llm_config(settings: SessionManagerSettings, user: UserSettings | None) -> LLMConfig:
-    """The user's model, key and URL win over the operator's when set."""
-    user = user or UserSettings()
-    return LLMConfig(
-        model=user.llm_model or settings.llm_model,
-        base_url=user.llm_base_url or settings.llm_base_url,
-        api_key=user.llm_api_key or settings.llm_api_key,
-    )
+class LLMError(Exception):
+    """A failed completion; `code` goes into ErrorObservation and the status reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_llm_config(
+    settings: SessionManagerSettings,
+    user_id: str,
+    user: UserSettings | None,
+    box: SecretBox | None,
+) -> LLMConfig:
+    """The operator's model, base URL and key, or the user's set alone: a user who sets any of
+    the three gets none of the operator's, so the operator's key only ever goes to the
+    operator's endpoint. The user's key is opened here, just before the call."""
+    if user is None or not (user.llm_model or user.llm_base_url or user.llm_api_key):
+        return LLMConfig(
+            model=settings.llm_model, base_url=settings.llm_base_url, api_key=settings.llm_api_key
+        )
+    if not user.llm_model:
+        raise LLMError("llm_settings_invalid", "your LLM settings name no llm_model")
+    try:
+        base_url = user_base_url(user.llm_model, user.llm_base_url)
+    except EndpointRefused as error:
+        raise LLMError("llm_settings_invalid", str(error)) from None
+    api_key = NO_KEY
+    if user.llm_api_key:
+        if box is None:
+            raise LLMError("llm_settings_invalid", "no secrets key is configured to open your key")
+        try:
+            api_key = box.open(user.llm_api_key, llm_key_context(user_id))
+        except SecretError:
+            raise LLMError(
+                "llm_settings_invalid", "your stored LLM key cannot be opened; set it again"
+            ) from None
+    return LLMConfig(model=user.llm_model, base_url=base_url, api_key=api_key, users=True)
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,14 +111,6 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 
 # Called before each backoff with the error code and the delay in seconds.
 RetryListener = Callable[[str, float], Awaitable[None]]
-
-
-class LLMError(Exception):
-    """A failed completion; `code` goes into ErrorObservation and the status reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 _RETRYABLE: dict[type[Exception], str] = {
@@ -109,7 +145,12 @@ def register_prices(settings: SessionManagerSettings) -> None:
 class LLM:
     def __init__(self, settings: SessionManagerSettings) -> None:
         self._settings = settings
+        self._allowed = AllowList(settings.llm_allowed_base_urls)
+        self._box = SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file)
         register_prices(settings)
+
+    def config_for(self, user_id: str, user: UserSettings | None) -> LLMConfig:
+        return resolve_llm_config(self._settings, user_id, user, self._box)
 
     def max_input_tokens(self, config: LLMConfig) -> int | None:
         """The prompt size the model accepts: the operator's setting, else litellm's model map."""
@@ -133,14 +174,24 @@ class LLM:
         tools: list[dict[str, Any]],
         on_retry: RetryListener | None = None,
     ) -> Completion:
-        """One completion; rate limits and unavailability are retried with backoff. Error
-        messages never carry the API key, even when the provider echoes it."""
+        """One completion; rate limits and unavailability are retried with backoff. A user's
+        endpoint is checked first, its name resolved anew. Error messages never carry the API
+        key, even when the provider echoes it."""
         try:
+            if config.users:
+                await self._check_endpoint(config)
             return await self._complete(config, messages, tools, on_retry)
         except LLMError as error:
             if config.api_key and config.api_key in str(error):
                 raise LLMError(error.code, redact(str(error), config.api_key)) from None
             raise
+
+    async def _check_endpoint(self, config: LLMConfig) -> None:
+        assert config.base_url is not None  # a user's config always names its endpoint
+        try:
+            await check_destination(config.base_url, self._allowed)
+        except EndpointRefused as error:
+            raise LLMError("llm_endpoint_refused", str(error)) from None
 
     async def _complete(
         self,

@@ -59,8 +59,8 @@ async def _last(js: JetStreamContext, subject: str) -> int | None:
 
 
 async def conversation_exists(js: JetStreamContext, conversation_id: str) -> bool:
-    subject = subjects.event_subject(conversation_id, ConversationCreated.__name__)
-    return await _last(js, subject) is not None
+    """Whether the id is used: created, or refused (ConversationRejected) for good."""
+    return await _last(js, subjects.conversation_events(conversation_id)) is not None
 
 
 async def conversations_to_recover(js: JetStreamContext) -> list[str]:

@@ -34,12 +34,12 @@ from taskbus.contracts.commands import (
     StartConversation,
     StopConversation,
     UpdateSettings,
-    decode_command,
 )
 from taskbus.contracts.events import (
     AnyEvent,
     CondensationAction,
     ConversationCreated,
+    ConversationRejected,
     ConversationStatusChanged,
     ErrorObservation,
     Event,
@@ -48,8 +48,8 @@ from taskbus.contracts.events import (
     MessageAction,
     ToolCallsQueued,
     UnknownEvent,
-    decode_event,
 )
+from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, AgentState, ConversationStatus
 from taskbus.session_manager import admission, log
@@ -71,7 +71,7 @@ from taskbus.session_manager.lifecycle import (
     resume_events,
     stop_events,
 )
-from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError, resolve_llm_config
+from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
 from taskbus.session_manager.stuck import is_stuck, stuck_events
@@ -104,16 +104,21 @@ def conversation_title(spec: ConversationSpec) -> str:
 def effective_spec(
     spec: ConversationSpec, user: UserSettings | None, settings: SessionManagerSettings
 ) -> ConversationSpec:
-    """The spec with its limits resolved (request, then user settings, then operator default),
-    so the log records which limits applied. The runtime resolves its own command timeouts."""
+    """The spec with its limits resolved (request, then user settings, then operator default)
+    and capped by the operator's maxima (priority, budget), so the log records which limits
+    applied. The runtime resolves its own command timeouts."""
     user = user or UserSettings()
     timeouts = spec.timeouts
+    budget = spec.max_budget_per_task or user.max_budget_per_task or settings.max_budget_per_task
+    if settings.max_budget_per_task_limit is not None:
+        budget = min(
+            budget or settings.max_budget_per_task_limit, settings.max_budget_per_task_limit
+        )
     return msgspec.structs.replace(
         spec,
+        priority=min(spec.priority, settings.max_priority),
         max_iterations=spec.max_iterations or user.max_iterations or settings.max_iterations,
-        max_budget_per_task=(
-            spec.max_budget_per_task or user.max_budget_per_task or settings.max_budget_per_task
-        ),
+        max_budget_per_task=budget,
         timeouts=msgspec.structs.replace(
             timeouts,
             idle_seconds=timeouts.idle_seconds or settings.idle_seconds,
@@ -128,6 +133,7 @@ class SessionManager:
         self._js = js
         self._llm = llm
         self._appender = EventAppender(js)
+        self._dead_letters = DeadLetters(js, subjects.SESSION_MANAGER)
         self._settings_store = log.SettingsStore(js)
         self._states: dict[str, ConversationState] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -200,14 +206,15 @@ class SessionManager:
 
     async def _sweep(self) -> None:
         """Every `time_limit_check_seconds` until `stop` cancels it: apply the time limits, and
-        forget settled conversations so memory holds only those that may still move."""
+        forget settled conversations (and ids that name none: unknown or rejected) so memory
+        holds only those that may still move."""
         while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
             now = datetime.now(UTC)
             for cid, state in list(self._states.items()):
                 if self._states.get(cid) is not state:
                     continue  # changed during an append of this sweep
-                if is_settled(state):
+                if is_settled(state) or not state.created:
                     self._forget(cid)
                     continue
                 events = time_limit_events(state, now)
@@ -295,10 +302,9 @@ class SessionManager:
     async def _on_event_message(self, batch: list[Msg]) -> None:
         for msg in batch:
             try:
-                event = decode_event(msg.data)
-            except msgspec.MsgspecError:
-                logger.error("undecodable event on %s; skipped", msg.subject)
-                await msg.term()
+                event = inbound_event(msg.subject, msg.data)
+            except Refused as refused:
+                await self._dead_letters.refuse(msg, refused)
                 continue
             await self._observe(event)
             await msg.ack()
@@ -341,7 +347,11 @@ class SessionManager:
         then current, since the user may have stopped or paused meanwhile."""
         cid = state.conversation_id
         user_settings = await self._settings_store.get(state.user_id)
-        config = resolve_llm_config(self._settings, user_settings)
+        try:
+            config = self._llm.config_for(state.user_id, user_settings)
+        except LLMError as error:
+            await self._fail_llm_step(cid, error)
+            return
         state = self._states[cid]
         if next_step(state) is not Step.CALL_LLM:
             return
@@ -373,10 +383,7 @@ class SessionManager:
         try:
             completion = await self._llm.complete(config, to_messages(state), TOOLS, rate_limited)
         except LLMError as error:
-            logger.warning("LLM call for %s failed: %s", cid, error.code)
-            current = self._states[cid]
-            if next_step(current) is Step.CALL_LLM:
-                await self._append(_llm_failure_events(current, error))
+            await self._fail_llm_step(cid, error)
             return
         current = self._states[cid]
         events: list[Event] = []
@@ -400,6 +407,12 @@ class SessionManager:
             events.append(as_proposal(current, _action_of(cid, completion)))
         await self._append(events)
 
+    async def _fail_llm_step(self, conversation_id: str, error: LLMError) -> None:
+        logger.warning("LLM call for %s failed: %s", conversation_id, error.code)
+        current = self._states[conversation_id]
+        if next_step(current) is Step.CALL_LLM:
+            await self._append(_llm_failure_events(current, error))
+
     def _condensation(
         self, state: ConversationState, config: LLMConfig
     ) -> CondensationAction | None:
@@ -416,13 +429,7 @@ class SessionManager:
     # --- admission ------------------------------------------------------------------------
 
     async def _limits_of(self, user_id: str) -> admission.UserLimits:
-        user = await self._settings_store.get(user_id) or UserSettings()
-        return admission.UserLimits(
-            max_concurrent=(
-                user.max_concurrent_conversations or self._settings.max_concurrent_conversations
-            ),
-            policy=user.concurrency_policy or self._settings.concurrency_policy,
-        )
+        return admission.user_limits(await self._settings_store.get(user_id), self._settings)
 
     def _running(self) -> list[admission.Running]:
         return [
@@ -435,12 +442,43 @@ class SessionManager:
             if holds_slot(s)
         ]
 
-    async def _start_or_queue(self, state: ConversationState, prefix: list[Event]) -> None:
-        """Admit `state` now (evicting if the policy says so) or queue it. Admission lock held."""
-        limits = await self._limits_of(state.user_id)
-        decision = admission.admit(
-            state.user_id, self._running(), limits, self._settings.max_running
+    def _queued(self, user_id: str) -> int:
+        return sum(
+            1
+            for s in self._states.values()
+            if s.user_id == user_id and s.status == ConversationStatus.QUEUED and not s.deleted
         )
+
+    async def _start_or_queue(
+        self, state: ConversationState, prefix: list[Event], *, new: bool = False
+    ) -> None:
+        """Admit `state` now (evicting if the policy says so) or queue it. Admission lock held.
+        A `new` one (created or restarted, not yet waiting) that would wait beyond the user's
+        queue limit is refused instead: only ConversationRejected is appended, not `prefix`."""
+        limits = await self._limits_of(state.user_id)
+        running = self._running()
+        decision = (
+            admission.admit_new(
+                state.user_id,
+                running,
+                self._queued(state.user_id),
+                limits,
+                self._settings.max_running,
+            )
+            if new
+            else admission.admit(state.user_id, running, limits, self._settings.max_running)
+        )
+        if isinstance(decision, admission.Reject):
+            logger.info("%s refused: %s", state.conversation_id, decision.reason)
+            rejected = ConversationRejected(
+                conversation_id=state.conversation_id,
+                source=EventSource.ENVIRONMENT,
+                user_id=state.user_id,
+                reason=decision.reason,
+                detail=decision.detail,
+            )
+            await self._append([rejected])
+            return
         if isinstance(decision, admission.Queue):
             queued: list[Event] = []
             if state.status != ConversationStatus.QUEUED:
@@ -495,10 +533,9 @@ class SessionManager:
         groups: dict[str, list[tuple[Msg, AnyCommand]]] = defaultdict(list)
         for msg in batch:
             try:
-                command = decode_command(msg.data)
-            except msgspec.MsgspecError as error:
-                logger.error("invalid command on %s dropped: %s", msg.subject, error)
-                await msg.term()
+                command = inbound_command(msg.data)
+            except Refused as refused:
+                await self._dead_letters.refuse(msg, refused)
                 continue
             key = getattr(command, "conversation_id", f"user:{command.user_id}")
             groups[key].append((msg, command))
@@ -547,7 +584,7 @@ class SessionManager:
                 async with self._admission_lock:
                     state = self._states[state.conversation_id]
                     if state.status == ConversationStatus.STOPPED:
-                        await self._start_or_queue(state, [])
+                        await self._start_or_queue(state, [], new=True)
             case ConfirmAction():
                 answer = confirmation_events(state, command.confirmed)
                 if not answer:
@@ -591,7 +628,7 @@ class SessionManager:
             state = apply(
                 ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
             )
-            await self._start_or_queue(state, [created])
+            await self._start_or_queue(state, [created], new=True)
 
 
 def _action_of(conversation_id: str, completion: Completion) -> Event:

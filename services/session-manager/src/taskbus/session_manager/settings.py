@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from taskbus.contracts.llm_endpoints import DEFAULT_ALLOWED_BASE_URLS
 from taskbus.contracts.specs import ConcurrencyPolicy
 
 
@@ -15,6 +16,14 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     llm_model: str = "openai/scripted"
     llm_base_url: str | None = None
     llm_api_key: str | None = None  # never logged, never in events
+    # Base URLs users' own LLM settings may use, comma-separated (see contracts/llm_endpoints.py;
+    # list a private endpoint by its IP address). The operator's llm_base_url is not checked.
+    llm_allowed_base_urls: str = DEFAULT_ALLOWED_BASE_URLS
+    # The key that opens users' sealed LLM keys (contracts/secret_box.py): the key itself, or a
+    # file holding it (`taskbus up` writes <data dir>/secrets.key). Without one, user keys are
+    # refused at the API.
+    secrets_key: str | None = None
+    secrets_key_file: str | None = None
     # When set, the model's prices are registered with litellm so every completion is costed.
     llm_input_cost_per_token: float | None = None
     llm_output_cost_per_token: float | None = None
@@ -27,6 +36,12 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     stuck_repetitions: int = 4  # the same action with the same result this often: stuck
     max_running: int = 8  # conversations holding a sandbox, across all users
     max_concurrent_conversations: int = 3  # per user, unless the user's settings say otherwise
+    # Operator maxima of what a user may ask for (user settings and requests are capped by them).
+    max_concurrent_conversations_limit: int = 4  # a user's running conversations
+    max_priority: int = 0  # a request's priority above it is lowered to it
+    max_budget_per_task_limit: float | None = 10.0  # USD per task; None: no maximum
+    # A user's QUEUED conversations; one more is refused (ConversationRejected, HTTP 429).
+    max_queued_conversations: int = 20
     concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.EVICT_OLDEST
     max_iterations: int = 50
     # Conversation time limits unless the request sets them (see time_limits.py); None: none.

@@ -1,0 +1,220 @@
+"""Who may do what on the bus: one NATS user per service, with the subjects it needs and no more.
+
+`taskbus up` writes these users into its nats-server config, and `taskbus nats-auth` writes the
+same for a deployment (deploy/nats). The JetStream API is itself a set of subjects
+(`$JS.API.<verb>.<stream>...`), so "may read the log but not append to it" is a publish allow
+list. What each service may do, and why:
+
+- gateway: sends commands and queries; reads events (direct gets, ephemeral ordered consumers
+  for WebSocket tails, the ConversationCreated notification) and the conversations, settings
+  and runners buckets. It appends no event and writes no bucket.
+- session-manager: appends events, writes the settings bucket (their only writer), consumes
+  its two durables and throwaway recovery consumers (never another service's durable).
+- runtime-runner: appends events (observations), writes the runners bucket, consumes its durable.
+- event-store: writes the conversations bucket, consumes its durable (a rebuild deletes and
+  re-creates it), answers queries.
+
+No service may create, update, purge or delete a stream, or delete a message: the admin
+credential (the launcher's, or a deployment's one-shot `python -m taskbus.contracts.streams`)
+creates the streams; a service's `ensure_streams` then only reads their info. Each user
+subscribes only to its own inboxes (`bus.inbox_prefix`), so none can read another's replies.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from taskbus.contracts import subjects
+from taskbus.contracts.bus import BusCredential, inbox_prefix, write_credential
+
+GATEWAY = subjects.GATEWAY
+SESSION_MANAGER = subjects.SESSION_MANAGER
+RUNTIME_RUNNER = subjects.RUNTIME_RUNNER
+EVENT_STORE = subjects.EVENT_STORE
+# The launcher's and the operator's user: creates streams, reads everything (no limits).
+ADMIN = "admin"
+SERVICE_USERS = (GATEWAY, SESSION_MANAGER, RUNTIME_RUNNER, EVENT_STORE)
+USERS = (*SERVICE_USERS, ADMIN)
+
+_API = "$JS.API"
+_EVENTS = subjects.EVENTS_STREAM
+_COMMANDS = subjects.COMMANDS_STREAM
+
+
+def _kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _stream_info(*streams: str) -> list[str]:
+    return [f"{_API}.STREAM.INFO.{stream}" for stream in streams]
+
+
+def _all_stream_info() -> list[str]:
+    """`ensure_streams` reads the info of every stream and bucket."""
+    buckets = (subjects.CONVERSATIONS_BUCKET, subjects.SETTINGS_BUCKET, subjects.RUNNERS_BUCKET)
+    return [
+        f"{_API}.INFO",
+        f"{_API}.STREAM.NAMES",
+        *_stream_info(_EVENTS, _COMMANDS, subjects.DEADLETTER_STREAM),
+        *_stream_info(*(_kv_stream(bucket) for bucket in buckets)),
+    ]
+
+
+def _ephemeral_consumers(stream: str) -> list[str]:
+    """Ordered consumers (tails, KV key listings) with their flow control. The create subject
+    names no consumer, so the server accepts only ephemeral ones: no durable can be taken."""
+    return [
+        f"{_API}.CONSUMER.CREATE.{stream}",
+        f"{_API}.CONSUMER.INFO.{stream}.*",  # read-only: counters, no messages
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _read_log() -> list[str]:
+    return [
+        f"{_API}.DIRECT.GET.{_EVENTS}",
+        f"{_API}.DIRECT.GET.{_EVENTS}.>",
+        *_ephemeral_consumers(_EVENTS),
+    ]
+
+
+def _read_bucket(bucket: str) -> list[str]:
+    stream = _kv_stream(bucket)
+    return [
+        f"{_API}.DIRECT.GET.{stream}.>",
+        f"{_API}.STREAM.MSG.GET.{stream}",
+        *_ephemeral_consumers(stream),
+    ]
+
+
+def _write_bucket(bucket: str) -> list[str]:
+    return [f"$KV.{bucket}.>"]
+
+
+def _durable(stream: str, name: str) -> list[str]:
+    return [
+        f"{_API}.CONSUMER.CREATE.{stream}.{name}",
+        f"{_API}.CONSUMER.CREATE.{stream}.{name}.>",
+        f"{_API}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+        f"{_API}.CONSUMER.INFO.{stream}.{name}",
+        f"{_API}.CONSUMER.MSG.NEXT.{stream}.{name}",
+        f"$JS.ACK.{stream}.{name}.>",
+    ]
+
+
+def _others_durables(own: tuple[str, ...]) -> list[str]:
+    """Every verb on the other services' durables, for users allowed `*` consumers."""
+    durables = (
+        subjects.SESSION_MANAGER_EVENTS_DURABLE,
+        subjects.RUNTIME_RUNNER_DURABLE,
+        subjects.EVENT_STORE_DURABLE,
+    )
+    verbs = ("CREATE", "DURABLE.CREATE", "DELETE", "MSG.NEXT")
+    return [
+        f"{_API}.CONSUMER.{verb}.{_EVENTS}.{name}{suffix}"
+        for name in durables
+        if name not in own
+        for verb in verbs
+        for suffix in ("", ".>")
+    ]
+
+
+def permissions(user: str) -> dict[str, Any] | None:
+    """The NATS `permissions` block of `user` (None: the admin, unrestricted)."""
+    if user == ADMIN:
+        return None
+    own_inboxes = f"{inbox_prefix(user)}.>"
+    publish: list[str] = [*_all_stream_info(), *_read_log()]
+    publish_deny: list[str] = []
+    subscribe = [own_inboxes]
+    allow_responses = False
+    if user == GATEWAY:
+        publish += [
+            subjects.ALL_COMMANDS,
+            subjects.ALL_QUERIES,
+            *_read_bucket(subjects.CONVERSATIONS_BUCKET),
+            *_read_bucket(subjects.SETTINGS_BUCKET),
+            *_read_bucket(subjects.RUNNERS_BUCKET),
+        ]
+        subscribe.append(subjects.event_subject("*", "ConversationCreated"))
+    elif user == SESSION_MANAGER:
+        recovery = ("CREATE", "DELETE", "INFO", "MSG.NEXT")
+        publish += [
+            subjects.ALL_EVENTS,
+            subjects.dead_letter_subject(user),
+            *_read_bucket(subjects.SETTINGS_BUCKET),
+            *_write_bucket(subjects.SETTINGS_BUCKET),
+            *_durable(_EVENTS, subjects.SESSION_MANAGER_EVENTS_DURABLE),
+            *_durable(_COMMANDS, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
+            # Throwaway recovery consumers have random names; the others' durables stay out.
+            *(f"{_API}.CONSUMER.{verb}.{_EVENTS}.*" for verb in recovery),
+        ]
+        publish_deny += _others_durables((subjects.SESSION_MANAGER_EVENTS_DURABLE,))
+    elif user == RUNTIME_RUNNER:
+        publish += [
+            subjects.ALL_EVENTS,
+            subjects.dead_letter_subject(user),
+            *_read_bucket(subjects.RUNNERS_BUCKET),
+            *_write_bucket(subjects.RUNNERS_BUCKET),
+            *_durable(_EVENTS, subjects.RUNTIME_RUNNER_DURABLE),
+        ]
+    elif user == EVENT_STORE:
+        publish += [
+            subjects.dead_letter_subject(user),
+            *_read_bucket(subjects.CONVERSATIONS_BUCKET),
+            *_write_bucket(subjects.CONVERSATIONS_BUCKET),
+            *_durable(_EVENTS, subjects.EVENT_STORE_DURABLE),
+            f"{_API}.CONSUMER.DELETE.{_EVENTS}.{subjects.EVENT_STORE_DURABLE}",  # rebuild
+        ]
+        subscribe.append(subjects.ALL_QUERIES)
+        allow_responses = True  # replies go to the asker's inbox, and only there
+    else:
+        raise ValueError(f"unknown bus user {user!r}")
+    block: dict[str, Any] = {
+        "publish": {"allow": publish, **({"deny": publish_deny} if publish_deny else {})},
+        "subscribe": {"allow": subscribe},
+    }
+    if allow_responses:
+        block["allow_responses"] = True
+    return block
+
+
+def render_authorization(passwords: Mapping[str, str]) -> str:
+    """The nats-server `authorization` block for every user (NATS config syntax; passwords in
+    plain text, so the file is the operator's alone, like the credential files)."""
+    users = []
+    for user in USERS:
+        entry: dict[str, Any] = {"user": user, "password": passwords[user]}
+        block = permissions(user)
+        if block is not None:
+            entry["permissions"] = block
+        users.append(entry)
+    return "authorization " + _render({"users": users}) + "\n"
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_render(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_render(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def new_credentials(directory: Path) -> dict[str, BusCredential]:
+    """A fresh password per user, each in `<directory>/<user>.json` (0600)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    credentials = {}
+    for user in USERS:
+        credential = BusCredential(user=user, password=secrets.token_urlsafe(32))
+        write_credential(credential_file(directory, user), credential)
+        credentials[user] = credential
+    return credentials
+
+
+def credential_file(directory: Path, user: str) -> Path:
+    return directory / f"{user}.json"

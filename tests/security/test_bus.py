@@ -1,0 +1,261 @@
+"""The bus, attacked from inside: no credential, the gateway's credential, and forged messages
+sent with a service's own credential (a bug or a stolen password), against a real stack.
+
+Issue 8 found NATS open to anyone, and a `ConversationDeleted` whose conversation id was a path
+made the runner delete a directory on the host. Each attack here must change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from taskbus.contracts import subjects
+from taskbus.contracts.bus import BusCredential, connect, inbox_prefix
+from taskbus.contracts.commands import DeleteConversation, encode_command
+from taskbus.contracts.events import (
+    ConversationDeleted,
+    ConversationStatusChanged,
+    EventSource,
+    encode_event,
+)
+from taskbus.contracts.inbound import REASON_HEADER, SUBJECT_HEADER
+from taskbus.contracts.status import ConversationStatus
+from taskbus.devtools import bus_auth
+
+from ..conftest import Stack, running_stack
+
+pytestmark = pytest.mark.slow
+
+# A denied publish is never answered: the request times out after this.
+DENIED_SECONDS = 1.0
+DEAD_LETTER_SECONDS = 30.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("bus")) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def bus_as(stack: Stack, user: str) -> AsyncIterator[Client]:
+    nc = await connect(
+        stack.nats_url, f"attacker-as-{user}", stack.bus_credential(user), allow_reconnect=False
+    )
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def conversation(stack: Stack) -> str:
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+        created = await api.post("/api/conversations", json={"initial_user_msg": "hi"})
+        assert created.status_code in (200, 201), created.text
+        return str(created.json()["conversation_id"])
+
+
+async def stored_events(stack: Stack, conversation_id: str) -> list[bytes]:
+    """Every event of the conversation as stored in the log (read as the admin)."""
+    found = []
+    async with bus_as(stack, bus_auth.ADMIN) as nc:
+        js = nc.jetstream()
+        seq = 1
+        with contextlib.suppress(NotFoundError):
+            while True:
+                message = await js.get_msg(
+                    subjects.EVENTS_STREAM,
+                    seq,
+                    subject=subjects.conversation_events(conversation_id),
+                    next=True,
+                    direct=True,
+                )
+                assert message.seq is not None and message.data is not None
+                found.append(message.data)
+                seq = message.seq + 1
+    return found
+
+
+async def test_nats_refuses_connections_without_or_with_wrong_credentials(stack: Stack) -> None:
+    with pytest.raises((nats.errors.Error, OSError)):
+        await nats.connect(stack.nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+    wrong = BusCredential(user=bus_auth.ADMIN, password="guessed")
+    with pytest.raises((nats.errors.Error, OSError)):
+        await connect(stack.nats_url, "guesser", wrong, allow_reconnect=False)
+    # The credential files are the operator's alone.
+    for user in bus_auth.USERS:
+        mode = bus_auth.credential_file(stack.data_dir / "bus", user).stat().st_mode
+        assert mode & 0o077 == 0, oct(mode)
+    assert (stack.data_dir / "bus" / "nats.conf").stat().st_mode & 0o077 == 0
+
+
+async def test_the_gateway_cannot_append_an_event(stack: Stack) -> None:
+    cid = await conversation(stack)
+    forged = ConversationStatusChanged(
+        conversation_id=cid,
+        source=EventSource.ENVIRONMENT,
+        id=10_000,
+        status=ConversationStatus.FINISHED,
+    )
+    subject = subjects.event_subject(cid, forged.kind)
+    async with bus_as(stack, bus_auth.GATEWAY) as nc:
+        with pytest.raises(TimeoutError):
+            await nc.jetstream().publish(subject, encode_event(forged), timeout=DENIED_SECONDS)
+        await nc.publish(subject, encode_event(forged))  # fire and forget, no ack wanted
+        await nc.flush()
+    await asyncio.sleep(0.5)
+    stored = await stored_events(stack, cid)
+    assert stored and encode_event(forged) not in stored
+
+
+async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Stack) -> None:
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        settings = await admin.jetstream().key_value(subjects.SETTINGS_BUCKET)
+        await settings.put("victim", b'{"llm_model": "theirs"}')
+    async with bus_as(stack, bus_auth.GATEWAY) as nc:
+        js = nc.jetstream()
+        for bucket in (
+            subjects.SETTINGS_BUCKET,
+            subjects.CONVERSATIONS_BUCKET,
+            subjects.RUNNERS_BUCKET,
+        ):
+            kv = await js.key_value(bucket)  # reading is allowed
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(kv.put("victim", b'{"llm_model": "mine"}'), 2)
+        with pytest.raises(TimeoutError):
+            await js.delete_stream(subjects.EVENTS_STREAM)
+        with pytest.raises(TimeoutError):
+            await js.purge_stream(subjects.EVENTS_STREAM)
+        # Taking the runner's durable would starve it of actions.
+        with pytest.raises(TimeoutError):
+            await js.add_consumer(
+                subjects.EVENTS_STREAM,
+                ConsumerConfig(durable_name=subjects.RUNTIME_RUNNER_DURABLE, name=None),
+            )
+        # The ephemeral-only create subject the gateway may use refuses a named consumer.
+        reply = await nc.request(
+            f"$JS.API.CONSUMER.CREATE.{subjects.EVENTS_STREAM}",
+            json.dumps(
+                {
+                    "stream_name": subjects.EVENTS_STREAM,
+                    "config": {
+                        "durable_name": subjects.RUNTIME_RUNNER_DURABLE,
+                        "ack_policy": "explicit",
+                    },
+                }
+            ).encode(),
+            timeout=5,
+        )
+        assert "error" in json.loads(reply.data)
+    # Nor can it read another service's inboxes (where JetStream answers that service).
+    async with bus_as(stack, bus_auth.GATEWAY) as nc:
+        await nc.subscribe(f"{inbox_prefix(bus_auth.SESSION_MANAGER)}.>")
+        await nc.flush(timeout=2)
+        await asyncio.sleep(0.5)
+        assert "permissions violation" in str(nc.last_error).lower()
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        js = admin.jetstream()
+        entry = await (await js.key_value(subjects.SETTINGS_BUCKET)).get("victim")
+        assert entry.value == b'{"llm_model": "theirs"}'
+        for bucket in (subjects.CONVERSATIONS_BUCKET, subjects.RUNNERS_BUCKET):
+            with pytest.raises(KeyNotFoundError):
+                await (await js.key_value(bucket)).get("victim")
+        consumer = await js.consumer_info(subjects.EVENTS_STREAM, subjects.RUNTIME_RUNNER_DURABLE)
+        assert consumer.config.filter_subjects  # still the runner's own, filtered durable
+        assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages > 0
+
+
+async def dead_letters(stack: Stack, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(dead-letter subject, refused subject) -> reason, once every `wanted` one has arrived."""
+    found: dict[tuple[str, str], str] = {}
+    async with bus_as(stack, bus_auth.ADMIN) as nc:
+        sub = await nc.jetstream().subscribe(
+            subjects.ALL_DEADLETTERS,
+            stream=subjects.DEADLETTER_STREAM,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        try:
+            async with asyncio.timeout(DEAD_LETTER_SECONDS):
+                while not wanted <= found.keys():
+                    msg = await sub.next_msg(timeout=DEAD_LETTER_SECONDS)
+                    headers = msg.headers or {}
+                    found[(msg.subject, headers[SUBJECT_HEADER])] = headers[REASON_HEADER]
+        finally:
+            await sub.unsubscribe()
+    return found
+
+
+def sentinel(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "keep-me").write_text("the runner must not delete this")
+    return directory / "keep-me"
+
+
+async def test_forged_events_with_path_like_or_foreign_ids_change_nothing(stack: Stack) -> None:
+    """Sent with the runtime-runner's own credential, which may append events."""
+    victim = await conversation(stack)
+    workspaces = stack.data_dir / "workspaces"
+    # Where `<workspaces>/<id>` and `<workspaces>/.home/<id>` point for the id "../../x".
+    outside = [
+        sentinel((workspaces / "../../x").resolve()),
+        sentinel((workspaces / ".home/../../x").resolve()),
+    ]
+    bystander = f"bystander_{uuid.uuid4().hex[:8]}"
+    inside = sentinel(workspaces / bystander)
+    messages = [
+        # The issue's attack: a path as the id, on a real conversation's subject.
+        (subjects.event_subject(victim, "ConversationDeleted"), "../../x"),
+        # A valid id that is not the subject's: would delete the bystander's workspace.
+        (subjects.event_subject(victim, "ConversationDeleted"), bystander),
+        # A subject token that is no conversation id, matching the payload.
+        (subjects.event_subject("%2e%2e%2fx", "ConversationDeleted"), "%2e%2e%2fx"),
+    ]
+    async with bus_as(stack, bus_auth.RUNTIME_RUNNER) as nc:
+        js = nc.jetstream()
+        for subject, payload_id in messages:
+            event = ConversationDeleted(
+                conversation_id=payload_id, source=EventSource.USER, id=1_000
+            )
+            await js.publish(subject, encode_event(event))  # stored: the credential may append
+    wanted = {
+        (subjects.dead_letter_subject(service), subject)
+        for service in (subjects.SESSION_MANAGER, subjects.RUNTIME_RUNNER, subjects.EVENT_STORE)
+        for subject in {subject for subject, _ in messages}
+    }
+    reasons = await dead_letters(stack, wanted)
+    assert any("invalid conversation id" in reason for reason in reasons.values())
+    assert any("differs from the subject" in reason for reason in reasons.values())
+    # Every consumer has refused them by now: nothing was deleted, on the host or in the log.
+    for path in [*outside, inside]:
+        assert path.read_text() == "the runner must not delete this", path
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+        shown = await api.get(f"/api/conversations/{victim}")
+        assert shown.status_code == 200
+        assert shown.json()["status"] != "DELETED"
+
+
+async def test_a_command_with_a_path_like_id_is_refused(stack: Stack) -> None:
+    """Sent with the gateway's credential, the one allowed to send commands."""
+    command = DeleteConversation(user_id="local", conversation_id="../../x")
+    subject = subjects.command_subject(subjects.SESSION_MANAGER, command.name())
+    async with bus_as(stack, bus_auth.GATEWAY) as nc:
+        await nc.jetstream().publish(
+            subject, encode_command(command), stream=subjects.COMMANDS_STREAM
+        )
+    dead_letter = subjects.dead_letter_subject(subjects.SESSION_MANAGER)
+    reasons = await dead_letters(stack, {(dead_letter, subject)})
+    assert "invalid conversation id" in reasons[(dead_letter, subject)]

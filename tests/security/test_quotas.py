@@ -1,0 +1,118 @@
+"""Fair admission, attacked through the public API of a real stack.
+
+Issue 8 found: `max_concurrent_conversations` (up to 1000) and `priority` (up to 100) are
+user-settable and beat the operator's global cap, and nothing limited the queue. Here the
+operator allows 2 running conversations, 1 per user, priority at most 0 and 2 queued per user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from ..conftest import Stack, running_stack
+
+pytestmark = pytest.mark.slow
+
+BOB_KEY = "tb_bob_quota_test_key"
+# Every conversation runs one long command, so it holds its slot for the whole test.
+HOLD_SLOT = {
+    "steps": [
+        {"tool_calls": [{"name": "execute_bash", "arguments": {"command": "sleep 600"}}]},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("quotas")
+    script = data_dir / "hold_slot.json"
+    script.write_text(json.dumps(HOLD_SLOT))
+    with running_stack(
+        data_dir,
+        TASKBUS_API_KEYS=f"{BOB_KEY}=bob",
+        TASKBUS_SCRIPTED_MODEL_SCRIPT=str(script),
+        TASKBUS_MAX_RUNNING="2",
+        TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT="1",
+        TASKBUS_MAX_PRIORITY="0",
+        TASKBUS_MAX_QUEUED_CONVERSATIONS="2",
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def greedy(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """The local user, who asks for everything."""
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+async def bob(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {BOB_KEY}"}
+    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=60) as client:
+        yield client
+
+
+async def create(client: httpx.AsyncClient, **spec: Any) -> httpx.Response:
+    return await client.post("/api/conversations", json={"initial_user_msg": "Hold on.", **spec})
+
+
+async def status_of(client: httpx.AsyncClient, cid: str) -> str:
+    status: str = (await client.get(f"/api/conversations/{cid}")).json()["status"]
+    return status
+
+
+async def settled_status(client: httpx.AsyncClient, cid: str) -> str:
+    """The status once admission has decided (QUEUED stays; starting moves to RUNNING)."""
+    deadline = time.monotonic() + 60
+    while (status := await status_of(client, cid)) not in ("QUEUED", "RUNNING", "ERROR"):
+        assert time.monotonic() < deadline, f"{cid} still {status}"
+        await asyncio.sleep(0.3)
+    return status
+
+
+async def test_a_greedy_user_cannot_take_another_users_slot_and_its_queue_is_bounded(
+    greedy: httpx.AsyncClient, bob: httpx.AsyncClient
+) -> None:
+    put = await greedy.put(
+        "/api/settings", json={"max_concurrent_conversations": 1000, "concurrency_policy": "queue"}
+    )
+    assert put.status_code == 200, put.text
+
+    mine = []
+    for _ in range(3):
+        response = await create(greedy, priority=100)
+        assert response.status_code == 201, response.text
+        mine.append(response.json()["conversation_id"])
+    assert [await settled_status(greedy, cid) for cid in mine] == ["RUNNING", "QUEUED", "QUEUED"]
+
+    # The queue limit: a fourth is refused, truthfully, and leaves nothing behind.
+    refused = await create(greedy, priority=100)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["type"] == "urn:taskbus:problem:queue-full"
+    assert "queued conversations" in problem["detail"]
+    listed = (await greedy.get("/api/conversations", params={"limit": 100})).json()["results"]
+    assert len(listed) == 3
+
+    # The other user still gets the free global slot at once: 1000 and priority 100 bought
+    # the greedy user nothing past the operator's maxima.
+    theirs = await create(bob)
+    assert theirs.status_code == 201, theirs.text
+    assert await settled_status(bob, theirs.json()["conversation_id"]) == "RUNNING"
+    assert [await status_of(greedy, cid) for cid in mine[1:]] == ["QUEUED", "QUEUED"]
+
+    # The log records the priority that applied, not the one asked for.
+    events = await greedy.get(
+        f"/api/conversations/{mine[0]}/events", params={"kind": "ConversationCreated"}
+    )
+    (created,) = events.json()["events"]
+    assert created["spec"]["priority"] == 0, created
