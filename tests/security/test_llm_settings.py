@@ -16,6 +16,7 @@ import ipaddress
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -195,6 +196,25 @@ async def test_the_operator_key_never_reaches_a_users_listener(
     for request in listener.player.requests:
         assert OPERATOR_KEY not in msgspec.json.encode(request.body).decode()
     await put_settings(api)
+
+
+def test_only_session_manager_holds_the_operator_key(stack: Stack) -> None:
+    """The runner (whose sandboxes run untrusted code), event-store and gateway never get the
+    operator's LLM key, nor the runner and event-store the key that seals users' keys."""
+    environments = {
+        name: (stack.data_dir / "pids" / f"{name}.pid").read_text().strip()
+        for name in ("session-manager", "runtime-runner", "event-store", "gateway")
+    }
+    held = {
+        name: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        for name, pid in environments.items()
+    }
+    assert f"TASKBUS_LLM_API_KEY={OPERATOR_KEY}".encode() in held["session-manager"]
+    for name in ("runtime-runner", "event-store", "gateway"):
+        assert not any(OPERATOR_KEY.encode() in entry for entry in held[name]), name
+    for name in ("runtime-runner", "event-store"):
+        assert not any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held[name]), name
+    assert any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held["gateway"])
 
 
 async def test_llm_keys_are_sealed_in_the_settings_bucket_and_the_command_stream(

@@ -173,6 +173,23 @@ class Child:
                 await self._task
 
 
+# Secrets in the launcher's environment and the only services that use them: the others never
+# hold them, so a compromised runner or event-store process has neither key to give away.
+_SECRET_USERS = {
+    "TASKBUS_LLM_API_KEY": {"session_manager"},
+    "TASKBUS_SECRETS_KEY": {"session_manager", "gateway"},
+    "TASKBUS_SECRETS_KEY_FILE": {"session_manager", "gateway"},
+}
+
+
+def _without_secrets_it_does_not_need(env: dict[str, str], service: str) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in env.items()
+        if name not in _SECRET_USERS or service in _SECRET_USERS[name]
+    }
+
+
 async def _restart_nats_when_it_exits(server: NatsServer, pid_file: Path) -> None:
     """nats-server is supervised too: restarted on the same port and store directory, so the
     services' connections reconnect and JetStream recovers its streams from disk."""
@@ -316,7 +333,7 @@ async def run_stack(
         for service in SERVICES:
             name = service.replace("_", "-")
             service_env = {
-                **env,
+                **_without_secrets_it_does_not_need(env, service),
                 CREDENTIALS_FILE_ENV: str(bus_auth.credential_file(bus, service)),
             }
             if service == "runtime_runner" and unsandboxed:
