@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -44,8 +46,15 @@ def _local_api_key(data_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_stack(data_dir: Path, **settings: str) -> Iterator[Stack]:
-    """`taskbus up` in `data_dir`, with extra `TASKBUS_*` settings, until the block ends."""
+def running_stack(
+    data_dir: Path, script: dict[str, Any] | None = None, **settings: str
+) -> Iterator[Stack]:
+    """`taskbus up` in `data_dir`, with extra `TASKBUS_*` settings, until the block ends;
+    `script` is what the scripted model plays instead of its packaged demo."""
+    if script is not None:
+        script_file = data_dir / "script.json"
+        script_file.write_text(json.dumps(script))
+        settings["TASKBUS_SCRIPTED_MODEL_SCRIPT"] = str(script_file)
     port, nats_port = free_port(), free_port()
     env = dict(
         os.environ,

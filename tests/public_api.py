@@ -10,9 +10,12 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
+from taskbus.contracts.status import ENDED_STATUSES
+
 from .conftest import Stack
 
-FINAL = {"FINISHED", "ERROR", "STOPPED"}
+# Statuses ending a run (wire statuses are the enum values, so they match as strings).
+FINAL = ENDED_STATUSES
 EVENT_WAIT_SECONDS = 60
 
 

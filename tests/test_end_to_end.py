@@ -63,7 +63,7 @@ async def test_task_runs_to_finished_and_ws_equals_rest(
     assert rest_events[: len(ws_events)] == ws_events
 
     final = (await api.get(f"/api/conversations/{conversation_id}")).json()
-    assert final["status"] == "FINISHED"
+    assert final["taskbus_status"] == "FINISHED"
 
 
 async def test_an_idle_finished_conversation_gives_its_sandbox_back(
@@ -92,7 +92,7 @@ async def test_an_idle_finished_conversation_gives_its_sandbox_back(
         finally:
             engine.close()
     final = (await api.get(f"/api/conversations/{conversation_id}")).json()
-    assert final["status"] == "FINISHED"  # the outcome stays
+    assert final["taskbus_status"] == "FINISHED"  # the outcome stays
 
 
 async def test_ws_reconnect_after_event_k_gets_exactly_the_rest(

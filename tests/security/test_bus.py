@@ -259,3 +259,16 @@ async def test_a_command_with_a_path_like_id_is_refused(stack: Stack) -> None:
     dead_letter = subjects.dead_letter_subject(subjects.SESSION_MANAGER)
     reasons = await dead_letters(stack, {(dead_letter, subject)})
     assert "invalid conversation id" in reasons[(dead_letter, subject)]
+
+
+async def test_a_services_own_work_raises_no_permissions_violation(stack: Stack) -> None:
+    """Least privilege must still cover everything a service does for a task: a violation
+    in a service's log means a denied step it then works around or, worse, drops."""
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+        created = await api.post("/api/conversations", json={"initial_user_msg": "hi"})
+        assert created.status_code == 201, created.text
+        cid = created.json()["conversation_id"]
+        assert (await api.get(f"/api/conversations/{cid}/events")).status_code == 200
+    logs = stack.data_dir / "logs"
+    for log in sorted(logs.glob("*.log")):
+        assert "permissions violation" not in log.read_text(errors="replace").lower(), log.name

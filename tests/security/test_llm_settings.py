@@ -93,7 +93,7 @@ async def run_to_end(api: httpx.AsyncClient) -> dict[str, Any]:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         info: dict[str, Any] = (await api.get(f"/api/conversations/{cid}")).json()
-        if info["status"] in ("FINISHED", "ERROR", "STOPPED"):
+        if info["taskbus_status"] in ("FINISHED", "ERROR", "STOPPED"):
             return info
         await asyncio.sleep(0.3)
     raise AssertionError(f"conversation {cid} did not end")
@@ -173,14 +173,14 @@ async def test_the_operator_key_never_reaches_a_users_listener(
 ) -> None:
     # Sanity: the operator's key is real and used for users without settings of their own.
     await put_settings(api)
-    assert (await run_to_end(api))["status"] == "FINISHED"
+    assert (await run_to_end(api))["taskbus_status"] == "FINISHED"
     assert set(authorizations(operator_llm)) == {f"Bearer {OPERATOR_KEY}"}
     operator_calls = len(operator_llm.player.requests)
 
     # The user's endpoint without a key of theirs: it gets no key at all.
     put = await put_settings(api, llm_model="openai/scripted", llm_base_url=listener.url)
     assert put.status_code == 200, put.text
-    assert (await run_to_end(api))["status"] == "FINISHED"
+    assert (await run_to_end(api))["taskbus_status"] == "FINISHED"
     assert authorizations(listener) == [f"Bearer {NO_KEY}"]
 
     # With the user's key: that key only.
@@ -189,7 +189,7 @@ async def test_the_operator_key_never_reaches_a_users_listener(
         api, llm_model="openai/scripted", llm_base_url=listener.url, llm_api_key=user_key
     )
     assert put.status_code == 200, put.text
-    assert (await run_to_end(api))["status"] == "FINISHED"
+    assert (await run_to_end(api))["taskbus_status"] == "FINISHED"
     assert authorizations(listener)[1:] == [f"Bearer {user_key}"]
 
     assert len(operator_llm.player.requests) == operator_calls  # nothing more went there

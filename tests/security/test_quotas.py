@@ -8,7 +8,6 @@ operator allows 2 running conversations, 1 per user, priority at most 0 and 2 qu
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -31,13 +30,10 @@ HOLD_SLOT = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("quotas")
-    script = data_dir / "hold_slot.json"
-    script.write_text(json.dumps(HOLD_SLOT))
     with running_stack(
-        data_dir,
+        tmp_path_factory.mktemp("quotas"),
+        HOLD_SLOT,
         TASKBUS_API_KEYS=f"{BOB_KEY}=bob",
-        TASKBUS_SCRIPTED_MODEL_SCRIPT=str(script),
         TASKBUS_MAX_RUNNING="2",
         TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT="1",
         TASKBUS_MAX_PRIORITY="0",
@@ -65,7 +61,7 @@ async def create(client: httpx.AsyncClient, **spec: Any) -> httpx.Response:
 
 
 async def status_of(client: httpx.AsyncClient, cid: str) -> str:
-    status: str = (await client.get(f"/api/conversations/{cid}")).json()["status"]
+    status: str = (await client.get(f"/api/conversations/{cid}")).json()["taskbus_status"]
     return status
 
 

@@ -1,4 +1,5 @@
-"""The generated nats-server users parse, and no service user may administer streams."""
+"""The generated nats-server users parse, and no service user may administer streams (the
+event-store may only purge the log, of deleted conversations)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,15 @@ def test_no_service_may_append_unless_it_must_nor_administer_streams() -> None:
         assert (subjects.ALL_EVENTS in allowed) is (
             user in (bus_auth.SESSION_MANAGER, bus_auth.RUNTIME_RUNNER)
         )
-        for verb in ("CREATE", "UPDATE", "DELETE", "PURGE"):
+        for verb in ("CREATE", "UPDATE", "DELETE"):
             assert not any(s.startswith(f"$JS.API.STREAM.{verb}") for s in allowed), user
+        purges = [s for s in allowed if s.startswith("$JS.API.STREAM.PURGE")]
+        # Only the event-store purges, and only the log (a deleted conversation's events).
+        assert purges == (
+            [f"$JS.API.STREAM.PURGE.{subjects.EVENTS_STREAM}"]
+            if user == bus_auth.EVENT_STORE
+            else []
+        ), user
         assert not any(s.startswith("$JS.API.STREAM.MSG.DELETE") for s in allowed), user
         assert block["subscribe"]["allow"][0] == f"_INBOX_{user}.>"
     settings_writers = [

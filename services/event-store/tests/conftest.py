@@ -24,6 +24,7 @@ from taskbus.contracts.events import Event
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.responder import QueryResponder
@@ -143,7 +144,8 @@ async def event_store(
 ) -> AsyncIterator[Ingester]:
     """An in-process event-store (ingest + queries) over this module's database."""
     ingester = await start_ingester(None)
-    responder = QueryResponder(module_nc, clickhouse)
+    barrier = ReadBarrier(module_nc.jetstream(), ingester, wait_seconds=4.0)
+    responder = QueryResponder(module_nc, clickhouse, barrier)
     await responder.start()
     yield ingester
     await responder.stop()

@@ -105,7 +105,13 @@ def task_events(
     for n in range(commands):
         command = f"echo MARKER-{n}" if n == 2 else f"pytest -k case_{n}"
         events += [
-            LLMMetrics(conversation_id=cid, source=AGENT, model="openai/scripted", cost=0.01),
+            LLMMetrics(
+                conversation_id=cid,
+                source=AGENT,
+                model="openai/scripted",
+                cost=0.01,
+                accumulated_cost=0.01 * (n + 1),
+            ),
             CmdRunAction(conversation_id=cid, source=AGENT, command=command),
             CmdOutputChunk(conversation_id=cid, source=ENV, content=f"running {n}"),
             CmdOutputObservation(

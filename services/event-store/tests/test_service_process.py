@@ -4,6 +4,7 @@ restarts and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -24,7 +26,9 @@ from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
     ConversationCreated,
+    ConversationDeleted,
     ConversationStatusChanged,
+    Event,
     EventSource,
     MessageAction,
 )
@@ -90,6 +94,25 @@ async def ask(nc: Client, query: GetConversation | SearchEvents) -> object:
         subjects.query_subject(query.subject_name), msgspec.json.encode(query), timeout=5
     )
     return _reply_decoder.decode(msg.data)
+
+
+def is_deleted(events: list[Event]) -> bool:
+    return any(isinstance(event, ConversationDeleted) for event in events)
+
+
+async def purged(nc: Client, js: JetStreamContext, user_id: str, cid: str) -> None:
+    """Poll until a deleted conversation is gone from the service's answers and from the log
+    (here no other consumer of the log has to see the deletion first)."""
+    for _ in range(600):
+        with contextlib.suppress(nats.errors.NoRespondersError):
+            reply = await ask(nc, GetConversation(user_id=user_id, conversation_id=cid))
+            if isinstance(reply, QueryError) and reply.status == 404:
+                try:
+                    await js.get_last_msg(subjects.EVENTS_STREAM, subjects.conversation_events(cid))
+                except nats.js.errors.NotFoundError:
+                    return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the deleted conversation {cid} was never purged")
 
 
 async def conversation_once_at(
@@ -233,14 +256,21 @@ async def test_kill_9_mid_ingest_then_restart_leaves_clickhouse_equal_to_the_log
     for events in appended:
         created = events[0]
         assert isinstance(created, ConversationCreated)
-        await conversation_once_at(nc, created.user_id, created.conversation_id, events[-1].id)
+        if is_deleted(events):  # deleted means gone: purged from the log and ClickHouse
+            await purged(nc, js, created.user_id, created.conversation_id)
+        else:
+            await conversation_once_at(nc, created.user_id, created.conversation_id, events[-1].id)
     # A rebuild is refused while the service runs, and changes nothing.
     refused, err = await rebuild_with_the_cli(service)
     assert refused != 0 and "rebuild refused: the event-store is consuming" in err, err
     assert service.stop() == 0
 
-    logged = {events[0].conversation_id: [e.id for e in events] for events in appended}
-    assert sum(len(ids) for ids in logged.values()) > 2000
+    logged = {
+        events[0].conversation_id: None if is_deleted(events) else [e.id for e in events]
+        for events in appended
+    }
+    assert sum(len(ids or []) for ids in logged.values()) > 2000
+    assert None in logged.values(), "no deleted conversation in the history"
     stored = await stored_ids(service.data_dir)
     assert {cid: stored.get(cid) for cid in logged} == logged
 

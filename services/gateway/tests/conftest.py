@@ -26,9 +26,12 @@ from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.commands import (
     AnyCommand,
+    CommandVerdict,
+    ConversationCommand,
     CreateConversation,
     UpdateSettings,
     decode_command,
+    encode_verdict,
 )
 from taskbus.contracts.events import (
     ConversationCreated,
@@ -158,6 +161,7 @@ class SessionManagerDouble:
 
     def __init__(self, js: JetStreamContext, settings: KeyValue) -> None:
         self.appender = EventAppender(js)
+        self.js = js
         self.settings = settings
         self.commands: list[AnyCommand] = []
         self.create_delay = 0.0
@@ -174,6 +178,20 @@ class SessionManagerDouble:
         if isinstance(command, UpdateSettings) and not self.ignore_settings:
             await asyncio.sleep(self.settings_delay)
             await self.store_settings(command.user_id, command.settings)
+        if isinstance(command, ConversationCommand) and command.command_id is not None:
+            await self.accept(command, command.command_id)
+
+    async def accept(self, command: ConversationCommand, command_id: str) -> None:
+        """Answer as session-manager answers a command it accepts (the transition table is
+        session-manager's, tested there and end to end)."""
+        verdict = CommandVerdict(
+            command_id=command_id,
+            conversation_id=command.conversation_id,
+            accepted=True,
+            status=ConversationStatus.STARTING,
+        )
+        kv = await self.js.key_value(subjects.VERDICTS_BUCKET)
+        await kv.put(command_id, encode_verdict(verdict))
 
     async def store_settings(self, user_id: str, update: UserSettings) -> None:
         if update.llm_api_key is None:

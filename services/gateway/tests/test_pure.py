@@ -1,4 +1,4 @@
-"""Pure parts of the gateway: keys, ids, the conversation fold, client input, log redaction,
+"""Pure parts of the gateway: keys, ids, the conversation view, client input, log redaction,
 the settings view."""
 
 from __future__ import annotations
@@ -11,24 +11,15 @@ import msgspec
 import pytest
 
 from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversation
-from taskbus.contracts.events import (
-    AgentStateChanged,
-    ConversationCreated,
-    ConversationDeleted,
-    ConversationStatusChanged,
-    EventSource,
-    LLMMetrics,
-)
-from taskbus.contracts.specs import MAX_MESSAGE_CHARS, ConversationSpec, UserSettings
+from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.specs import MAX_MESSAGE_CHARS, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
 from taskbus.gateway.app import RedactApiKeys
 from taskbus.gateway.auth import ApiKeyError, ApiKeys
 from taskbus.gateway.conversations import (
     ConversationView,
-    LogTail,
     command_msg_id,
     conversation_id_for,
-    fold_conversation,
 )
 from taskbus.gateway.inputs import (
     command_for_action,
@@ -36,7 +27,7 @@ from taskbus.gateway.inputs import (
     repository_problem,
 )
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
-from taskbus.gateway.user_settings import SettingsView, reflects
+from taskbus.gateway.user_settings import OPENHANDS_ONLY_SETTINGS, SettingsView, reflects
 
 
 def test_api_keys_from_string_and_file(tmp_path: Path) -> None:
@@ -77,62 +68,38 @@ def test_conversation_ids_are_fresh_or_derived_per_user_and_key() -> None:
     )
 
 
-def test_fold_takes_the_latest_status_agent_state_and_cost() -> None:
+def test_the_view_names_fields_as_openhands_and_hides_the_user() -> None:
     start = datetime(2025, 1, 1, tzinfo=UTC)
-    created = ConversationCreated(
+    info = ConversationInfo(
         conversation_id="c1",
-        source=EventSource.USER,
-        id=0,
-        timestamp=start,
         user_id="alice",
-        spec=ConversationSpec(repository="https://x/r.git", selected_branch="main", priority=5),
         title="Fix it",
+        status=ConversationStatus.PAUSED,
+        agent_state=AgentState.PAUSED,
+        status_reason="idle",
+        repository="https://x/r.git",
+        selected_branch="main",
+        priority=5,
+        created_at=start,
+        updated_at=start + timedelta(seconds=9),
+        accumulated_cost=1.5,
+        event_count=8,
+        last_event_id=7,
     )
-    tail = LogTail(id=7, timestamp=start + timedelta(seconds=9))
-    just_created = fold_conversation(created, LogTail(id=0, timestamp=start))
-    assert (just_created.status, just_created.agent_state) == (ConversationStatus.QUEUED, None)
-    info = fold_conversation(
-        created,
-        tail,
-        ConversationStatusChanged(
-            conversation_id="c1",
-            source=EventSource.ENVIRONMENT,
-            status=ConversationStatus.PAUSED,
-            reason="idle",
-        ),
-        AgentStateChanged(
-            conversation_id="c1", source=EventSource.ENVIRONMENT, agent_state=AgentState.PAUSED
-        ),
-        LLMMetrics(conversation_id="c1", source=EventSource.AGENT, model="m", accumulated_cost=1.5),
-    )
-    assert (info.user_id, info.title, info.priority) == ("alice", "Fix it", 5)
-    assert (info.status, info.status_reason, info.agent_state) == ("PAUSED", "idle", "paused")
-    assert (info.created_at, info.updated_at) == (start, tail.timestamp)
-    assert (info.event_count, info.last_event_id, info.accumulated_cost) == (8, 7, 1.5)
     view = msgspec.to_builtins(ConversationView.of(info))
     assert view["selected_repository"] == "https://x/r.git"
     assert view["last_updated_at"] == "2025-01-01T00:00:09Z"
+    assert (view["taskbus_status"], view["status_reason"], view["agent_state"]) == (
+        "PAUSED",
+        "idle",
+        "paused",
+    )
+    # OpenHands' words: a paused agent in a live loop is a RUNNING conversation.
+    assert (view["status"], view["runtime_status"]) == ("RUNNING", "STATUS$READY")
+    assert view["url"] == f"/api/conversations/{info.conversation_id}"
+    assert view["session_api_key"] is None
+    assert (view["event_count"], view["last_event_id"], view["accumulated_cost"]) == (8, 7, 1.5)
     assert "user_id" not in view
-
-
-def test_fold_of_a_deleted_conversation_is_archived_like_the_projection() -> None:
-    """The log fallback must agree with event-store's KV projection, which keeps a deleted
-    conversation ARCHIVED even when a status change (sandbox teardown) comes after it."""
-    created = ConversationCreated(
-        conversation_id="c1",
-        source=EventSource.USER,
-        id=0,
-        user_id="alice",
-        spec=ConversationSpec(),
-        title="Fix it",
-    )
-    late_status = ConversationStatusChanged(
-        conversation_id="c1", source=EventSource.ENVIRONMENT, status=ConversationStatus.STOPPED
-    )
-    deleted = ConversationDeleted(conversation_id="c1", source=EventSource.USER, reason="deleted")
-    tail = LogTail(id=5, timestamp=created.timestamp)
-    info = fold_conversation(created, tail, late_status, deleted=deleted)
-    assert (info.status, info.status_reason) == (ConversationStatus.ARCHIVED, "deleted")
 
 
 def test_client_actions_map_to_validated_commands() -> None:
@@ -196,8 +163,9 @@ def test_settings_view_tells_only_whether_a_key_is_stored() -> None:
     assert view == SettingsView(llm_model="m", llm_api_key_set=True, max_iterations=7)
     assert "sk-1" not in msgspec.json.encode(view).decode()
     assert SettingsView.of(UserSettings(llm_api_key="")).llm_api_key_set is False
-    view_fields = set(SettingsView.__struct_fields__)
-    assert view_fields ^ set(UserSettings.__struct_fields__) == {"llm_api_key", "llm_api_key_set"}
+    view_fields = set(SettingsView.__struct_fields__) - OPENHANDS_ONLY_SETTINGS
+    assert view_fields == set(UserSettings.__struct_fields__)
+    assert SettingsView().llm_api_key is None  # OpenHands' key, never the key itself
 
 
 @pytest.mark.parametrize(

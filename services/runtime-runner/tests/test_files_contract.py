@@ -85,6 +85,49 @@ async def test_editor_create_replace_insert_undo(sandbox: Sandbox) -> None:
         await files.edit(edit("undo_edit"))
 
 
+async def test_editor_create_makes_missing_parent_directories(sandbox: Sandbox) -> None:
+    """OpenHands' editor creates the parents of a new file, and real models rely on it."""
+    files = files_of(sandbox)
+    created = await files.edit(
+        FileEditAction(**ENVELOPE, command="create", path="notes/deep/a.txt", file_text="hi\n")
+    )
+    assert not created.prev_exist and "+hi" in created.diff
+    assert await sandbox.read_bytes("notes/deep/a.txt") == b"hi\n"
+    assert await sandbox.is_dir("notes/deep")
+    edited = FileEditAction(
+        **ENVELOPE, command="str_replace", path="notes/deep/a.txt", old_str="hi", new_str="ho"
+    )
+    await files.edit(edited)
+    await files.edit(FileEditAction(**ENVELOPE, command="undo_edit", path="notes/deep/a.txt"))
+    assert await sandbox.read_bytes("notes/deep/a.txt") == b"hi\n"
+
+
+@pytest.mark.parametrize(
+    "path", ["../escape/new/a.txt", "/etc/taskbus-new/a.txt", "new/../../escape/a.txt"]
+)
+async def test_editor_create_makes_no_directory_outside_the_workspace(
+    sandbox: Sandbox, path: str
+) -> None:
+    files = files_of(sandbox)
+    with pytest.raises(ActionError) as refused:
+        await files.edit(FileEditAction(**ENVELOPE, command="create", path=path, file_text="x"))
+    assert refused.value.code == "path_outside_workspace"
+    assert not await sandbox.exists("new")
+
+
+async def test_editor_create_does_not_follow_a_link_out_of_the_workspace(
+    sandbox: Sandbox,
+) -> None:
+    await shell(sandbox, "ln -s /tmp tmp-link")
+    with pytest.raises(ActionError) as refused:
+        await files_of(sandbox).edit(
+            FileEditAction(
+                **ENVELOPE, command="create", path="tmp-link/taskbus-new/a.txt", file_text="x"
+            )
+        )
+    assert refused.value.code == "path_outside_workspace"
+
+
 async def test_view_of_a_directory_lists_it(sandbox: Sandbox) -> None:
     await sandbox.write_bytes("pkg/mod.py", b"")
     await sandbox.write_bytes("pkg/deep/er/x.py", b"")

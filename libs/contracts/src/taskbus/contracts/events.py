@@ -301,6 +301,8 @@ class ConfirmationRequested(Event):
 class ConfirmationGiven(Event):
     action_id: int
     confirmed: bool
+    # Why the user rejected it: a message sent while the action awaited the answer.
+    reason: str = ""
 
 
 class CondensationAction(Event):

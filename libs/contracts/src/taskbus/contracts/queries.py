@@ -96,6 +96,10 @@ class ConversationInfo(msgspec.Struct, frozen=True, kw_only=True):
     accumulated_cost: float = 0.0
     event_count: int = 0
     last_event_id: int = -1
+    # OpenHands' ConversationInfo fields: the spec's provider, and what started it
+    # (taskbus.contracts.openhands.ConversationTrigger).
+    git_provider: str | None = None
+    trigger: str | None = None
 
 
 class GetConversation(Query):
@@ -242,3 +246,5 @@ class QueryError(Reply):
     title: str
     detail: str = ""
     kind: str = "query-error"
+    # Set when retrying later may succeed (e.g. 503 while the event store catches up).
+    retry_after_seconds: int | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -75,6 +75,46 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     network: NetworkMode | None = None
 
 
+# Images of a user message, sent to the LLM as image parts: an https URL or a small
+# `data:image/...;base64,` URL, in ASCII (the one bus message a command travels in bounds the
+# size, and a URL of another scheme could make the LLM client fetch from a private address).
+MAX_IMAGES = 8
+ImageUrl = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=MAX_URL_CHARS,
+        pattern=r"^(https://[\x21-\x7e]+|data:image/[-+.\w]+;base64,[A-Za-z0-9+/=]+)$",
+    ),
+]
+ImageUrls = Annotated[list[ImageUrl], msgspec.Meta(max_length=MAX_IMAGES)]
+
+
+class SuggestedTask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenHands' suggested task (openhands/integrations/service_types.py): the conversation's
+    first message is written from it."""
+
+    git_provider: Name
+    task_type: Literal[
+        "MERGE_CONFLICTS",
+        "FAILING_CHECKS",
+        "UNRESOLVED_COMMENTS",
+        "OPEN_ISSUE",
+        "OPEN_PR",
+        "CREATE_MICROAGENT",
+    ]
+    repo: Name
+    issue_number: Annotated[int, msgspec.Meta(ge=0)]
+    title: Name
+
+
+class CreateMicroagent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenHands' request to write a microagent for `repo`: it names the repository."""
+
+    repo: Name
+    git_provider: Name | None = None
+    title: Name | None = None
+
+
 class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of POST /api/conversations: OpenHands' InitSessionRequest plus Taskbus' limits."""
 
@@ -86,11 +126,18 @@ class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         Annotated[str, msgspec.Meta(max_length=MAX_INSTRUCTIONS_CHARS)] | None
     ) = None
     mcp_config: dict[str, Any] | None = None
+    image_urls: ImageUrls = []
+    # OpenHands' trajectory to replay: the gateway refuses it (422 saying why), so no command
+    # ever carries one.
+    replay_json: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] | None = None
+    suggested_task: SuggestedTask | None = None
+    create_microagent: CreateMicroagent | None = None
     title: Name | None = None
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     max_budget_per_task: Annotated[float, msgspec.Meta(ge=1)] | None = None
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
-    confirmation_mode: bool = False
+    # None: the user's setting. Session-manager records the value that applied.
+    confirmation_mode: bool | None = None
     timeouts: Timeouts = Timeouts()
     resources: Resources = Resources()
 
@@ -113,5 +160,7 @@ class UserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_budget_per_task: Annotated[float, msgspec.Meta(ge=1)] | None = None
     max_iterations: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
     max_concurrent_conversations: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    # Defaults of the user's conversations (a request's own value wins).
     no_change_timeout_seconds: PositiveSeconds | None = None
+    confirmation_mode: bool = False
     concurrency_policy: ConcurrencyPolicy | None = None

@@ -51,17 +51,65 @@ TRANSITIONS: dict[ConversationStatus, frozenset[ConversationStatus]] = {
     _S.RUNNING: frozenset({_S.PAUSED, _S.STOPPED, _S.FINISHED, _S.ERROR, _S.ARCHIVED}),
     _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPED, _S.ERROR, _S.ARCHIVED}),
     _S.STOPPED: frozenset({_S.QUEUED, _S.STARTING, _S.ARCHIVED}),
-    _S.FINISHED: frozenset({_S.QUEUED, _S.STARTING, _S.RUNNING, _S.STOPPED, _S.ARCHIVED}),
+    # FINISHED is never rewritten as STOPPED: the record of success stays.
+    _S.FINISHED: frozenset({_S.QUEUED, _S.STARTING, _S.RUNNING, _S.ARCHIVED}),
     _S.ERROR: frozenset({_S.QUEUED, _S.STARTING, _S.RUNNING, _S.STOPPED, _S.ARCHIVED}),
     _S.ARCHIVED: frozenset(),
 }
 
-# Statuses in which a conversation holds (or is about to hold) a sandbox.
+# The status sets, named once (every service and test uses these, never its own spelling):
+# - active: the conversation holds (or is about to hold) a sandbox;
+# - ended: a run's outcome; a new user message may still continue the conversation;
+# - settled: nothing happens until a user acts (ended, or deleted): frees its admission slot;
+# - live: not settled, i.e. waiting for admission or active.
 ACTIVE_STATUSES = frozenset({_S.STARTING, _S.RUNNING, _S.PAUSED})
+ENDED_STATUSES = frozenset({_S.FINISHED, _S.ERROR, _S.STOPPED})
+SETTLED_STATUSES = ENDED_STATUSES | {_S.ARCHIVED}
+LIVE_STATUSES = frozenset(ConversationStatus) - SETTLED_STATUSES
 # Runtime statuses of a sandbox that exists (an ended conversation may still hold one).
 LIVE_RUNTIME_STATUSES = frozenset(
     {RuntimeStatus.STARTING, RuntimeStatus.READY, RuntimeStatus.PAUSED}
 )
+
+# The first status a new conversation gets (admission starts it or makes it wait).
+INITIAL_STATUSES = frozenset({_S.QUEUED, _S.STARTING})
+
+
+class Control(enum.StrEnum):
+    """A user's command on one conversation, as `COMMAND_TRANSITIONS` names it."""
+
+    START = "start"
+    STOP = "stop"
+    PAUSE = "pause"
+    RESUME = "resume"
+    MESSAGE = "message"
+    CONFIRM = "confirm"  # confirm or reject the action awaiting the user's approval
+    DELETE = "delete"
+
+
+_NOT_DELETED = frozenset(ConversationStatus) - {_S.ARCHIVED}
+
+# The statuses from which session-manager accepts each user command, and the status the command
+# moves the conversation to (the same status: the command changes none itself; what follows,
+# such as a message waking an ended conversation, is `decide`'s). A status missing from a row
+# refuses the command (HTTP 409) and nothing is appended. Every move is in TRANSITIONS. START may
+# end in QUEUED instead (admission); CONFIRM also needs an action awaiting the user's answer.
+COMMAND_TRANSITIONS: dict[Control, dict[ConversationStatus, ConversationStatus]] = {
+    Control.START: {_S.STOPPED: _S.STARTING},
+    Control.STOP: {
+        s: _S.STOPPED for s in (_S.QUEUED, _S.STARTING, _S.RUNNING, _S.PAUSED, _S.ERROR)
+    },
+    Control.PAUSE: {_S.STARTING: _S.PAUSED, _S.RUNNING: _S.PAUSED},
+    Control.RESUME: {_S.PAUSED: _S.RUNNING},
+    Control.MESSAGE: {s: s for s in _NOT_DELETED},
+    Control.CONFIRM: {_S.RUNNING: _S.RUNNING, _S.PAUSED: _S.PAUSED},
+    Control.DELETE: {s: _S.ARCHIVED for s in _NOT_DELETED},
+}
+
+
+def command_target(control: Control, current: ConversationStatus) -> ConversationStatus | None:
+    """The status `control` moves a `current` conversation to; None if it is refused."""
+    return COMMAND_TRANSITIONS[control].get(current)
 
 
 class InvalidTransition(ValueError):

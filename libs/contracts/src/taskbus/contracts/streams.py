@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Window in which JetStream drops a re-sent Nats-Msg-Id (idempotent appends and commands).
 DEDUPE_WINDOW_SECONDS = 120.0
+# How long a command's verdict is kept: longer than the dedupe window, so a retry finds it.
+VERDICT_TTL_SECONDS = 10 * DEDUPE_WINDOW_SECONDS
 _GIB = 1024**3
 _MIB = 1024**2
 
@@ -104,6 +106,9 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.CONVERSATIONS_BUCKET, history=1, replicas=replicas),
         KeyValueConfig(bucket=subjects.SETTINGS_BUCKET, history=5, replicas=replicas),
         KeyValueConfig(bucket=subjects.RUNNERS_BUCKET, history=1, replicas=replicas),
+        KeyValueConfig(
+            bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
+        ),
     ]
 
 

@@ -13,6 +13,8 @@ CONVERSATIONS_BUCKET = "taskbus_conversations"
 SETTINGS_BUCKET = "taskbus_settings"
 # One entry per runtime-runner (key = runner id): its host, backend and sandbox isolation.
 RUNNERS_BUCKET = "taskbus_runners"
+# Session-manager's verdicts on conversation commands (key = the command's id), kept briefly.
+VERDICTS_BUCKET = "taskbus_verdicts"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"
@@ -76,6 +78,11 @@ def dead_letter_subject(service: str) -> str:
 
 def command_subject(service: str, command: str) -> str:
     return f"{COMMANDS_PREFIX}.{service}.{command}"
+
+
+def verdict_subject(command_id: str) -> str:
+    """The subject a verdict's KV put travels on: the asker subscribes to it to be told."""
+    return f"$KV.{VERDICTS_BUCKET}.{command_id}"
 
 
 def query_subject(name: str) -> str:

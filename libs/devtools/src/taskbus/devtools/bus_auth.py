@@ -6,15 +6,18 @@ same for a deployment (deploy/nats). The JetStream API is itself a set of subjec
 list. What each service may do, and why:
 
 - gateway: sends commands and queries; reads events (direct gets, ephemeral ordered consumers
-  for WebSocket tails, the ConversationCreated notification) and the conversations, settings
-  and runners buckets. It appends no event and writes no bucket.
-- session-manager: appends events, writes the settings bucket (their only writer), consumes
-  its two durables and throwaway recovery consumers (never another service's durable).
+  for WebSocket tails, the ConversationCreated notification) and the conversations, settings,
+  runners and verdicts buckets (watching a verdict's key as it is stored). It appends no event
+  and writes no bucket.
+- session-manager: appends events, writes the settings and verdicts buckets (their only
+  writer), consumes its two durables and throwaway recovery consumers (never another service's
+  durable), reads the conversations bucket (deleted conversations' tombstones).
 - runtime-runner: appends events (observations), writes the runners bucket, consumes its durable.
 - event-store: writes the conversations bucket, consumes its durable (a rebuild deletes and
-  re-creates it), answers queries.
+  re-creates it), answers queries, and purges deleted conversations from the log (the one
+  purge any service may do; JetStream cannot narrow it to a subject by permission).
 
-No service may create, update, purge or delete a stream, or delete a message: the admin
+No service may create, update or delete a stream, or delete a message: the admin
 credential (the launcher's, or a deployment's one-shot `python -m taskbus.contracts.streams`)
 creates the streams; a service's `ensure_streams` then only reads their info. Each user
 subscribes only to its own inboxes (`bus.inbox_prefix`), so none can read another's replies.
@@ -55,7 +58,12 @@ def _stream_info(*streams: str) -> list[str]:
 
 def _all_stream_info() -> list[str]:
     """`ensure_streams` reads the info of every stream and bucket."""
-    buckets = (subjects.CONVERSATIONS_BUCKET, subjects.SETTINGS_BUCKET, subjects.RUNNERS_BUCKET)
+    buckets = (
+        subjects.CONVERSATIONS_BUCKET,
+        subjects.SETTINGS_BUCKET,
+        subjects.RUNNERS_BUCKET,
+        subjects.VERDICTS_BUCKET,
+    )
     return [
         f"{_API}.INFO",
         f"{_API}.STREAM.NAMES",
@@ -139,8 +147,14 @@ def permissions(user: str) -> dict[str, Any] | None:
             *_read_bucket(subjects.CONVERSATIONS_BUCKET),
             *_read_bucket(subjects.SETTINGS_BUCKET),
             *_read_bucket(subjects.RUNNERS_BUCKET),
+            *_read_bucket(subjects.VERDICTS_BUCKET),
         ]
-        subscribe.append(subjects.event_subject("*", "ConversationCreated"))
+        subscribe += [
+            # A create waits for the conversation's first events (created or rejected); the
+            # gateway reads the whole log anyway, so watching it grants nothing new.
+            subjects.ALL_EVENTS,
+            subjects.verdict_subject("*"),  # told of a command's verdict as it is stored
+        ]
     elif user == SESSION_MANAGER:
         recovery = ("CREATE", "DELETE", "INFO", "MSG.NEXT")
         publish += [
@@ -148,6 +162,10 @@ def permissions(user: str) -> dict[str, Any] | None:
             subjects.dead_letter_subject(user),
             *_read_bucket(subjects.SETTINGS_BUCKET),
             *_write_bucket(subjects.SETTINGS_BUCKET),
+            # The tombstones of deleted conversations: their ids are never created again.
+            *_read_bucket(subjects.CONVERSATIONS_BUCKET),
+            *_read_bucket(subjects.VERDICTS_BUCKET),
+            *_write_bucket(subjects.VERDICTS_BUCKET),
             *_durable(_EVENTS, subjects.SESSION_MANAGER_EVENTS_DURABLE),
             *_durable(_COMMANDS, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
             # Throwaway recovery consumers have random names; the others' durables stay out.
@@ -169,6 +187,7 @@ def permissions(user: str) -> dict[str, Any] | None:
             *_write_bucket(subjects.CONVERSATIONS_BUCKET),
             *_durable(_EVENTS, subjects.EVENT_STORE_DURABLE),
             f"{_API}.CONSUMER.DELETE.{_EVENTS}.{subjects.EVENT_STORE_DURABLE}",  # rebuild
+            f"{_API}.STREAM.PURGE.{_EVENTS}",  # a deleted conversation's events (see purge)
         ]
         subscribe.append(subjects.ALL_QUERIES)
         allow_responses = True  # replies go to the asker's inbox, and only there

@@ -17,6 +17,7 @@ from taskbus.contracts.asyncapi import asyncapi_document
 from taskbus.contracts.bus import CREDENTIALS_FILE_ENV
 from taskbus.devtools import bus_auth
 from taskbus.devtools.client import (
+    ApiError,
     TaskbusClient,
     is_final_status_event,
     render_event,
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         async def list_all(client: TaskbusClient) -> int:
             page = await client.list_conversations()
             for item in page.get("results", []):
-                print(f"{item['conversation_id']}  {item['status']:<9} {item['title']}")
+                print(f"{item['conversation_id']}  {item['taskbus_status']:<9} {item['title']}")
             return 0
 
         return asyncio.run(_with_client(list_all))
@@ -210,8 +211,16 @@ def _watch(conversation_id: str) -> Callable[[TaskbusClient], Awaitable[int]]:
 
 
 async def _control(client: TaskbusClient, conversation_id: str, action: str) -> int:
-    await client.control(conversation_id, action)
-    print(f"{action}: ok")
+    """Say what happened: accepted (with the status now), or refused and why (exit 1)."""
+    try:
+        answer = await client.control(conversation_id, action)
+    except ApiError as error:
+        problem = error.problem
+        status = problem.get("taskbus_status")
+        now = f" (the conversation is {status})" if status else ""
+        print(f"{action} refused: {problem.get('detail') or error}{now}", file=sys.stderr)
+        return 1
+    print(f"{action}: accepted, the conversation is {answer.get('taskbus_status')}")
     return 0
 
 

@@ -10,7 +10,11 @@ from urllib.parse import urlparse
 import httpx
 from websockets.asyncio.client import connect
 
-FINAL_STATUSES = frozenset({"FINISHED", "ERROR", "STOPPED", "ARCHIVED"})
+from taskbus.contracts.status import SETTLED_STATUSES
+from taskbus.contracts.wire import NULL_OBSERVATION
+
+# Wire statuses are the enum values, so the contracts' set matches them as strings.
+FINAL_STATUSES = SETTLED_STATUSES
 
 
 class ApiError(RuntimeError):
@@ -52,8 +56,11 @@ class TaskbusClient:
         result: dict[str, Any] = await self._request("GET", path, params=params)
         return result
 
-    async def control(self, conversation_id: str, action: str) -> None:
-        await self._request("POST", f"/api/conversations/{conversation_id}/{action}")
+    async def control(self, conversation_id: str, action: str) -> dict[str, Any]:
+        """The answer to an accepted command; ApiError (409 and why) for a refused one."""
+        path = f"/api/conversations/{conversation_id}/{action}"
+        result: dict[str, Any] = await self._request("POST", path)
+        return result
 
     async def send_message(self, conversation_id: str, message: str) -> None:
         path = f"/api/conversations/{conversation_id}/message"
@@ -86,41 +93,44 @@ def is_final_status_event(event: dict[str, Any]) -> bool:
 def render_event(event: dict[str, Any]) -> str:
     """One line per event for terminals: id, source, kind and the gist."""
     kind = event.get("kind", "?")
+    gist = " ".join(_gist(kind, event).split())
+    if len(gist) > 110:
+        gist = gist[:107] + "..."
+    return f"{event.get('id', '?'):>4} {event.get('source', ''):<11} {kind:<26} {gist}"
+
+
+def _gist(kind: str, event: dict[str, Any]) -> str:
+    """Taskbus' own fields first: status, runtime and metrics events are OpenHands' no-op
+    `null` observation on the wire, whose content says less than they do."""
+    if kind == "ToolCallsQueued":
+        calls = event.get("calls", [])
+        return f"{len(calls)} tool calls, run in turn: " + ", ".join(c["name"] for c in calls)
+    if kind == "LLMMetrics":
+        return (
+            f"{event.get('model')} {event.get('prompt_tokens')}+{event.get('completion_tokens')}"
+            f" tokens ${event.get('cost', 0):.6f} (total ${event.get('accumulated_cost', 0):.6f})"
+        )
     if "args" in event:
         args = event["args"]
-        gist = (
+        if kind == "TaskTrackingAction":
+            return ", ".join(f"{t['title']} [{t['status']}]" for t in args.get("task_list", []))
+        if kind == "FileEditAction":
+            return f"{args.get('command')} {args.get('path')}"
+        return str(
             args.get("command")
             or args.get("content")
             or args.get("thought")
             or args.get("final_thought")
             or ""
         )
-        if kind == "TaskTrackingAction":
-            gist = ", ".join(f"{t['title']} [{t['status']}]" for t in args.get("task_list", []))
-        elif kind == "FileEditAction":
-            gist = f"{args.get('command')} {args.get('path')}"
-    elif "observation" in event:
+    if event.get("observation") not in (None, NULL_OBSERVATION):
         extras = event.get("extras", {})
-        gist = event.get("content") or " ".join(
-            str(extras[key]) for key in ("agent_state", "reason") if extras.get(key)
-        )
+        content = str(event.get("content") or "")
         if kind == "CmdOutputObservation":
-            gist = f"exit {extras.get('exit_code')}: {gist}"
-    elif kind == "ToolCallsQueued":
-        calls = event.get("calls", [])
-        gist = f"{len(calls)} tool calls, run in turn: " + ", ".join(c["name"] for c in calls)
-    elif kind == "LLMMetrics":
-        gist = (
-            f"{event.get('model')} {event.get('prompt_tokens')}+{event.get('completion_tokens')}"
-            f" tokens ${event.get('cost', 0):.6f} (total ${event.get('accumulated_cost', 0):.6f})"
-        )
-    else:
-        gist = " ".join(
-            str(event[key])
-            for key in ("status", "agent_state", "title", "reason", "content")
-            if event.get(key)
-        )
-    gist = " ".join(str(gist).split())
-    if len(gist) > 110:
-        gist = gist[:107] + "..."
-    return f"{event.get('id', '?'):>4} {event.get('source', ''):<11} {kind:<26} {gist}"
+            return f"exit {extras.get('exit_code')}: {content}"
+        return content
+    return " ".join(
+        str(event[key])
+        for key in ("status", "agent_state", "title", "reason", "content")
+        if event.get(key)
+    )

@@ -12,7 +12,9 @@ from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.purge import Purger, log_consumers
 from taskbus.event_store.rebuild import ensure_not_consuming, rebuild
 from taskbus.event_store.responder import QueryResponder
 from taskbus.event_store.settings import EventStoreSettings
@@ -29,6 +31,7 @@ class EventStore:
         self._nc: Client | None = None
         self._clickhouse: ClickHouse | None = None
         self._ingester: Ingester | None = None
+        self._purger: Purger | None = None
         self._responder: QueryResponder | None = None
 
     async def start(self) -> None:
@@ -41,6 +44,7 @@ class EventStore:
         js = self._nc.jetstream()
         await ensure_streams(js, settings.stream_replicas)
         status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
+        self._purger = Purger(js, self._clickhouse, log_consumers(settings.consumer_name))
         self._ingester = Ingester(
             js,
             self._clickhouse,
@@ -48,9 +52,12 @@ class EventStore:
             consumer_name=settings.consumer_name,
             batch_size=settings.batch_size,
             flush_interval=settings.flush_interval_ms / 1000,
+            delay=settings.ingest_delay_ms / 1000,
+            purger=self._purger,
         )
         await self._ingester.start()
-        self._responder = QueryResponder(self._nc, self._clickhouse)
+        barrier = ReadBarrier(js, self._ingester, settings.read_wait_ms / 1000)
+        self._responder = QueryResponder(self._nc, self._clickhouse, barrier)
         await self._responder.start()
         log.info("event-store ready (nats %s)", settings.nats_url)
 
@@ -59,6 +66,8 @@ class EventStore:
             await self._responder.stop()
         if self._ingester is not None:
             await self._ingester.stop()
+        if self._purger is not None:
+            await self._purger.stop()
         if self._nc is not None:
             await self._nc.drain()
         if self._clickhouse is not None:

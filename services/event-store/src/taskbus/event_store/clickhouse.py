@@ -95,6 +95,13 @@ class ClickHouse:
                 self._writer.insert, "conversations", rows, column_names=CONVERSATION_COLUMNS
             )
 
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> None:
+        def run() -> None:
+            for statement in sql.delete_conversation(user_id, conversation_id):
+                self._writer.command(statement.sql, parameters=statement.parameters)
+
+        await asyncio.to_thread(run)
+
     async def conversations(self, statement: sql.Statement) -> list[ConversationInfo]:
         return [conversation_from_row(row) for row in await self.select(statement)]
 

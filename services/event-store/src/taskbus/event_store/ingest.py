@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import msgspec
@@ -21,9 +21,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from taskbus.contracts import subjects
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
 from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.status import ConversationStatus
+from taskbus.contracts.summary import summarize
 from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse
-from taskbus.event_store.projection import apply, in_log_order
+from taskbus.event_store.progress import IngestProgress
+from taskbus.event_store.projection import in_log_order
+from taskbus.event_store.purge import Purger
 from taskbus.event_store.rows import EventRow, event_row
 from taskbus.event_store.status_kv import ConversationStatusKV
 
@@ -54,14 +58,20 @@ class Ingester:
         consumer_name: str,
         batch_size: int,
         flush_interval: float,
+        delay: float = 0.0,
+        purger: Purger | None = None,
     ) -> None:
+        """`delay` (seconds before each batch) is a test hook that makes the ingest slow."""
         self._js = js
         self._dead_letters = DeadLetters(js, subjects.EVENT_STORE)
         self._clickhouse = clickhouse
         self._status_kv = status_kv
+        self._purger = purger
         self._consumer_name = consumer_name
         self._batch_size = batch_size
         self._flush_interval = flush_interval
+        self._delay = delay
+        self.progress = IngestProgress()
         self._conversations: dict[str, ConversationInfo] = {}
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -70,6 +80,10 @@ class Ingester:
     def conversations(self) -> Mapping[str, ConversationInfo]:
         """The status projection of every conversation ingested so far."""
         return self._conversations
+
+    @property
+    def consumer_name(self) -> str:
+        return self._consumer_name
 
     async def caught_up(self) -> bool:
         """Whether every event now in the log has been stored and acked."""
@@ -91,6 +105,7 @@ class Ingester:
             ),
         )
         self._task = asyncio.create_task(self._run(subscription), name="event-store-ingest")
+        self._purge_deleted(self._conversations.values())  # those a stop left unpurged
         log.info(
             "ingesting %s as %s (%d conversations known)",
             subjects.EVENTS_STREAM,
@@ -112,6 +127,8 @@ class Ingester:
                 log.exception("fetching from %s failed; retrying", subjects.EVENTS_STREAM)
                 await asyncio.sleep(_RETRY_DELAY_SECONDS)
                 continue
+            if batch and self._delay:
+                await asyncio.sleep(self._delay)
             while batch and not self._stopping.is_set():
                 try:
                     await self.ingest(batch)
@@ -149,6 +166,7 @@ class Ingester:
         deferred: list[Msg] = []
         poison: list[Msg] = []
         refused: list[tuple[Msg, Refused]] = []
+        deleted: dict[str, ConversationInfo] = {}
         for msg in batch:
             try:
                 event = inbound_event(msg.subject, msg.data)
@@ -159,7 +177,7 @@ class Ingester:
                         deferred.append(msg)
                         continue
                     log.warning("event %d of %s: earlier events never came", event.id, cid)
-                after = apply(before, event)
+                after = summarize(before, event)
                 user_id = after.user_id if after is not None else ""
                 row = event_row(msg.data, event, user_id, msg.metadata.timestamp, ingested_at)
             except Refused as refusal:
@@ -171,6 +189,8 @@ class Ingester:
                 continue
             if after is not None and after is not before:
                 changed[cid] = after
+            if after is not None and after.status is ConversationStatus.ARCHIVED:
+                deleted[cid] = after  # to purge (again, if a straggler came after the purge)
             rows.append(row)
             stored.append(msg)
         await self._clickhouse.insert_events(rows)
@@ -186,3 +206,13 @@ class Ingester:
             await msg.nak(delay=_REDELIVERY_DELAY_SECONDS)
         for msg in stored:
             await msg.ack()
+        self._purge_deleted(deleted.values())
+        self.progress.advance(max((msg.metadata.sequence.stream for msg in batch), default=0))
+
+    def _purge_deleted(self, conversations: Iterable[ConversationInfo]) -> None:
+        """Purge the deleted ones among `conversations` (see `purge`; a rebuild leaves it to the
+        service's next start)."""
+        if self._purger is not None:
+            for info in conversations:
+                if info.status is ConversationStatus.ARCHIVED:
+                    self._purger.schedule(info)

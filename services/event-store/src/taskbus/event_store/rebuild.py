@@ -6,6 +6,11 @@ consumer is deleted and created afresh under the same name, so the service, once
 continues exactly where the replay ended. The KV status projection is written once at the end,
 overwriting each conversation's value with the rebuilt one; events appended during the replay
 are part of it, since the replay runs until the consumer has nothing pending.
+
+Deleted conversations agree too: a purged one is no longer in the log, so the rebuilt tables
+hold nothing of it, and its KV tombstone stays (only replayed conversations are written). One
+deleted but not yet purged is replayed as ARCHIVED, hidden like before, and purged by the
+service's next start (see `purge`).
 """
 
 from __future__ import annotations

@@ -231,5 +231,20 @@ def event_too_large(conversation_id: str, event_id: int) -> QueryError:
     )
 
 
+def not_caught_up(waited_seconds: float) -> QueryError:
+    """The ingest did not reach the log's position within the bound: a clear, retryable 503
+    rather than an answer that silently lacks events."""
+    return QueryError(
+        status=503,
+        kind="store-catching-up",
+        title="Event store catching up",
+        detail=(
+            f"the event store has not stored the latest events within {waited_seconds:g} s;"
+            " retry shortly"
+        ),
+        retry_after_seconds=1,
+    )
+
+
 def internal_error() -> QueryError:
     return QueryError(status=500, title="Event store error", detail="the query failed")

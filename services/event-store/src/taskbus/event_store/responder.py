@@ -1,4 +1,5 @@
-"""Answers the query subjects (core NATS request-reply, queue group `event_store`)."""
+"""Answers the query subjects (core NATS request-reply, queue group `event_store`), each once
+the ingest has caught up with the log as it was when the query arrived (`consistency`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from taskbus.contracts.queries import (
 )
 from taskbus.event_store import replies, sql
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.consistency import NotCaughtUp, ReadBarrier
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ QUERY_TYPES: tuple[type[Query], ...] = typing.get_args(AnyQuery)
 
 
 class QueryResponder:
-    def __init__(self, nc: Client, clickhouse: ClickHouse) -> None:
+    def __init__(self, nc: Client, clickhouse: ClickHouse, barrier: ReadBarrier) -> None:
         self._nc = nc
         self._clickhouse = clickhouse
+        self._barrier = barrier
         self._subscriptions: list[Subscription] = []
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -78,9 +81,14 @@ class QueryResponder:
 
     async def _respond(self, msg: Msg, decoder: msgspec.json.Decoder[Query]) -> None:
         try:
-            reply = await self.answer(decoder.decode(msg.data))
+            query = decoder.decode(msg.data)
+            await self._barrier.wait_for(query)
+            reply = await self.answer(query)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             reply = replies.invalid_query(str(error))
+        except NotCaughtUp as behind:
+            log.warning("query on %s: %s", msg.subject, behind)
+            reply = replies.not_caught_up(self._barrier.wait_seconds)
         except Exception:
             log.exception("query on %s failed", msg.subject)
             reply = replies.internal_error()

@@ -57,12 +57,6 @@ class EventRow(NamedTuple):
 
 EVENT_COLUMNS: tuple[str, ...] = EventRow._fields
 
-_envelope_decoder = msgspec.json.Decoder(StoredEnvelope)
-
-
-def stored_envelope(stored: bytes) -> StoredEnvelope:
-    return _envelope_decoder.decode(stored)
-
 
 def event_row(
     stored: bytes,
@@ -150,6 +144,8 @@ class ConversationRow(NamedTuple):
     accumulated_cost: float
     event_count: int
     last_event_id: int
+    git_provider: str | None
+    trigger: str | None
 
 
 CONVERSATION_COLUMNS: tuple[str, ...] = ConversationRow._fields
@@ -171,6 +167,8 @@ def conversation_row(info: ConversationInfo) -> ConversationRow:
         accumulated_cost=info.accumulated_cost,
         event_count=info.event_count,
         last_event_id=info.last_event_id,
+        git_provider=info.git_provider,
+        trigger=info.trigger,
     )
 
 
@@ -191,6 +189,8 @@ def conversation_from_row(values: Sequence[Any]) -> ConversationInfo:
         accumulated_cost=row.accumulated_cost,
         event_count=row.event_count,
         last_event_id=row.last_event_id,
+        git_provider=row.git_provider,
+        trigger=row.trigger,
     )
 
 

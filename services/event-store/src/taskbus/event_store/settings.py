@@ -24,3 +24,10 @@ class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
     # ClickHouse connections answering queries, so a slow search does not hold up the others.
     query_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # Read-your-writes: how long a query waits for the ingest to reach the log as it was when
+    # the query arrived (see `consistency`) before answering 503; keep it below the gateway's
+    # request timeout (5 s by default) so the gateway hears the 503 rather than timing out.
+    read_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 4000
+    # Test hook, 0 in production: a pause before each ingested batch, to show that reads stay
+    # consistent with a slow ingest (tests/test_read_your_writes.py).
+    ingest_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=5_000)] = 0

@@ -34,7 +34,7 @@ from taskbus.contracts.queries import (
     ListConversations,
     SearchEvents,
 )
-from taskbus.contracts.status import ConversationStatus
+from taskbus.contracts.status import ENDED_STATUSES, ConversationStatus
 from taskbus.event_store.rows import CONVERSATION_COLUMNS
 
 
@@ -125,6 +125,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "DROP TABLE IF EXISTS events_before_v2 SYNC",
         ),
     ),
+    Migration(
+        version=3,
+        description="conversations' git_provider and trigger (OpenHands' ConversationInfo)",
+        statements=(
+            "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS git_provider Nullable(String)",
+            "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS trigger Nullable(String)",
+        ),
+    ),
 )
 
 
@@ -177,6 +185,18 @@ def get_event(user_id: str, conversation_id: str, event_id: int) -> Statement:
         " WHERE conversation_id = {conversation_id:String} AND user_id = {user_id:String}"
         " AND id = {event_id:Int64}",
         {"user_id": user_id, "conversation_id": conversation_id, "event_id": event_id},
+    )
+
+
+def delete_conversation(user_id: str, conversation_id: str) -> tuple[Statement, ...]:
+    """A deleted conversation's rows, gone (lightweight DELETE: masked at once, removed by the
+    next merge). Its events go first: the conversations row is the record of a purge still to
+    be done (see `purge`), so it goes last."""
+    parameters = {"user_id": user_id, "conversation_id": conversation_id}
+    where = " WHERE user_id = {user_id:String} AND conversation_id = {conversation_id:String}"
+    return tuple(
+        Statement(f"DELETE FROM {table}{where}", parameters)
+        for table in ("events", "conversations")
     )
 
 
@@ -254,10 +274,6 @@ _COST_KEYS: dict[CostGroupBy, str] = {
     CostGroupBy.CONVERSATION: "conversation_id",
 }
 
-# Statuses in which a conversation has ended; only these have a duration.
-ENDED_STATUSES = (ConversationStatus.FINISHED, ConversationStatus.ERROR, ConversationStatus.STOPPED)
-
-
 # A Float64 sum depends on the order ClickHouse meets the rows in (parts, threads), so the same
 # log could give costs that differ in the last bits, e.g. before and after a rebuild. Summed as
 # decimals (to a pico-dollar) the result is exact and the same in any order.
@@ -292,7 +308,7 @@ def duration_analytics(query: DurationAnalytics) -> Statement:
         "status_changed": ConversationStatusChanged.__name__,
         "archived": ConversationStatus.ARCHIVED.value,
         "initial": ConversationStatus.QUEUED.value,
-        "ended": [status.value for status in ENDED_STATUSES],
+        "ended": sorted(status.value for status in ENDED_STATUSES),  # only these have a duration
     }
     _add_filters(conditions, parameters, _window("created_at", query.since, query.until))
     # Aggregated as whole microseconds, so the mean does not depend on the order of the rows.

@@ -15,6 +15,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store.projection import is_newer
 
 _MAX_ATTEMPTS = 20
@@ -22,6 +23,26 @@ _MAX_ATTEMPTS = 20
 _OVERWRITE_CHUNK = 500
 
 _decoder = msgspec.json.Decoder(ConversationInfo)
+
+
+def stored_value(info: ConversationInfo) -> bytes:
+    """What the bucket keeps of a conversation: all of it, or of a deleted one (ARCHIVED) a
+    tombstone with nothing of what it was about (no user, title or repository). The tombstone
+    outlives the purged log: the gateway answers 404 for it and session-manager never creates
+    the id again (see `purge`)."""
+    if info.status is ConversationStatus.ARCHIVED:
+        info = ConversationInfo(
+            conversation_id=info.conversation_id,
+            user_id="",
+            title="",
+            status=info.status,
+            status_reason=info.status_reason,
+            created_at=info.updated_at,
+            updated_at=info.updated_at,
+            event_count=info.event_count,
+            last_event_id=info.last_event_id,
+        )
+    return msgspec.json.encode(info)
 
 
 class ConversationStatusKV:
@@ -35,7 +56,7 @@ class ConversationStatusKV:
 
     async def publish(self, info: ConversationInfo) -> None:
         key = info.conversation_id
-        value = msgspec.json.encode(info)
+        value = stored_value(info)
         revision = self._revisions.get(key)
         for _ in range(_MAX_ATTEMPTS):
             if revision is None:
@@ -57,7 +78,7 @@ class ConversationStatusKV:
         for start in range(0, len(pending), _OVERWRITE_CHUNK):
             chunk = pending[start : start + _OVERWRITE_CHUNK]
             revisions = await asyncio.gather(
-                *(self._kv.put(info.conversation_id, msgspec.json.encode(info)) for info in chunk)
+                *(self._kv.put(info.conversation_id, stored_value(info)) for info in chunk)
             )
             for info, revision in zip(chunk, revisions, strict=True):
                 self._revisions[info.conversation_id] = revision

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.redaction import redact
@@ -18,6 +18,7 @@ from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
 from taskbus.gateway.openapi import install_msgspec_schemas
+from taskbus.gateway.parameters import reject_unknown_query_parameters
 from taskbus.gateway.problems import install_problem_handlers
 from taskbus.gateway.settings import GatewaySettings
 from taskbus.gateway.user_settings import SettingsPolicy
@@ -57,8 +58,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.create_rate = RateLimiter(settings.create_rate_per_minute, settings.create_burst)
     app.state.websocket_limit = ConnectionLimiter(settings.ws_max_per_user)
     install_problem_handlers(app)
-    app.include_router(rest.router)
-    app.include_router(analytics.router)
+    checked = [Depends(reject_unknown_query_parameters)]
+    app.include_router(rest.router, dependencies=checked)
+    app.include_router(analytics.router, dependencies=checked)
     app.include_router(websocket.router)
     install_msgspec_schemas(app)
     return app

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,36 +22,62 @@ from nats.js.kv import KeyValue
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect
 from taskbus.contracts.commands import (
+    NOT_FOUND,
+    QUEUE_FULL,
     Command,
+    CommandVerdict,
+    ConversationCommand,
     CreateConversation,
     UpdateSettings,
+    decode_verdict,
     encode_command,
 )
 from taskbus.contracts.events import (
-    AgentStateChanged,
+    AnyEvent,
     ConversationCreated,
-    ConversationDeleted,
     ConversationRejected,
-    ConversationStatusChanged,
     Event,
-    LLMMetrics,
+    UnknownEvent,
 )
+from taskbus.contracts.inbound import Refused, inbound_event
+from taskbus.contracts.openhands import OPENHANDS_STATUS
 from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
 from taskbus.contracts.runners import RunnerInfo, decode_runner_info
 from taskbus.contracts.specs import UserSettings
+from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.streams import ensure_streams
-from taskbus.gateway.conversations import LogTail, fold_conversation
+from taskbus.contracts.summary import SHAPING, summary_of_latest
 from taskbus.gateway.problems import Problem, conversation_not_found
 from taskbus.gateway.reconnects import Reconnects
 from taskbus.gateway.user_settings import reflects
 
 logger = logging.getLogger(__name__)
 
+
+def _checked(subject: str, data: bytes) -> AnyEvent | UnknownEvent | None:
+    """The event, unless every consumer refuses it (e.g. forged with another conversation's
+    id): such a message changes no conversation, so the fold takes it as absent."""
+    try:
+        return inbound_event(subject, data)
+    except Refused as refused:
+        logger.warning("ignoring a refused event on %s: %s", subject[:200], refused.reason)
+        return None
+
+
+class LogTail(msgspec.Struct, frozen=True, kw_only=True):
+    """The last event of a conversation in the log."""
+
+    id: int
+    timestamp: datetime
+
+
 E = TypeVar("E", bound=Event)
 R = TypeVar("R", bound=Reply)
 
 # How often a waiting POST re-reads the log when no ConversationCreated notification arrives.
 _VISIBILITY_POLL_SECONDS = 0.25
+# How often a command re-reads its verdict's KV entry should the put's notification be missed.
+_VERDICT_POLL_SECONDS = 0.25
 # How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
 _SETTINGS_POLL_SECONDS = 0.05
 # Pause between reconnect attempts: short, as open WebSockets wait on the reconnect.
@@ -58,7 +85,39 @@ _RECONNECT_WAIT_SECONDS = 0.5
 
 
 def unavailable(what: str) -> Problem:
-    return Problem(503, f"{what} did not answer in time", kind="service-unavailable")
+    return Problem(
+        503,
+        f"{what} did not answer in time",
+        kind="service-unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def refusal(verdict: CommandVerdict) -> Problem:
+    """The problem a refused command answers with: 409 with the current status (OpenHands'
+    word and Taskbus' own) and why."""
+    cid = verdict.conversation_id
+    if verdict.reason == NOT_FOUND:
+        return conversation_not_found(cid)
+    if verdict.reason == QUEUE_FULL:
+        return Problem(
+            429,
+            verdict.detail,
+            kind="queue-full",
+            title="Conversation refused",
+            conversation_id=cid,
+        )
+    current = verdict.status
+    return Problem(
+        409,
+        verdict.detail,
+        kind="command-refused",
+        title="Command refused",
+        conversation_id=cid,
+        conversation_status=None if current is None else OPENHANDS_STATUS[current],
+        taskbus_status=current,
+        reason=verdict.reason,
+    )
 
 
 def too_large_for_the_bus(error: nats.errors.MaxPayloadError) -> Problem:
@@ -86,6 +145,7 @@ class Bus:
         self._settings = settings
         self._timeout = timeout
         self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
+        self._verdicts: KeyValue | None = None
 
     @classmethod
     async def connect(cls, url: str, wait_seconds: float, stream_replicas: int = 1) -> Bus:
@@ -131,6 +191,55 @@ class Bus:
             logger.warning("publishing %s failed: %r", command.name(), error)
             raise unavailable("the command stream") from error
 
+    async def send_command(self, command: ConversationCommand, command_id: str) -> CommandVerdict:
+        """Send a conversation command and wait (bounded) for session-manager's verdict: an
+        accepted one's events are in the log when this returns; a refused one raises its
+        Problem (409, or 404 / 429). The verdict's key is watched from before the publish, and
+        read from the bucket when no put was seen, as for a retry JetStream dropped as a
+        duplicate of the first (`command_id` is also the Nats-Msg-Id). 504 past the timeout."""
+        command = msgspec.structs.replace(command, command_id=command_id)
+        notifications = await self.nc.subscribe(subjects.verdict_subject(command_id))
+        try:
+            await self.publish_command(command, msg_id=command_id)
+            deadline = time.monotonic() + self._timeout
+            verdict = await self._stored_verdict(command_id)
+            while verdict is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Problem(
+                        504,
+                        "the command was sent but session-manager has not answered yet; retry "
+                        "with the same Idempotency-Key to learn its outcome",
+                        kind="verdict-pending",
+                        conversation_id=command.conversation_id,
+                    )
+                try:
+                    message = await notifications.next_msg(
+                        timeout=min(remaining, _VERDICT_POLL_SECONDS)
+                    )
+                except TimeoutError:
+                    verdict = await self._stored_verdict(command_id)
+                else:
+                    verdict = decode_verdict(message.data)
+        finally:
+            await notifications.unsubscribe()
+        if verdict.conversation_id != command.conversation_id:  # only for a forged collision
+            raise Problem(409, "command id already used", kind="conflict")
+        if not verdict.accepted:
+            raise refusal(verdict)
+        return verdict
+
+    async def _stored_verdict(self, command_id: str) -> CommandVerdict | None:
+        try:
+            if self._verdicts is None:
+                self._verdicts = await self.js.key_value(subjects.VERDICTS_BUCKET)
+            entry = await self._verdicts.get(command_id)
+        except KeyNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the verdicts bucket") from error
+        return decode_verdict(entry.value or b"")
+
     async def create_conversation(
         self, command: CreateConversation
     ) -> tuple[ConversationInfo, bool]:
@@ -142,6 +251,14 @@ class Bus:
         """
         cid = command.conversation_id
         existing = await self.find_conversation(cid)
+        if existing is not None and existing.status is ConversationStatus.ARCHIVED:
+            # Its tombstone outlives the purged log: a deleted conversation never comes back.
+            raise Problem(
+                409,
+                "this Idempotency-Key named a conversation that has been deleted; use a new key",
+                kind="conversation-deleted",
+                title="Conversation deleted",
+            )
         if existing is not None:
             return existing, False
         await self._raise_if_rejected(cid)
@@ -182,7 +299,8 @@ class Bus:
     # --- conversation state -------------------------------------------------------------------
 
     async def find_conversation(self, conversation_id: str) -> ConversationInfo | None:
-        """The KV projection when it is as new as the log, else a fold of the log itself."""
+        """The KV projection when it is as new as the log, else the same summary folded from
+        the log's latest events of each kind that shapes it (contracts.summary)."""
         projected, tail = await asyncio.gather(
             self._projected(conversation_id), self._log_tail(conversation_id)
         )
@@ -190,22 +308,24 @@ class Bus:
             return projected
         if projected is not None and projected.last_event_id >= tail.id:
             return projected
-        created, status, agent_state, metrics, deleted = await asyncio.gather(
+        created, *latest = await asyncio.gather(
             self.last_event(conversation_id, ConversationCreated),
-            self.last_event(conversation_id, ConversationStatusChanged),
-            self.last_event(conversation_id, AgentStateChanged),
-            self.last_event(conversation_id, LLMMetrics),
-            self.last_event(conversation_id, ConversationDeleted),
+            *(self.last_event(conversation_id, kind) for kind in SHAPING),
         )
-        if created is None:
+        if not isinstance(created, ConversationCreated):
             return None
-        return fold_conversation(created, tail, status, agent_state, metrics, deleted)
+        return summary_of_latest(created, latest, tail.id, tail.timestamp)
 
     async def owned_conversation(self, user_id: str, conversation_id: str) -> ConversationInfo:
-        """The user's conversation, or a 404 Problem (also for another user's conversation)."""
+        """The user's conversation, or a 404 Problem (also for another user's conversation, and
+        for a deleted one, even to its owner: deleted means gone)."""
         if subjects.is_valid_conversation_id(conversation_id):
             info = await self.find_conversation(conversation_id)
-            if info is not None and info.user_id == user_id:
+            if (
+                info is not None
+                and info.user_id == user_id
+                and info.status is not ConversationStatus.ARCHIVED
+            ):
                 return info
         raise conversation_not_found(conversation_id)
 
@@ -213,20 +333,25 @@ class Bus:
         message = await self._last_message(
             subjects.event_subject(conversation_id, event_type.__name__)
         )
-        return None if message is None else msgspec.json.decode(message, type=event_type)
+        event = None if message is None else _checked(*message)
+        return event if isinstance(event, event_type) else None
 
     async def _log_tail(self, conversation_id: str) -> LogTail | None:
         message = await self._last_message(subjects.conversation_events(conversation_id))
-        return None if message is None else msgspec.json.decode(message, type=LogTail)
+        if message is None or _checked(*message) is None:
+            return None
+        return msgspec.json.decode(message[1], type=LogTail)
 
-    async def _last_message(self, subject: str) -> bytes | None:
+    async def _last_message(self, subject: str) -> tuple[str, bytes] | None:
+        """(subject, data) of the last message on `subject` (a wildcard or not)."""
         try:
             message = await self.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
         except NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as error:
             raise unavailable("the event log") from error
-        return message.data
+        assert message.subject is not None and message.data is not None
+        return message.subject, message.data
 
     async def _projected(self, conversation_id: str) -> ConversationInfo | None:
         try:
@@ -300,7 +425,14 @@ class Bus:
             logger.error("event-store answered %s with an undecodable reply", query.subject_name)
             raise Problem(502, "event-store answered with an unexpected reply") from error
         if isinstance(reply, QueryError):
-            raise Problem(reply.status, reply.detail, title=reply.title, kind=reply.kind)
+            retry = reply.retry_after_seconds
+            raise Problem(
+                reply.status,
+                reply.detail,
+                title=reply.title,
+                kind=reply.kind,
+                headers=None if retry is None else {"Retry-After": str(retry)},
+            )
         assert isinstance(reply, reply_type)
         return reply
 

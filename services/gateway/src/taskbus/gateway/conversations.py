@@ -8,19 +8,10 @@ from datetime import datetime
 
 import msgspec
 
-from taskbus.contracts.events import (
-    AgentStateChanged,
-    ConversationCreated,
-    ConversationDeleted,
-    ConversationStatusChanged,
-    LLMMetrics,
-)
+from taskbus.contracts.openhands import OPENHANDS_RUNTIME_STATUS, OPENHANDS_STATUS, OpenHandsStatus
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import AgentState, ConversationStatus
-
-# Before session-manager's first ConversationStatusChanged, an accepted conversation waits.
-INITIAL_STATUS = ConversationStatus.QUEUED
 
 
 def _request_id(user_id: str, idempotency_key: str | None, *scope: str) -> str:
@@ -38,57 +29,28 @@ def conversation_id_for(user_id: str, idempotency_key: str | None) -> str:
     return _request_id(user_id, idempotency_key)
 
 
-class LogTail(msgspec.Struct, frozen=True, kw_only=True):
-    """The last event of a conversation in the log."""
-
-    id: int
-    timestamp: datetime
-
-
-def fold_conversation(
-    created: ConversationCreated,
-    tail: LogTail,
-    status: ConversationStatusChanged | None = None,
-    agent_state: AgentStateChanged | None = None,
-    metrics: LLMMetrics | None = None,
-    deleted: ConversationDeleted | None = None,
-) -> ConversationInfo:
-    """The conversation's state from the latest event of each kind that shapes it, as
-    event-store's projection folds it: once deleted, ARCHIVED whatever status came later."""
-    if deleted is not None:
-        current_status, reason = ConversationStatus.ARCHIVED, deleted.reason
-    elif status is not None:
-        current_status, reason = status.status, status.reason
-    else:
-        current_status, reason = INITIAL_STATUS, ""
-    return ConversationInfo(
-        conversation_id=created.conversation_id,
-        user_id=created.user_id,
-        title=created.title,
-        status=current_status,
-        agent_state=agent_state.agent_state if agent_state else None,
-        status_reason=reason,
-        repository=created.spec.repository,
-        selected_branch=created.spec.selected_branch,
-        priority=created.spec.priority,
-        created_at=created.timestamp,
-        updated_at=tail.timestamp,
-        accumulated_cost=metrics.accumulated_cost if metrics else 0.0,
-        event_count=tail.id + 1,
-        last_event_id=tail.id,
-    )
-
-
 class ConversationView(msgspec.Struct, frozen=True, kw_only=True):
-    """A conversation as clients see it, with OpenHands' field names where it has one."""
+    """A conversation as clients see it: OpenHands' ConversationInfo (its `status` in OpenHands'
+    five words, see taskbus.contracts.openhands) plus Taskbus' own state in `taskbus_status`,
+    `agent_state` and `status_reason`."""
 
     conversation_id: str
     title: str
-    status: ConversationStatus
+    status: OpenHandsStatus
+    taskbus_status: ConversationStatus
     agent_state: AgentState | None
     status_reason: str
+    runtime_status: str | None
     selected_repository: str | None
     selected_branch: str | None
+    git_provider: str | None
+    trigger: str | None
+    # Where the conversation's endpoints are (OpenHands' frontend calls `{url}/...`); no
+    # session key: the API key is the only credential.
+    url: str
+    session_api_key: None = None
+    num_connections: int = 0
+    pr_number: list[int] = []
     priority: int
     created_at: datetime
     last_updated_at: datetime
@@ -101,12 +63,17 @@ class ConversationView(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             conversation_id=info.conversation_id,
             title=info.title,
-            status=info.status,
+            status=OPENHANDS_STATUS[info.status],
+            taskbus_status=info.status,
             agent_state=info.agent_state,
             status_reason=info.status_reason,
+            runtime_status=OPENHANDS_RUNTIME_STATUS[info.status],
             # Refused at creation; masked here should an older event still carry one.
             selected_repository=None if info.repository is None else redact(info.repository),
             selected_branch=info.selected_branch,
+            git_provider=info.git_provider,
+            trigger=info.trigger,
+            url=f"/api/conversations/{info.conversation_id}",
             priority=info.priority,
             created_at=info.created_at,
             last_updated_at=info.updated_at,
@@ -122,7 +89,7 @@ class CreatedConversation(msgspec.Struct, frozen=True, kw_only=True):
 
     status: str = "ok"
     conversation_id: str
-    conversation_status: ConversationStatus
+    conversation_status: OpenHandsStatus
     conversation: ConversationView
 
 

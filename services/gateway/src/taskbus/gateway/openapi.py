@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
-from taskbus.gateway.inputs import MessageBody
+from taskbus.gateway.inputs import MessageBody, StartBody
 from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE
 from taskbus.gateway.user_settings import SettingsView
 
@@ -25,6 +25,9 @@ _REQUEST_BODIES: dict[tuple[str, str], tuple[type[msgspec.Struct], bool]] = {
     (_CONVERSATIONS, "post"): (ConversationSpec, False),
     (f"{_CONVERSATION}/message", "post"): (MessageBody, True),
     (_SETTINGS, "put"): (UserSettings, False),
+    # OpenHands' spelling; it also takes (and drops) the ApiSettings keys Taskbus has no use for.
+    (_SETTINGS, "post"): (UserSettings, False),
+    (f"{_CONVERSATION}/start", "post"): (StartBody, False),
 }
 _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     (_CONVERSATIONS, "post", "201"): CreatedConversation,
@@ -33,6 +36,7 @@ _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     (_CONVERSATION, "get", "200"): ConversationView,
     (_SETTINGS, "get", "200"): SettingsView,
     (_SETTINGS, "put", "200"): SettingsView,
+    (_SETTINGS, "post", "200"): SettingsView,
 }
 
 
@@ -47,15 +51,37 @@ class ProblemDocument(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Problems by the shape of the operation: (applies, status, description).
+def _is_command(path: str, method: str) -> bool:
+    """A control command on one conversation, answered by session-manager's verdict."""
+    on_one = path.startswith(f"{_CONVERSATIONS}/{{conversation_id}}")
+    return on_one and (method == "delete" or (method == "post" and not path.endswith("/events")))
+
+
 _PROBLEMS: list[tuple[Any, str, str]] = [
     (lambda path, method, op: "security" in op, "401", "No valid API key"),
     (lambda path, method, op: "{conversation_id}" in path, "404", "No such conversation of yours"),
-    (lambda path, method, op: method in ("post", "put"), "400", "Malformed JSON body"),
+    (
+        lambda path, method, op: method in ("post", "put"),
+        "400",
+        "Malformed JSON body; for a create, an empty one (`msg_id` "
+        "CONFIGURATION$MISSING_USER_MESSAGE, as OpenHands answers it)",
+    ),
     (lambda path, method, op: method in ("post", "put"), "413", "Body larger than the bus carries"),
     (lambda path, method, op: path != "/api/health", "422", "Invalid parameter or body"),
     (lambda path, method, op: path != "/api/health", "503", "A service did not answer in time"),
     (lambda path, method, op: (path, method) == (_CONVERSATIONS, "post"), "409", "Id taken"),
     (lambda path, method, op: (path, method) == (_CONVERSATIONS, "post"), "429", "Rate limited"),
+    (
+        lambda path, method, op: _is_command(path, method),
+        "409",
+        "Refused: the conversation's status does not allow this command (contracts' "
+        "transition table); the problem carries the current status and the reason",
+    ),
+    (
+        lambda path, method, op: path.endswith("/start") and method == "post",
+        "429",
+        "The user's queue of waiting conversations is full",
+    ),
     (lambda path, method, op: method in ("post", "put"), "504", "Accepted, not visible yet"),
 ]
 

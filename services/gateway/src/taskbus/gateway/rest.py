@@ -10,6 +10,7 @@ import msgspec
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from taskbus.contracts.commands import (
+    CommandVerdict,
     ConfirmAction,
     ConversationCommand,
     CreateConversation,
@@ -22,6 +23,7 @@ from taskbus.contracts.commands import (
     UpdateSettings,
 )
 from taskbus.contracts.events import EventSource
+from taskbus.contracts.openhands import OPENHANDS_STATUS, ConversationTrigger, OpenHandsStatus
 from taskbus.contracts.queries import (
     ConversationPage,
     EventPage,
@@ -51,16 +53,23 @@ from taskbus.gateway.conversations import (
     conversation_id_for,
 )
 from taskbus.gateway.dependencies import BusDep, CreateRateDep, UserId
+from taskbus.gateway.event_filter import FilterParameter, with_event_filter
 from taskbus.gateway.inputs import (
     EmptyBody,
     MessageBody,
+    StartBody,
     decode_body,
+    init_session,
     read_body,
     repository_problem,
     validated,
 )
 from taskbus.gateway.problems import Problem, invalid_body, rate_limited
-from taskbus.gateway.user_settings import SettingsView, admissible
+from taskbus.gateway.user_settings import (
+    SettingsView,
+    admissible,
+    openhands_settings,
+)
 
 router = APIRouter(prefix="/api")
 
@@ -74,7 +83,30 @@ IdempotencyKey = Annotated[
         description="Makes a retried request safe: the same key acts once.",
     ),
 ]
-_ACCEPTED = msgspec.json.encode({"status": "ok"})
+
+
+class CommandAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """Answer to an accepted command (OpenHands' `{status: "ok", conversation_id,
+    conversation_status}`): the status after it, in OpenHands' words and Taskbus' own, and
+    the id of its last event, which every read now includes."""
+
+    status: str = "ok"
+    conversation_id: str
+    conversation_status: OpenHandsStatus | None
+    taskbus_status: ConversationStatus | None
+    last_event_id: int
+
+    @classmethod
+    def of(cls, verdict: CommandVerdict) -> CommandAccepted:
+        return cls(
+            conversation_id=verdict.conversation_id,
+            conversation_status=None
+            if verdict.status is None
+            else OPENHANDS_STATUS[verdict.status],
+            taskbus_status=verdict.status,
+            last_event_id=verdict.last_event_id,
+        )
+
 
 # RFC 3339 times are parsed by the contract (msgspec, strictly) rather than by FastAPI, which
 # would also take a number as a Unix time; the pattern documents the years the store can hold
@@ -127,16 +159,18 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 async def _send(bus: BusDep, command: ConversationCommand, idempotency_key: str | None) -> Response:
+    """202 once session-manager accepted the command and its events are in the log; a refused
+    command is a 409 problem with the conversation's current status and the reason."""
     try:
         command = validated(command)
     except msgspec.ValidationError as error:
         raise invalid_body(error) from error
     await bus.owned_conversation(command.user_id, command.conversation_id)
-    msg_id = command_msg_id(
+    command_id = command_msg_id(
         command.name(), command.conversation_id, command.user_id, idempotency_key
     )
-    await bus.publish_command(command, msg_id)
-    return Response(_ACCEPTED, status_code=202, media_type="application/json")
+    verdict = await bus.send_command(command, command_id)
+    return json_response(CommandAccepted.of(verdict), status_code=202)
 
 
 async def _body(request: Request, bus: BusDep, body_type: type[B]) -> B:
@@ -163,7 +197,7 @@ async def create_conversation(
     earlier request with the same Idempotency-Key already created it. Each user may create
     `TASKBUS_CREATE_BURST` conversations at once, then `TASKBUS_CREATE_RATE_PER_MINUTE` (429
     with Retry-After beyond that)."""
-    spec = await _body(request, bus, ConversationSpec)
+    spec = await init_session(await _body(request, bus, ConversationSpec))
     credentials_problem = repository_problem(spec.repository)
     if credentials_problem is not None:
         raise credentials_problem
@@ -176,7 +210,9 @@ async def create_conversation(
     if info.user_id != user:  # only if an id was forged to collide; never disclose it
         raise Problem(409, "conversation id already taken", kind="conflict")
     body = CreatedConversation(
-        conversation_id=cid, conversation_status=info.status, conversation=ConversationView.of(info)
+        conversation_id=cid,
+        conversation_status=OPENHANDS_STATUS[info.status],
+        conversation=ConversationView.of(info),
     )
     return json_response(
         body, status_code=201 if created else 200, headers={"Location": f"/api/conversations/{cid}"}
@@ -196,23 +232,37 @@ async def list_conversations(
     title: Annotated[
         str | None, Query(description="text contained in the title", max_length=MAX_NAME_CHARS)
     ] = None,
+    selected_repository: Annotated[
+        str | None, Query(description="OpenHands' name for `repository`", max_length=MAX_URL_CHARS)
+    ] = None,
+    conversation_trigger: ConversationTrigger | None = None,
 ) -> Response:
-    """Deleted (ARCHIVED) conversations are hidden unless asked for with `status=ARCHIVED`."""
-    archived = ConversationStatus.ARCHIVED
+    """Deleted (ARCHIVED) conversations are never listed: deleted means gone, and their
+    events are purged soon after. `status` is Taskbus' status (`taskbus_status`).
+    `conversation_trigger` filters each page after it is read, as OpenHands does, so a page may
+    hold fewer than `limit` and still have a next one."""
+    if repository is not None and selected_repository is not None:
+        raise Problem(
+            422, "give repository or selected_repository, not both", kind="validation-error"
+        )
     query = contract_query(
         ListConversations,
         user_id=user,
         page_id=page_id,
         limit=limit,
         status=status,
-        repository=repository,
+        repository=repository if repository is not None else selected_repository,
         created_after=created_after,
         created_before=created_before,
         title_contains=title,
-        exclude_statuses=[] if status == archived else [archived],
+        exclude_statuses=[ConversationStatus.ARCHIVED],
     )
     page = await bus.ask(query, ConversationPage)
-    results = [ConversationView.of(info) for info in page.conversations]
+    results = [
+        ConversationView.of(info)
+        for info in page.conversations
+        if conversation_trigger is None or info.trigger == conversation_trigger
+    ]
     return json_response(ConversationList(results=results, next_page_id=page.next_page_id))
 
 
@@ -254,7 +304,7 @@ def _control_endpoint(
         bus: BusDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        await _body(request, bus, EmptyBody)
+        await _body(request, bus, StartBody if command_for is StartConversation else EmptyBody)
         command = command_for(user_id=user, conversation_id=conversation_id)
         return await _send(bus, command, idempotency_key)
 
@@ -287,6 +337,7 @@ for _action, (_command_for, _summary) in _CONTROL_COMMANDS.items():
 @router.get("/conversations/{conversation_id}/events", summary="Search a conversation's events")
 async def search_events(
     conversation_id: str,
+    request: Request,
     user: UserId,
     bus: BusDep,
     start_id: Annotated[int, Query(ge=0)] = 0,
@@ -302,7 +353,20 @@ async def search_events(
         str | None,
         Query(description="substring of the event's text", max_length=MAX_QUERY_TEXT_CHARS),
     ] = None,
+    filter: FilterParameter = None,
 ) -> Response:
+    """The criteria may also come as OpenHands' EventFilter, in the GET's JSON body (where
+    OpenHands reads it) or as the `filter` parameter's JSON; naming a criterion both there and
+    as a parameter is a 422."""
+    flat = {
+        "kinds": _split(kind),
+        "exclude_kinds": _split(exclude_kind),
+        "source": source,
+        "since": since,
+        "until": until,
+        "query": query,
+    }
+    body = await read_body(request, bus.nc.max_payload)
     search = contract_query(
         SearchEvents,
         user_id=user,
@@ -311,12 +375,7 @@ async def search_events(
         end_id=end_id,
         reverse=reverse,
         limit=limit,
-        kinds=_split(kind),
-        exclude_kinds=_split(exclude_kind),
-        source=source,
-        since=since,
-        until=until,
-        query=query,
+        **with_event_filter(flat, filter, body),
     )
     await bus.owned_conversation(user, conversation_id)
     page = await bus.ask(search, EventPage)
@@ -356,10 +415,26 @@ async def put_user_settings(request: Request, user: UserId, bus: BusDep) -> Resp
     `llm_api_key` are one set, used without the server's own: the model names its provider, the
     base URL must be one the operator allows and not a private address (422 otherwise). Answers
     once the settings are stored."""
-    settings = await admissible(
-        await _body(request, bus, UserSettings), user, request.app.state.settings_policy
-    )
-    stored = await bus.update_settings(UpdateSettings(user_id=user, settings=settings))
+    return await _store_settings(request, user, bus, await _body(request, bus, UserSettings))
+
+
+@router.post("/settings", summary="Replace your settings (OpenHands' spelling of PUT)")
+async def post_user_settings(request: Request, user: UserId, bus: BusDep) -> Response:
+    """As PUT, for OpenHands clients: the ApiSettings keys Taskbus has no setting for (`agent`,
+    `language`, ...; see docs/openhands-compat.md) are dropped instead of refused."""
+    body = await read_body(request, bus.nc.max_payload)
+    try:
+        settings = openhands_settings(body)
+    except msgspec.DecodeError as error:
+        raise invalid_body(error) from error
+    return await _store_settings(request, user, bus, settings)
+
+
+async def _store_settings(
+    request: Request, user: str, bus: BusDep, settings: UserSettings
+) -> Response:
+    admitted = await admissible(settings, user, request.app.state.settings_policy)
+    stored = await bus.update_settings(UpdateSettings(user_id=user, settings=admitted))
     return json_response(SettingsView.of(stored))
 
 

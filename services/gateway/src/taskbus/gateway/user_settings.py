@@ -4,6 +4,7 @@ sealed before it enters NATS and never shown again."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -16,6 +17,7 @@ from taskbus.contracts.llm_endpoints import (
 )
 from taskbus.contracts.secret_box import SecretBox, llm_key_context
 from taskbus.contracts.specs import MAX_SECRET_CHARS, ConcurrencyPolicy, UserSettings
+from taskbus.gateway.inputs import decode_json
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.settings import GatewaySettings
 
@@ -31,7 +33,23 @@ class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
     max_iterations: int | None = None
     max_concurrent_conversations: int | None = None
     no_change_timeout_seconds: float | None = None
+    confirmation_mode: bool = False
     concurrency_policy: ConcurrencyPolicy | None = None
+    # OpenHands' ApiSettings keys its frontend reads (frontend/src/types/settings.ts at 0.56.0)
+    # that Taskbus has no setting for: fixed values, documented in docs/openhands-compat.md.
+    agent: str = "CodeActAgent"
+    language: str = "en"
+    llm_api_key: None = None
+    search_api_key_set: bool = False
+    security_analyzer: None = None
+    remote_runtime_resource_factor: None = None
+    enable_default_condenser: bool = True
+    condenser_max_size: None = None
+    enable_sound_notifications: bool = False
+    enable_proactive_conversation_starters: bool = False
+    enable_solvability_analysis: bool = False
+    user_consents_to_analytics: None = None
+    provider_tokens_set: dict[str, str | None] = {}
 
     @classmethod
     def of(cls, settings: UserSettings | None) -> SettingsView:
@@ -42,6 +60,31 @@ class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
         fields = msgspec.structs.asdict(settings)
         fields["llm_api_key_set"] = bool(fields.pop("llm_api_key"))
         return cls(**fields)
+
+
+# ApiSettings keys OpenHands' frontend posts that Taskbus has no setting for (the fixed values
+# of SettingsView): POST /api/settings drops them, where PUT refuses any key it does not know.
+OPENHANDS_ONLY_SETTINGS = frozenset(
+    {
+        *("agent", "language", "search_api_key", "security_analyzer"),
+        *("remote_runtime_resource_factor", "enable_default_condenser", "condenser_max_size"),
+        *("enable_sound_notifications", "enable_proactive_conversation_starters"),
+        *("enable_solvability_analysis", "user_consents_to_analytics", "provider_tokens"),
+        *("mcp_config", "email", "email_verified", "git_user_name", "git_user_email"),
+        *("llm_api_key_set", "search_api_key_set", "provider_tokens_set"),
+    }
+)
+
+
+_object_decoder: msgspec.json.Decoder[dict[str, Any]] = msgspec.json.Decoder(dict[str, Any])
+
+
+def openhands_settings(body: bytes) -> UserSettings:
+    """POST /api/settings' body as UserSettings, once the OpenHands-only keys are dropped.
+    Raises msgspec.DecodeError (ValidationError for a wrong shape)."""
+    posted = decode_json(body or b"{}", _object_decoder)
+    kept = {key: value for key, value in posted.items() if key not in OPENHANDS_ONLY_SETTINGS}
+    return msgspec.convert(kept, UserSettings)
 
 
 def reflects(stored: UserSettings, requested: UserSettings) -> bool:

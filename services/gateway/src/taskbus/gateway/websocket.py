@@ -3,11 +3,15 @@
 Authentication: the `Authorization: Bearer <key>` header, or `?api_key=<key>` for browsers,
 which cannot set headers on a WebSocket. Server → client text messages: each event's wire
 JSON; `{"kind": "heartbeat"}` when idle; `{"kind": "error", "code", "detail"}` for a rejected
-client message. Client → server: `{"action": "message", "message": "..."}`, or `{"action":
-"pause" | "resume" | "stop" | "confirm" | "reject"}`. A client that falls more than
+client message or a refused command (`"code": "command_refused"` with `conversation_status`
+and `reason`, as the REST 409). Client → server: `{"action": "message", "message": "..."}`, or
+`{"action": "pause" | "resume" | "stop" | "confirm" | "reject"}`; an accepted one shows as its
+events. A client that falls more than
 `ws_max_buffered_events` behind the live log is closed with code 4008 ("slow consumer").
-A user holding `ws_max_per_user` open WebSockets (per gateway process) is refused the next
-handshake with a 429 problem (or close code 1008 where the server cannot answer HTTP).
+After a ConversationDeleted the socket is closed (1000); a deleted conversation's socket is
+refused with 404 like its other reads. A user holding `ws_max_per_user` open WebSockets (per
+gateway process) is refused the next handshake with a 429 problem (or close code 1008 where the
+server cannot answer HTTP).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fastapi import APIRouter, Depends, Query, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
+from taskbus.contracts.events import ConversationDeleted
 from taskbus.contracts.wire import to_wire
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
@@ -40,6 +45,13 @@ SLOW_CONSUMER_CLOSE_CODE = 4008
 _HEARTBEAT = msgspec.json.encode({"kind": "heartbeat"}).decode()
 
 
+class _Kind(msgspec.Struct):
+    kind: str = ""
+
+
+_kind_decoder = msgspec.json.Decoder(_Kind)
+
+
 class _Connection:
     """One authorised client: event sending and command receiving share its socket."""
 
@@ -55,6 +67,7 @@ class _Connection:
             await self._websocket.send_text(text)
 
     async def send_events(self, tail: EventTail, heartbeat_seconds: float) -> None:
+        """Until the conversation is deleted: its ConversationDeleted is the last event sent."""
         while True:
             item = await tail.next_event(heartbeat_seconds)
             if item is None:
@@ -62,6 +75,8 @@ class _Connection:
                 continue
             _, stored = item
             await self.send(msgspec.json.encode(to_wire(stored)).decode())
+            if _kind_decoder.decode(stored).kind == ConversationDeleted.__name__:
+                return
 
     async def receive_actions(self) -> None:
         """Turn client messages into commands until the client goes away."""
@@ -80,12 +95,14 @@ class _Connection:
             await self._send_error("invalid_message", str(error))
             return
         try:
-            await self._bus.publish_command(command, msg_id=uuid.uuid4().hex)
+            await self._bus.send_command(command, uuid.uuid4().hex)
         except Problem as problem:
-            await self._send_error("unavailable", problem.detail)
+            # e.g. command-refused, with the conversation's status; service-unavailable
+            code = problem.type.rpartition(":")[2].replace("-", "_")
+            await self._send_error(code, problem.detail, **problem.extensions)
 
-    async def _send_error(self, code: str, detail: str) -> None:
-        error = {"kind": "error", "code": code, "detail": detail}
+    async def _send_error(self, code: str, detail: str, **extensions: Any) -> None:
+        error = {"kind": "error", "code": code, "detail": detail, **extensions}
         await self.send(msgspec.json.encode(error).decode())
 
 
@@ -168,6 +185,7 @@ async def _serve(
         }
         try:
             done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            deleted = tasks["send"] in done and tasks["send"].exception() is None
             for task in done:
                 error = task.exception()
                 if error is not None and not isinstance(error, WebSocketDisconnect):
@@ -180,3 +198,6 @@ async def _serve(
         logger.info("closing a slow WebSocket client of conversation %s", conversation_id)
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close(code=SLOW_CONSUMER_CLOSE_CODE, reason="slow consumer")
+    elif deleted:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=1000, reason="conversation deleted")

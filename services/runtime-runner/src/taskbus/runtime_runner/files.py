@@ -92,8 +92,10 @@ class FileActions:
             raise ActionError("edit_failed", str(error)) from None
 
     async def _edit(self, action: FileEditAction) -> FileEditObservation:
+        """`create` makes missing parent directories, as OpenHands' editor does (models rely on
+        it); the path is checked against the workspace all the same. The other commands need
+        the file, so its canonical path keys the undo history."""
         path = action.path
-        key = self._sandbox.resolve(path)
         match action.command:
             case "view":
                 return await self._view(action)
@@ -125,7 +127,7 @@ class FileActions:
                             "Parameters `insert_line` and `new_str` are required for insert"
                         )
                     edit = editing.insert(before, action.insert_line, action.new_str)
-                self._history.record(key, before)
+                self._history.record(self._sandbox.resolve(path), before)
                 await self._write_text(path, edit.text)
                 changed = editing.snippet(edit.text, edit.first_line, edit.last_line)
                 content = (
@@ -141,7 +143,7 @@ class FileActions:
                 )
             case "undo_edit":
                 current = await self._read_text(path)
-                previous = self._history.undo(key)
+                previous = self._history.undo(self._sandbox.resolve(path))
                 await self._write_text(path, previous)
                 return FileEditObservation(
                     **reply_to(action),

@@ -2,6 +2,8 @@
 
 Per user, at most `max_concurrent` conversations run; past that, policy `evict_oldest` stops the
 user's least recently active one (OpenHands' behaviour) and `queue` makes the new one wait.
+Eviction never stops a conversation of higher priority than the one admitted: the lowest
+priority goes first, and when only higher ones run the new one waits instead.
 Across users, `max_running` caps sandboxes. Waiting conversations go in order of priority
 (higher first), then age. A user's own settings never lift these past the operator's maxima:
 their concurrency is capped, and past `max_queued` waiting conversations a new one is refused.
@@ -25,6 +27,7 @@ class Running(msgspec.Struct, frozen=True, kw_only=True):
     conversation_id: str
     user_id: str
     last_activity: datetime
+    priority: int = 0
 
 
 class Waiting(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,16 +68,24 @@ class Reject(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def admit(
-    user_id: str, running: Sequence[Running], limits: UserLimits, max_running: int
+    user_id: str,
+    running: Sequence[Running],
+    limits: UserLimits,
+    max_running: int,
+    priority: int = 0,
 ) -> Admit | Queue:
-    """Decide for one conversation of `user_id` given what runs now."""
-    mine = sorted((r for r in running if r.user_id == user_id), key=lambda r: r.last_activity)
+    """Decide for one conversation of `user_id` and `priority` given what runs now."""
+    mine = [r for r in running if r.user_id == user_id]
     excess = len(mine) - limits.max_concurrent + 1
     evict: list[Running] = []
     if excess > 0:
-        if limits.policy == ConcurrencyPolicy.QUEUE:
+        evictable = sorted(
+            (r for r in mine if r.priority <= priority),
+            key=lambda r: (r.priority, r.last_activity),
+        )
+        if limits.policy == ConcurrencyPolicy.QUEUE or len(evictable) < excess:
             return Queue(reason=EVICTION_REASON)
-        evict = mine[:excess]
+        evict = evictable[:excess]
     if len(running) - len(evict) >= max_running:
         return Queue(reason="capacity")
     return Admit(evict=tuple(r.conversation_id for r in evict))
@@ -86,10 +97,11 @@ def admit_new(
     queued: int,
     limits: UserLimits,
     max_running: int,
+    priority: int = 0,
 ) -> Admit | Queue | Reject:
     """Decide for a conversation that is not waiting yet, `queued` being how many of the user's
     already wait: one that would wait beyond the user's queue limit is refused instead."""
-    decision = admit(user_id, running, limits, max_running)
+    decision = admit(user_id, running, limits, max_running, priority)
     if isinstance(decision, Queue) and queued >= limits.max_queued:
         return Reject(
             reason=QUEUE_FULL_REASON,
@@ -112,7 +124,13 @@ def admit_waiting(
     started: list[tuple[Waiting, Admit]] = []
     current = list(running)
     for candidate in sorted(waiting, key=lambda w: (-w.priority, w.since, w.conversation_id)):
-        decision = admit(candidate.user_id, current, limits_of(candidate.user_id), max_running)
+        decision = admit(
+            candidate.user_id,
+            current,
+            limits_of(candidate.user_id),
+            max_running,
+            candidate.priority,
+        )
         if isinstance(decision, Queue):
             continue  # a later one may still fit, e.g. by evicting its own user's oldest
         started.append((candidate, decision))
@@ -122,6 +140,7 @@ def admit_waiting(
                 conversation_id=candidate.conversation_id,
                 user_id=candidate.user_id,
                 last_activity=now,
+                priority=candidate.priority,
             )
         )
     return started

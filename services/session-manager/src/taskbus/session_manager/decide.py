@@ -35,6 +35,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.status import (
     LIVE_RUNTIME_STATUSES,
+    SETTLED_STATUSES,
     AgentState,
     ConversationStatus,
     RuntimeStatus,
@@ -56,6 +57,9 @@ _S = ConversationStatus
 _A = AgentState
 
 REJECTED_ACTION_MESSAGE = "The user rejected this action, so it was not run."
+REJECTED_BY_MESSAGE = (
+    "The user answered with a message instead of confirming, so this action was not run."
+)
 
 
 def next_step(state: ConversationState) -> Step | list[Event]:
@@ -78,13 +82,21 @@ def is_settled(state: ConversationState) -> bool:
     """Ended, holding no sandbox, and nothing to do until a new event or command arrives: the
     service may forget its state and fold it from the log again when it is needed."""
     return (
-        state.status in _SETTLED_STATUSES
+        state.status in SETTLED_STATUSES
         and state.runtime_status not in LIVE_RUNTIME_STATUSES
+        and not awaits_cleanup(state)
         and next_step(state) is Step.WAIT
     )
 
 
-_SETTLED_STATUSES = frozenset({_S.STOPPED, _S.FINISHED, _S.ERROR, _S.ARCHIVED})
+def awaits_cleanup(state: ConversationState) -> bool:
+    """A failed conversation becomes STOPPED (reason `cleanup`) after its idle limit, as the
+    seed's Error -> cleanup -> Stopped: until then it is watched."""
+    return (
+        state.status == _S.ERROR
+        and not state.deleted
+        and state.spec.timeouts.idle_seconds is not None
+    )
 
 
 def _user_is_waiting(state: ConversationState) -> bool:
@@ -166,7 +178,8 @@ def _next_queued_call(state: ConversationState, queue: ToolCallsQueued) -> Event
 
 def _confirmation(state: ConversationState, pending: ActionProposed) -> Step | list[Event]:
     """Ask once; on confirm, append the real action (now the runtime runs it); on reject, answer
-    the proposal with an observation saying so and wait for the user."""
+    the proposal with an observation saying so and wait for the user, unless the user rejected
+    it by sending a message: then the agent goes on with that message in view."""
     agent = state.agent_state
     if state.confirmation is None:
         if agent == _A.AWAITING_USER_CONFIRMATION:
@@ -188,13 +201,16 @@ def _confirmation(state: ConversationState, pending: ActionProposed) -> Step | l
         return [*events, action]
     if agent != _A.USER_REJECTED:
         events.append(agent_state_event(state, _A.USER_REJECTED))
+    by_message = state.last_user_message_id > pending.id
     rejected = ErrorObservation(
         conversation_id=state.conversation_id,
         source=EventSource.USER,
         cause=pending.id,
-        content=REJECTED_ACTION_MESSAGE,
+        content=REJECTED_BY_MESSAGE if by_message else REJECTED_ACTION_MESSAGE,
         code="action_rejected",
     )
+    if by_message:
+        return [*events, rejected, agent_state_event(state, _A.RUNNING, "user_message")]
     return [*events, rejected]
 
 
@@ -225,7 +241,10 @@ def start_events(state: ConversationState) -> list[Event]:
     if state.last_user_message_id < 0 and state.spec.initial_user_msg:
         events.append(
             MessageAction(
-                conversation_id=cid, source=EventSource.USER, content=state.spec.initial_user_msg
+                conversation_id=cid,
+                source=EventSource.USER,
+                content=state.spec.initial_user_msg,
+                image_urls=state.spec.image_urls,
             )
         )
     events.append(

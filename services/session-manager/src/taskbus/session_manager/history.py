@@ -160,6 +160,11 @@ def _plain_message(event: Event) -> dict[str, Any] | None:
     if isinstance(event, CondensationAction):
         return {"role": "user", "content": event.summary}
     if isinstance(event, MessageAction):
+        if event.image_urls and event.source == EventSource.USER:
+            # OpenAI's content parts, which litellm carries to every provider that takes images.
+            parts: list[dict[str, Any]] = [{"type": "text", "text": event.content}]
+            parts += [{"type": "image_url", "image_url": {"url": url}} for url in event.image_urls]
+            return {"role": "user", "content": parts}
         role = "user" if event.source == EventSource.USER else "assistant"
         return {"role": role, "content": event.content}
     if isinstance(event, ErrorObservation) and not event.code.startswith(_LLM_ERROR_PREFIX):

@@ -77,7 +77,7 @@ def delete_events(state: ConversationState) -> list[Event]:
     return events
 
 
-def confirmation_events(state: ConversationState, confirmed: bool) -> list[Event]:
+def confirmation_events(state: ConversationState, confirmed: bool, reason: str = "") -> list[Event]:
     """The user's answer to the pending confirmation request; nothing if none is pending. A
     conversation paused while it waited for the answer records it and wakes up."""
     pending = state.pending_action
@@ -95,5 +95,6 @@ def confirmation_events(state: ConversationState, confirmed: bool) -> list[Event
             cause=pending.id,
             action_id=pending.id,
             confirmed=confirmed,
+            reason=reason,
         )
     ]

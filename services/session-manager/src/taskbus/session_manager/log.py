@@ -1,4 +1,5 @@
-"""Reading the event log and the settings bucket (the NATS edge of session-manager)."""
+"""Reading the event log, the settings bucket and the verdicts bucket (the NATS edge of
+session-manager)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.commands import CommandVerdict, decode_verdict, encode_verdict
 from taskbus.contracts.events import (
     AnyEvent,
     ConversationCreated,
@@ -59,8 +61,16 @@ async def _last(js: JetStreamContext, subject: str) -> int | None:
 
 
 async def conversation_exists(js: JetStreamContext, conversation_id: str) -> bool:
-    """Whether the id is used: created, or refused (ConversationRejected) for good."""
-    return await _last(js, subjects.conversation_events(conversation_id)) is not None
+    """Whether the id is used: created, refused (ConversationRejected) for good, or deleted.
+    A deleted conversation's log is purged, but event-store's entry in the conversations bucket
+    (its tombstone) stays, so a re-sent CreateConversation never brings it back."""
+    if await _last(js, subjects.conversation_events(conversation_id)) is not None:
+        return True
+    try:
+        await (await js.key_value(subjects.CONVERSATIONS_BUCKET)).get(conversation_id)
+    except KeyNotFoundError:
+        return False
+    return True
 
 
 async def conversations_to_recover(js: JetStreamContext) -> list[str]:
@@ -82,6 +92,8 @@ def _may_need_work(last: dict[str, AnyEvent | UnknownEvent]) -> bool:
         return True  # created but never given a status: admission was interrupted
     if status.status in ACTIVE_STATUSES or status.status == ConversationStatus.QUEUED:
         return True
+    if status.status == ConversationStatus.ERROR:
+        return True  # to be cleaned up to STOPPED after its idle limit
     runtime = last.get(RuntimeStatusChanged.__name__)
     if isinstance(runtime, RuntimeStatusChanged) and runtime.status in LIVE_RUNTIME_STATUSES:
         return True  # ended, but its sandbox is still to be given back when idle
@@ -147,3 +159,27 @@ class SettingsStore:
                 update = msgspec.structs.replace(update, llm_api_key=stored.llm_api_key)
         kv = await self._js.key_value(subjects.SETTINGS_BUCKET)
         await kv.put(user_id, msgspec.json.encode(update))
+
+
+class VerdictStore:
+    """Verdicts on conversation commands in KV `taskbus_verdicts` (key = command id): the put
+    itself tells the waiting gateway, and a retried command finds the first one's verdict."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def get(self, command_id: str) -> CommandVerdict | None:
+        kv = await self._js.key_value(subjects.VERDICTS_BUCKET)
+        try:
+            entry = await kv.get(command_id)
+        except KeyNotFoundError:
+            return None
+        try:
+            return decode_verdict(entry.value or b"")
+        except msgspec.DecodeError:
+            logger.error("ignoring an undecodable verdict stored for command %s", command_id)
+            return None
+
+    async def put(self, verdict: CommandVerdict) -> None:
+        kv = await self._js.key_value(subjects.VERDICTS_BUCKET)
+        await kv.put(verdict.command_id, encode_verdict(verdict))

@@ -23,16 +23,10 @@ from nats.js.errors import FetchTimeoutError
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.commands import (
+    QUEUE_FULL,
     AnyCommand,
-    ConfirmAction,
     ConversationCommand,
     CreateConversation,
-    DeleteConversation,
-    PauseConversation,
-    ResumeConversation,
-    SendMessage,
-    StartConversation,
-    StopConversation,
     UpdateSettings,
 )
 from taskbus.contracts.events import (
@@ -51,8 +45,8 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
 from taskbus.contracts.specs import ConversationSpec, UserSettings
-from taskbus.contracts.status import ACTIVE_STATUSES, AgentState, ConversationStatus
-from taskbus.session_manager import admission, log
+from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
+from taskbus.session_manager import admission, commands, log
 from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.decide import (
     Step,
@@ -64,13 +58,7 @@ from taskbus.session_manager.decide import (
     status_event,
 )
 from taskbus.session_manager.history import to_messages
-from taskbus.session_manager.lifecycle import (
-    confirmation_events,
-    delete_events,
-    pause_events,
-    resume_events,
-    stop_events,
-)
+from taskbus.session_manager.lifecycle import stop_events
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
@@ -85,9 +73,6 @@ EVENTS_DURABLE = "session_manager_events"
 TITLE_LENGTH = 60
 _RETRY_DRIVER_SECONDS = 1.0
 _POLL_SECONDS = 0.5
-
-# Statuses that release a slot when a conversation enters them.
-_FREEING_STATUSES = frozenset(ConversationStatus) - ACTIVE_STATUSES - {ConversationStatus.QUEUED}
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
@@ -104,9 +89,9 @@ def conversation_title(spec: ConversationSpec) -> str:
 def effective_spec(
     spec: ConversationSpec, user: UserSettings | None, settings: SessionManagerSettings
 ) -> ConversationSpec:
-    """The spec with its limits resolved (request, then user settings, then operator default)
-    and capped by the operator's maxima (priority, budget), so the log records which limits
-    applied. The runtime resolves its own command timeouts."""
+    """The spec with its limits and confirmation mode resolved (request, then user settings,
+    then operator default) and capped by the operator's maxima (priority, budget), so the log
+    records what applied. The runtime resolves the command timeouts left unset."""
     user = user or UserSettings()
     timeouts = spec.timeouts
     budget = spec.max_budget_per_task or user.max_budget_per_task or settings.max_budget_per_task
@@ -114,13 +99,18 @@ def effective_spec(
         budget = min(
             budget or settings.max_budget_per_task_limit, settings.max_budget_per_task_limit
         )
+    confirmation_mode = spec.confirmation_mode
     return msgspec.structs.replace(
         spec,
+        confirmation_mode=user.confirmation_mode
+        if confirmation_mode is None
+        else confirmation_mode,
         priority=min(spec.priority, settings.max_priority),
         max_iterations=spec.max_iterations or user.max_iterations or settings.max_iterations,
         max_budget_per_task=budget,
         timeouts=msgspec.structs.replace(
             timeouts,
+            no_change_seconds=timeouts.no_change_seconds or user.no_change_timeout_seconds,
             idle_seconds=timeouts.idle_seconds or settings.idle_seconds,
             max_duration_seconds=timeouts.max_duration_seconds or settings.max_duration_seconds,
         ),
@@ -135,10 +125,15 @@ class SessionManager:
         self._appender = EventAppender(js)
         self._dead_letters = DeadLetters(js, subjects.SESSION_MANAGER)
         self._settings_store = log.SettingsStore(js)
+        self._verdicts = log.VerdictStore(js)
         self._states: dict[str, ConversationState] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._admission_lock = asyncio.Lock()
+        # Held while deciding from a conversation's state and appending what was decided, so a
+        # command's verdict and the driver's steps never act on a state the other has changed.
+        # Never taken while the admission lock is held.
+        self._deciding: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -217,12 +212,13 @@ class SessionManager:
                 if is_settled(state) or not state.created:
                     self._forget(cid)
                     continue
-                events = time_limit_events(state, now)
-                if not events:
+                if not time_limit_events(state, now):
                     continue
-                logger.info("%s reached a time limit: %s", cid, events[0].kind)
                 try:
-                    await self._append(events)
+                    async with self._deciding[cid]:
+                        events = time_limit_events(self._states[cid], now)
+                        logger.info("%s reached a time limit: %s", cid, events[:1])
+                        await self._append(events)
                 except Exception:
                     logger.exception("time limit of %s not applied; retrying", cid)
 
@@ -233,10 +229,12 @@ class SessionManager:
             conversation_id in self._drivers
             or conversation_id in self._changed
             or self._loading[conversation_id].locked()
+            or self._deciding[conversation_id].locked()
         )
         if not busy:
             del self._states[conversation_id]
             self._loading.pop(conversation_id, None)
+            self._deciding.pop(conversation_id, None)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -274,7 +272,7 @@ class SessionManager:
         elif event.id > state.last_event_id + 1:
             self._states.pop(cid)  # missed events: rebuild from the log
             await self._load(cid)
-        if isinstance(event, ConversationStatusChanged) and event.status in _FREEING_STATUSES:
+        if isinstance(event, ConversationStatusChanged) and event.status in SETTLED_STATUSES:
             task = asyncio.create_task(self._admit_waiting())  # a slot may have been freed
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -321,16 +319,18 @@ class SessionManager:
     async def _drive(self, conversation_id: str) -> None:
         try:
             while True:
-                state = self._states[conversation_id]
-                step = next_step(state)
+                async with self._deciding[conversation_id]:
+                    state = self._states[conversation_id]
+                    step = next_step(state)
+                    if isinstance(step, list):
+                        await self._append(step)
+                        continue
                 if step is Step.WAIT:
                     return  # `finally` unregisters before any other task runs: no lost kick
                 if step is Step.CALL_LLM:
                     await self._step_llm(state)
-                elif step is Step.READMIT:
-                    await self._readmit(conversation_id)
                 else:
-                    await self._append(step)
+                    await self._readmit(conversation_id)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -352,13 +352,14 @@ class SessionManager:
         except LLMError as error:
             await self._fail_llm_step(cid, error)
             return
-        state = self._states[cid]
-        if next_step(state) is not Step.CALL_LLM:
-            return
-        if is_stuck(state, self._settings.stuck_repetitions):
-            logger.warning("%s is stuck: the same action and result repeated", cid)
-            await self._append(stuck_events(state, self._settings.stuck_repetitions))
-            return
+        async with self._deciding[cid]:
+            state = self._states[cid]
+            if next_step(state) is not Step.CALL_LLM:
+                return
+            if is_stuck(state, self._settings.stuck_repetitions):
+                logger.warning("%s is stuck: the same action and result repeated", cid)
+                await self._append(stuck_events(state, self._settings.stuck_repetitions))
+                return
         # Token counting is CPU work: off the event loop, so other conversations keep moving.
         condensation = await asyncio.to_thread(self._condensation, state, config)
         if condensation is not None:
@@ -372,46 +373,30 @@ class SessionManager:
             return
 
         async def rate_limited(code: str, delay: float) -> None:
-            current = self._states[cid]
-            if (
-                code == "llm_rate_limited"
-                and current.agent_state == AgentState.RUNNING
-                and next_step(current) is Step.CALL_LLM
-            ):
-                await self._append([agent_state_event(current, AgentState.RATE_LIMITED, code)])
+            async with self._deciding[cid]:
+                current = self._states[cid]
+                if (
+                    code == "llm_rate_limited"
+                    and current.agent_state == AgentState.RUNNING
+                    and next_step(current) is Step.CALL_LLM
+                ):
+                    events = [agent_state_event(current, AgentState.RATE_LIMITED, code)]
+                    await self._append(events)
 
         try:
             completion = await self._llm.complete(config, to_messages(state), TOOLS, rate_limited)
         except LLMError as error:
             await self._fail_llm_step(cid, error)
             return
-        current = self._states[cid]
-        events: list[Event] = []
-        if current.agent_state == AgentState.RATE_LIMITED:
-            events.append(agent_state_event(current, AgentState.RUNNING))
-        events.append(
-            LLMMetrics(
-                conversation_id=cid,
-                source=EventSource.AGENT,
-                model=completion.model,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                cost=completion.cost,
-                accumulated_cost=current.accumulated_cost + completion.cost,
-                latency_ms=completion.latency_ms,
-                response_id=completion.response_id,
-            )
-        )
-        # Stopped or paused meanwhile: the completion is paid for, but not acted on.
-        if next_step(current) is Step.CALL_LLM:
-            events.append(as_proposal(current, _action_of(cid, completion)))
-        await self._append(events)
+        async with self._deciding[cid]:
+            await self._append(_after_completion(self._states[cid], completion))
 
     async def _fail_llm_step(self, conversation_id: str, error: LLMError) -> None:
         logger.warning("LLM call for %s failed: %s", conversation_id, error.code)
-        current = self._states[conversation_id]
-        if next_step(current) is Step.CALL_LLM:
-            await self._append(_llm_failure_events(current, error))
+        async with self._deciding[conversation_id]:
+            current = self._states[conversation_id]
+            if next_step(current) is Step.CALL_LLM:
+                await self._append(_llm_failure_events(current, error))
 
     def _condensation(
         self, state: ConversationState, config: LLMConfig
@@ -437,6 +422,7 @@ class SessionManager:
                 conversation_id=s.conversation_id,
                 user_id=s.user_id,
                 last_activity=s.last_activity or datetime.min.replace(tzinfo=UTC),
+                priority=s.spec.priority,
             )
             for s in self._states.values()
             if holds_slot(s)
@@ -451,42 +437,34 @@ class SessionManager:
 
     async def _start_or_queue(
         self, state: ConversationState, prefix: list[Event], *, new: bool = False
-    ) -> None:
-        """Admit `state` now (evicting if the policy says so) or queue it. Admission lock held.
-        A `new` one (created or restarted, not yet waiting) that would wait beyond the user's
-        queue limit is refused instead: only ConversationRejected is appended, not `prefix`."""
+    ) -> admission.Reject | None:
+        """Admit `state` now (evicting if the policy says so) or queue it, appending `prefix`
+        first. Admission lock held. A `new` one (created or restarted, not yet waiting) that
+        would wait beyond the user's queue limit is refused: nothing is appended and the
+        refusal is returned."""
         limits = await self._limits_of(state.user_id)
         running = self._running()
+        priority = state.spec.priority
+        max_running = self._settings.max_running
         decision = (
             admission.admit_new(
-                state.user_id,
-                running,
-                self._queued(state.user_id),
-                limits,
-                self._settings.max_running,
+                state.user_id, running, self._queued(state.user_id), limits, max_running, priority
             )
             if new
-            else admission.admit(state.user_id, running, limits, self._settings.max_running)
+            else admission.admit(state.user_id, running, limits, max_running, priority)
         )
         if isinstance(decision, admission.Reject):
             logger.info("%s refused: %s", state.conversation_id, decision.reason)
-            rejected = ConversationRejected(
-                conversation_id=state.conversation_id,
-                source=EventSource.ENVIRONMENT,
-                user_id=state.user_id,
-                reason=decision.reason,
-                detail=decision.detail,
-            )
-            await self._append([rejected])
-            return
+            return decision
         if isinstance(decision, admission.Queue):
             queued: list[Event] = []
             if state.status != ConversationStatus.QUEUED:
                 queued = [status_event(state, ConversationStatus.QUEUED, decision.reason)]
             await self._append([*prefix, *queued])
-            return
+            return None
         await self._evict(decision.evict)
         await self._append([*prefix, *start_events(state)])
+        return None
 
     async def _evict(self, conversation_ids: Sequence[str]) -> None:
         for cid in conversation_ids:
@@ -552,66 +530,48 @@ class SessionManager:
             await msg.ack()
 
     async def _handle(self, command: AnyCommand) -> None:
-        if isinstance(command, CreateConversation):
-            await self._create(command)
-            return
-        if isinstance(command, UpdateSettings):
-            await self._settings_store.put(command.user_id, command.settings)
-            return
-        state = await self._owned_state(command)
-        if state is None:
-            return
         match command:
-            case SendMessage():
-                await self._append(
-                    [
-                        MessageAction(
-                            conversation_id=state.conversation_id,
-                            source=EventSource.USER,
-                            content=command.content,
-                        )
-                    ]
-                )
-            case StopConversation():
-                await self._append(stop_events(state, command.reason))
-            case PauseConversation():
-                await self._append(pause_events(state))
-            case ResumeConversation():
-                await self._append(resume_events(state))
-            case DeleteConversation():
-                await self._append(delete_events(state))
-            case StartConversation():
-                async with self._admission_lock:
-                    state = self._states[state.conversation_id]
-                    if state.status == ConversationStatus.STOPPED:
-                        await self._start_or_queue(state, [], new=True)
-            case ConfirmAction():
-                answer = confirmation_events(state, command.confirmed)
-                if not answer:
-                    logger.info(
-                        "nothing awaits confirmation in %s; answer ignored", command.conversation_id
-                    )
-                await self._append(answer)
+            case CreateConversation():
+                await self._create(command)
+            case UpdateSettings():
+                await self._settings_store.put(command.user_id, command.settings)
+            case _:
+                await self._answer(command)
 
-    async def _owned_state(self, command: ConversationCommand) -> ConversationState | None:
+    async def _answer(self, command: ConversationCommand) -> None:
+        """Decide, append what an accepted command appends, then store the verdict for the
+        asker: a 202 means its events are in the log. A command whose id already has a verdict
+        (a retry JetStream no longer deduplicates) gets that verdict again and is not re-run."""
+        command_id = command.command_id
+        earlier = await self._verdicts.get(command_id) if command_id else None
+        if earlier is not None and earlier.conversation_id == command.conversation_id:
+            await self._verdicts.put(earlier)
+            return
         cid = command.conversation_id
-        if not subjects.is_valid_conversation_id(cid):
-            logger.warning("command for invalid conversation id %r ignored", cid)
+        async with self._deciding[cid]:
+            state = await self._load(cid)
+            decision = commands.verdict(state, command)
+            if isinstance(decision, commands.Accept):
+                if decision.admit:
+                    decision = await self._restart(cid) or decision
+                else:
+                    await self._append(decision.events)
+            answer = commands.command_verdict(command, self._states[cid], decision)
+        if isinstance(decision, commands.Refuse):
+            logger.info("%s on %s refused: %s", command.name(), cid, decision.detail)
+        if answer is not None:
+            await self._verdicts.put(answer)
+
+    async def _restart(self, conversation_id: str) -> commands.Refuse | None:
+        """Admit a stopped conversation again; refused if the user's queue is full."""
+        async with self._admission_lock:
+            refused = await self._start_or_queue(self._states[conversation_id], [], new=True)
+        if refused is None:
             return None
-        state = await self._load(cid)
-        if not state.created:
-            logger.warning("%s for unknown conversation %s ignored", command.name(), cid)
-            return None
-        if state.user_id != command.user_id:
-            logger.warning("%s for %s by another user ignored", command.name(), cid)
-            return None
-        return state
+        return commands.Refuse(reason=QUEUE_FULL, detail=refused.detail)
 
     async def _create(self, command: CreateConversation) -> None:
         cid = command.conversation_id
-        if not subjects.is_valid_conversation_id(cid):
-            logger.warning("CreateConversation with invalid id %r ignored", cid)
-            return
         async with self._admission_lock:
             if await log.conversation_exists(self._js, cid):
                 logger.info("conversation %s already exists; CreateConversation ignored", cid)
@@ -628,7 +588,41 @@ class SessionManager:
             state = apply(
                 ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
             )
-            await self._start_or_queue(state, [created], new=True)
+            refused = await self._start_or_queue(state, [created], new=True)
+            if refused is not None:
+                rejected = ConversationRejected(
+                    conversation_id=cid,
+                    source=EventSource.ENVIRONMENT,
+                    user_id=command.user_id,
+                    reason=refused.reason,
+                    detail=refused.detail,
+                )
+                await self._append([rejected])
+
+
+def _after_completion(state: ConversationState, completion: Completion) -> list[Event]:
+    """The events an LLM completion appends to `state` as it is now: its metrics, and its
+    action unless the user stopped or paused meanwhile (then it is paid for, not acted on)."""
+    cid = state.conversation_id
+    events: list[Event] = []
+    if state.agent_state == AgentState.RATE_LIMITED:
+        events.append(agent_state_event(state, AgentState.RUNNING))
+    events.append(
+        LLMMetrics(
+            conversation_id=cid,
+            source=EventSource.AGENT,
+            model=completion.model,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            cost=completion.cost,
+            accumulated_cost=state.accumulated_cost + completion.cost,
+            latency_ms=completion.latency_ms,
+            response_id=completion.response_id,
+        )
+    )
+    if next_step(state) is Step.CALL_LLM:
+        events.append(as_proposal(state, _action_of(cid, completion)))
+    return events
 
 
 def _action_of(conversation_id: str, completion: Completion) -> Event:

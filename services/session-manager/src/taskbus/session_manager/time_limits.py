@@ -6,8 +6,10 @@ clock. Pure: the service asks every conversation it holds once a second.
 - `idle_seconds` without any event:
   - a running conversation whose agent waits for the user is PAUSED with reason `idle`, and its
     sandbox paused; the user's next message or confirmation wakes it;
-  - a finished or failed conversation gives its sandbox back (the workspace stays), so sandboxes
-    are not held by conversations nobody uses; a later message starts a new one.
+  - a finished conversation gives its sandbox back (the workspace stays), so sandboxes are not
+    held by conversations nobody uses; a later message starts a new one;
+  - a failed one is cleaned up: STOPPED with reason `cleanup`, its sandbox given back (the
+    seed's Error -> cleanup -> Stopped).
 Idle never interrupts work: a running command or an LLM call keeps the conversation busy.
 """
 
@@ -22,11 +24,12 @@ from taskbus.contracts.status import (
     AgentState,
     ConversationStatus,
 )
-from taskbus.session_manager.decide import IDLE_REASON, runtime_control_event
+from taskbus.session_manager.decide import IDLE_REASON, awaits_cleanup, runtime_control_event
 from taskbus.session_manager.lifecycle import pause_events, stop_events
 from taskbus.session_manager.state import ConversationState
 
 TIMEOUT_REASON = "timeout"
+CLEANUP_REASON = "cleanup"
 
 _S = ConversationStatus
 # Agent states in which a running conversation waits for its user.
@@ -59,7 +62,9 @@ def time_limit_events(state: ConversationState, now: datetime) -> list[Event]:
         return []
     if state.status == _S.RUNNING and state.agent_state in _WAITING_FOR_USER:
         return pause_events(state, IDLE_REASON)
-    if state.status in (_S.FINISHED, _S.ERROR) and state.runtime_status in LIVE_RUNTIME_STATUSES:
+    if awaits_cleanup(state):
+        return stop_events(state, CLEANUP_REASON)
+    if state.status == _S.FINISHED and state.runtime_status in LIVE_RUNTIME_STATUSES:
         # The request is an event too, so a runner that never answers is asked again only
         # after another idle period.
         return [runtime_control_event(state, RuntimeControl.STOP, IDLE_REASON)]
