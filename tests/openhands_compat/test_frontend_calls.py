@@ -76,6 +76,16 @@ def _events(response: httpx.Response) -> bool:
     return isinstance(body["has_more"], bool)
 
 
+def _trajectory(response: httpx.Response) -> bool:
+    """GetTrajectoryResponse: every event, in order, each one OpenHands can parse."""
+    if response.status_code != 200:
+        return False
+    trajectory = response.json()["trajectory"]
+    for event in trajectory:
+        event_from_dict(event)
+    return [event["id"] for event in trajectory] == list(range(len(trajectory))) != []
+
+
 OH = "frontend/src/api/open-hands.ts"
 ROUTES = "openhands/server/routes"
 CALLS = [
@@ -195,14 +205,32 @@ CALLS = [
         {"exclude_types": ["NullObservation"], "source": "user"},
         expect=lambda r: _events(r) and all(e["source"] == "user" for e in r.json()["events"]),
     ),
-    Call(f"{OH} updateConversation", "PATCH", "/api/conversations/{cid}", {"title": "Renamed"}),
-    Call(f"{OH} getRuntimeId", "GET", "/api/conversations/{cid}/config"),
-    Call(f"{OH} getTrajectory", "GET", "/api/conversations/{cid}/trajectory"),
+    Call(
+        f"{OH} updateConversation",
+        "PATCH",
+        "/api/conversations/{cid}",
+        {"title": "Renamed"},
+        expect=lambda r: r.is_success and r.json() is True,
+    ),
+    Call(
+        f"{OH} getConversation, after the rename",
+        "GET",
+        "/api/conversations/{cid}",
+        expect=lambda r: _conversation(r) and r.json()["title"] == "Renamed",
+    ),
+    Call(
+        f"{OH} getRuntimeId",
+        "GET",
+        "/api/conversations/{cid}/config",
+        expect=lambda r: r.status_code == 200 and r.json().keys() == {"runtime_id", "session_id"},
+    ),
+    Call(f"{OH} getTrajectory", "GET", "/api/conversations/{cid}/trajectory", expect=_trajectory),
     Call(
         f"{ROUTES}/conversation.py add_event",
         "POST",
         "/api/conversations/{cid}/events",
         {"action": "message", "args": {"content": "hi"}},
+        expect=lambda r: r.is_success and r.json()["success"] is True,
     ),
     Call(
         f"{OH} deleteUserConversation",
@@ -212,12 +240,7 @@ CALLS = [
     ),
 ]
 # Served by no Taskbus endpoint yet (docs/openhands-compat.md says why).
-NOT_SERVED = {
-    f"{OH} updateConversation",
-    f"{OH} getRuntimeId",
-    f"{OH} getTrajectory",
-    f"{ROUTES}/conversation.py add_event",
-}
+NOT_SERVED: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +302,26 @@ async def test_filter_as_query_parameter_and_unknown_parameters(client: httpx.As
         assert refused.headers["content-type"] == "application/problem+json"
     unknown = await client.get("/api/conversations", params={"colour": "red"})
     assert unknown.status_code == 422 and "colour" in unknown.json()["detail"]
+
+
+async def test_a_rename_is_read_at_once_everywhere_and_refused_once_deleted(
+    client: httpx.AsyncClient,
+) -> None:
+    created = await client.post("/api/conversations", json={"initial_user_msg": "Say hi"})
+    cid = created.json()["conversation_id"]
+    base = f"/api/conversations/{cid}"
+    before = (await client.get(base)).json()
+    renamed = await client.patch(base, json={"title": " Weekly report "})
+    assert (renamed.status_code, renamed.json()) == (202, True), renamed.text
+    after = (await client.get(base)).json()  # read-your-writes: no waiting
+    assert after["title"] == "Weekly report"
+    assert after["last_event_id"] > before["last_event_id"]
+    listed = (await client.get("/api/conversations", params={"title": "Weekly"})).json()
+    assert [c["conversation_id"] for c in listed["results"]] == [cid]
+    events = (await client.get(f"{base}/events", params={"kind": "ConversationRenamed"})).json()
+    assert [e["title"] for e in events["events"]] == ["Weekly report"]
+    for event in events["events"]:
+        event_from_dict(event)
+    assert (await client.delete(base)).status_code == 202
+    gone = await client.patch(base, json={"title": "Too late"})
+    assert gone.status_code == 404, gone.text

@@ -65,13 +65,30 @@ async def status_of(client: httpx.AsyncClient, cid: str) -> str:
     return status
 
 
+async def admission_decided(client: httpx.AsyncClient, cid: str) -> bool:
+    """Whether the log holds admission's decision (the conversation's first status)."""
+    events = await client.get(
+        f"/api/conversations/{cid}/events", params={"kind": "ConversationStatusChanged"}
+    )
+    return bool(events.json()["events"])
+
+
 async def settled_status(client: httpx.AsyncClient, cid: str) -> str:
-    """The status once admission has decided (QUEUED stays; starting moves to RUNNING)."""
+    """The status once admission has decided (QUEUED stays; starting moves to RUNNING).
+
+    Session-manager appends ConversationCreated and its first status one by one, and create
+    answers once the former is visible: in between, the summary says QUEUED ("waiting for
+    admission") for a conversation that may be started a moment later. So QUEUED counts only
+    once the log holds a status.
+    """
     deadline = time.monotonic() + 60
-    while (status := await status_of(client, cid)) not in ("QUEUED", "RUNNING", "ERROR"):
+    while True:
+        decided = await admission_decided(client, cid)
+        status = await status_of(client, cid)
+        if decided and status in ("QUEUED", "RUNNING", "ERROR"):
+            return status
         assert time.monotonic() < deadline, f"{cid} still {status}"
         await asyncio.sleep(0.3)
-    return status
 
 
 async def test_a_greedy_user_cannot_take_another_users_slot_and_its_queue_is_bounded(

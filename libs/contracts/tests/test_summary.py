@@ -13,6 +13,7 @@ from taskbus.contracts.events import (
     AnyEvent,
     ConversationCreated,
     ConversationDeleted,
+    ConversationRenamed,
     ConversationStatusChanged,
     Event,
     EventSource,
@@ -69,6 +70,16 @@ def metrics(event_id: int, cost: float, total: float) -> LLMMetrics:
         model="m",
         cost=cost,
         accumulated_cost=total,
+    )
+
+
+def renamed(event_id: int, title: str) -> ConversationRenamed:
+    return ConversationRenamed(
+        conversation_id=CID,
+        source=EventSource.USER,
+        id=event_id,
+        timestamp=at(event_id),
+        title=title,
     )
 
 
@@ -135,6 +146,20 @@ def test_a_deleted_conversation_is_archived_for_good() -> None:
     assert (late.event_count, late.last_event_id, late.updated_at) == (4, 3, at(3))
 
 
+def test_the_latest_rename_gives_the_title() -> None:
+    info = fold(
+        created(), renamed(1, "First"), status(2, ConversationStatus.RUNNING), renamed(3, "Second")
+    )
+    assert info is not None
+    assert (info.title, info.status, info.updated_at) == (
+        "Second",
+        ConversationStatus.RUNNING,
+        at(3),
+    )
+    latest = [renamed(1, "First")] + [None] * (len(SHAPING) - 1)
+    assert summary_of_latest(created(), latest, 1, at(1)).title == "First"
+
+
 def test_a_redelivered_event_changes_nothing() -> None:
     once = fold(created(), metrics(1, 1.0, 1.0))
     assert once is not None
@@ -169,7 +194,7 @@ def _random_log(rng: random.Random) -> list[Event]:
     length = rng.randint(1, 40)
     while len(events) < length:
         event_id = len(events)
-        choice = rng.randrange(6)
+        choice = rng.randrange(7)
         if choice == 0:
             events.append(status(event_id, rng.choice(_NOT_ARCHIVED), f"r{event_id}"))
         elif choice == 1:
@@ -197,6 +222,8 @@ def _random_log(rng: random.Random) -> list[Event]:
                 )
             )
             events.append(status(event_id + 1, ConversationStatus.ARCHIVED, "deleted"))
+        elif choice == 4:
+            events.append(renamed(event_id, f"title {event_id}"))
         else:
             events.append(
                 MessageAction(

@@ -107,9 +107,9 @@ async def test_health_needs_no_key_and_names_each_runners_isolation(
 async def test_a_405_names_every_method_of_the_path(
     client: httpx.AsyncClient, alice: Headers
 ) -> None:
-    response = await client.request("PATCH", "/api/conversations/abc", headers=alice)
+    response = await client.request("PUT", "/api/conversations/abc", headers=alice)
     assert_problem(response, 405)
-    assert response.headers["allow"] == "DELETE, GET"
+    assert response.headers["allow"] == "DELETE, GET, PATCH"
 
 
 async def test_event_kinds_must_be_event_type_names(

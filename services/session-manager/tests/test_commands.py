@@ -18,6 +18,7 @@ from taskbus.contracts.commands import (
     ConversationCommand,
     DeleteConversation,
     PauseConversation,
+    RenameConversation,
     ResumeConversation,
     SendMessage,
     StartConversation,
@@ -28,6 +29,7 @@ from taskbus.contracts.events import (
     AgentFinishAction,
     CmdRunAction,
     ConfirmationGiven,
+    ConversationRenamed,
     ConversationStatusChanged,
     ErrorObservation,
     Event,
@@ -76,7 +78,7 @@ from taskbus.session_manager.lifecycle import (
 )
 from taskbus.session_manager.service import effective_spec
 from taskbus.session_manager.settings import SessionManagerSettings
-from taskbus.session_manager.state import ConversationState
+from taskbus.session_manager.state import ConversationState, apply
 from taskbus.session_manager.time_limits import CLEANUP_REASON, time_limit_events
 
 from .conftest import CID, FoldEvents
@@ -147,6 +149,8 @@ def commands_of(control: Control) -> list[ConversationCommand]:
             return [ConfirmAction(**ids, confirmed=True), ConfirmAction(**ids, confirmed=False)]
         case Control.DELETE:
             return [DeleteConversation(**ids)]
+        case Control.RENAME:
+            return [RenameConversation(**ids, title="New title")]
 
 
 @pytest.mark.parametrize("control", list(Control))
@@ -166,6 +170,19 @@ def test_each_command_in_each_status_is_accepted_exactly_as_the_table_says(
         target = command_target(control, current)
         changes = [e.status for e in decision.events if isinstance(e, ConversationStatusChanged)]
         assert changes == ([] if target == current else [target]) or decision.admit
+
+
+def test_a_rename_appends_the_title_in_any_status_but_deleted() -> None:
+    command = RenameConversation(user_id="u", conversation_id=CID, title="Renamed")
+    decision = verdict(state_in(S.FINISHED), command)
+    assert isinstance(decision, Accept) and not decision.admit
+    assert [(type(e), e.title) for e in decision.events if isinstance(e, ConversationRenamed)] == [
+        (ConversationRenamed, "Renamed")
+    ]
+    assert len(decision.events) == 1  # nothing else: a rename changes no status
+    renamed = msgspec.structs.replace(decision.events[0], id=10)
+    assert apply(state_in(S.FINISHED), renamed).title == "Renamed"
+    assert isinstance(verdict(state_in(S.ARCHIVED), command), Refuse)
 
 
 def test_confirm_needs_an_action_awaiting_the_answer() -> None:

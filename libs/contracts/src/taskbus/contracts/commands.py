@@ -12,7 +12,12 @@ from typing import Annotated
 
 import msgspec
 
-from taskbus.contracts.specs import MAX_MESSAGE_CHARS, ConversationSpec, UserSettings
+from taskbus.contracts.specs import (
+    MAX_MESSAGE_CHARS,
+    MAX_NAME_CHARS,
+    ConversationSpec,
+    UserSettings,
+)
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.subjects import CONVERSATION_ID_PATTERN
 
@@ -69,6 +74,12 @@ class ConfirmAction(ConversationCommand, kw_only=True):
     confirmed: bool
 
 
+class RenameConversation(ConversationCommand, kw_only=True):
+    """A new title (OpenHands' PATCH of the conversation), already stripped by the gateway."""
+
+    title: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
 class UpdateSettings(Command):
     settings: UserSettings
 
@@ -109,6 +120,7 @@ AnyCommand = (
     | StopConversation
     | DeleteConversation
     | ConfirmAction
+    | RenameConversation
     | UpdateSettings
 )
 

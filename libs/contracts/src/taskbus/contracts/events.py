@@ -71,6 +71,12 @@ class ConversationDeleted(Event):
     reason: str = ""
 
 
+class ConversationRenamed(Event):
+    """The user gave the conversation a new title."""
+
+    title: str
+
+
 class ConversationRejected(Event):
     """Session-manager refused to create or start the conversation (e.g. `queue_full`: the user
     has as many queued conversations as the operator allows). A refused creation leaves this as
@@ -320,6 +326,7 @@ AnyEvent = (
     | ConversationStatusChanged
     | AgentStateChanged
     | ConversationDeleted
+    | ConversationRenamed
     | ConversationRejected
     | RuntimeRequested
     | RuntimeStatusChanged

@@ -85,6 +85,7 @@ class Control(enum.StrEnum):
     MESSAGE = "message"
     CONFIRM = "confirm"  # confirm or reject the action awaiting the user's approval
     DELETE = "delete"
+    RENAME = "rename"
 
 
 _NOT_DELETED = frozenset(ConversationStatus) - {_S.ARCHIVED}
@@ -104,6 +105,7 @@ COMMAND_TRANSITIONS: dict[Control, dict[ConversationStatus, ConversationStatus]]
     Control.MESSAGE: {s: s for s in _NOT_DELETED},
     Control.CONFIRM: {_S.RUNNING: _S.RUNNING, _S.PAUSED: _S.PAUSED},
     Control.DELETE: {s: _S.ARCHIVED for s in _NOT_DELETED},
+    Control.RENAME: {s: s for s in _NOT_DELETED},
 }
 
 

@@ -1,7 +1,7 @@
 """The one fold that builds a conversation's summary (`ConversationInfo`) from its events.
 
 Every field of the summary is set by the latest event of the kind that shapes it (`SHAPING`:
-status, agent state, cost, deletion), and the counters follow from the dense ids. So folding
+status, agent state, cost, title, deletion), and the counters follow from the dense ids. So folding
 every event (event-store's projection) and folding only the creation, the latest event of each
 shaping kind and the log's last event (the gateway, which reads those with direct gets while
 the projection lags) give the same summary; `test_summary.py` checks it. (Deletion is final
@@ -27,6 +27,7 @@ from taskbus.contracts.events import (
     AgentStateChanged,
     ConversationCreated,
     ConversationDeleted,
+    ConversationRenamed,
     ConversationStatusChanged,
     Event,
     LLMMetrics,
@@ -43,6 +44,7 @@ SHAPING: tuple[type[Event], ...] = (
     ConversationStatusChanged,
     AgentStateChanged,
     LLMMetrics,
+    ConversationRenamed,
     ConversationDeleted,
 )
 
@@ -81,6 +83,8 @@ def summarize(
             return msgspec.structs.replace(info, agent_state=agent_state)
         case LLMMetrics(accumulated_cost=total):
             return msgspec.structs.replace(info, accumulated_cost=total)
+        case ConversationRenamed(title=title):
+            return msgspec.structs.replace(info, title=title)
         case _:
             return info
 

@@ -55,7 +55,16 @@ OPENHANDS_FIELDS: dict[str, dict[str, str]] = {
 _OPENHANDS_TOP_KEYS = frozenset({"action", "observation", "args", "extras", "message"})
 
 
-def _top_level(name: str) -> str:
+def stays_top_level(kind: str, name: str) -> bool:
+    """Whether a Taskbus field of this kind stays at the wire view's top level (under
+    `wire_name`), rather than going under OpenHands' name into `args` / `extras` / `content`."""
+    event_type = EVENT_TYPES[kind]
+    in_openhands_class = OPENHANDS_FIELDS.get(kind, {}).get(name) == name
+    return not in_openhands_class and not (name == "content" and event_type.openhands_observation)
+
+
+def wire_name(name: str) -> str:
+    """A Taskbus field's top-level name in the wire view."""
     return f"taskbus_{name}" if name in _OPENHANDS_TOP_KEYS else name
 
 
@@ -79,11 +88,7 @@ def to_wire(stored: bytes | msgspec.Raw) -> dict[str, Any]:
     payload = {key: value for key, value in data.items() if key not in _ENVELOPE}
     fields = OPENHANDS_FIELDS.get(kind, {})
     mapped = {theirs: payload[ours] for ours, theirs in fields.items() if ours in payload}
-    rest = {
-        _top_level(key): value
-        for key, value in payload.items()
-        if fields.get(key) != key and not (key == "content" and event_type.openhands_observation)
-    }
+    rest = {wire_name(key): value for key, value in payload.items() if stays_top_level(kind, key)}
     if event_type.openhands_action is not None:
         view["action"] = event_type.openhands_action
         view["message"] = payload.get("content") or payload.get("thought") or ""

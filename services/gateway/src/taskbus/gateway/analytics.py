@@ -38,6 +38,7 @@ async def cost(
     since: Since = None,
     until: Until = None,
 ) -> Response:
+    """Summed over the LLMMetrics events of your conversations, one bucket per key."""
     query = contract_query(CostAnalytics, user_id=user, group_by=group_by, since=since, until=until)
     return report_response(await bus.ask(query, CostReport))
 
@@ -75,5 +76,6 @@ async def failing_commands(
     since: Since = None,
     until: Until = None,
 ) -> Response:
+    """A soft timeout (the command still runs) is not a failure."""
     query = contract_query(FailingCommands, user_id=user, limit=limit, since=since, until=until)
     return report_response(await bus.ask(query, FailingCommandsReport))

@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 import uvicorn
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.redaction import redact
@@ -46,10 +47,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await bus.close()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the gateway itself, never from a CDN:
+    # the docs work offline and the browser fetches no third-party script (nor Swagger UI's
+    # default online validator, switched off).
+    app = FastAPIOffline(
         title="Taskbus",
         summary="Run AI coding-agent tasks: conversations, their commands and their events",
         version="0.1.0",
+        swagger_ui_parameters={"validatorUrl": None},
         lifespan=lifespan,
     )
     app.state.settings = settings

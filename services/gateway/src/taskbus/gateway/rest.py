@@ -16,13 +16,14 @@ from taskbus.contracts.commands import (
     CreateConversation,
     DeleteConversation,
     PauseConversation,
+    RenameConversation,
     ResumeConversation,
     SendMessage,
     StartConversation,
     StopConversation,
     UpdateSettings,
 )
-from taskbus.contracts.events import EventSource
+from taskbus.contracts.events import EventSource, RuntimeStatusChanged
 from taskbus.contracts.openhands import OPENHANDS_STATUS, ConversationTrigger, OpenHandsStatus
 from taskbus.contracts.queries import (
     ConversationPage,
@@ -64,6 +65,7 @@ from taskbus.gateway.inputs import (
     repository_problem,
     validated,
 )
+from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
 from taskbus.gateway.problems import Problem, invalid_body, rate_limited
 from taskbus.gateway.user_settings import (
     SettingsView,
@@ -86,12 +88,13 @@ IdempotencyKey = Annotated[
 
 
 class CommandAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    """Answer to an accepted command (OpenHands' `{status: "ok", conversation_id,
-    conversation_status}`): the status after it, in OpenHands' words and Taskbus' own, and
-    the id of its last event, which every read now includes."""
+    """Answer to an accepted command: OpenHands' ConversationResponse (`status: "ok"`,
+    `conversation_id`, `message`, `conversation_status`), then Taskbus' own status and the id
+    of the command's last event, which every read now includes."""
 
     status: str = "ok"
     conversation_id: str
+    message: str | None = None
     conversation_status: OpenHandsStatus | None
     taskbus_status: ConversationStatus | None
     last_event_id: int
@@ -158,9 +161,23 @@ def _split(values: list[str] | None) -> list[str]:
     return [item for value in values or [] for item in value.split(",") if item]
 
 
+class EventAdded(CommandAccepted, frozen=True, kw_only=True):
+    """Answer to add_event: OpenHands' `{success: true}`, with the accepted command's fields."""
+
+    success: bool = True
+
+
 async def _send(bus: BusDep, command: ConversationCommand, idempotency_key: str | None) -> Response:
     """202 once session-manager accepted the command and its events are in the log; a refused
     command is a 409 problem with the conversation's current status and the reason."""
+    verdict = await _decide(bus, command, idempotency_key)
+    return json_response(CommandAccepted.of(verdict), status_code=202)
+
+
+async def _decide(
+    bus: BusDep, command: ConversationCommand, idempotency_key: str | None
+) -> CommandVerdict:
+    """Session-manager's verdict on an accepted command (a refused one raises the 409)."""
     try:
         command = validated(command)
     except msgspec.ValidationError as error:
@@ -169,8 +186,7 @@ async def _send(bus: BusDep, command: ConversationCommand, idempotency_key: str 
     command_id = command_msg_id(
         command.name(), command.conversation_id, command.user_id, idempotency_key
     )
-    verdict = await bus.send_command(command, command_id)
-    return json_response(CommandAccepted.of(verdict), status_code=202)
+    return await bus.send_command(command, command_id)
 
 
 async def _body(request: Request, bus: BusDep, body_type: type[B]) -> B:
@@ -268,19 +284,46 @@ async def list_conversations(
 
 @router.get("/conversations/{conversation_id}", summary="One conversation's state")
 async def get_conversation(conversation_id: str, user: UserId, bus: BusDep) -> Response:
+    """Folded from the log, so it includes every event up to `last_event_id`; a deleted
+    conversation (or another user's) is a 404."""
     info = await bus.owned_conversation(user, conversation_id)
     return json_response(ConversationView.of(info))
 
 
-@router.delete("/conversations/{conversation_id}", status_code=202)
+@router.delete(
+    "/conversations/{conversation_id}", status_code=202, summary="Delete the conversation"
+)
 async def delete_conversation(
     conversation_id: str, user: UserId, bus: BusDep, idempotency_key: IdempotencyKey = None
 ) -> Response:
+    """Deleted means gone: once accepted (202), GET, the events, the WebSocket and the list
+    answer 404, and the conversation's events, rows and workspace are purged."""
     command = DeleteConversation(user_id=user, conversation_id=conversation_id)
     return await _send(bus, command, idempotency_key)
 
 
-@router.post("/conversations/{conversation_id}/message", status_code=202)
+@router.patch(
+    "/conversations/{conversation_id}", status_code=202, summary="Rename the conversation"
+)
+async def rename_conversation(
+    conversation_id: str,
+    request: Request,
+    user: UserId,
+    bus: BusDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Body `{"title": "..."}` (OpenHands' UpdateConversationRequest; the title is stripped, 1..200
+    characters). Answers OpenHands' `true` once the new title is in the log, so GET and the
+    list show it at once; allowed in every status but deleted."""
+    title = (await _body(request, bus, RenameBody)).stripped_title()
+    command = RenameConversation(user_id=user, conversation_id=conversation_id, title=title)
+    await _decide(bus, command, idempotency_key)
+    return json_response(True, status_code=202)
+
+
+@router.post(
+    "/conversations/{conversation_id}/message", status_code=202, summary="Send a user message"
+)
 async def send_message(
     conversation_id: str,
     request: Request,
@@ -311,6 +354,11 @@ def _control_endpoint(
     return endpoint
 
 
+_VERDICT = (
+    "202 with the status after the command once session-manager accepted it and its events are "
+    "in the log; 409 (with the current status and the reason) when the conversation's status "
+    "does not allow it, as the contracts' transition table says."
+)
 # Bodyless commands: path suffix -> (command factory, summary).
 _CONTROL_COMMANDS: dict[str, tuple[Callable[..., ConversationCommand], str]] = {
     "start": (StartConversation, "Start the conversation"),
@@ -327,6 +375,7 @@ for _action, (_command_for, _summary) in _CONTROL_COMMANDS.items():
         methods=["POST"],
         status_code=202,
         summary=_summary,
+        description=_VERDICT,
         name=f"{_action}_conversation",
     )
 
@@ -392,6 +441,7 @@ async def search_events(
 async def get_event(
     conversation_id: str, event_id: Annotated[int, Path(ge=0)], user: UserId, bus: BusDep
 ) -> Response:
+    """The event with this id, in the same wire view as `/events` and the WebSocket."""
     query = contract_query(
         GetEvent, user_id=user, conversation_id=conversation_id, event_id=event_id
     )
@@ -400,11 +450,80 @@ async def get_event(
     return json_response(to_wire(reply.event))
 
 
+@router.post(
+    "/conversations/{conversation_id}/events",
+    status_code=202,
+    summary="Add a user message as an OpenHands event (add_event)",
+)
+async def add_event(
+    conversation_id: str,
+    request: Request,
+    user: UserId,
+    bus: BusDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Body: an OpenHands event dict. Only a user `MessageAction`
+    (`{"action": "message", "args": {"content": "..."}}`) is taken, as `/message` takes it;
+    any other event is a 422 saying why. Answers OpenHands' `{success: true}` with the
+    accepted command's fields."""
+    content = (await _body(request, bus, AddEventBody)).user_message()
+    command = SendMessage(user_id=user, conversation_id=conversation_id, content=content)
+    verdict = await _decide(bus, command, idempotency_key)
+    return json_response(EventAdded.of(verdict), status_code=202)
+
+
+@router.get("/conversations/{conversation_id}/trajectory", summary="The whole event history")
+async def get_trajectory(
+    conversation_id: str, request: Request, user: UserId, bus: BusDep
+) -> Response:
+    """OpenHands' `{trajectory: [...]}`: every event, in order, as `/events` serves it. Read in
+    pages from the event store (read-your-writes as `/events`); a trajectory larger than
+    `TASKBUS_TRAJECTORY_MAX_BYTES` is a 413, to be read in pages from `/events` instead."""
+    await bus.owned_conversation(user, conversation_id)
+    max_bytes: int = request.app.state.settings.trajectory_max_bytes
+    trajectory: list[dict[str, Any]] = []
+    size, start_id = 0, 0
+    while True:
+        search = contract_query(
+            SearchEvents,
+            user_id=user,
+            conversation_id=conversation_id,
+            start_id=start_id,
+            limit=100,
+        )
+        page = await bus.ask(search, EventPage)
+        size += sum(len(raw) for raw in page.events)
+        if size > max_bytes:
+            raise Problem(
+                413,
+                f"the trajectory is larger than {max_bytes} bytes; read it from /events in pages",
+                kind="content-too-large",
+                title="Trajectory too large",
+                max_bytes=max_bytes,
+            )
+        trajectory += (to_wire(raw) for raw in page.events)
+        if not page.has_more or page.next_start_id is None:
+            return json_response({"trajectory": trajectory})
+        start_id = page.next_start_id
+
+
+@router.get("/conversations/{conversation_id}/config", summary="The conversation's runtime ids")
+async def get_runtime_config(conversation_id: str, user: UserId, bus: BusDep) -> Response:
+    """OpenHands' `{runtime_id, session_id}`: the id of the sandbox the conversation last had
+    (null before it has one) and the conversation's id, which is OpenHands' session id."""
+    await bus.owned_conversation(user, conversation_id)
+    runtime = await bus.last_event(conversation_id, RuntimeStatusChanged)
+    runtime_id = runtime.sandbox_id if runtime is not None and runtime.sandbox_id else None
+    return json_response({"runtime_id": runtime_id, "session_id": conversation_id})
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 
 @router.get("/settings", summary="Your settings (the LLM API key only as llm_api_key_set)")
 async def get_user_settings(user: UserId, bus: BusDep) -> Response:
+    """Defaults until the user stores settings; OpenHands' ApiSettings keys Taskbus has no
+    setting for come back as fixed values (docs/openhands-compat.md)."""
     return json_response(SettingsView.of(await bus.user_settings(user)))
 
 

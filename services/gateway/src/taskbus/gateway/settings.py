@@ -40,4 +40,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     # file holding it; without one, a PUT with an LLM key is refused.
     secrets_key: str | None = None
     secrets_key_file: str | None = None
+    # Largest trajectory (GET …/trajectory) answered in one reply (the sum of its stored
+    # events); a longer one is a 413, to be read in pages from /events.
+    trajectory_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 * 1024 * 1024
     log_level: str = "INFO"

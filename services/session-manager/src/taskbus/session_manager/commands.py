@@ -18,12 +18,13 @@ from taskbus.contracts.commands import (
     ConversationCommand,
     DeleteConversation,
     PauseConversation,
+    RenameConversation,
     ResumeConversation,
     SendMessage,
     StartConversation,
     StopConversation,
 )
-from taskbus.contracts.events import Event, EventSource, MessageAction
+from taskbus.contracts.events import ConversationRenamed, Event, EventSource, MessageAction
 from taskbus.contracts.status import Control, ConversationStatus, command_target
 from taskbus.session_manager.lifecycle import (
     confirmation_events,
@@ -58,6 +59,7 @@ _CONTROLS: dict[type[ConversationCommand], Control] = {
     SendMessage: Control.MESSAGE,
     ConfirmAction: Control.CONFIRM,
     DeleteConversation: Control.DELETE,
+    RenameConversation: Control.RENAME,
 }
 
 
@@ -95,6 +97,12 @@ def verdict(state: ConversationState, command: ConversationCommand) -> Accept | 
             events = resume_events(state)
         case DeleteConversation():
             events = delete_events(state)
+        case RenameConversation():
+            events = [
+                ConversationRenamed(
+                    conversation_id=cid, source=EventSource.USER, title=command.title
+                )
+            ]
         case ConfirmAction():
             events = confirmation_events(state, command.confirmed)
             if not events:

@@ -46,7 +46,8 @@ from taskbus.contracts.events import (
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
-from taskbus.session_manager import admission, commands, log
+from taskbus.session_manager import commands, log
+from taskbus.session_manager.admission_desk import AdmissionDesk
 from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.decide import (
     Step,
@@ -54,14 +55,12 @@ from taskbus.session_manager.decide import (
     as_proposal,
     is_settled,
     next_step,
-    start_events,
     status_event,
 )
 from taskbus.session_manager.history import to_messages
-from taskbus.session_manager.lifecycle import stop_events
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
 from taskbus.session_manager.settings import SessionManagerSettings
-from taskbus.session_manager.state import ConversationState, apply, fold, holds_slot
+from taskbus.session_manager.state import ConversationState, apply, fold
 from taskbus.session_manager.stuck import is_stuck, stuck_events
 from taskbus.session_manager.time_limits import time_limit_events
 from taskbus.session_manager.tools import TOOLS, event_for_call
@@ -129,7 +128,9 @@ class SessionManager:
         self._states: dict[str, ConversationState] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
-        self._admission_lock = asyncio.Lock()
+        self._admission = AdmissionDesk(
+            settings, self._states, self._settings_store.get, self._append
+        )
         # Held while deciding from a conversation's state and appending what was decided, so a
         # command's verdict and the driver's steps never act on a state the other has changed.
         # Never taken while the admission lock is held.
@@ -174,7 +175,7 @@ class SessionManager:
             asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
         ]
         self._background.add(asyncio.create_task(self._sweep(), name="sweep"))
-        await self._admit_waiting()
+        await self._admission.admit_waiting()
 
     async def stop(self) -> None:
         # nats-py's fetch does not survive cancellation, so consumers stop at their next poll.
@@ -273,7 +274,8 @@ class SessionManager:
             self._states.pop(cid)  # missed events: rebuild from the log
             await self._load(cid)
         if isinstance(event, ConversationStatusChanged) and event.status in SETTLED_STATUSES:
-            task = asyncio.create_task(self._admit_waiting())  # a slot may have been freed
+            # A slot may have been freed.
+            task = asyncio.create_task(self._admission.admit_waiting())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -330,7 +332,7 @@ class SessionManager:
                 if step is Step.CALL_LLM:
                     await self._step_llm(state)
                 else:
-                    await self._readmit(conversation_id)
+                    await self._admission.readmit(conversation_id)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -411,99 +413,6 @@ class SessionManager:
             self._settings.condensation_keep_recent_events,
         )
 
-    # --- admission ------------------------------------------------------------------------
-
-    async def _limits_of(self, user_id: str) -> admission.UserLimits:
-        return admission.user_limits(await self._settings_store.get(user_id), self._settings)
-
-    def _running(self) -> list[admission.Running]:
-        return [
-            admission.Running(
-                conversation_id=s.conversation_id,
-                user_id=s.user_id,
-                last_activity=s.last_activity or datetime.min.replace(tzinfo=UTC),
-                priority=s.spec.priority,
-            )
-            for s in self._states.values()
-            if holds_slot(s)
-        ]
-
-    def _queued(self, user_id: str) -> int:
-        return sum(
-            1
-            for s in self._states.values()
-            if s.user_id == user_id and s.status == ConversationStatus.QUEUED and not s.deleted
-        )
-
-    async def _start_or_queue(
-        self, state: ConversationState, prefix: list[Event], *, new: bool = False
-    ) -> admission.Reject | None:
-        """Admit `state` now (evicting if the policy says so) or queue it, appending `prefix`
-        first. Admission lock held. A `new` one (created or restarted, not yet waiting) that
-        would wait beyond the user's queue limit is refused: nothing is appended and the
-        refusal is returned."""
-        limits = await self._limits_of(state.user_id)
-        running = self._running()
-        priority = state.spec.priority
-        max_running = self._settings.max_running
-        decision = (
-            admission.admit_new(
-                state.user_id, running, self._queued(state.user_id), limits, max_running, priority
-            )
-            if new
-            else admission.admit(state.user_id, running, limits, max_running, priority)
-        )
-        if isinstance(decision, admission.Reject):
-            logger.info("%s refused: %s", state.conversation_id, decision.reason)
-            return decision
-        if isinstance(decision, admission.Queue):
-            queued: list[Event] = []
-            if state.status != ConversationStatus.QUEUED:
-                queued = [status_event(state, ConversationStatus.QUEUED, decision.reason)]
-            await self._append([*prefix, *queued])
-            return None
-        await self._evict(decision.evict)
-        await self._append([*prefix, *start_events(state)])
-        return None
-
-    async def _evict(self, conversation_ids: Sequence[str]) -> None:
-        for cid in conversation_ids:
-            logger.info("evicting %s: its user has too many conversations", cid)
-            await self._append(stop_events(self._states[cid], admission.EVICTION_REASON))
-
-    async def _readmit(self, conversation_id: str) -> None:
-        async with self._admission_lock:
-            state = self._states[conversation_id]
-            if next_step(state) is Step.READMIT:
-                await self._start_or_queue(state, [])
-
-    async def _admit_waiting(self) -> None:
-        async with self._admission_lock:
-            waiting = [
-                admission.Waiting(
-                    conversation_id=s.conversation_id,
-                    user_id=s.user_id,
-                    priority=s.spec.priority,
-                    since=s.status_since or datetime.min.replace(tzinfo=UTC),
-                )
-                for s in self._states.values()
-                if s.status == ConversationStatus.QUEUED and not s.deleted
-            ]
-            if not waiting:
-                return
-            limits = {w.user_id: await self._limits_of(w.user_id) for w in waiting}
-            admitted = admission.admit_waiting(
-                waiting,
-                self._running(),
-                limits.__getitem__,
-                self._settings.max_running,
-                datetime.now(UTC),
-            )
-            for candidate, decision in admitted:
-                await self._evict(decision.evict)
-                state = self._states[candidate.conversation_id]
-                await self._append(start_events(state))
-
     # --- commands -------------------------------------------------------------------------
 
     async def _on_commands(self, batch: list[Msg]) -> None:
@@ -564,15 +473,14 @@ class SessionManager:
 
     async def _restart(self, conversation_id: str) -> commands.Refuse | None:
         """Admit a stopped conversation again; refused if the user's queue is full."""
-        async with self._admission_lock:
-            refused = await self._start_or_queue(self._states[conversation_id], [], new=True)
+        refused = await self._admission.restart(conversation_id)
         if refused is None:
             return None
         return commands.Refuse(reason=QUEUE_FULL, detail=refused.detail)
 
     async def _create(self, command: CreateConversation) -> None:
         cid = command.conversation_id
-        async with self._admission_lock:
+        async with self._admission.lock:
             if await log.conversation_exists(self._js, cid):
                 logger.info("conversation %s already exists; CreateConversation ignored", cid)
                 return
@@ -588,7 +496,7 @@ class SessionManager:
             state = apply(
                 ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
             )
-            refused = await self._start_or_queue(state, [created], new=True)
+            refused = await self._admission.start_or_queue(state, [created], new=True)
             if refused is not None:
                 rejected = ConversationRejected(
                     conversation_id=cid,

@@ -22,6 +22,7 @@ from taskbus.contracts.events import (
     ConfirmationGiven,
     ConversationCreated,
     ConversationDeleted,
+    ConversationRenamed,
     ConversationStatusChanged,
     ErrorObservation,
     Event,
@@ -192,6 +193,8 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
             )
         case ConversationDeleted():
             return replace(state, deleted=True)
+        case ConversationRenamed():
+            return replace(state, title=event.title)
         case RuntimeRequested():
             # A new sandbox: nothing will ever answer an action sent to the previous one, and a
             # proposal for the previous one is void.
