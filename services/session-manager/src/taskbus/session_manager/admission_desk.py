@@ -39,7 +39,7 @@ class AdmissionDesk:
         settings_of: SettingsOf,
         append: Append,
     ) -> None:
-        """`states` is the service's live map of conversation states (read, never written);
+        """`states` is the live view of the conversation cache (read, never written);
         `append` returns once the states include the appended events."""
         self._settings = settings
         self._states = states

@@ -34,6 +34,7 @@ from taskbus.contracts.events import (
     utc_now,
 )
 from taskbus.contracts.status import (
+    ENDED_STATUSES,
     LIVE_RUNTIME_STATUSES,
     SETTLED_STATUSES,
     AgentState,
@@ -73,7 +74,7 @@ def next_step(state: ConversationState) -> Step | list[Event]:
             return _paused(state)
         case _S.QUEUED | _S.ARCHIVED:
             return Step.WAIT
-        case _S.STOPPED | _S.FINISHED | _S.ERROR:
+        case status if status in ENDED_STATUSES:
             return _ended(state)
     return _running(state)
 

@@ -43,7 +43,7 @@ def stop_events(state: ConversationState, reason: str) -> list[Event]:
 
 
 def pause_events(state: ConversationState, reason: str = "user_pause") -> list[Event]:
-    if state.status not in (_S.RUNNING, _S.STARTING):
+    if state.status is None or not can_transition(state.status, _S.PAUSED):
         return []
     return [
         runtime_control_event(state, RuntimeControl.PAUSE, reason),

@@ -1,9 +1,9 @@
 """Session-manager at run time: consumes commands and events, admits, and drives agent loops.
 
-Each conversation's state lives in memory as the fold of its log. A conversation whose state
-changed gets a driver task that asks `next_step` what to do, does it (append, call the LLM,
-readmit) and repeats until the answer is to wait; so conversations progress concurrently and a
-restarted service picks up from the log.
+Each conversation's state lives in memory as the fold of its log (`Conversations`). A
+conversation whose state changed gets a driver task that asks `next_step` what to do, does it
+(append, call the LLM, readmit) and repeats until the answer is to wait; so conversations
+progress concurrently and a restarted service picks up from the log.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationS
 from taskbus.session_manager import commands, log
 from taskbus.session_manager.admission_desk import AdmissionDesk
 from taskbus.session_manager.condensation import plan_condensation
+from taskbus.session_manager.conversations import Conversations
 from taskbus.session_manager.decide import (
     Step,
     agent_state_event,
@@ -60,7 +61,7 @@ from taskbus.session_manager.decide import (
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
 from taskbus.session_manager.settings import SessionManagerSettings
-from taskbus.session_manager.state import ConversationState, apply, fold
+from taskbus.session_manager.state import ConversationState, apply
 from taskbus.session_manager.stuck import is_stuck, stuck_events
 from taskbus.session_manager.time_limits import time_limit_events
 from taskbus.session_manager.tools import TOOLS, event_for_call
@@ -125,17 +126,15 @@ class SessionManager:
         self._dead_letters = DeadLetters(js, subjects.SESSION_MANAGER)
         self._settings_store = log.SettingsStore(js)
         self._verdicts = log.VerdictStore(js)
-        self._states: dict[str, ConversationState] = {}
-        self._changed: dict[str, asyncio.Event] = {}
+        self._conversations = Conversations(js, lambda state: self._kick(state.conversation_id))
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._admission = AdmissionDesk(
-            settings, self._states, self._settings_store.get, self._append
+            settings, self._conversations.states, self._settings_store.get, self._append
         )
         # Held while deciding from a conversation's state and appending what was decided, so a
         # command's verdict and the driver's steps never act on a state the other has changed.
         # Never taken while the admission lock is held.
         self._deciding: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._subscriptions: list[JetStreamContext.PullSubscription] = []
@@ -144,7 +143,7 @@ class SessionManager:
     @property
     def held_conversations(self) -> frozenset[str]:
         """The conversations whose state is in memory (the others are folded when needed)."""
-        return frozenset(self._states)
+        return frozenset(self._conversations.states)
 
     # --- start / stop ---------------------------------------------------------------------
 
@@ -168,8 +167,8 @@ class SessionManager:
         )
         self._subscriptions = [events, commands]
         for cid in await log.conversations_to_recover(self._js):
-            await self._load(cid)
-        logger.info("recovered %d conversations", len(self._states))
+            await self._conversations.load(cid)
+        logger.info("recovered %d conversations", len(self._conversations.states))
         self._tasks = [
             asyncio.create_task(self._consume(events, self._on_event_message), name="events"),
             asyncio.create_task(self._consume(commands, self._on_commands), name="commands"),
@@ -207,8 +206,8 @@ class SessionManager:
         while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
             now = datetime.now(UTC)
-            for cid, state in list(self._states.items()):
-                if self._states.get(cid) is not state:
+            for cid, state in list(self._conversations.states.items()):
+                if self._conversations.states.get(cid) is not state:
                     continue  # changed during an append of this sweep
                 if is_settled(state) or not state.created:
                     self._forget(cid)
@@ -217,85 +216,33 @@ class SessionManager:
                     continue
                 try:
                     async with self._deciding[cid]:
-                        events = time_limit_events(self._states[cid], now)
+                        events = time_limit_events(self._conversations[cid], now)
                         logger.info("%s reached a time limit: %s", cid, events[:1])
                         await self._append(events)
                 except Exception:
                     logger.exception("time limit of %s not applied; retrying", cid)
 
     def _forget(self, conversation_id: str) -> None:
-        """Drop a settled conversation's state unless a task is using it; `_load` folds it from
-        the log again when an event or a command names it."""
-        busy = (
-            conversation_id in self._drivers
-            or conversation_id in self._changed
-            or self._loading[conversation_id].locked()
-            or self._deciding[conversation_id].locked()
-        )
-        if not busy:
-            del self._states[conversation_id]
-            self._loading.pop(conversation_id, None)
+        """Drop a settled conversation's state unless a task is using it."""
+        in_use = conversation_id in self._drivers or self._deciding[conversation_id].locked()
+        if self._conversations.forget(conversation_id, in_use=in_use):
             self._deciding.pop(conversation_id, None)
 
     # --- state ----------------------------------------------------------------------------
 
-    async def _load(self, conversation_id: str) -> ConversationState:
-        """The conversation's state, rebuilt from the log the first time it is needed."""
-        async with self._loading[conversation_id]:
-            state = self._states.get(conversation_id)
-            if state is None:
-                events = await log.read_conversation(self._js, conversation_id)
-                self._advance(fold(conversation_id, events))
-                state = self._states[conversation_id]
-            return state
-
-    def _advance(self, state: ConversationState) -> None:
-        """Keep the newer of two states of a conversation (both are folds of a log prefix)."""
-        current = self._states.get(state.conversation_id)
-        if current is not None and current.last_event_id >= state.last_event_id:
-            return
-        self._states[state.conversation_id] = state
-        waiter = self._changed.pop(state.conversation_id, None)
-        if waiter is not None:
-            waiter.set()
-        self._kick(state.conversation_id)
-
     async def _observe(self, event: AnyEvent | UnknownEvent) -> None:
-        cid = event.conversation_id
-        state = self._states.get(cid)
-        if state is None:
-            if event.id == 0:
-                self._advance(apply(ConversationState(conversation_id=cid), event))
-            else:
-                await self._load(cid)
-        elif event.id == state.last_event_id + 1:
-            self._advance(apply(state, event))
-        elif event.id > state.last_event_id + 1:
-            self._states.pop(cid)  # missed events: rebuild from the log
-            await self._load(cid)
+        await self._conversations.observe(event)
         if isinstance(event, ConversationStatusChanged) and event.status in SETTLED_STATUSES:
             # A slot may have been freed.
             task = asyncio.create_task(self._admission.admit_waiting())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _wait_until(self, conversation_id: str, event_id: int) -> None:
-        while self._states[conversation_id].last_event_id < event_id:
-            waiter = self._changed.setdefault(conversation_id, asyncio.Event())
-            await asyncio.wait_for(waiter.wait(), timeout=30)
-
     async def _append(self, events: Sequence[Event]) -> None:
-        """Append, apply, and return once the in-memory state includes the new events."""
+        """Append, and return once the in-memory state includes the new events."""
         if not events:
             return
-        appended = await self._appender.append_all(events)
-        cid = appended[0].conversation_id
-        state = self._states.get(cid) or ConversationState(conversation_id=cid)
-        for event in appended:
-            if event.id == state.last_event_id + 1:
-                state = apply(state, event)
-        self._advance(state)
-        await self._wait_until(cid, appended[-1].id)
+        await self._conversations.include(await self._appender.append_all(events))
 
     # --- events consumer ------------------------------------------------------------------
 
@@ -322,7 +269,7 @@ class SessionManager:
         try:
             while True:
                 async with self._deciding[conversation_id]:
-                    state = self._states[conversation_id]
+                    state = self._conversations[conversation_id]
                     step = next_step(state)
                     if isinstance(step, list):
                         await self._append(step)
@@ -355,7 +302,7 @@ class SessionManager:
             await self._fail_llm_step(cid, error)
             return
         async with self._deciding[cid]:
-            state = self._states[cid]
+            state = self._conversations[cid]
             if next_step(state) is not Step.CALL_LLM:
                 return
             if is_stuck(state, self._settings.stuck_repetitions):
@@ -376,7 +323,7 @@ class SessionManager:
 
         async def rate_limited(code: str, delay: float) -> None:
             async with self._deciding[cid]:
-                current = self._states[cid]
+                current = self._conversations[cid]
                 if (
                     code == "llm_rate_limited"
                     and current.agent_state == AgentState.RUNNING
@@ -391,12 +338,12 @@ class SessionManager:
             await self._fail_llm_step(cid, error)
             return
         async with self._deciding[cid]:
-            await self._append(_after_completion(self._states[cid], completion))
+            await self._append(_after_completion(self._conversations[cid], completion))
 
     async def _fail_llm_step(self, conversation_id: str, error: LLMError) -> None:
         logger.warning("LLM call for %s failed: %s", conversation_id, error.code)
         async with self._deciding[conversation_id]:
-            current = self._states[conversation_id]
+            current = self._conversations[conversation_id]
             if next_step(current) is Step.CALL_LLM:
                 await self._append(_llm_failure_events(current, error))
 
@@ -458,14 +405,14 @@ class SessionManager:
             return
         cid = command.conversation_id
         async with self._deciding[cid]:
-            state = await self._load(cid)
+            state = await self._conversations.load(cid)
             decision = commands.verdict(state, command)
             if isinstance(decision, commands.Accept):
                 if decision.admit:
                     decision = await self._restart(cid) or decision
                 else:
                     await self._append(decision.events)
-            answer = commands.command_verdict(command, self._states[cid], decision)
+            answer = commands.command_verdict(command, self._conversations[cid], decision)
         if isinstance(decision, commands.Refuse):
             logger.info("%s on %s refused: %s", command.name(), cid, decision.detail)
         if answer is not None:

@@ -1,0 +1,95 @@
+"""The folded state of each conversation session-manager holds in memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+
+from nats.js import JetStreamContext
+
+from taskbus.contracts.events import AnyEvent, Event, UnknownEvent
+from taskbus.session_manager import log
+from taskbus.session_manager.state import ConversationState, apply, fold
+
+OnChange = Callable[[ConversationState], None]
+
+
+class Conversations:
+    """A cache of `fold(log)` per conversation, out of `SessionManager` so that class keeps one
+    job less and the fold stays pure: it folds a conversation from the log on a miss, applies
+    each event in order (refolding after a gap), forgets a state nobody uses, and calls
+    `on_change(state)` whenever a conversation's state moves forward."""
+
+    def __init__(self, js: JetStreamContext, on_change: OnChange) -> None:
+        self._js = js
+        self._on_change = on_change
+        self._states: dict[str, ConversationState] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.states: Mapping[str, ConversationState] = MappingProxyType(self._states)
+        """A live read-only view of the states held."""
+
+    def __getitem__(self, conversation_id: str) -> ConversationState:
+        return self._states[conversation_id]
+
+    async def load(self, conversation_id: str) -> ConversationState:
+        """The conversation's state, rebuilt from the log the first time it is needed."""
+        async with self._loading[conversation_id]:
+            state = self._states.get(conversation_id)
+            if state is None:
+                events = await log.read_conversation(self._js, conversation_id)
+                self._advance(fold(conversation_id, events))
+                state = self._states[conversation_id]
+            return state
+
+    async def observe(self, event: AnyEvent | UnknownEvent) -> None:
+        """Apply an event read from the log: the next one is applied, a later one means some
+        were missed (the state is folded again), an earlier one is already in."""
+        cid = event.conversation_id
+        state = self._states.get(cid)
+        if state is None:
+            if event.id == 0:
+                self._advance(apply(ConversationState(conversation_id=cid), event))
+            else:
+                await self.load(cid)
+        elif event.id == state.last_event_id + 1:
+            self._advance(apply(state, event))
+        elif event.id > state.last_event_id + 1:
+            self._states.pop(cid)  # missed events: rebuild from the log
+            await self.load(cid)
+
+    async def include(self, appended: Sequence[Event]) -> None:
+        """Apply events just appended to one conversation (with their ids), and return once its
+        state includes them, if need be through `observe`."""
+        cid = appended[0].conversation_id
+        state = self._states.get(cid) or ConversationState(conversation_id=cid)
+        for event in appended:
+            if event.id == state.last_event_id + 1:
+                state = apply(state, event)
+        self._advance(state)
+        while self._states[cid].last_event_id < appended[-1].id:
+            waiter = self._changed.setdefault(cid, asyncio.Event())
+            await asyncio.wait_for(waiter.wait(), timeout=30)
+
+    def forget(self, conversation_id: str, *, in_use: bool) -> bool:
+        """Drop a conversation's state unless it is `in_use` by the caller or being loaded or
+        waited for here; `load` folds it from the log again when it is needed. True if
+        dropped."""
+        if in_use or conversation_id in self._changed or self._loading[conversation_id].locked():
+            return False
+        del self._states[conversation_id]
+        self._loading.pop(conversation_id, None)
+        return True
+
+    def _advance(self, state: ConversationState) -> None:
+        """Keep the newer of two states of a conversation (both are folds of a log prefix)."""
+        current = self._states.get(state.conversation_id)
+        if current is not None and current.last_event_id >= state.last_event_id:
+            return
+        self._states[state.conversation_id] = state
+        waiter = self._changed.pop(state.conversation_id, None)
+        if waiter is not None:
+            waiter.set()
+        self._on_change(state)
