@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -21,7 +22,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from taskbus.contracts.specs import NetworkMode, Resources
+from taskbus.contracts.specs import NetworkMode
+from taskbus.runtime_runner.backend import sandbox_user
 from taskbus.runtime_runner.docker_sandbox import (
     DockerEngine,
     DockerSandbox,
@@ -29,8 +31,9 @@ from taskbus.runtime_runner.docker_sandbox import (
     EngineUnavailable,
 )
 from taskbus.runtime_runner.limits import SandboxResources
-from taskbus.runtime_runner.local import LocalLimits, LocalSandbox
+from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.sandbox import CommandRequest, Sandbox
+from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 
 LIMITS = ShellLimits(
@@ -103,10 +106,17 @@ async def main() -> None:
     options = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="taskbus-bench-"))
 
+    # As the runner runs them: under bubblewrap where it is installed, as the sandbox user.
+    user = sandbox_user(RuntimeRunnerSettings())
+    confinement = LocalConfinement(
+        bubblewrap=shutil.which("bwrap") is not None,
+        user=user,
+        resources=RESOURCES,
+        max_file_bytes=1 << 30,
+    )
+
     def local() -> Sandbox:
-        return LocalSandbox(
-            uuid.uuid4().hex, root, LIMITS, LocalLimits(1 << 30, Resources()), clone_seconds=60
-        )
+        return LocalSandbox(uuid.uuid4().hex, root, LIMITS, confinement, clone_seconds=60)
 
     results = {"local": await measure(local, options.starts, options.commands)}
     try:
@@ -114,7 +124,9 @@ async def main() -> None:
     except EngineUnavailable as reason:
         print(f"docker skipped: {reason}")
     else:
-        config = DockerSandboxConfig(engine, options.image, "bench", {"taskbus.bench": "1"})
+        config = DockerSandboxConfig(
+            engine, options.image, "bench", {"taskbus.bench": "1"}, user=user
+        )
 
         def docker() -> Sandbox:
             return DockerSandbox(

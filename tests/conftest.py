@@ -34,6 +34,13 @@ class Stack(msgspec.Struct, frozen=True, kw_only=True):
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
+    def client(self, key: str | None = None, **options: Any) -> httpx.AsyncClient:
+        """An API client of the local user, or of the user `key` is; `options` are httpx's
+        (a 60 s timeout unless given)."""
+        headers = self.headers if key is None else {"Authorization": f"Bearer {key}"}
+        options.setdefault("timeout", 60)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, **options)
+
     def bus_credential(self, user: str) -> BusCredential:
         """The NATS credential `taskbus up` gave `user` (a service, or "admin")."""
         return read_credential(credential_file(self.data_dir / "bus", user))
@@ -112,5 +119,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """The local user's client on whichever `stack` the test module runs (modules override it)."""
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as client:
+    async with stack.client() as client:
         yield client

@@ -59,20 +59,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-async def client_for(stack: Stack, key: str | None = None) -> httpx.AsyncClient:
-    headers = stack.headers if key is None else {"Authorization": f"Bearer {key}"}
-    return httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=WAIT_SECONDS)
-
-
-@pytest.fixture
-async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with await client_for(stack) as client:
-        yield client
-
-
 @pytest.fixture
 async def queueing(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with await client_for(stack, QUEUE_KEY) as client:
+    async with stack.client(QUEUE_KEY) as client:
         settings = {"max_concurrent_conversations": 1, "concurrency_policy": "queue"}
         assert (await client.put("/api/settings", json=settings)).status_code == 200
         yield client
@@ -156,24 +145,18 @@ async def in_status(client: httpx.AsyncClient, status: ConversationStatus) -> st
     return cid
 
 
+# The command that takes a conversation waiting for the user's answer to each status.
+LEADS_TO = {S.PAUSED: "pause", S.STOPPED: "stop", S.FINISHED: "message"}
+
+
 async def _in_status(client: httpx.AsyncClient, status: ConversationStatus) -> str:
     match status:
         case S.RUNNING:
             return await waiting_for_user(client)
-        case S.PAUSED:
+        case S.PAUSED | S.STOPPED | S.FINISHED:
             cid = await waiting_for_user(client)
-            assert (await send(client, cid, "pause")).status_code == 202
-            await reach(client, cid, "PAUSED")
-            return cid
-        case S.STOPPED:
-            cid = await waiting_for_user(client)
-            assert (await send(client, cid, "stop")).status_code == 202
-            await reach(client, cid, "STOPPED")
-            return cid
-        case S.FINISHED:
-            cid = await waiting_for_user(client)
-            assert (await send(client, cid, "message")).status_code == 202
-            await reach(client, cid, "FINISHED")
+            assert (await send(client, cid, LEADS_TO[status])).status_code == 202
+            await reach(client, cid, status)
             return cid
         case S.ERROR:
             cid = await create(client, repository=MISSING_REPOSITORY)
@@ -286,7 +269,7 @@ async def test_confirm_and_reject_are_accepted_only_while_an_action_awaits_the_a
 
 
 async def test_confirm_on_an_idle_paused_conversation_wakes_it(stack: Stack) -> None:
-    async with await client_for(stack) as api:
+    async with stack.client() as api:
         cid = await awaiting_confirmation(api, timeouts={"idle_seconds": 1})
         await reach(api, cid, "PAUSED")
         response = await send(api, cid, "confirm")
@@ -346,7 +329,7 @@ async def events_of(client: httpx.AsyncClient, cid: str, kind: str) -> list[dict
 async def test_the_users_no_change_timeout_and_confirmation_mode_apply_to_new_conversations(
     stack: Stack,
 ) -> None:
-    async with await client_for(stack, DEFAULTS_KEY) as user:
+    async with stack.client(DEFAULTS_KEY) as user:
         settings = {"no_change_timeout_seconds": 3, "confirmation_mode": True}
         stored = await user.put("/api/settings", json=settings)
         assert stored.status_code == 200, stored.text
@@ -381,7 +364,7 @@ async def test_a_message_while_awaiting_confirmation_rejects_and_the_agent_goes_
 async def test_eviction_never_stops_a_higher_priority_conversation_for_a_lower_one(
     stack: Stack,
 ) -> None:
-    async with await client_for(stack, PRIORITY_KEY) as user:
+    async with stack.client(PRIORITY_KEY) as user:
         settings = {"max_concurrent_conversations": 1, "concurrency_policy": "evict_oldest"}
         assert (await user.put("/api/settings", json=settings)).status_code == 200
         important = await waiting_for_user(user, priority=10)

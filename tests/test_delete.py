@@ -75,7 +75,7 @@ class Deleted(msgspec.Struct, kw_only=True):
 @pytest.fixture(scope="module")
 async def deleted(stack: Stack) -> AsyncIterator[Deleted]:
     """Two finished conversations, one of them deleted (not yet necessarily purged)."""
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as api:
+    async with stack.client() as api:
         key = uuid.uuid4().hex
         ids = []
         for headers in ({"Idempotency-Key": key}, {}):
@@ -94,12 +94,6 @@ async def deleted(stack: Stack) -> AsyncIterator[Deleted]:
         response = await api.delete(f"/api/conversations/{ids[0]}")
         assert response.is_success, response.text
         yield Deleted(deleted=ids[0], kept=ids[1], kept_events=finals[1], idempotency_key=key)
-
-
-@pytest.fixture
-async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as client:
-        yield client
 
 
 async def admin_js(stack: Stack) -> Any:

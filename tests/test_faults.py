@@ -62,13 +62,9 @@ def local_fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stac
         yield stack
 
 
-def _client(stack: Stack) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=30)
-
-
 @pytest.fixture
 async def api(fault_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with _client(fault_stack) as client:
+    async with fault_stack.client(timeout=30) as client:
         yield client
 
 
@@ -266,7 +262,7 @@ async def test_runtime_runner_killed_mid_command_answers_it_with_a_clear_error(
     async def kill_runtime_runner() -> None:
         killed.append(await _kill(stack, "runtime-runner"))
 
-    async with _client(stack) as api:
+    async with stack.client(timeout=30) as api:
         conversation_id = await _start_task(api)
         # The first chunk ("started") shows the command is running in the sandbox.
         events = await follow(

@@ -57,9 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=4 * IN_FLIGHT)
-    async with httpx.AsyncClient(
-        base_url=stack.url, headers=stack.headers, timeout=60, limits=limits
-    ) as client:
+    async with stack.client(limits=limits) as client:
         yield client
 
 

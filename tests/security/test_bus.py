@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import nats
 import nats.errors
 import pytest
@@ -62,7 +61,7 @@ async def bus_as(stack: Stack, user: str) -> AsyncIterator[Client]:
 
 
 async def conversation(stack: Stack) -> str:
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+    async with stack.client() as api:
         created = await api.post("/api/conversations", json={"initial_user_msg": "hi"})
         assert created.status_code in (200, 201), created.text
         return str(created.json()["conversation_id"])
@@ -242,7 +241,7 @@ async def test_forged_events_with_path_like_or_foreign_ids_change_nothing(stack:
     # Every consumer has refused them by now: nothing was deleted, on the host or in the log.
     for path in [*outside, inside]:
         assert path.read_text() == "the runner must not delete this", path
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+    async with stack.client() as api:
         shown = await api.get(f"/api/conversations/{victim}")
         assert shown.status_code == 200
         assert shown.json()["status"] != "DELETED"
@@ -264,7 +263,7 @@ async def test_a_command_with_a_path_like_id_is_refused(stack: Stack) -> None:
 async def test_a_services_own_work_raises_no_permissions_violation(stack: Stack) -> None:
     """Least privilege must still cover everything a service does for a task: a violation
     in a service's log means a denied step it then works around or, worse, drops."""
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as api:
+    async with stack.client() as api:
         created = await api.post("/api/conversations", json={"initial_user_msg": "hi"})
         assert created.status_code == 201, created.text
         cid = created.json()["conversation_id"]

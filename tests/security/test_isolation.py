@@ -50,7 +50,9 @@ LIMITS = ShellLimits(
 )
 # gVisor's own threads (its kernel, the ptrace stubs) count against the container's pids limit.
 RESOURCES = SandboxResources(cpus=1, memory_mb=256, pids=256, network=NetworkMode.NONE)
-USER = sandbox_user(RuntimeRunnerSettings()) or (os.getuid(), os.getgid())
+# The user a root runner's sandboxes drop to (None: the runner's own), and who that is.
+SANDBOX_USER = sandbox_user(RuntimeRunnerSettings())
+USER = SANDBOX_USER or (os.getuid(), os.getgid())
 
 BACKENDS = [
     "bwrap",
@@ -59,6 +61,13 @@ BACKENDS = [
 ]
 
 MakeSandbox = Callable[..., Awaitable[Sandbox]]
+
+
+def confinement(resources: SandboxResources) -> LocalConfinement:
+    """The runner's own local confinement: bubblewrap, as the sandbox user when root."""
+    return LocalConfinement(
+        bubblewrap=True, user=SANDBOX_USER, resources=resources, max_file_bytes=64 * 1024 * 1024
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +138,13 @@ async def make_sandbox(
 ) -> AsyncIterator[MakeSandbox]:
     backend: str = request.param
     if backend == "bwrap":
-        problem = probe(sandbox_user(RuntimeRunnerSettings()))
+        problem = probe(SANDBOX_USER)
         assert problem is None, f"bubblewrap must work here (.ci/run installs it): {problem}"
         config = None
     else:
         engine = request.getfixturevalue("docker_engine")
         config = DockerSandboxConfig(
-            engine, IMAGE, "isolation", {RUN_LABEL: RUN}, user=USER, runtime=backend
+            engine, IMAGE, "isolation", {RUN_LABEL: RUN}, user=SANDBOX_USER, runtime=backend
         )
     started: list[Sandbox] = []
 
@@ -143,14 +152,8 @@ async def make_sandbox(
         conversation_id = uuid.uuid4().hex
         sandbox: Sandbox
         if config is None:
-            confinement = LocalConfinement(
-                bubblewrap=True,
-                user=sandbox_user(RuntimeRunnerSettings()),
-                resources=resources,
-                max_file_bytes=64 * 1024 * 1024,
-            )
             sandbox = LocalSandbox(
-                conversation_id, host_dir / "workspaces", LIMITS, confinement, 60
+                conversation_id, host_dir / "workspaces", LIMITS, confinement(resources), 60
             )
         else:
             sandbox = DockerSandbox(
@@ -276,13 +279,10 @@ async def test_the_network_probe_reaches_the_service_when_the_policy_allows_it(
     network_probe: str, host_dir: Path, listener: int
 ) -> None:
     """Control of the test above: the same probe, on a sandbox with network, gets through."""
-    confinement = LocalConfinement(
-        bubblewrap=True,
-        user=sandbox_user(RuntimeRunnerSettings()),
-        resources=SandboxResources(cpus=1, memory_mb=256, pids=64, network=NetworkMode.BRIDGE),
-        max_file_bytes=1 << 20,
+    with_network = SandboxResources(cpus=1, memory_mb=256, pids=64, network=NetworkMode.BRIDGE)
+    sandbox = LocalSandbox(
+        uuid.uuid4().hex, host_dir / "workspaces", LIMITS, confinement(with_network), 60
     )
-    sandbox = LocalSandbox(uuid.uuid4().hex, host_dir / "workspaces", LIMITS, confinement, 60)
     await sandbox.start(None, None)
     try:
         outcome = await run(sandbox, f"echo > /dev/tcp/127.0.0.1/{listener} && echo reached")

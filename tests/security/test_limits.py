@@ -215,8 +215,7 @@ async def test_event_query_parameters_are_bounded(
 
 
 async def test_a_burst_of_creates_is_cut_off_with_429_and_retry_after(stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {MALLORY_KEY}"}
-    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=120) as mallory:
+    async with stack.client(MALLORY_KEY, timeout=120) as mallory:
         responses = await asyncio.gather(
             *(mallory.post("/api/conversations", json={"title": f"t{n}"}) for n in range(150))
         )
@@ -230,7 +229,7 @@ async def test_a_burst_of_creates_is_cut_off_with_429_and_retry_after(stack: Sta
         listed = await mallory.get("/api/conversations", params={"limit": 100})
         assert len(listed.json()["results"]) == BURST
     # Another user's burst is untouched.
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as local:
+    async with stack.client() as local:
         response = await local.post("/api/conversations", json={"title": "mine"})
         assert response.status_code == 201, response.text
 

@@ -45,14 +45,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 async def greedy(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """The local user, who asks for everything."""
-    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers, timeout=60) as client:
+    async with stack.client() as client:
         yield client
 
 
 @pytest.fixture
 async def bob(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {BOB_KEY}"}
-    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=60) as client:
+    async with stack.client(BOB_KEY) as client:
         yield client
 
 

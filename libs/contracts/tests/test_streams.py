@@ -4,12 +4,14 @@ cluster makes the log survive the loss of a node."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender, StreamFull
@@ -18,35 +20,40 @@ from taskbus.contracts.streams import DEDUPE_WINDOW_SECONDS, StreamLimits, ensur
 from taskbus.devtools.nats_server import NatsServer, free_port
 
 
-async def test_restarting_services_keep_operator_limits_and_restore_what_taskbus_needs(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+async def js(tmp_path: Path) -> AsyncIterator[JetStreamContext]:
+    """JetStream on a nats-server of the test's own, with no streams yet."""
     with NatsServer(tmp_path) as server:
         nc = await nats.connect(server.url)
         try:
-            js = nc.jetstream()
-            await ensure_streams(js)
-            created = (await js.stream_info(subjects.EVENTS_STREAM)).config
-            assert created.allow_direct and created.duplicate_window == DEDUPE_WINDOW_SECONDS
-            # An operator caps the log, keeps a longer dedupe window, and turns direct gets off.
-            tuned = created.evolve(
-                max_bytes=50_000_000, max_age=30 * 86400, duplicate_window=600, allow_direct=False
-            )
-            await js.update_stream(tuned)
-
-            await ensure_streams(js)  # any service starting
-
-            kept = (await js.stream_info(subjects.EVENTS_STREAM)).config
-            assert (kept.max_bytes, kept.max_age, kept.duplicate_window) == (
-                50_000_000,
-                30 * 86400,
-                600,
-            )
-            assert kept.allow_direct  # the appender's reads need it
-            assert kept.num_replicas == created.num_replicas == 1
-            assert kept.subjects == [subjects.ALL_EVENTS]
+            yield nc.jetstream()
         finally:
             await nc.drain()
+
+
+async def test_restarting_services_keep_operator_limits_and_restore_what_taskbus_needs(
+    js: JetStreamContext,
+) -> None:
+    await ensure_streams(js)
+    created = (await js.stream_info(subjects.EVENTS_STREAM)).config
+    assert created.allow_direct and created.duplicate_window == DEDUPE_WINDOW_SECONDS
+    # An operator caps the log, keeps a longer dedupe window, and turns direct gets off.
+    tuned = created.evolve(
+        max_bytes=50_000_000, max_age=30 * 86400, duplicate_window=600, allow_direct=False
+    )
+    await js.update_stream(tuned)
+
+    await ensure_streams(js)  # any service starting
+
+    kept = (await js.stream_info(subjects.EVENTS_STREAM)).config
+    assert (kept.max_bytes, kept.max_age, kept.duplicate_window) == (
+        50_000_000,
+        30 * 86400,
+        600,
+    )
+    assert kept.allow_direct  # the appender's reads need it
+    assert kept.num_replicas == created.num_replicas == 1
+    assert kept.subjects == [subjects.ALL_EVENTS]
 
 
 def cluster(root: Path) -> list[NatsServer]:
@@ -118,52 +125,40 @@ def think(cid: str, text: str) -> ThinkAction:
 
 
 async def test_a_full_log_refuses_the_writer_and_keeps_every_conversations_history(
-    tmp_path: Path,
+    js: JetStreamContext,
 ) -> None:
-    with NatsServer(tmp_path) as server:
-        nc = await nats.connect(server.url)
-        try:
-            js = nc.jetstream()
-            await ensure_streams(js)
-            # The operator (the launcher's admin credential) lowers the limit of the existing log.
-            await ensure_streams(js, limits=StreamLimits(events_max_bytes=8_000))
-            assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
-            appender = EventAppender(js)
-            appended = 0
-            with pytest.raises(StreamFull, match=subjects.EVENTS_STREAM):
-                for n in range(1000):
-                    await appender.append(think("live", f"thought {n} " + "x" * 200))
-                    appended += 1
-            assert 10 < appended < 1000
-            # Nothing was dropped to make room: the first event is still the first.
-            first = await js.get_msg(subjects.EVENTS_STREAM, 1, direct=True)
-            assert decode_event(first.data).id == 0
-            assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == appended
+    await ensure_streams(js)
+    # The operator (the launcher's admin credential) lowers the limit of the existing log.
+    await ensure_streams(js, limits=StreamLimits(events_max_bytes=8_000))
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
+    appender = EventAppender(js)
+    appended = 0
+    with pytest.raises(StreamFull, match=subjects.EVENTS_STREAM):
+        for n in range(1000):
+            await appender.append(think("live", f"thought {n} " + "x" * 200))
+            appended += 1
+    assert 10 < appended < 1000
+    # Nothing was dropped to make room: the first event is still the first.
+    first = await js.get_msg(subjects.EVENTS_STREAM, 1, direct=True)
+    assert decode_event(first.data).id == 0
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages == appended
 
-            await ensure_streams(js)  # a service starting leaves the operator's limit alone
-            assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
-            # Raising the limit lets the same writer go on, with the next id.
-            await ensure_streams(js, limits=StreamLimits())
-            again = await appender.append(think("live", "after the operator acted"))
-            assert again.id == appended
-        finally:
-            await nc.drain()
+    await ensure_streams(js)  # a service starting leaves the operator's limit alone
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).config.max_bytes == 8_000
+    # Raising the limit lets the same writer go on, with the next id.
+    await ensure_streams(js, limits=StreamLimits())
+    again = await appender.append(think("live", "after the operator acted"))
+    assert again.id == appended
 
 
-async def test_the_command_queue_is_bounded_and_dead_letters_age_out(tmp_path: Path) -> None:
-    with NatsServer(tmp_path) as server:
-        nc = await nats.connect(server.url)
-        try:
-            js = nc.jetstream()
-            await ensure_streams(js, limits=StreamLimits(commands_max_msgs=2))
-            commands = (await js.stream_info(subjects.COMMANDS_STREAM)).config
-            assert commands.max_msgs == 2 and commands.max_bytes and commands.max_bytes > 0
-            for n in range(2):
-                await js.publish(subjects.command_subject("session_manager", f"C{n}"), b"{}")
-            with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
-                await js.publish(subjects.command_subject("session_manager", "C2"), b"{}")
-            dead = (await js.stream_info(subjects.DEADLETTER_STREAM)).config
-            assert dead.subjects == [subjects.ALL_DEADLETTERS]
-            assert dead.max_age and dead.max_bytes and dead.max_bytes > 0
-        finally:
-            await nc.drain()
+async def test_the_command_queue_is_bounded_and_dead_letters_age_out(js: JetStreamContext) -> None:
+    await ensure_streams(js, limits=StreamLimits(commands_max_msgs=2))
+    commands = (await js.stream_info(subjects.COMMANDS_STREAM)).config
+    assert commands.max_msgs == 2 and commands.max_bytes and commands.max_bytes > 0
+    for n in range(2):
+        await js.publish(subjects.command_subject("session_manager", f"C{n}"), b"{}")
+    with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
+        await js.publish(subjects.command_subject("session_manager", "C2"), b"{}")
+    dead = (await js.stream_info(subjects.DEADLETTER_STREAM)).config
+    assert dead.subjects == [subjects.ALL_DEADLETTERS]
+    assert dead.max_age and dead.max_bytes and dead.max_bytes > 0

@@ -114,16 +114,16 @@ IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
 @pytest.fixture(scope="module")
 def start_ingester(module_js: JetStreamContext, clickhouse: ClickHouse) -> IngesterFactory:
     """Starts an ingester on the named durable consumer, by default a fresh one (which replays
-    the whole log)."""
+    the whole log), pausing `delay` seconds before each batch (a slow ingest)."""
 
-    async def start(consumer_name: str | None) -> Ingester:
-        return await _start_ingester(module_js, clickhouse, consumer_name)
+    async def start(consumer_name: str | None, delay: float = 0.0) -> Ingester:
+        return await _start_ingester(module_js, clickhouse, consumer_name, delay)
 
     return start
 
 
 async def _start_ingester(
-    js: JetStreamContext, clickhouse: ClickHouse, consumer_name: str | None
+    js: JetStreamContext, clickhouse: ClickHouse, consumer_name: str | None, delay: float = 0.0
 ) -> Ingester:
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
     ingester = Ingester(
@@ -133,6 +133,7 @@ async def _start_ingester(
         consumer_name=consumer_name or f"event_store_test_{uuid.uuid4().hex[:10]}",
         batch_size=200,
         flush_interval=0.02,
+        delay=delay,
     )
     await ingester.start()
     return ingester

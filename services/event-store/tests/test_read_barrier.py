@@ -10,7 +10,6 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import (
     ConversationCreated,
@@ -38,7 +37,6 @@ from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
 from taskbus.event_store.responder import QueryResponder
-from taskbus.event_store.status_kv import ConversationStatusKV
 
 USER = EventSource.USER
 ENV = EventSource.ENVIRONMENT
@@ -46,6 +44,7 @@ ENV = EventSource.ENVIRONMENT
 SLOW_BATCH_SECONDS = 1.0
 
 StoreFactory = Callable[[float, float], Awaitable[Ingester]]
+SlowIngesterFactory = Callable[[str | None, float], Awaitable[Ingester]]
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +57,17 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 async def slow_store(
-    module_nc: Client, module_js: JetStreamContext, clickhouse: ClickHouse
+    module_nc: Client,
+    module_js: JetStreamContext,
+    clickhouse: ClickHouse,
+    start_ingester: SlowIngesterFactory,
 ) -> AsyncIterator[StoreFactory]:
     """Starts an ingester that pauses before each batch and a responder behind a barrier
     bounded by `wait_seconds`; both stop with the test."""
     running: list[tuple[Ingester, QueryResponder]] = []
 
     async def start(delay: float, wait_seconds: float) -> Ingester:
-        ingester = Ingester(
-            module_js,
-            clickhouse,
-            ConversationStatusKV(await module_js.key_value(subjects.CONVERSATIONS_BUCKET)),
-            consumer_name=f"event_store_barrier_{uuid.uuid4().hex[:10]}",
-            batch_size=200,
-            flush_interval=0.02,
-            delay=delay,
-        )
-        await ingester.start()
+        ingester = await start_ingester(None, delay)
         responder = QueryResponder(
             module_nc, clickhouse, ReadBarrier(module_js, ingester, wait_seconds)
         )

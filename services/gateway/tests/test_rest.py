@@ -249,6 +249,12 @@ async def test_other_users_unknown_and_malformed_ids_are_all_404(
         assert_problem(await client.post(f"{base}/confirm", headers=bob), 404)
         message = await client.post(f"{base}/message", json={"message": "hi"}, headers=bob)
         assert_problem(message, 404)
+        renamed = await client.patch(base, json={"title": "mine now"}, headers=bob)
+        assert_problem(renamed, 404)
+        added = {"action": "message", "args": {"content": "hi"}, "source": "user"}
+        assert_problem(await client.post(f"{base}/events", json=added, headers=bob), 404)
+        assert_problem(await client.get(f"{base}/trajectory", headers=bob), 404)
+        assert_problem(await client.get(f"{base}/config", headers=bob), 404)
     assert await stream_sequences() == before
     assert event_store.queries == []
 

@@ -80,7 +80,7 @@ def docker_config(docker_engine: DockerEngine) -> DockerSandboxConfig:
         SANDBOX_IMAGE,
         "test",
         {TEST_RUN_LABEL: TEST_RUN},
-        user=sandbox_user(RuntimeRunnerSettings()) or (os.getuid(), os.getgid()),
+        user=sandbox_user(RuntimeRunnerSettings()),
     )
 
 

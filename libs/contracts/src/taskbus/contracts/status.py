@@ -60,12 +60,10 @@ TRANSITIONS: dict[ConversationStatus, frozenset[ConversationStatus]] = {
 # The status sets, named once (every service and test uses these, never its own spelling):
 # - active: the conversation holds (or is about to hold) a sandbox;
 # - ended: a run's outcome; a new user message may still continue the conversation;
-# - settled: nothing happens until a user acts (ended, or deleted): frees its admission slot;
-# - live: not settled, i.e. waiting for admission or active.
+# - settled: nothing happens until a user acts (ended, or deleted): frees its admission slot.
 ACTIVE_STATUSES = frozenset({_S.STARTING, _S.RUNNING, _S.PAUSED})
 ENDED_STATUSES = frozenset({_S.FINISHED, _S.ERROR, _S.STOPPED})
 SETTLED_STATUSES = ENDED_STATUSES | {_S.ARCHIVED}
-LIVE_STATUSES = frozenset(ConversationStatus) - SETTLED_STATUSES
 # Runtime statuses of a sandbox that exists (an ended conversation may still hold one).
 LIVE_RUNTIME_STATUSES = frozenset(
     {RuntimeStatus.STARTING, RuntimeStatus.READY, RuntimeStatus.PAUSED}

@@ -13,9 +13,6 @@ from websockets.asyncio.client import connect
 from taskbus.contracts.status import SETTLED_STATUSES
 from taskbus.contracts.wire import NULL_OBSERVATION
 
-# Wire statuses are the enum values, so the contracts' set matches them as strings.
-FINAL_STATUSES = SETTLED_STATUSES
-
 
 class ApiError(RuntimeError):
     def __init__(self, status: int, problem: dict[str, Any]) -> None:
@@ -85,8 +82,9 @@ class TaskbusClient:
 
 
 def is_final_status_event(event: dict[str, Any]) -> bool:
+    # Wire statuses are the enum values, so the contracts' set matches them as strings.
     return bool(
-        event.get("kind") == "ConversationStatusChanged" and event.get("status") in FINAL_STATUSES
+        event.get("kind") == "ConversationStatusChanged" and event.get("status") in SETTLED_STATUSES
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import shutil
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 
 ALLOW_UNSANDBOXED_ENV = "TASKBUS_ALLOW_UNSANDBOXED"
-BWRAP = "/usr/bin/bwrap"
 INSTALL_BWRAP = "sudo apt-get install bubblewrap"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _DOCKER_SOCKET = "/var/run/docker.sock"
@@ -75,10 +74,11 @@ async def docker_usable(image: str, environ: Mapping[str, str]) -> bool:
 
 async def bwrap_usable() -> bool:
     """bubblewrap is installed and can create the namespaces a sandbox needs here."""
-    if not os.access(BWRAP, os.X_OK):
+    bwrap = shutil.which("bwrap")  # found as the runner finds it: on PATH
+    if bwrap is None:
         return False
     probe = await asyncio.create_subprocess_exec(
-        BWRAP,
+        bwrap,
         *("--unshare-user", "--unshare-pid", "--unshare-ipc", "--die-with-parent"),
         *("--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"),
         stdin=asyncio.subprocess.DEVNULL,
@@ -103,5 +103,6 @@ async def runner_may_run_unsandboxed(environ: Mapping[str, str], api_keys_file: 
     if not needs_unsandboxed(backend, docker, await bwrap_usable()):
         return False
     host = environ.get("TASKBUS_HOST", "127.0.0.1")
-    opt_in = environ.get(ALLOW_UNSANDBOXED_ENV, "").lower() in {"1", "true", "yes"}
+    # The spellings the runner's settings parse as true, so the two never disagree.
+    opt_in = environ.get(ALLOW_UNSANDBOXED_ENV, "").lower() in {"1", "true"}
     return allow_unsandboxed(is_single_user_loopback(api_keys_file, host), opt_in)

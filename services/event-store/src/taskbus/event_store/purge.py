@@ -111,10 +111,13 @@ class Purger:
             last = newest
 
     async def _acked_by_all(self, sequence: int) -> None:
-        """Polled: the consumers' counters are the only record of what they have processed."""
+        """Polled: the consumers' counters are the only record of what they have processed.
+        A consumer that has acked `sequence` stays past it, so only the others are asked again."""
+        waiting = self._consumers
         while True:
-            acked = await asyncio.gather(*(self._has_acked(c, sequence) for c in self._consumers))
-            if all(acked):
+            acked = await asyncio.gather(*(self._has_acked(c, sequence) for c in waiting))
+            waiting = tuple(c for c, done in zip(waiting, acked, strict=True) if not done)
+            if not waiting:
                 return
             await asyncio.sleep(_POLL_SECONDS)
 

@@ -22,10 +22,10 @@ from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.gateway import api_reference
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.event_schema import EVENT_SCHEMA, event_components
-from taskbus.gateway.inputs import EmptyBody, MessageBody, StartBody
+from taskbus.gateway.inputs import MessageBody
 from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
 from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE
-from taskbus.gateway.rest import CommandAccepted, EventAdded
+from taskbus.gateway.rest import CONTROL_COMMANDS, CommandAccepted, EventAdded
 from taskbus.gateway.user_settings import SettingsView
 
 _CONVERSATIONS = "/api/conversations"
@@ -64,10 +64,9 @@ _REQUEST_BODIES: dict[tuple[str, str], tuple[type[msgspec.Struct], bool]] = {
     (_SETTINGS, "post"): (UserSettings, False),
     (_CONVERSATION, "patch"): (RenameBody, True),
     (_EVENTS, "post"): (AddEventBody, True),
-    (f"{_CONVERSATION}/start", "post"): (StartBody, False),
     **{
-        (f"{_CONVERSATION}/{action}", "post"): (EmptyBody, False)
-        for action in ("stop", "pause", "resume", "confirm", "reject")
+        (f"{_CONVERSATION}/{action}", "post"): (body_type, False)
+        for action, (_, body_type, _) in CONTROL_COMMANDS.items()
     },
 }
 _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
@@ -82,8 +81,7 @@ _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     **{
         (f"{_CONVERSATION}{suffix}", method, "202"): CommandAccepted
         for suffix, method in [("", "delete"), ("/message", "post")]
-        + [(f"/{action}", "post") for action in ("start", "stop", "pause", "resume")]
-        + [(f"/{action}", "post") for action in ("confirm", "reject")]
+        + [(f"/{action}", "post") for action in CONTROL_COMMANDS]
     },
     (_EVENTS, "post", "202"): EventAdded,
     (f"{_ANALYTICS}/cost", "get", "200"): CostReport,

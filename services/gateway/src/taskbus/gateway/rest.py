@@ -338,7 +338,7 @@ async def send_message(
 
 
 def _control_endpoint(
-    command_for: Callable[..., ConversationCommand],
+    command_for: Callable[..., ConversationCommand], body_type: type[EmptyBody]
 ) -> Callable[..., Awaitable[Response]]:
     async def endpoint(
         conversation_id: str,
@@ -347,7 +347,7 @@ def _control_endpoint(
         bus: BusDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        await _body(request, bus, StartBody if command_for is StartConversation else EmptyBody)
+        await _body(request, bus, body_type)
         command = command_for(user_id=user, conversation_id=conversation_id)
         return await _send(bus, command, idempotency_key)
 
@@ -359,19 +359,27 @@ _VERDICT = (
     "in the log; 409 (with the current status and the reason) when the conversation's status "
     "does not allow it, as the contracts' transition table says."
 )
-# Bodyless commands: path suffix -> (command factory, summary).
-_CONTROL_COMMANDS: dict[str, tuple[Callable[..., ConversationCommand], str]] = {
-    "start": (StartConversation, "Start the conversation"),
-    "stop": (StopConversation, "Stop the conversation"),
-    "pause": (PauseConversation, "Pause the conversation"),
-    "resume": (ResumeConversation, "Resume the conversation"),
-    "confirm": (partial(ConfirmAction, confirmed=True), "Confirm the action awaiting approval"),
-    "reject": (partial(ConfirmAction, confirmed=False), "Reject the action awaiting approval"),
+# Commands whose body changes nothing: path suffix -> (command factory, body, summary).
+CONTROL_COMMANDS: dict[str, tuple[Callable[..., ConversationCommand], type[EmptyBody], str]] = {
+    "start": (StartConversation, StartBody, "Start the conversation"),
+    "stop": (StopConversation, EmptyBody, "Stop the conversation"),
+    "pause": (PauseConversation, EmptyBody, "Pause the conversation"),
+    "resume": (ResumeConversation, EmptyBody, "Resume the conversation"),
+    "confirm": (
+        partial(ConfirmAction, confirmed=True),
+        EmptyBody,
+        "Confirm the action awaiting approval",
+    ),
+    "reject": (
+        partial(ConfirmAction, confirmed=False),
+        EmptyBody,
+        "Reject the action awaiting approval",
+    ),
 }
-for _action, (_command_for, _summary) in _CONTROL_COMMANDS.items():
+for _action, (_command_for, _body_type, _summary) in CONTROL_COMMANDS.items():
     router.add_api_route(
         f"/conversations/{{conversation_id}}/{_action}",
-        _control_endpoint(_command_for),
+        _control_endpoint(_command_for, _body_type),
         methods=["POST"],
         status_code=202,
         summary=_summary,

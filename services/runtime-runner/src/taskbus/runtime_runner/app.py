@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def docker_sandbox_factory(
         settings.sandbox_image,
         settings.runner_id,
         parse_labels(settings.sandbox_labels),
-        user=sandbox_user(settings) or (os.getuid(), os.getgid()),
+        user=sandbox_user(settings),
         runtime=settings.docker_runtime,
     )
 

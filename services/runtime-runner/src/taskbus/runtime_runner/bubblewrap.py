@@ -64,10 +64,6 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
     )
 
 
-def available() -> bool:
-    return shutil.which(BWRAP) is not None
-
-
 def _system_directories() -> list[str]:
     arguments = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
     for path in _SYSTEM_LINKS:
@@ -174,7 +170,7 @@ def _stage(workspace: Path, home: Path) -> None:
 def probe(user: tuple[int, int] | None) -> str | None:
     """Why bubblewrap cannot run a sandbox here (None when it can), tried for real once;
     `user` is the uid and gid a root runner drops to (None: the runner's own)."""
-    if not available():
+    if shutil.which(BWRAP) is None:
         return f"{BWRAP} is not installed"
     with tempfile.TemporaryDirectory(prefix="taskbus-bwrap-probe-") as directory:
         workspace, home = Path(directory) / "workspace", Path(directory) / "home"

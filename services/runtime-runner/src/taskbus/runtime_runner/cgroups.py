@@ -26,10 +26,6 @@ _CPU_PERIOD_US = 100_000
 _REMOVE_SECONDS = 2.0
 
 
-def _write(path: Path, value: str) -> None:
-    path.write_text(value)
-
-
 def _limits_v1(resources: SandboxResources) -> dict[str, dict[str, str]]:
     memory = str(resources.memory_mb * 1024 * 1024)
     return {
@@ -75,7 +71,7 @@ class SandboxCgroup:
             directory = ROOT / controller / GROUP / sandbox_id
             directory.mkdir(parents=True, exist_ok=True)
             for name, value in files.items():
-                _write(directory / name, value)
+                (directory / name).write_text(value)
             directories.append(directory)
         return cls(directories)
 
@@ -84,12 +80,12 @@ class SandboxCgroup:
         parent = ROOT / GROUP
         parent.mkdir(exist_ok=True)
         # Leaves only: v2 puts no process in a cgroup whose controllers are delegated down.
-        _write(ROOT / "cgroup.subtree_control", "+memory +pids +cpu")
-        _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+        (ROOT / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+        (parent / "cgroup.subtree_control").write_text("+memory +pids +cpu")
         directory = parent / sandbox_id
         directory.mkdir(exist_ok=True)
         for name, value in _limits_v2(resources).items():
-            _write(directory / name, value)
+            (directory / name).write_text(value)
         return cls([directory])
 
     def join(self) -> None:

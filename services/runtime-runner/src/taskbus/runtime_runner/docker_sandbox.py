@@ -246,13 +246,14 @@ class DockerSandboxConfig:
         runner_id: str,
         labels: dict[str, str],
         *,
-        user: tuple[int, int],
+        user: tuple[int, int] | None,
         runtime: str = "runc",
     ) -> None:
         self.engine = engine
         self.image = image
         self.runner_id = runner_id
         self.labels = labels
+        # The (uid, gid) containers run as; None: the runner's own (as `sandbox_user`).
         self.user = user
         self.runtime = runtime
 
@@ -285,8 +286,7 @@ class DockerSandbox(HostWorkspaceSandbox):
         self._clone_seconds = clone_seconds
         self.sandbox_id = container_name(conversation_id)
         self.workspace = WORKSPACE
-        owner = config.user if config.user != (os.getuid(), os.getgid()) else None
-        self.files = HostWorkspace(self._host_workspace, WORKSPACE, owner)
+        self.files = HostWorkspace(self._host_workspace, WORKSPACE, config.user)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
 
     async def _spawn_shell(self) -> ShellProcess:
@@ -308,7 +308,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             LABEL_USER: self._user_id,
             LABEL_RUNNER: self._config.runner_id,
         }
-        uid, gid = self._config.user
+        uid, gid = self._config.user or (os.getuid(), os.getgid())
         megabytes = self._resources.memory_mb
         tmpfs = {
             "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),

@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
 from taskbus.contracts.commands import CommandVerdict, decode_verdict, encode_verdict
@@ -131,22 +132,39 @@ async def _last_per_subject(js: JetStreamContext, filters: list[str]) -> list[Ms
     return messages
 
 
-class SettingsStore:
+class _Bucket:
+    """A KV bucket, looked up on first use (not on every read and write)."""
+
+    def __init__(self, js: JetStreamContext, name: str) -> None:
+        self._js = js
+        self._name = name
+        self._kv: KeyValue | None = None
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(self._name)
+        return self._kv
+
+    async def _value(self, key: str) -> bytes | None:
+        try:
+            entry = await (await self._bucket()).get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+
+class SettingsStore(_Bucket):
     """Per-user settings in KV `taskbus_settings` (key = user id)."""
 
     def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
+        super().__init__(js, subjects.SETTINGS_BUCKET)
 
     async def get(self, user_id: str) -> UserSettings | None:
-        kv = await self._js.key_value(subjects.SETTINGS_BUCKET)
-        try:
-            entry = await kv.get(user_id)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None:
+        value = await self._value(user_id)
+        if value is None:
             return None
         try:
-            return msgspec.json.decode(entry.value, type=UserSettings)
+            return msgspec.json.decode(value, type=UserSettings)
         except msgspec.ValidationError:
             logger.error("ignoring invalid settings stored for user %s", user_id)
             return None
@@ -157,29 +175,25 @@ class SettingsStore:
             stored = await self.get(user_id)
             if stored is not None and stored.llm_api_key is not None:
                 update = msgspec.structs.replace(update, llm_api_key=stored.llm_api_key)
-        kv = await self._js.key_value(subjects.SETTINGS_BUCKET)
-        await kv.put(user_id, msgspec.json.encode(update))
+        await (await self._bucket()).put(user_id, msgspec.json.encode(update))
 
 
-class VerdictStore:
+class VerdictStore(_Bucket):
     """Verdicts on conversation commands in KV `taskbus_verdicts` (key = command id): the put
     itself tells the waiting gateway, and a retried command finds the first one's verdict."""
 
     def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
+        super().__init__(js, subjects.VERDICTS_BUCKET)
 
     async def get(self, command_id: str) -> CommandVerdict | None:
-        kv = await self._js.key_value(subjects.VERDICTS_BUCKET)
-        try:
-            entry = await kv.get(command_id)
-        except KeyNotFoundError:
+        value = await self._value(command_id)
+        if value is None:
             return None
         try:
-            return decode_verdict(entry.value or b"")
+            return decode_verdict(value)
         except msgspec.DecodeError:
             logger.error("ignoring an undecodable verdict stored for command %s", command_id)
             return None
 
     async def put(self, verdict: CommandVerdict) -> None:
-        kv = await self._js.key_value(subjects.VERDICTS_BUCKET)
-        await kv.put(verdict.command_id, encode_verdict(verdict))
+        await (await self._bucket()).put(verdict.command_id, encode_verdict(verdict))
