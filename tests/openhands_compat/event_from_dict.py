@@ -66,6 +66,10 @@ ACTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"command", "task_list", "thought", "action"}),
         frozenset(),
     ),
+    "call_tool_mcp": (  # mcp.py MCPAction
+        frozenset({"name", "arguments", "thought", "action", "security_risk"}),
+        frozenset({"name"}),
+    ),
     "change_agent_state": (  # agent.py ChangeAgentStateAction
         frozenset({"agent_state", "thought", "action"}),
         frozenset({"agent_state"}),
@@ -94,6 +98,7 @@ OBSERVATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"content", "agent_state"}),
     ),
     "task_tracking": (frozenset({"content", "command", "task_list"}), frozenset({"content"})),
+    "mcp": (frozenset({"content", "name", "arguments"}), frozenset({"content"})),  # mcp.py
     "user_rejected": (frozenset({"content"}), frozenset({"content"})),
     "success": (frozenset({"content"}), frozenset({"content"})),
 }

@@ -30,6 +30,8 @@ def _as_old(new: Any, old: Any) -> Any:
     """`new` cut down to the keys `old` has, at every depth."""
     if isinstance(new, dict) and isinstance(old, dict):
         return {key: _as_old(new[key], old[key]) for key in old if key in new}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [_as_old(n, o) for n, o in zip(new, old, strict=True)]
     return new
 
 

@@ -180,6 +180,8 @@ class TaskItem(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     status: TaskStatus = "todo"
     notes: str = ""
+    # Ids of items of the same plan that must be done before this one can be.
+    depends_on: list[str] = []
 
 
 class TaskTrackingAction(Event):
@@ -321,6 +323,81 @@ class CondensationAction(Event):
     summary: str = ""
 
 
+# --- MCP tools (issue 10) -----------------------------------------------------------------------
+
+
+class MCPTool(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool an MCP server offers, as the runtime listed it at start."""
+
+    server: str  # the server's name (a stdio server's `name`, a remote server's URL host)
+    name: str  # the name offered to the LLM: unique in the conversation, `[A-Za-z0-9_-]{1,64}`
+    tool: str  # the tool's own name on its server
+    description: str = ""
+    input_schema: dict[str, Any] = {}
+
+
+class MCPToolsListed(Event):
+    """The runtime started the conversation's MCP servers (inside its sandbox) and lists the
+    tools they offer; a server that failed is an `ErrorObservation` (`mcp_server_failed`) beside
+    it, and is simply absent here."""
+
+    tools: list[MCPTool] = []
+
+
+class MCPAction(Event):
+    """The agent calls an MCP tool (`name` as listed in `MCPToolsListed`)."""
+
+    openhands_action = "call_tool_mcp"
+    name: str
+    arguments: dict[str, Any] = {}
+    thought: str = ""
+    tool_call_id: str = ""  # the LLM's id for the tool call that produced this action
+
+
+class MCPObservation(Event):
+    """What the MCP tool answered; `is_error` when the tool reported a failure."""
+
+    openhands_observation = "mcp"
+    name: str
+    content: str
+    arguments: dict[str, Any] = {}
+    is_error: bool = False
+
+
+# --- resources (issue 10) -----------------------------------------------------------------------
+
+
+class ResourceUsage(Event):
+    """The sandbox's use of the host, sampled every `usage_interval_seconds` while it runs:
+    from its cgroup (docker, or local under a cgroup) or its process tree (local without)."""
+
+    cpu_seconds: float = 0.0  # CPU time used since the sandbox started
+    memory_bytes: int = 0  # now
+    memory_peak_bytes: int = 0  # the most it has held since it started
+    pids: int = 0
+    disk_bytes: int = 0  # the workspace's size
+    measured_by: str = ""  # where the figures come from: "cgroup", "docker", "process-tree"
+
+
+# --- task dependencies (issue 10) ---------------------------------------------------------------
+
+
+class DependencyOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    conversation_id: str
+    status: ConversationStatus
+    title: str = ""
+    final_message: str = ""  # the agent's final thought or last message, shortened
+
+
+class DependenciesResolved(Event):
+    """Every conversation this one `depends_on` has ended: what they came to. Appended before the
+    conversation starts (all FINISHED) or fails (`dependency_failed`); the agent reads the
+    outcomes as context."""
+
+    outcomes: list[DependencyOutcome]
+    failed: bool = False
+
+
 AnyEvent = (
     ConversationCreated
     | ConversationStatusChanged
@@ -352,6 +429,11 @@ AnyEvent = (
     | ConfirmationGiven
     | ActionProposed
     | CondensationAction
+    | MCPToolsListed
+    | MCPAction
+    | MCPObservation
+    | ResourceUsage
+    | DependenciesResolved
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in typing.get_args(AnyEvent)}
@@ -362,6 +444,7 @@ EXECUTABLE_ACTIONS: tuple[type[Event], ...] = (
     FileReadAction,
     FileWriteAction,
     FileEditAction,
+    MCPAction,
 )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -24,27 +24,12 @@ MAX_BRANCH_CHARS = 255  # selected_branch (git's own limit on a ref name compone
 MAX_NAME_CHARS = 200  # title, git_provider, llm_model
 MAX_SECRET_CHARS = 4096  # llm_api_key
 MAX_MCP_CONFIG_BYTES = 64 * 1024  # mcp_config, as JSON
-MAX_MCP_CONFIG_DEPTH = 16  # nesting of mcp_config's objects and arrays
 MAX_QUERY_TEXT_CHARS = 1000  # free-text search parameters
 
 Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
 # No whitespace or control character: such a string is no URL, and could hide a credential.
 Url = Annotated[str, msgspec.Meta(max_length=MAX_URL_CHARS, pattern=r"^[^\x00-\x20\x7f]*$")]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
-
-
-def json_depth(value: object) -> int:
-    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        children = (
-            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        )
-        for child in children:
-            stack.append((child, depth + 1))
-        deepest = max(deepest, depth + 1 if isinstance(item, dict | list) else depth)
-    return deepest
 
 
 class NetworkMode(enum.StrEnum):
@@ -89,6 +74,68 @@ ImageUrl = Annotated[
 ImageUrls = Annotated[list[ImageUrl], msgspec.Meta(max_length=MAX_IMAGES)]
 
 
+class GitProvider(enum.StrEnum):
+    """Where a repository given as `owner/name` lives, and which of the user's tokens clones it
+    (OpenHands' ProviderType, plus `generic`: an https token for any other git host)."""
+
+    GITHUB = "github"
+    GITLAB = "gitlab"
+    BITBUCKET = "bitbucket"
+    AZURE_DEVOPS = "azure_devops"
+    GENERIC = "generic"
+
+
+# --- MCP servers (OpenHands' MCPConfig) ------------------------------------------------------
+# Secrets in a config (a remote server's `api_key`, a stdio server's `env` values) are sealed by
+# the gateway before the config enters NATS (contracts/secret_box.py), so the log holds only
+# `sealed:v1:` tokens; the runner opens them inside the conversation's sandbox start.
+MAX_MCP_SERVERS = 16
+MCPServerName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+# Room for a sealed secret of MAX_SECRET_CHARS (base64 of nonce + text + tag, and the prefix).
+SealedSecret = Annotated[str, msgspec.Meta(max_length=2 * MAX_SECRET_CHARS)]
+
+
+class MCPRemoteServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenHands' MCPSSEServerConfig / MCPSHTTPServerConfig."""
+
+    url: Url
+    api_key: SealedSecret | None = None
+    timeout: PositiveSeconds | None = None
+
+
+class MCPStdioServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenHands' MCPStdioServerConfig: a command the user chose, run inside the sandbox."""
+
+    name: MCPServerName
+    command: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    args: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4096)]], msgspec.Meta(max_length=64)
+    ] = []
+    env: Annotated[dict[EnvName, SealedSecret], msgspec.Meta(max_length=64)] = {}
+
+
+RemoteServers = Annotated[list[Url | MCPRemoteServer], msgspec.Meta(max_length=MAX_MCP_SERVERS)]
+
+
+class MCPConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenHands' MCPConfig: a remote server is a URL or `{url, api_key}`."""
+
+    sse_servers: RemoteServers = []
+    shttp_servers: RemoteServers = []
+    stdio_servers: Annotated[list[MCPStdioServer], msgspec.Meta(max_length=MAX_MCP_SERVERS)] = []
+
+    def __post_init__(self) -> None:
+        """Bounds the whole config (msgspec reports this as invalid)."""
+        if len(msgspec.json.encode(self)) > MAX_MCP_CONFIG_BYTES:
+            raise ValueError(f"mcp_config is larger than {MAX_MCP_CONFIG_BYTES} bytes as JSON")
+
+
+# A conversation may wait for at most this many others (`depends_on`).
+MAX_DEPENDENCIES = 32
+DependencyId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
 class SuggestedTask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """OpenHands' suggested task (openhands/integrations/service_types.py): the conversation's
     first message is written from it."""
@@ -120,12 +167,12 @@ class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     initial_user_msg: Message | None = None
     repository: Url | None = None
-    git_provider: Name | None = None
+    git_provider: GitProvider | None = None
     selected_branch: Annotated[str, msgspec.Meta(max_length=MAX_BRANCH_CHARS)] | None = None
     conversation_instructions: (
         Annotated[str, msgspec.Meta(max_length=MAX_INSTRUCTIONS_CHARS)] | None
     ) = None
-    mcp_config: dict[str, Any] | None = None
+    mcp_config: MCPConfig | None = None
     image_urls: ImageUrls = []
     # OpenHands' trajectory to replay: the gateway refuses it (422 saying why), so no command
     # ever carries one.
@@ -140,15 +187,8 @@ class ConversationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     confirmation_mode: bool | None = None
     timeouts: Timeouts = Timeouts()
     resources: Resources = Resources()
-
-    def __post_init__(self) -> None:
-        """Bounds `mcp_config`, the one free-form field (msgspec reports these as invalid)."""
-        if self.mcp_config is None:
-            return
-        if json_depth(self.mcp_config) > MAX_MCP_CONFIG_DEPTH:
-            raise ValueError(f"mcp_config is nested deeper than {MAX_MCP_CONFIG_DEPTH} levels")
-        if len(msgspec.json.encode(self.mcp_config)) > MAX_MCP_CONFIG_BYTES:
-            raise ValueError(f"mcp_config is larger than {MAX_MCP_CONFIG_BYTES} bytes as JSON")
+    # Conversations (the same user's) that must all FINISH before this one starts.
+    depends_on: Annotated[list[DependencyId], msgspec.Meta(max_length=MAX_DEPENDENCIES)] = []
 
 
 class UserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -164,3 +204,5 @@ class UserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     no_change_timeout_seconds: PositiveSeconds | None = None
     confirmation_mode: bool = False
     concurrency_policy: ConcurrencyPolicy | None = None
+    # MCP servers of the user's conversations whose request names none.
+    mcp_config: MCPConfig | None = None

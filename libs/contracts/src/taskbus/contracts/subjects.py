@@ -15,16 +15,22 @@ SETTINGS_BUCKET = "taskbus_settings"
 RUNNERS_BUCKET = "taskbus_runners"
 # Session-manager's verdicts on conversation commands (key = the command's id), kept briefly.
 VERDICTS_BUCKET = "taskbus_verdicts"
+# Users' secrets and git provider tokens (key = user id), values sealed (contracts/secret_box).
+SECRETS_BUCKET = "taskbus_secrets"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"
 QUERIES_PREFIX = "taskbus.query"
 DEADLETTER_PREFIX = "taskbus.deadletter"
+# Requests about a conversation's workspace files (list, read, zip, git, upload): the runner
+# that holds the workspace answers (core request-reply, like queries).
+WORKSPACE_PREFIX = "taskbus.workspace"
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_COMMANDS = f"{COMMANDS_PREFIX}.>"
 ALL_QUERIES = f"{QUERIES_PREFIX}.>"
 ALL_DEADLETTERS = f"{DEADLETTER_PREFIX}.>"
+ALL_WORKSPACE_REQUESTS = f"{WORKSPACE_PREFIX}.>"
 
 # Service names: in command and dead-letter subjects, and as their NATS users.
 GATEWAY = "gateway"
@@ -87,3 +93,8 @@ def verdict_subject(command_id: str) -> str:
 
 def query_subject(name: str) -> str:
     return f"{QUERIES_PREFIX}.{name}"
+
+
+def workspace_subject(operation: str) -> str:
+    """Where a workspace request of this operation (e.g. `list_files`) goes."""
+    return f"{WORKSPACE_PREFIX}.{operation}"

@@ -49,6 +49,8 @@ OPENHANDS_FIELDS: dict[str, dict[str, str]] = {
     "TaskTrackingObservation": {"command": "command", "task_list": "task_list"},
     "ErrorObservation": {"code": "error_id"},
     "AgentStateChanged": {"agent_state": "agent_state", "reason": "reason"},
+    "MCPAction": {f: f for f in ("name", "arguments", "thought")},
+    "MCPObservation": {"name": "name", "arguments": "arguments"},
 }
 # OpenHands' own top-level keys: a payload field of that name would change what OpenHands
 # reads (RuntimeControlRequested's `action` would look like an action), so it is renamed.
