@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from taskbus.contracts.specs import ConversationSpec, Resources, Timeouts
+from taskbus.contracts.specs import ConversationSpec, GitProvider, MCPConfig, Resources, Timeouts
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 
 UNASSIGNED_ID = -1
@@ -96,6 +96,10 @@ class RuntimeRequested(Event):
     selected_branch: str | None = None
     resources: Resources = Resources()
     timeouts: Timeouts = Timeouts()
+    # Which of the user's provider tokens clones `repository` (an `owner/name` resolves to that
+    # provider's URL), and the MCP servers to start in the sandbox (secrets in it are sealed).
+    git_provider: GitProvider | None = None
+    mcp_config: MCPConfig | None = None
 
 
 class RuntimeStatusChanged(Event):

@@ -177,8 +177,9 @@ class Child:
 # hold them, so a compromised runner or event-store process has neither key to give away.
 _SECRET_USERS = {
     "TASKBUS_LLM_API_KEY": {"session_manager"},
-    "TASKBUS_SECRETS_KEY": {"session_manager", "gateway"},
-    "TASKBUS_SECRETS_KEY_FILE": {"session_manager", "gateway"},
+    # The runner opens users' git tokens, sandbox secrets and MCP secrets at sandbox start.
+    "TASKBUS_SECRETS_KEY": {"session_manager", "gateway", "runtime_runner"},
+    "TASKBUS_SECRETS_KEY_FILE": {"session_manager", "gateway", "runtime_runner"},
 }
 
 

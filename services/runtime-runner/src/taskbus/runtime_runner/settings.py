@@ -48,6 +48,11 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # False forces network "none" whatever a conversation asks for.
     sandbox_network_allowed: bool = True
     workspace_root: str = "./.taskbus/workspaces"
+    # The key that opens users' sealed secrets (contracts/secret_box.py): git provider tokens,
+    # sandbox secrets and MCP server secrets. The key itself, or a file holding it (`taskbus up`
+    # writes <data dir>/secrets.key).
+    secrets_key: str | None = None
+    secrets_key_file: str | None = None
     # Defaults for conversations whose RuntimeRequested does not set its own timeouts.
     no_change_seconds: Seconds = 10.0
     command_seconds: Seconds = 120.0
