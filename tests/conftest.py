@@ -52,6 +52,10 @@ def _local_api_key(data_dir: Path) -> str:
     return key
 
 
+# A usage interval longer than any test: the log stays still while a test watches it.
+QUIET_USAGE_SECONDS = "3600"
+
+
 @contextlib.contextmanager
 def running_stack(
     data_dir: Path, script: dict[str, Any] | None = None, **settings: str
@@ -112,7 +116,11 @@ def running_stack(
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+    # Tests here compare the log before and after requests that must append nothing: no
+    # ResourceUsage sample may land in between (tests/test_resource_usage.py samples fast).
+    with running_stack(
+        tmp_path_factory.mktemp("stack"), TASKBUS_USAGE_INTERVAL_SECONDS=QUIET_USAGE_SECONDS
+    ) as running:
         yield running
 
 

@@ -22,11 +22,15 @@ from taskbus.contracts.specs import (
     MAX_BRANCH_CHARS,
     MAX_INSTRUCTIONS_CHARS,
     MAX_MCP_CONFIG_BYTES,
+    MAX_MCP_SERVERS,
     MAX_MESSAGE_CHARS,
     MAX_NAME_CHARS,
+    MAX_SECRET_CHARS,
     MAX_URL_CHARS,
     NATS_DEFAULT_MAX_PAYLOAD,
     ConversationSpec,
+    GitProvider,
+    MCPConfig,
 )
 
 from ..conftest import Stack, running_stack
@@ -79,16 +83,25 @@ async def assert_list_answers(api: httpx.AsyncClient) -> None:
         assert response.status_code == 200, response.text[:500]
 
 
+def _largest_mcp_config(worst: str) -> MCPConfig:
+    """An mcp_config just within MAX_MCP_CONFIG_BYTES as JSON, and valid as the API decodes it."""
+    arg = worst * 500  # 3000 bytes of JSON each
+    server = {"name": "s", "command": "c", "args": [arg] * 21}
+    config = msgspec.convert({"stdio_servers": [server]}, MCPConfig)
+    assert MAX_MCP_CONFIG_BYTES - 4000 < len(msgspec.json.encode(config)) <= MAX_MCP_CONFIG_BYTES
+    return config
+
+
 def test_the_largest_valid_command_fits_in_one_nats_message() -> None:
     """Every limit at once, in JSON's worst case of 6 bytes a character ("\\u0001")."""
     worst = "\x01"
     spec = ConversationSpec(
         initial_user_msg=worst * MAX_MESSAGE_CHARS,
         repository=worst * MAX_URL_CHARS,
-        git_provider=worst * MAX_NAME_CHARS,
+        git_provider=GitProvider.AZURE_DEVOPS,
         selected_branch=worst * MAX_BRANCH_CHARS,
         conversation_instructions=worst * MAX_INSTRUCTIONS_CHARS,
-        mcp_config={"servers": "y" * (MAX_MCP_CONFIG_BYTES - 20)},
+        mcp_config=_largest_mcp_config(worst),
         title=worst * MAX_NAME_CHARS,
     )
     command = CreateConversation(user_id="u" * 64, conversation_id="c" * 64, spec=spec)
@@ -117,10 +130,94 @@ async def test_a_900_kb_field_is_refused_and_the_list_still_answers(
 
 
 async def test_an_oversized_mcp_config_is_refused(api: httpx.AsyncClient) -> None:
-    for mcp_config in ({"blob": BIG}, {f"k{n}": "v" * 100 for n in range(1000)}):
-        response = await api.post("/api/conversations", json={"mcp_config": mcp_config})
+    """Each part within its own limit, the whole over MAX_MCP_CONFIG_BYTES: as sent, or only
+    once its secrets are sealed (a sealed token is longer than its value)."""
+    many_args = {"name": "s", "command": "c", "args": ["a" * 4000] * 17}
+    many_env = {"name": "s", "command": "c", "env": {f"K{n}": "v" * 2000 for n in range(40)}}
+    for server in (many_args, many_env):
+        response = await api.post(
+            "/api/conversations", json={"mcp_config": {"stdio_servers": [server]}}
+        )
         assert "larger than" in assert_problem(response, 422)["detail"]
+    env = {f"K{n}": "v" * MAX_SECRET_CHARS for n in range(MAX_MCP_CONFIG_BYTES // 5000)}
+    sealed_too_big = {"stdio_servers": [{"name": "s", "command": "c", "env": env}]}
+    for method, path in (("POST", "/api/conversations"), ("PUT", "/api/settings")):
+        response = await api.request(method, path, json={"mcp_config": sealed_too_big})
+        assert "once its secrets are sealed" in assert_problem(response, 422)["detail"]
     await assert_list_answers(api)
+
+
+@pytest.mark.parametrize(
+    ("mcp_config", "field"),
+    [
+        ({"garbage": {"command": "rm -rf /"}}, "garbage"),
+        ({"stdio_servers": {"name": "x", "command": "y"}}, "stdio_servers"),
+        ({"stdio_servers": [{"name": "x", "command": "y", "cwd": "/"}]}, "cwd"),
+        ({"stdio_servers": [{"name": "../x", "command": "y"}]}, "name"),
+        ({"stdio_servers": [{"name": "x", "command": "y", "env": {"A=B": "v"}}]}, "env"),
+        ({"stdio_servers": [{"name": "x", "command": ""}]}, "command"),
+        ({"shttp_servers": [{"url": "https://h/mcp", "headers": {}}]}, "headers"),
+        ({"sse_servers": [7]}, "sse_servers"),
+        (
+            {
+                "stdio_servers": [
+                    {"name": f"s{n}", "command": "c"} for n in range(MAX_MCP_SERVERS + 1)
+                ]
+            },
+            "stdio_servers",
+        ),
+    ],
+)
+async def test_an_mcp_config_of_another_shape_is_422_naming_the_field(
+    api: httpx.AsyncClient, mcp_config: dict[str, Any], field: str
+) -> None:
+    for method, path in (("POST", "/api/conversations"), ("PUT", "/api/settings")):
+        response = await api.request(method, path, json={"mcp_config": mcp_config})
+        detail = assert_problem(response, 422)["detail"]
+        assert "mcp_config" in detail and field in detail, detail
+    await assert_list_answers(api)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:pw@mcp.example.com/mcp",
+        "https://mcp.example.com/mcp?api_key=sk-123",
+        "file:///etc/passwd",
+        "ftp://mcp.example.com/",
+    ],
+)
+async def test_an_mcp_url_with_a_credential_or_another_scheme_is_422(
+    api: httpx.AsyncClient, url: str
+) -> None:
+    for servers in ([url], [{"url": url}]):
+        response = await api.post(
+            "/api/conversations", json={"mcp_config": {"shttp_servers": servers}}
+        )
+        assert "mcp_config.shttp_servers[0]" in assert_problem(response, 422)["detail"]
+
+
+async def test_another_users_sealed_mcp_secret_is_refused(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """Settings show MCP secrets sealed; a token of Mallory's cannot be planted as the local
+    user's (it would open as Mallory's secret in the local user's sandbox)."""
+    config = {"shttp_servers": [{"url": "https://mcp.example.com/mcp", "api_key": "mallory-key"}]}
+    async with stack.client(MALLORY_KEY) as mallory:
+        stored = await mallory.put("/api/settings", json={"mcp_config": config})
+        assert stored.status_code == 200, stored.text
+    assert "mallory-key" not in stored.text
+    token = stored.json()["mcp_config"]["shttp_servers"][0]["api_key"]
+    assert token.startswith("sealed:v1:")
+    planted = {"shttp_servers": [{"url": "https://mcp.example.com/mcp", "api_key": token}]}
+    for method, path in (("POST", "/api/conversations"), ("PUT", "/api/settings")):
+        response = await api.request(method, path, json={"mcp_config": planted})
+        assert "not yours" in assert_problem(response, 422)["detail"]
+    # Her own token posted back (a client saving the settings it read) is kept as it is.
+    async with stack.client(MALLORY_KEY) as mallory:
+        again = await mallory.put("/api/settings", json={"mcp_config": planted})
+        assert again.status_code == 200, again.text
+        assert again.json()["mcp_config"]["shttp_servers"][0]["api_key"] == token
 
 
 async def test_a_body_larger_than_a_nats_message_is_413(api: httpx.AsyncClient) -> None:
@@ -157,8 +254,14 @@ def _nested(depth: int) -> str:
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("POST", "/api/conversations", '{"mcp_config": {"a": ' + _nested(200_000) + "}}"),
-        ("POST", "/api/conversations", '{"mcp_config": {"a": ' + _nested(17) + "}}"),
+        (
+            "POST",
+            "/api/conversations",
+            '{"mcp_config": {"stdio_servers": [{"name": "s", '
+            '"command": "c", "args": ' + _nested(200_000) + "}]}}",
+        ),
+        ("PUT", "/api/settings", '{"mcp_config": {"stdio_servers": ' + _nested(200_000) + "}}"),
+        ("POST", "/api/conversations", '{"mcp_config": {"sse_servers": ' + _nested(17) + "}}"),
         ("POST", "/api/conversations", '{"extra": ' + _nested(200_000) + "}"),
         ("PUT", "/api/settings", '{"extra": ' + _nested(200_000) + "}"),
     ],

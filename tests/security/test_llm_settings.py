@@ -23,6 +23,7 @@ import httpx
 import msgspec
 import nats.errors
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect
@@ -198,23 +199,46 @@ async def test_the_operator_key_never_reaches_a_users_listener(
     await put_settings(api)
 
 
-def test_only_session_manager_holds_the_operator_key(stack: Stack) -> None:
+def service_environments(stack: Stack) -> dict[str, list[bytes]]:
+    """Each service process' environment entries, read from /proc."""
+    environments = {}
+    for name in ("session-manager", "runtime-runner", "event-store", "gateway"):
+        pid = (stack.data_dir / "pids" / f"{name}.pid").read_text().strip()
+        environments[name] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return environments
+
+
+async def test_only_session_manager_holds_the_operator_key(stack: Stack) -> None:
     """The runner (whose sandboxes run untrusted code), event-store and gateway never get the
-    operator's LLM key, nor the runner and event-store the key that seals users' keys."""
-    environments = {
-        name: (stack.data_dir / "pids" / f"{name}.pid").read_text().strip()
-        for name in ("session-manager", "runtime-runner", "event-store", "gateway")
-    }
-    held = {
-        name: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        for name, pid in environments.items()
-    }
+    operator's LLM key, nor event-store the key that seals users' keys. The runner holds that
+    key (it opens users' git tokens and sandbox secrets at sandbox start), so its NATS user may
+    not read the settings bucket, where users' sealed LLM keys are."""
+    held = service_environments(stack)
     assert f"TASKBUS_LLM_API_KEY={OPERATOR_KEY}".encode() in held["session-manager"]
     for name in ("runtime-runner", "event-store", "gateway"):
         assert not any(OPERATOR_KEY.encode() in entry for entry in held[name]), name
-    for name in ("runtime-runner", "event-store"):
-        assert not any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held[name]), name
-    assert any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held["gateway"])
+    assert not any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held["event-store"])
+    for name in ("gateway", "runtime-runner"):
+        assert any(entry.startswith(b"TASKBUS_SECRETS_KEY") for entry in held[name]), name
+    admin = await connect(stack.nats_url, "security-test", stack.bus_credential(bus_auth.ADMIN))
+    try:
+        await (await admin.jetstream().key_value(subjects.SETTINGS_BUCKET)).put(
+            "victim", b'{"llm_model": "openai/gpt-4o", "llm_api_key": "sealed:v1:AAAA"}'
+        )
+    finally:
+        await admin.drain()
+    runner = await connect(
+        stack.nats_url, "security-test", stack.bus_credential(bus_auth.RUNTIME_RUNNER)
+    )
+    try:
+        settings = await runner.jetstream().key_value(subjects.SETTINGS_BUCKET)
+        with pytest.raises(TimeoutError):  # a denied request is never answered
+            await asyncio.wait_for(settings.get("victim"), 2)
+        secrets = await runner.jetstream().key_value(subjects.SECRETS_BUCKET)
+        with pytest.raises(KeyNotFoundError):  # its own bucket answers
+            await asyncio.wait_for(secrets.get("victim"), 5)
+    finally:
+        await runner.drain()
 
 
 async def test_llm_keys_are_sealed_in_the_settings_bucket_and_the_command_stream(

@@ -84,6 +84,17 @@ def test_wire_view_follows_openhands_shape() -> None:
     assert status["status"] == "STARTING" and "action" not in status
 
 
+def test_resource_usage_is_a_null_observation_with_its_figures_on_top() -> None:
+    """OpenHands clients skip it (no class of theirs); Taskbus clients read its figures."""
+    view = to_wire((GOLDEN / "ResourceUsage.json").read_bytes())
+    assert (view["observation"], view["extras"], view["kind"]) == ("null", {}, "ResourceUsage")
+    assert "action" not in view and view["content"] == view["message"] == "ResourceUsage"
+    figures = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "pids", "disk_bytes")
+    golden = json.loads((GOLDEN / "ResourceUsage.json").read_bytes())
+    assert {name: view[name] for name in figures} == {name: golden[name] for name in figures}
+    assert view["measured_by"] == golden["measured_by"]
+
+
 def test_new_events_get_unassigned_id_and_utc_timestamp() -> None:
     event = CmdRunAction(conversation_id="c1", source=EventSource.AGENT, command="ls")
     assert event.id == -1

@@ -19,12 +19,13 @@ from taskbus.contracts.events import (
     EventSource,
     LLMMetrics,
     MessageAction,
+    ResourceUsage,
     ThinkAction,
     UnknownEvent,
     decode_event,
     encode_event,
 )
-from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.queries import ConversationInfo, ResourceUsageInfo
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus
 from taskbus.contracts.summary import SHAPING, summarize, summary_of_latest
@@ -80,6 +81,21 @@ def renamed(event_id: int, title: str) -> ConversationRenamed:
         id=event_id,
         timestamp=at(event_id),
         title=title,
+    )
+
+
+def usage(event_id: int, memory_peak_bytes: int) -> ResourceUsage:
+    return ResourceUsage(
+        conversation_id=CID,
+        source=ENV,
+        id=event_id,
+        timestamp=at(event_id),
+        cpu_seconds=1.5,
+        memory_bytes=1024,
+        memory_peak_bytes=memory_peak_bytes,
+        pids=4,
+        disk_bytes=4096,
+        measured_by="cgroup",
     )
 
 
@@ -160,6 +176,28 @@ def test_the_latest_rename_gives_the_title() -> None:
     assert summary_of_latest(created(), latest, 1, at(1)).title == "First"
 
 
+def test_the_latest_resource_usage_is_kept_after_the_sandbox_is_gone() -> None:
+    fresh = fold(created())
+    assert fresh is not None and fresh.resource_usage is None
+    info = fold(
+        created(),
+        usage(1, memory_peak_bytes=100),
+        usage(2, memory_peak_bytes=300),
+        status(3, ConversationStatus.FINISHED),
+    )
+    assert info is not None
+    assert info.resource_usage == ResourceUsageInfo(
+        cpu_seconds=1.5,
+        memory_bytes=1024,
+        memory_peak_bytes=300,
+        pids=4,
+        disk_bytes=4096,
+        measured_by="cgroup",
+        measured_at=at(2),
+        event_id=2,
+    )
+
+
 def test_a_redelivered_event_changes_nothing() -> None:
     once = fold(created(), metrics(1, 1.0, 1.0))
     assert once is not None
@@ -224,6 +262,8 @@ def _random_log(rng: random.Random) -> list[Event]:
             events.append(status(event_id + 1, ConversationStatus.ARCHIVED, "deleted"))
         elif choice == 4:
             events.append(renamed(event_id, f"title {event_id}"))
+        elif choice == 5:
+            events.append(usage(event_id, memory_peak_bytes=rng.randrange(1 << 30)))
         else:
             events.append(
                 MessageAction(

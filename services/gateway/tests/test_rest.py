@@ -576,6 +576,7 @@ NULL_SETTINGS = {
     "no_change_timeout_seconds": None,
     "confirmation_mode": False,
     "concurrency_policy": None,
+    "mcp_config": None,
     # OpenHands' ApiSettings keys Taskbus has no setting for, at their documented values.
     "agent": "CodeActAgent",
     "language": "en",

@@ -16,10 +16,19 @@ from taskbus.contracts.specs import (
     MAX_MESSAGE_CHARS,
     MAX_NAME_CHARS,
     ConversationSpec,
+    GitProvider,
     UserSettings,
 )
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.subjects import CONVERSATION_ID_PATTERN
+from taskbus.contracts.user_secrets import (
+    MAX_CUSTOM_SECRETS,
+    CustomSecret,
+    ProviderToken,
+    ProviderTokenUpdate,
+    SecretName,
+    UserSecrets,
+)
 
 # A command id is a KV key and a subject token: the conversation ids' safe form.
 CommandId = Annotated[str, msgspec.Meta(pattern=CONVERSATION_ID_PATTERN.pattern)]
@@ -84,6 +93,64 @@ class UpdateSettings(Command):
     settings: UserSettings
 
 
+class SecretsTooMany(ValueError):
+    """A new custom secret beyond MAX_CUSTOM_SECRETS: nothing is stored."""
+
+
+class SecretsCommand(Command):
+    """A change to the user's entry in KV `taskbus_secrets` (contracts/user_secrets.py); its
+    values are sealed by the gateway. The gateway knows the change is stored once applying it
+    again changes nothing (`applied_to(stored) == stored`)."""
+
+    def applied_to(self, secrets: UserSecrets) -> UserSecrets:
+        raise NotImplementedError
+
+
+class StoreSecret(SecretsCommand, kw_only=True):
+    """Create or replace the custom secret `secret_name`; `replaces`: the name it had (a
+    rename)."""
+
+    secret_name: SecretName
+    secret: CustomSecret
+    replaces: SecretName | None = None
+
+    def applied_to(self, secrets: UserSecrets) -> UserSecrets:
+        custom = {k: v for k, v in secrets.custom_secrets.items() if k != self.replaces}
+        custom[self.secret_name] = self.secret
+        if len(custom) > MAX_CUSTOM_SECRETS:
+            raise SecretsTooMany(f"at most {MAX_CUSTOM_SECRETS} secrets may be stored")
+        return msgspec.structs.replace(secrets, custom_secrets=custom)
+
+
+class DeleteSecret(SecretsCommand, kw_only=True):
+    secret_name: SecretName
+
+    def applied_to(self, secrets: UserSecrets) -> UserSecrets:
+        custom = {k: v for k, v in secrets.custom_secrets.items() if k != self.secret_name}
+        return msgspec.structs.replace(secrets, custom_secrets=custom)
+
+
+class StoreProviderTokens(SecretsCommand, kw_only=True):
+    """OpenHands' add-git-providers: each provider named gets its token and host; one named
+    without a token keeps its stored token with the new host; the others stay as they are."""
+
+    provider_tokens: dict[GitProvider, ProviderTokenUpdate]
+
+    def applied_to(self, secrets: UserSecrets) -> UserSecrets:
+        tokens = dict(secrets.provider_tokens)
+        for provider, update in self.provider_tokens.items():
+            if update.token:
+                tokens[provider] = ProviderToken(token=update.token, host=update.host)
+            elif provider in tokens:
+                tokens[provider] = msgspec.structs.replace(tokens[provider], host=update.host)
+        return msgspec.structs.replace(secrets, provider_tokens=tokens)
+
+
+class UnsetProviderTokens(SecretsCommand):
+    def applied_to(self, secrets: UserSecrets) -> UserSecrets:
+        return msgspec.structs.replace(secrets, provider_tokens={})
+
+
 class CommandVerdict(msgspec.Struct, frozen=True, kw_only=True):
     """Session-manager's answer to a conversation command. Accepted: its events are in the log,
     up to `last_event_id`, and `status` is the conversation's after them. Refused: nothing was
@@ -122,6 +189,10 @@ AnyCommand = (
     | ConfirmAction
     | RenameConversation
     | UpdateSettings
+    | StoreSecret
+    | DeleteSecret
+    | StoreProviderTokens
+    | UnsetProviderTokens
 )
 
 _decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)

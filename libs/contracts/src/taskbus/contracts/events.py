@@ -303,7 +303,7 @@ class ActionProposed(Event):
     """A risky action chosen in confirmation mode: recorded, but not executable until the user
     confirms it (then the action itself is appended with `cause` = this event's id)."""
 
-    proposed: CmdRunAction | FileWriteAction | FileEditAction
+    proposed: CmdRunAction | FileWriteAction | FileEditAction | MCPAction
 
 
 class ConfirmationRequested(Event):

@@ -79,6 +79,19 @@ class EventReply(Reply):
     event: msgspec.Raw
 
 
+class ResourceUsageInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A conversation's latest `ResourceUsage` event: its figures, when, and which event."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    pids: int
+    disk_bytes: int
+    measured_by: str
+    measured_at: datetime
+    event_id: int
+
+
 class ConversationInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The projected state of one conversation (ClickHouse `conversations`, KV status)."""
 
@@ -100,6 +113,10 @@ class ConversationInfo(msgspec.Struct, frozen=True, kw_only=True):
     # (taskbus.contracts.openhands.ConversationTrigger).
     git_provider: str | None = None
     trigger: str | None = None
+    # What its sandbox used when last measured (kept after the sandbox is gone); None: never.
+    resource_usage: ResourceUsageInfo | None = None
+    # The conversations it waits for (its spec's `depends_on`), so a graph can be walked.
+    depends_on: list[str] = []
 
 
 class GetConversation(Query):
@@ -236,6 +253,35 @@ class FailingCommandsReport(Reply):
     """Most failures first, ties by command text."""
 
     commands: list[FailingCommand]
+
+
+class ResourceAnalytics(Query):
+    """What each conversation's sandboxes used, from its `ResourceUsage` events in the window."""
+
+    subject_name = "analytics_resources"
+    limit: PageLimit = 20
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class ConversationResources(msgspec.Struct, frozen=True, kw_only=True):
+    """`cpu_seconds` adds up its sandboxes' CPU time: each sample's figure counts from the
+    sandbox's start, and a figure lower than the one before marks a new sandbox. The others
+    are the highest any sample in the window reported."""
+
+    conversation_id: str
+    samples: int
+    cpu_seconds: float
+    memory_peak_bytes: int
+    max_pids: int
+    max_disk_bytes: int
+    last_measured_at: datetime
+
+
+class ResourceReport(Reply):
+    """Highest peak memory first, ties by conversation id."""
+
+    conversations: list[ConversationResources]
 
 
 class QueryError(Reply):

@@ -86,3 +86,9 @@ def is_sealed(value: str) -> bool:
 def llm_key_context(user_id: str) -> str:
     """The context a user's LLM key is sealed under: it opens only as that user's key."""
     return f"taskbus_settings/{user_id}/llm_api_key"
+
+
+def mcp_secret_context(user_id: str) -> str:
+    """The context of the secrets in a user's MCP config (a remote server's `api_key`, a stdio
+    server's `env` values): they open only in that user's conversations."""
+    return f"taskbus_mcp/{user_id}"

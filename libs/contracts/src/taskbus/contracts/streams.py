@@ -106,6 +106,8 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.CONVERSATIONS_BUCKET, history=1, replicas=replicas),
         KeyValueConfig(bucket=subjects.SETTINGS_BUCKET, history=5, replicas=replicas),
         KeyValueConfig(bucket=subjects.RUNNERS_BUCKET, history=1, replicas=replicas),
+        # history=1: a replaced or deleted secret's sealed value is gone, not kept as history.
+        KeyValueConfig(bucket=subjects.SECRETS_BUCKET, history=1, replicas=replicas),
         KeyValueConfig(
             bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
         ),

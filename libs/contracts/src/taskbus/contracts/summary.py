@@ -1,12 +1,12 @@
 """The one fold that builds a conversation's summary (`ConversationInfo`) from its events.
 
 Every field of the summary is set by the latest event of the kind that shapes it (`SHAPING`:
-status, agent state, cost, title, deletion), and the counters follow from the dense ids. So folding
-every event (event-store's projection) and folding only the creation, the latest event of each
-shaping kind and the log's last event (the gateway, which reads those with direct gets while
-the projection lags) give the same summary; `test_summary.py` checks it. (Deletion is final
-through `ConversationDeleted`: session-manager appends it before the status ARCHIVED, and a
-later status, e.g. from the sandbox's teardown, changes nothing.)
+status, agent state, cost, title, deletion, resource usage), and the counters follow from the
+dense ids. So folding every event (event-store's projection) and folding only the creation, the
+latest event of each shaping kind and the log's last event (the gateway, which reads those with
+direct gets while the projection lags) give the same summary; `test_summary.py` checks it.
+(Deletion is final through `ConversationDeleted`: session-manager appends it before the status
+ARCHIVED, and a later status, e.g. from the sandbox's teardown, changes nothing.)
 
 Cost is therefore `LLMMetrics.accumulated_cost`, the producer's running total (the sum of each
 call's cost in log order, the figure session-manager checks budgets against), not a sum the
@@ -31,10 +31,11 @@ from taskbus.contracts.events import (
     ConversationStatusChanged,
     Event,
     LLMMetrics,
+    ResourceUsage,
     UnknownEvent,
 )
 from taskbus.contracts.openhands import conversation_trigger
-from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.queries import ConversationInfo, ResourceUsageInfo
 from taskbus.contracts.status import ConversationStatus
 
 # A created conversation waits for admission until session-manager says otherwise.
@@ -46,6 +47,7 @@ SHAPING: tuple[type[Event], ...] = (
     LLMMetrics,
     ConversationRenamed,
     ConversationDeleted,
+    ResourceUsage,
 )
 
 
@@ -85,6 +87,8 @@ def summarize(
             return msgspec.structs.replace(info, accumulated_cost=total)
         case ConversationRenamed(title=title):
             return msgspec.structs.replace(info, title=title)
+        case ResourceUsage():
+            return msgspec.structs.replace(info, resource_usage=_usage(event))
         case _:
             return info
 
@@ -127,10 +131,24 @@ def _created(event: ConversationCreated) -> ConversationInfo:
         priority=spec.priority,
         git_provider=spec.git_provider,
         trigger=conversation_trigger(spec),
+        depends_on=list(spec.depends_on),
         created_at=event.timestamp,
         updated_at=event.timestamp,
         event_count=event.id + 1,
         last_event_id=event.id,
+    )
+
+
+def _usage(event: ResourceUsage) -> ResourceUsageInfo:
+    return ResourceUsageInfo(
+        cpu_seconds=event.cpu_seconds,
+        memory_bytes=event.memory_bytes,
+        memory_peak_bytes=event.memory_peak_bytes,
+        pids=event.pids,
+        disk_bytes=event.disk_bytes,
+        measured_by=event.measured_by,
+        measured_at=event.timestamp,
+        event_id=event.id,
     )
 
 

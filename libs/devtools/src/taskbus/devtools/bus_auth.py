@@ -5,14 +5,16 @@ same for a deployment (deploy/nats). The JetStream API is itself a set of subjec
 (`$JS.API.<verb>.<stream>...`), so "may read the log but not append to it" is a publish allow
 list. What each service may do, and why:
 
-- gateway: sends commands and queries; reads events (direct gets, ephemeral ordered consumers
-  for WebSocket tails, the ConversationCreated notification) and the conversations, settings,
-  runners and verdicts buckets (watching a verdict's key as it is stored). It appends no event
-  and writes no bucket.
-- session-manager: appends events, writes the settings and verdicts buckets (their only
-  writer), consumes its two durables and throwaway recovery consumers (never another service's
-  durable), reads the conversations bucket (deleted conversations' tombstones).
-- runtime-runner: appends events (observations), writes the runners bucket, consumes its durable.
+- gateway: sends commands, queries and workspace requests; reads events (direct gets,
+  ephemeral ordered consumers for WebSocket tails, the ConversationCreated notification) and
+  the conversations, settings, runners, verdicts and secrets buckets (watching a verdict's key
+  as it is stored). It appends no event and writes no bucket.
+- session-manager: appends events, writes the settings, verdicts and secrets buckets (their
+  only writer), consumes its two durables and throwaway recovery consumers (never another
+  service's durable), reads the conversations bucket (deleted conversations' tombstones).
+- runtime-runner: appends events (observations), writes the runners bucket, reads the secrets
+  bucket (git tokens, sandbox secrets; never the settings bucket), consumes its durable,
+  answers workspace requests (files of the workspaces on its host).
 - event-store: writes the conversations bucket, consumes its durable (a rebuild deletes and
   re-creates it), answers queries, and purges deleted conversations from the log (the one
   purge any service may do; JetStream cannot narrow it to a subject by permission).
@@ -63,6 +65,7 @@ def _all_stream_info() -> list[str]:
         subjects.SETTINGS_BUCKET,
         subjects.RUNNERS_BUCKET,
         subjects.VERDICTS_BUCKET,
+        subjects.SECRETS_BUCKET,
     )
     return [
         f"{_API}.INFO",
@@ -148,6 +151,12 @@ def permissions(user: str) -> dict[str, Any] | None:
             *_read_bucket(subjects.SETTINGS_BUCKET),
             *_read_bucket(subjects.RUNNERS_BUCKET),
             *_read_bucket(subjects.VERDICTS_BUCKET),
+            # Lists a user's secret names and waits for a secrets command to be stored; the
+            # values are sealed, and the gateway (which seals them) holds the key anyway.
+            *_read_bucket(subjects.SECRETS_BUCKET),
+            # Asks the runner for a conversation's workspace files (list, read, zip, git,
+            # upload), after checking the conversation is the caller's.
+            subjects.ALL_WORKSPACE_REQUESTS,
         ]
         subscribe += [
             # A create waits for the conversation's first events (created or rejected); the
@@ -166,6 +175,10 @@ def permissions(user: str) -> dict[str, Any] | None:
             *_read_bucket(subjects.CONVERSATIONS_BUCKET),
             *_read_bucket(subjects.VERDICTS_BUCKET),
             *_write_bucket(subjects.VERDICTS_BUCKET),
+            # The secrets bucket's only writer: it applies the gateway's secrets commands,
+            # reading the entry first (revision-checked updates).
+            *_read_bucket(subjects.SECRETS_BUCKET),
+            *_write_bucket(subjects.SECRETS_BUCKET),
             *_durable(_EVENTS, subjects.SESSION_MANAGER_EVENTS_DURABLE),
             *_durable(_COMMANDS, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
             # Throwaway recovery consumers have random names; the others' durables stay out.
@@ -178,8 +191,14 @@ def permissions(user: str) -> dict[str, Any] | None:
             subjects.dead_letter_subject(user),
             *_read_bucket(subjects.RUNNERS_BUCKET),
             *_write_bucket(subjects.RUNNERS_BUCKET),
+            # Opens a user's git tokens and sandbox secrets at sandbox start (read only); never
+            # the settings bucket, whose LLM keys the runner has no use for.
+            *_read_bucket(subjects.SECRETS_BUCKET),
             *_durable(_EVENTS, subjects.RUNTIME_RUNNER_DURABLE),
         ]
+        # Answers workspace requests (contracts/workspace.py) to the asker's inbox only.
+        subscribe.append(subjects.ALL_WORKSPACE_REQUESTS)
+        allow_responses = True
     elif user == EVENT_STORE:
         publish += [
             subjects.dead_letter_subject(user),

@@ -27,6 +27,7 @@ import msgspec
 from taskbus.contracts.queries import (
     ConversationInfo,
     ConversationPage,
+    ConversationResources,
     CostAnalytics,
     CostBucket,
     CostReport,
@@ -40,6 +41,7 @@ from taskbus.contracts.queries import (
     OutcomeStats,
     QueryError,
     Reply,
+    ResourceReport,
     SearchEvents,
 )
 from taskbus.contracts.specs import NATS_DEFAULT_MAX_PAYLOAD
@@ -175,6 +177,23 @@ def failing_commands_report(rows: Rows) -> FailingCommandsReport:
             for command, failures, runs, conversations, last_failed_at, last_exit_code in rows
         ]
     )
+
+
+def resource_report(rows: Rows) -> ResourceReport:
+    """`rows` as selected by `sql.resource_analytics`."""
+    conversations = [
+        ConversationResources(
+            conversation_id=conversation_id,
+            samples=samples,
+            cpu_seconds=float(cpu),
+            memory_peak_bytes=peak,
+            max_pids=pids,
+            max_disk_bytes=disk,
+            last_measured_at=as_utc(last),
+        )
+        for conversation_id, samples, cpu, peak, pids, disk, last in rows
+    ]
+    return ResourceReport(conversations=conversations)
 
 
 def _seconds(value: float | None) -> float | None:

@@ -25,6 +25,7 @@ from taskbus.contracts.queries import (
     ListConversations,
     Query,
     Reply,
+    ResourceAnalytics,
     SearchEvents,
 )
 from taskbus.event_store import replies, sql
@@ -44,6 +45,7 @@ AnyQuery = (
     | DurationAnalytics
     | EventKindCounts
     | FailingCommands
+    | ResourceAnalytics
 )
 QUERY_TYPES: tuple[type[Query], ...] = typing.get_args(AnyQuery)
 
@@ -113,6 +115,8 @@ class QueryResponder:
                 return replies.event_kind_report(await select(sql.event_kind_counts(query)))
             case FailingCommands():
                 return replies.failing_commands_report(await select(sql.failing_commands(query)))
+            case ResourceAnalytics():
+                return replies.resource_report(await select(sql.resource_analytics(query)))
         raise TypeError(f"unsupported query {type(query).__name__}")
 
     async def _search_events(self, query: SearchEvents) -> Reply:

@@ -16,7 +16,7 @@ from taskbus.contracts.events import (
     LLMMetrics,
     UnknownEvent,
 )
-from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.queries import ConversationInfo, ResourceUsageInfo
 from taskbus.contracts.status import AgentState, ConversationStatus
 
 # Envelope keys are columns of their own; every other string value of an event is searchable text.
@@ -146,6 +146,8 @@ class ConversationRow(NamedTuple):
     last_event_id: int
     git_provider: str | None
     trigger: str | None
+    depends_on: list[str]
+    resource_usage: str | None  # the JSON of `ConversationInfo.resource_usage`
 
 
 CONVERSATION_COLUMNS: tuple[str, ...] = ConversationRow._fields
@@ -169,6 +171,10 @@ def conversation_row(info: ConversationInfo) -> ConversationRow:
         last_event_id=info.last_event_id,
         git_provider=info.git_provider,
         trigger=info.trigger,
+        depends_on=info.depends_on,
+        resource_usage=None
+        if info.resource_usage is None
+        else msgspec.json.encode(info.resource_usage).decode(),
     )
 
 
@@ -191,6 +197,10 @@ def conversation_from_row(values: Sequence[Any]) -> ConversationInfo:
         last_event_id=row.last_event_id,
         git_provider=row.git_provider,
         trigger=row.trigger,
+        depends_on=list(row.depends_on),
+        resource_usage=None
+        if row.resource_usage is None
+        else msgspec.json.decode(row.resource_usage, type=ResourceUsageInfo),
     )
 
 

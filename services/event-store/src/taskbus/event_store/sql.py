@@ -24,6 +24,7 @@ from taskbus.contracts.events import (
     ConversationCreated,
     ConversationStatusChanged,
     LLMMetrics,
+    ResourceUsage,
 )
 from taskbus.contracts.queries import (
     CostAnalytics,
@@ -32,6 +33,7 @@ from taskbus.contracts.queries import (
     EventKindCounts,
     FailingCommands,
     ListConversations,
+    ResourceAnalytics,
     SearchEvents,
 )
 from taskbus.contracts.status import ENDED_STATUSES, ConversationStatus
@@ -131,6 +133,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         statements=(
             "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS git_provider Nullable(String)",
             "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS trigger Nullable(String)",
+        ),
+    ),
+    Migration(
+        version=4,
+        description="conversations' depends_on (task dependencies)",
+        statements=("ALTER TABLE conversations ADD COLUMN IF NOT EXISTS depends_on Array(String)",),
+    ),
+    Migration(
+        version=5,
+        description="conversations' latest resource usage (JSON of ResourceUsageInfo)",
+        statements=(
+            "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS resource_usage Nullable(String)",
         ),
     ),
 )
@@ -361,6 +375,41 @@ def event_kind_counts(query: EventKindCounts) -> Statement:
         "SELECT kind, count() AS events, uniqExact(conversation_id)"
         f" FROM events FINAL WHERE {' AND '.join(conditions)}"
         " GROUP BY kind ORDER BY events DESC, kind ASC",
+        parameters,
+    )
+
+
+def resource_analytics(query: ResourceAnalytics) -> Statement:
+    """Rows: conversation_id, samples, cpu_seconds, memory_peak_bytes, max_pids,
+    max_disk_bytes, last_measured_at.
+
+    A sample's `cpu_seconds` counts from its sandbox's start, so the CPU time is the sum of the
+    rises between samples in log order, where a fall means a new sandbox whose figure counts
+    whole.
+    """
+    conditions = ["user_id = {user_id:String}", "kind = {kind:String}"]
+    parameters: dict[str, Any] = {
+        "user_id": query.user_id,
+        "kind": ResourceUsage.__name__,
+        "limit": query.limit,
+    }
+    _add_filters(conditions, parameters, _window("timestamp", query.since, query.until))
+    cpu = "JSONExtractFloat(payload, 'cpu_seconds')"
+    cpus = f"arrayMap(x -> x.2, arraySort(groupArray((id, {cpu}))))"
+    rises = "arrayPopFront(arrayDifference(arrayPushFront(cpus, 0.)))"
+    peak = (
+        "max(greatest(JSONExtractUInt(payload, 'memory_peak_bytes'),"
+        " JSONExtractUInt(payload, 'memory_bytes')))"
+    )
+    return Statement(
+        "SELECT conversation_id, count(),"
+        f" arraySum(arrayMap((c, d) -> if(d >= 0, d, c), {cpus} AS cpus, {rises})),"
+        f" {peak} AS memory_peak,"
+        " max(JSONExtractUInt(payload, 'pids')), max(JSONExtractUInt(payload, 'disk_bytes')),"
+        " max(timestamp)"
+        f" FROM events FINAL WHERE {' AND '.join(conditions)}"
+        " GROUP BY conversation_id"
+        " ORDER BY memory_peak DESC, conversation_id ASC LIMIT {limit:UInt32}",
         parameters,
     )
 

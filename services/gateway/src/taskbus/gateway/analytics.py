@@ -18,6 +18,8 @@ from taskbus.contracts.queries import (
     FailingCommands,
     FailingCommandsReport,
     Reply,
+    ResourceAnalytics,
+    ResourceReport,
 )
 from taskbus.gateway.dependencies import BusDep, UserId
 from taskbus.gateway.rest import Limit, Since, Until, contract_query, json_response
@@ -79,3 +81,17 @@ async def failing_commands(
     """A soft timeout (the command still runs) is not a failure."""
     query = contract_query(FailingCommands, user_id=user, limit=limit, since=since, until=until)
     return report_response(await bus.ask(query, FailingCommandsReport))
+
+
+@router.get("/resources", summary="What your conversations' sandboxes used of the host")
+async def resources(
+    user: UserId,
+    bus: BusDep,
+    limit: Limit = 20,
+    since: Since = None,
+    until: Until = None,
+) -> Response:
+    """From the ResourceUsage events in the window (sampled every few seconds while a sandbox
+    runs), one row per conversation, highest peak memory first."""
+    query = contract_query(ResourceAnalytics, user_id=user, limit=limit, since=since, until=until)
+    return report_response(await bus.ask(query, ResourceReport))

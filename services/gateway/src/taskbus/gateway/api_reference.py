@@ -11,11 +11,21 @@ from typing import Any
 import msgspec
 
 from taskbus.contracts.openhands import OpenHandsStatus
-from taskbus.contracts.specs import ConversationSpec, Timeouts, UserSettings
+from taskbus.contracts.queries import ResourceUsageInfo
+from taskbus.contracts.specs import ConversationSpec, GitProvider, Timeouts, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.inputs import MessageBody, StartBody
 from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
+from taskbus.gateway.secrets_routes import (
+    ProviderTokenBody,
+    ProviderTokensBody,
+    SecretBody,
+    SecretList,
+    SecretsMessage,
+    SecretUpdateBody,
+    SecretView,
+)
 from taskbus.gateway.user_settings import SettingsView
 
 API_DESCRIPTION = """\
@@ -44,10 +54,24 @@ _DESCRIPTIONS: dict[str, str] = {
     # conversations: the create body (ConversationSpec, OpenHands' InitSessionRequest + limits)
     "initial_user_msg": "The task: the conversation's first user message.",
     "repository": "Git repository URL cloned into the workspace (no credential in it).",
-    "git_provider": "OpenHands' git provider name of the repository (e.g. `github`).",
+    "git_provider": "Where an `owner/name` repository lives, and which of your tokens (POST "
+    "/api/add-git-providers) clones it: github, gitlab, bitbucket, azure_devops or generic.",
     "selected_branch": "Branch to check out after cloning.",
     "conversation_instructions": "Extra instructions for the agent, beside the task.",
-    "mcp_config": "OpenHands' MCP configuration (bounded in size and nesting).",
+    "mcp_config": "OpenHands' MCPConfig: MCP servers whose tools the agent may call beside its "
+    "own. They run (stdio) or are reached (sse, shttp) from inside the sandbox, under its network "
+    "policy. `api_key` and `env` values are sealed at once and only ever shown sealed. Null takes "
+    "your settings' `mcp_config`.",
+    "sse_servers": "Remote MCP servers over SSE: a URL, or `{url, api_key, timeout}`.",
+    "shttp_servers": "Remote MCP servers over streamable HTTP: a URL or `{url, api_key, timeout}`.",
+    "stdio_servers": "MCP servers run in the sandbox as a command speaking MCP on stdio.",
+    "MCPRemoteServer.url": "The server's http(s) URL (no credential in it: use `api_key`).",
+    "MCPRemoteServer.api_key": "Write-only key, sent as `Authorization: Bearer` (sealed at once).",
+    "MCPRemoteServer.timeout": "Longest wait for one tool call, in seconds.",
+    "MCPStdioServer.name": "The server's name; its tools are offered as `<name>_<tool>`.",
+    "MCPStdioServer.command": "The program to run in the sandbox (e.g. `python3`, `npx`).",
+    "MCPStdioServer.args": "Its arguments.",
+    "MCPStdioServer.env": "Environment variables of the server (values sealed at once).",
     "image_urls": "Images of the message, sent to the LLM as image parts (https or data URLs).",
     "replay_json": "OpenHands' trajectory to replay: refused with a 422 saying why.",
     "suggested_task": "OpenHands' suggested task: the first message is written from it.",
@@ -59,6 +83,10 @@ _DESCRIPTIONS: dict[str, str] = {
     "confirmation_mode": "Whether each risky action waits for confirm or reject.",
     "timeouts": "Time limits; null fields take the user's setting or the operator's default.",
     "resources": "Sandbox limits asked for, capped by the operator's maxima.",
+    "depends_on": "Ids of your conversations that must all FINISH before this one starts (it "
+    "waits QUEUED, reason `waiting_for_dependencies`, then starts with their outcomes in view); "
+    "if one ends in ERROR or STOPPED, or is deleted, this one fails (ERROR, `dependency_failed`). "
+    "Unknown ids, other users' ids and cycles are a 422.",
     "SuggestedTask.git_provider": "Git provider of the repository.",
     "task_type": "What kind of work the suggestion is.",
     "repo": "Repository, as `owner/name`.",
@@ -76,7 +104,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "network": "`none` (no network) or `bridge`.",
     # commands
     "MessageBody.message": "The user's message to the agent (also answers a pending action).",
-    "providers_set": "OpenHands' git providers; accepted and unused (Taskbus holds no tokens).",
+    "providers_set": "OpenHands' git providers; accepted and unused (`git_provider` picks the "
+    "token).",
     "RenameBody.title": "The new title (stripped; not blank).",
     "action": "OpenHands' action name: only `message` is taken.",
     "observation": "OpenHands' observation name: refused (a client adds no observation).",
@@ -98,6 +127,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "UserSettings.confirmation_mode": "Default `confirmation_mode` of your conversations.",
     "SettingsView.confirmation_mode": "Default `confirmation_mode` of your conversations.",
     "concurrency_policy": "At your limit, a new conversation evicts your oldest or is queued.",
+    "UserSettings.mcp_config": "Default `mcp_config` of your conversations (secrets sealed).",
+    "SettingsView.mcp_config": "Default `mcp_config` of your conversations; `api_key` and `env` "
+    "values only as sealed tokens.",
     "agent": "OpenHands' agent name (fixed: CodeActAgent).",
     "language": "OpenHands' UI language (fixed: en).",
     "search_api_key_set": "OpenHands' search key flag (always false).",
@@ -135,6 +167,23 @@ _DESCRIPTIONS: dict[str, str] = {
     "accumulated_cost": "LLM spend so far, in USD.",
     "event_count": "How many events it has.",
     "last_event_id": "Id of its last event: every read includes the events up to it.",
+    "resource_usage": "What its sandbox used when last measured (`ResourceUsage`, sampled every "
+    "few seconds while it runs; kept after the sandbox is gone); null until measured once.",
+    "cpu_seconds": "CPU time the sandbox used since it started, in seconds.",
+    "ConversationResources.cpu_seconds": "CPU time of its sandboxes, added up, in seconds.",
+    "memory_bytes": "Memory the sandbox held when measured (page cache and tmpfs included).",
+    "memory_peak_bytes": "The most memory the sandbox held since it started.",
+    "ConversationResources.memory_peak_bytes": "The most memory any of its sandboxes held.",
+    "ResourceUsageInfo.pids": "Processes (and threads) in the sandbox when measured.",
+    "disk_bytes": "Disk the workspace takes (a lower bound for a huge workspace).",
+    "measured_by": "Where the figures come from: `cgroup`, `docker` or `process-tree`.",
+    "measured_at": "When it was measured.",
+    "ResourceUsageInfo.event_id": "Id of the ResourceUsage event it comes from.",
+    "samples": "ResourceUsage events in the window.",
+    "max_pids": "The most processes any sample counted.",
+    "max_disk_bytes": "The largest workspace any sample measured.",
+    "last_measured_at": "When it was last measured in the window.",
+    "ResourceReport.conversations": "One row per conversation, highest peak memory first.",
     "results": "This page of conversations, newest first.",
     "next_page_id": "Cursor of the next page (`page_id`), or null on the last one.",
     "events": "This page of events, in id order (reverse order with `reverse`).",
@@ -176,6 +225,26 @@ _DESCRIPTIONS: dict[str, str] = {
     "runs": "Runs with an exit code, failed or not.",
     "last_failed_at": "When it last failed.",
     "last_exit_code": "Its exit code then.",
+    # secrets
+    "SecretBody.name": "The secret's name: an environment variable's name, not a reserved one.",
+    "SecretBody.value": "Write-only value (sealed at once, never shown; at most 4096 bytes).",
+    "SecretBody.description": "What the secret is for.",
+    "SecretBody.expose_in_sandbox": "Whether your sandboxes' shells have it as an environment "
+    "variable (masked as `<secret_hidden>` in every event); true as in OpenHands.",
+    "SecretUpdateBody.name": "The secret's name from now on (the same to keep it).",
+    "SecretUpdateBody.description": "A new description; null keeps it.",
+    "SecretUpdateBody.value": "A new write-only value; null keeps it.",
+    "SecretUpdateBody.expose_in_sandbox": "Whether sandboxes get it; null keeps the setting.",
+    "custom_secrets": "Your custom secrets, by name, without their values.",
+    "SecretView.name": "The secret's name.",
+    "SecretView.description": "What the secret is for.",
+    "SecretView.expose_in_sandbox": "Whether your sandboxes' shells have it.",
+    "provider_tokens": "Tokens by provider: github, gitlab, bitbucket, azure_devops, generic.",
+    "ProviderTokenBody.token": "Write-only token (sealed at once); empty keeps the stored one.",
+    "ProviderTokenBody.host": "The provider's host when not its public one (`name[:port]`, or "
+    "`http://name[:port]`); required for `generic` with an `owner/name` repository.",
+    "ProviderTokenBody.user_id": "OpenHands' provider-side user id; accepted, unused.",
+    "SecretsMessage.message": "What was done (OpenHands' answer).",
     # problems
     "ProblemDocument.type": "URI of the problem type (`urn:taskbus:problem:<kind>`).",
     "ProblemDocument.title": "Short summary of the problem type.",
@@ -195,6 +264,9 @@ PARAMETER_DESCRIPTIONS: dict[str, str] = {
     "reverse": "Newest first.",
     "source": "Only events from this source.",
     "group_by": "Bucket key: user, UTC day, model or conversation.",
+    "path": "A path relative to the workspace (list-files: a directory, empty for the top; "
+    "git/diff: a file).",
+    "file": "The file's path relative to the workspace.",
 }
 
 
@@ -223,6 +295,16 @@ _VIEW = ConversationView(
     accumulated_cost=0.0123,
     event_count=7,
     last_event_id=6,
+    resource_usage=ResourceUsageInfo(
+        cpu_seconds=12.5,
+        memory_bytes=180_000_000,
+        memory_peak_bytes=420_000_000,
+        pids=7,
+        disk_bytes=35_000_000,
+        measured_by="cgroup",
+        measured_at=_WHEN,
+        event_id=5,
+    ),
 )
 _EVENT = {
     "id": 3,
@@ -248,6 +330,7 @@ _ACCEPTED = {
 }
 _SETTINGS = UserSettings(llm_model="openai/gpt-4o", max_iterations=100, confirmation_mode=True)
 
+_FILES = "/api/conversations/{conversation_id}"
 # (path, method) -> (request example or None, example of the main success answer)
 EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("/api/conversations", "post"): (
@@ -293,6 +376,36 @@ EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("/api/settings", "get"): (None, SettingsView.of(_SETTINGS)),
     ("/api/settings", "put"): (_SETTINGS, SettingsView.of(_SETTINGS)),
     ("/api/settings", "post"): (_SETTINGS, SettingsView.of(_SETTINGS)),
+    ("/api/secrets", "get"): (
+        None,
+        SecretList(
+            custom_secrets=[
+                SecretView(name="NPM_TOKEN", description="npm publish", expose_in_sandbox=True)
+            ]
+        ),
+    ),
+    ("/api/secrets", "post"): (
+        SecretBody(name="NPM_TOKEN", value="npm_abc123", description="npm publish"),
+        SecretsMessage(message="Secret created successfully"),
+    ),
+    ("/api/secrets/{secret_id}", "put"): (
+        SecretUpdateBody(name="NPM_PUBLISH_TOKEN", description="npm publish (CI)"),
+        SecretsMessage(message="Secret updated successfully"),
+    ),
+    ("/api/secrets/{secret_id}", "delete"): (
+        None,
+        SecretsMessage(message="Secret deleted successfully"),
+    ),
+    ("/api/add-git-providers", "post"): (
+        ProviderTokensBody(
+            provider_tokens={GitProvider.GITHUB: ProviderTokenBody(token="ghp_abc123")}
+        ),
+        SecretsMessage(message="Git providers stored"),
+    ),
+    ("/api/unset-provider-tokens", "post"): (
+        None,
+        SecretsMessage(message="Unset Git provider tokens"),
+    ),
     ("/api/health", "get"): (
         None,
         {
@@ -310,6 +423,24 @@ EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
             ],
             "warnings": [],
         },
+    ),
+    (f"{_FILES}/list-files", "get"): (None, ["src/", "README.md", "hello.py"]),
+    (f"{_FILES}/select-file", "get"): (
+        None,
+        {"code": "print('hello')\n", "content_type": "text/x-python; charset=utf-8"},
+    ),
+    (f"{_FILES}/zip-directory", "get"): (None, "<the zip's bytes>"),
+    (f"{_FILES}/git/changes", "get"): (
+        None,
+        [{"status": "M", "path": "README.md"}, {"status": "A", "path": "hello.py"}],
+    ),
+    (f"{_FILES}/git/diff", "get"): (
+        None,
+        {"original": "# App\n", "modified": "# App\n\nSays hello.\n"},
+    ),
+    (f"{_FILES}/upload-files", "post"): (
+        None,
+        {"uploaded_files": ["data.csv"], "skipped_files": [{"name": "../x", "reason": "..."}]},
     ),
     ("/api/analytics/cost", "get"): (
         None,
@@ -345,6 +476,22 @@ EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("/api/analytics/event-kinds", "get"): (
         None,
         {"kinds": [{"kind": "CmdRunAction", "events": 40, "conversations": 3}]},
+    ),
+    ("/api/analytics/resources", "get"): (
+        None,
+        {
+            "conversations": [
+                {
+                    "conversation_id": _CID,
+                    "samples": 24,
+                    "cpu_seconds": 31.2,
+                    "memory_peak_bytes": 420_000_000,
+                    "max_pids": 9,
+                    "max_disk_bytes": 35_000_000,
+                    "last_measured_at": "2025-01-02T03:04:05Z",
+                }
+            ]
+        },
     ),
     ("/api/analytics/failing-commands", "get"): (
         None,

@@ -14,7 +14,7 @@ from fastapi_offline import FastAPIOffline
 
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.redaction import redact
-from taskbus.gateway import analytics, rest, websocket
+from taskbus.gateway import analytics, rest, secrets_routes, websocket, workspace_routes
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
@@ -66,6 +66,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     checked = [Depends(reject_unknown_query_parameters)]
     app.include_router(rest.router, dependencies=checked)
     app.include_router(analytics.router, dependencies=checked)
+    app.include_router(workspace_routes.router, dependencies=checked)
+    app.include_router(secrets_routes.router, dependencies=checked)
     app.include_router(websocket.router)
     install_msgspec_schemas(app)
     return app

@@ -9,7 +9,7 @@ from datetime import datetime
 import msgspec
 
 from taskbus.contracts.openhands import OPENHANDS_RUNTIME_STATUS, OPENHANDS_STATUS, OpenHandsStatus
-from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.queries import ConversationInfo, ResourceUsageInfo
 from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import AgentState, ConversationStatus
 
@@ -57,6 +57,8 @@ class ConversationView(msgspec.Struct, frozen=True, kw_only=True):
     accumulated_cost: float
     event_count: int
     last_event_id: int
+    depends_on: list[str] = []
+    resource_usage: ResourceUsageInfo | None = None
 
     @classmethod
     def of(cls, info: ConversationInfo) -> ConversationView:
@@ -80,6 +82,8 @@ class ConversationView(msgspec.Struct, frozen=True, kw_only=True):
             accumulated_cost=info.accumulated_cost,
             event_count=info.event_count,
             last_event_id=info.last_event_id,
+            depends_on=info.depends_on,
+            resource_usage=info.resource_usage,
         )
 
 

@@ -47,8 +47,8 @@ class EmptyBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class StartBody(EmptyBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of start: OpenHands' ProvidersSetModel. Taskbus holds no git provider tokens (a
-    repository is cloned as given), so the providers are accepted and change nothing."""
+    """Body of start: OpenHands' ProvidersSetModel. The conversation's own `git_provider` picks
+    the token its clone uses, so the providers are accepted and change nothing."""
 
     providers_set: (
         Annotated[

@@ -26,11 +26,19 @@ from taskbus.gateway.inputs import MessageBody
 from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
 from taskbus.gateway.problems import PROBLEM_MEDIA_TYPE
 from taskbus.gateway.rest import CONTROL_COMMANDS, CommandAccepted, EventAdded
+from taskbus.gateway.secrets_routes import (
+    ProviderTokensBody,
+    SecretBody,
+    SecretList,
+    SecretsMessage,
+    SecretUpdateBody,
+)
 from taskbus.gateway.user_settings import SettingsView
 
 _CONVERSATIONS = "/api/conversations"
 _CONVERSATION = "/api/conversations/{conversation_id}"
 _SETTINGS = "/api/settings"
+_SECRETS = "/api/secrets"
 _EVENTS = f"{_CONVERSATION}/events"
 _ANALYTICS = "/api/analytics"
 
@@ -64,6 +72,9 @@ _REQUEST_BODIES: dict[tuple[str, str], tuple[type[msgspec.Struct], bool]] = {
     (_SETTINGS, "post"): (UserSettings, False),
     (_CONVERSATION, "patch"): (RenameBody, True),
     (_EVENTS, "post"): (AddEventBody, True),
+    (_SECRETS, "post"): (SecretBody, True),
+    (f"{_SECRETS}/{{secret_id}}", "put"): (SecretUpdateBody, True),
+    ("/api/add-git-providers", "post"): (ProviderTokensBody, False),
     **{
         (f"{_CONVERSATION}/{action}", "post"): (body_type, False)
         for action, (_, body_type, _) in CONTROL_COMMANDS.items()
@@ -84,6 +95,12 @@ _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
         + [(f"/{action}", "post") for action in CONTROL_COMMANDS]
     },
     (_EVENTS, "post", "202"): EventAdded,
+    (_SECRETS, "get", "200"): SecretList,
+    (_SECRETS, "post", "201"): SecretsMessage,
+    (f"{_SECRETS}/{{secret_id}}", "put", "200"): SecretsMessage,
+    (f"{_SECRETS}/{{secret_id}}", "delete", "200"): SecretsMessage,
+    ("/api/add-git-providers", "post", "200"): SecretsMessage,
+    ("/api/unset-provider-tokens", "post", "200"): SecretsMessage,
     (f"{_ANALYTICS}/cost", "get", "200"): CostReport,
     (f"{_ANALYTICS}/durations", "get", "200"): DurationReport,
     (f"{_ANALYTICS}/event-kinds", "get", "200"): EventKindReport,
@@ -144,6 +161,12 @@ def _is_command(path: str, method: str) -> bool:
 _PROBLEMS: list[tuple[Any, str, str]] = [
     (lambda path, method, op: "security" in op, "401", "No valid API key"),
     (lambda path, method, op: "{conversation_id}" in path, "404", "No such conversation of yours"),
+    (lambda path, method, op: "{secret_id}" in path, "404", "No such secret of yours"),
+    (
+        lambda path, method, op: path.startswith(_SECRETS) and method in ("post", "put"),
+        "409",
+        "The secret's name is another secret's",
+    ),
     (
         lambda path, method, op: method in _WITH_BODY,
         "400",
@@ -217,7 +240,8 @@ def _add_examples(paths: dict[str, Any]) -> None:
             body["example"] = api_reference.as_json(request)
         success = min(status for status in operation["responses"] if status.startswith("2"))
         content = operation["responses"][success].setdefault("content", {})
-        content.setdefault("application/json", {})["example"] = api_reference.as_json(answer)
+        media = next(iter(content), "application/json")  # e.g. a zip download's
+        content.setdefault(media, {})["example"] = api_reference.as_json(answer)
 
 
 def _describe_parameters(paths: dict[str, Any]) -> None:

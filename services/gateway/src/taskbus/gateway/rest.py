@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
+from taskbus.contracts import git_providers
 from taskbus.contracts.commands import (
     CommandVerdict,
     ConfirmAction,
@@ -54,6 +55,7 @@ from taskbus.gateway.conversations import (
     conversation_id_for,
 )
 from taskbus.gateway.dependencies import BusDep, CreateRateDep, UserId
+from taskbus.gateway.dependencies_check import check_dependencies
 from taskbus.gateway.event_filter import FilterParameter, with_event_filter
 from taskbus.gateway.inputs import (
     EmptyBody,
@@ -65,6 +67,7 @@ from taskbus.gateway.inputs import (
     repository_problem,
     validated,
 )
+from taskbus.gateway.mcp_inputs import sealed_mcp_config
 from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
 from taskbus.gateway.problems import Problem, invalid_body, rate_limited
 from taskbus.gateway.user_settings import (
@@ -189,7 +192,7 @@ async def _decide(
     return await bus.send_command(command, command_id)
 
 
-async def _body(request: Request, bus: BusDep, body_type: type[B]) -> B:
+async def typed_body(request: Request, bus: BusDep, body_type: type[B]) -> B:
     """The decoded body; no body may be larger than one message on the bus (413)."""
     body = await read_body(request, bus.nc.max_payload)
     try:
@@ -212,15 +215,23 @@ async def create_conversation(
     """Body: ConversationSpec. Answers once the conversation is visible (201), or 200 when an
     earlier request with the same Idempotency-Key already created it. Each user may create
     `TASKBUS_CREATE_BURST` conversations at once, then `TASKBUS_CREATE_RATE_PER_MINUTE` (429
-    with Retry-After beyond that)."""
-    spec = await init_session(await _body(request, bus, ConversationSpec))
+    with Retry-After beyond that). `depends_on` must name conversations of yours, without a
+    cycle (422)."""
+    spec = await init_session(await typed_body(request, bus, ConversationSpec))
     credentials_problem = repository_problem(spec.repository)
     if credentials_problem is not None:
         raise credentials_problem
+    box = request.app.state.settings_policy.box
+    spec = msgspec.structs.replace(spec, mcp_config=sealed_mcp_config(spec.mcp_config, user, box))
+    if spec.repository and spec.git_provider:
+        unresolvable = git_providers.repository_problem(spec.repository, spec.git_provider)
+        if unresolvable is not None:
+            raise Problem(422, unresolvable, kind="repository-provider", title="Invalid repository")
     retry_after = create_rate.take(user)
     if retry_after is not None:
         raise rate_limited(retry_after, "too many conversations created; retry later")
     cid = conversation_id_for(user, idempotency_key)
+    await check_dependencies(bus, user, cid, spec.depends_on)
     command = CreateConversation(user_id=user, conversation_id=cid, spec=spec)
     info, created = await bus.create_conversation(command)
     if info.user_id != user:  # only if an id was forged to collide; never disclose it
@@ -315,7 +326,7 @@ async def rename_conversation(
     """Body `{"title": "..."}` (OpenHands' UpdateConversationRequest; the title is stripped, 1..200
     characters). Answers OpenHands' `true` once the new title is in the log, so GET and the
     list show it at once; allowed in every status but deleted."""
-    title = (await _body(request, bus, RenameBody)).stripped_title()
+    title = (await typed_body(request, bus, RenameBody)).stripped_title()
     command = RenameConversation(user_id=user, conversation_id=conversation_id, title=title)
     await _decide(bus, command, idempotency_key)
     return json_response(True, status_code=202)
@@ -332,7 +343,7 @@ async def send_message(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Body `{"message": "..."}`; also answers an agent waiting for input or confirmation."""
-    body = await _body(request, bus, MessageBody)
+    body = await typed_body(request, bus, MessageBody)
     command = SendMessage(user_id=user, conversation_id=conversation_id, content=body.message)
     return await _send(bus, command, idempotency_key)
 
@@ -347,7 +358,7 @@ def _control_endpoint(
         bus: BusDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        await _body(request, bus, body_type)
+        await typed_body(request, bus, body_type)
         command = command_for(user_id=user, conversation_id=conversation_id)
         return await _send(bus, command, idempotency_key)
 
@@ -474,7 +485,7 @@ async def add_event(
     (`{"action": "message", "args": {"content": "..."}}`) is taken, as `/message` takes it;
     any other event is a 422 saying why. Answers OpenHands' `{success: true}` with the
     accepted command's fields."""
-    content = (await _body(request, bus, AddEventBody)).user_message()
+    content = (await typed_body(request, bus, AddEventBody)).user_message()
     command = SendMessage(user_id=user, conversation_id=conversation_id, content=content)
     verdict = await _decide(bus, command, idempotency_key)
     return json_response(EventAdded.of(verdict), status_code=202)
@@ -542,7 +553,7 @@ async def put_user_settings(request: Request, user: UserId, bus: BusDep) -> Resp
     `llm_api_key` are one set, used without the server's own: the model names its provider, the
     base URL must be one the operator allows and not a private address (422 otherwise). Answers
     once the settings are stored."""
-    return await _store_settings(request, user, bus, await _body(request, bus, UserSettings))
+    return await _store_settings(request, user, bus, await typed_body(request, bus, UserSettings))
 
 
 @router.post("/settings", summary="Replace your settings (OpenHands' spelling of PUT)")
@@ -560,7 +571,11 @@ async def post_user_settings(request: Request, user: UserId, bus: BusDep) -> Res
 async def _store_settings(
     request: Request, user: str, bus: BusDep, settings: UserSettings
 ) -> Response:
-    admitted = await admissible(settings, user, request.app.state.settings_policy)
+    policy = request.app.state.settings_policy
+    admitted = await admissible(settings, user, policy)
+    admitted = msgspec.structs.replace(
+        admitted, mcp_config=sealed_mcp_config(admitted.mcp_config, user, policy.box)
+    )
     stored = await bus.update_settings(UpdateSettings(user_id=user, settings=admitted))
     return json_response(SettingsView.of(stored))
 

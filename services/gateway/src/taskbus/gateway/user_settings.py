@@ -16,7 +16,7 @@ from taskbus.contracts.llm_endpoints import (
     user_base_url,
 )
 from taskbus.contracts.secret_box import SecretBox, llm_key_context
-from taskbus.contracts.specs import MAX_SECRET_CHARS, ConcurrencyPolicy, UserSettings
+from taskbus.contracts.specs import MAX_SECRET_CHARS, ConcurrencyPolicy, MCPConfig, UserSettings
 from taskbus.gateway.inputs import decode_json
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.settings import GatewaySettings
@@ -24,7 +24,8 @@ from taskbus.gateway.settings import GatewaySettings
 
 class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
     """GET/PUT /api/settings answer: the settings with `llm_api_key` replaced by whether one is
-    stored, so the key never leaves the service once written."""
+    stored, so the key never leaves the service once written; `mcp_config`'s secrets are shown
+    only as their sealed tokens (see mcp_inputs)."""
 
     llm_model: str | None = None
     llm_api_key_set: bool = False
@@ -35,6 +36,7 @@ class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
     no_change_timeout_seconds: float | None = None
     confirmation_mode: bool = False
     concurrency_policy: ConcurrencyPolicy | None = None
+    mcp_config: MCPConfig | None = None
     # OpenHands' ApiSettings keys its frontend reads (frontend/src/types/settings.ts at 0.56.0)
     # that Taskbus has no setting for: fixed values, documented in docs/openhands-compat.md.
     agent: str = "CodeActAgent"
@@ -70,7 +72,7 @@ OPENHANDS_ONLY_SETTINGS = frozenset(
         *("remote_runtime_resource_factor", "enable_default_condenser", "condenser_max_size"),
         *("enable_sound_notifications", "enable_proactive_conversation_starters"),
         *("enable_solvability_analysis", "user_consents_to_analytics", "provider_tokens"),
-        *("mcp_config", "email", "email_verified", "git_user_name", "git_user_email"),
+        *("email", "email_verified", "git_user_name", "git_user_email"),
         *("llm_api_key_set", "search_api_key_set", "provider_tokens_set"),
     }
 )

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import nats
 from nats.aio.msg import Msg
@@ -20,7 +21,6 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.bus import connect
 from taskbus.contracts.events import (
     ConversationDeleted,
@@ -30,6 +30,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
 from taskbus.contracts.runners import SandboxIsolation
+from taskbus.contracts.secret_box import SecretBox
 from taskbus.contracts.streams import ensure_streams
 from taskbus.runtime_runner.backend import (
     Backend,
@@ -37,23 +38,30 @@ from taskbus.runtime_runner.backend import (
     publish_runner_info,
     sandbox_user,
 )
+from taskbus.runtime_runner.credentials import UserSecretsReader
 from taskbus.runtime_runner.docker_sandbox import DockerEngine, DockerSandbox, DockerSandboxConfig
 from taskbus.runtime_runner.journal import InFlightJournal
 from taskbus.runtime_runner.lanes import Lanes
 from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
+from taskbus.runtime_runner.masking import MaskingAppender, SecretMasks
+from taskbus.runtime_runner.mcp_tools import MCPClients, MCPLimits
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered
+from taskbus.runtime_runner.results import SandboxBuilder, WorkspaceResponder
 from taskbus.runtime_runner.runner import (
     HANDLED_EVENTS,
     RuntimeRunner,
-    SandboxFactory,
     answer_cut_off_actions,
 )
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
+from taskbus.runtime_runner.usage import UsageSampler
+from taskbus.runtime_runner.workspace import HostWorkspaceSandbox
 
 logger = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=HostWorkspaceSandbox)
 
 _FETCH_BATCH = 64
 _FETCH_SECONDS = 1.0
@@ -105,6 +113,7 @@ def local_sandbox_factory(
             user=sandbox_user(settings),
             resources=effective_resources(request.resources, settings),
             max_file_bytes=settings.max_file_bytes,
+            toolbox=Path(settings.sandbox_toolbox) if settings.sandbox_toolbox else None,
         )
         return LocalSandbox(
             request.conversation_id,
@@ -117,11 +126,31 @@ def local_sandbox_factory(
     return new_sandbox
 
 
-def sandbox_factory(settings: RuntimeRunnerSettings, backend: Backend) -> SandboxFactory:
+def sandbox_factory(settings: RuntimeRunnerSettings, backend: Backend) -> SandboxBuilder:
     """Sandboxes of the backend `choose_backend` chose."""
     if backend.engine is not None:
         return docker_sandbox_factory(settings, backend.engine)
     return local_sandbox_factory(settings, backend.isolation)
+
+
+def mcp_clients(settings: RuntimeRunnerSettings) -> MCPClients:
+    return MCPClients(
+        SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file),
+        MCPLimits(settings.mcp_start_seconds, settings.mcp_call_seconds, settings.max_output_bytes),
+    )
+
+
+def with_secrets(
+    factory: Callable[[RuntimeRequested], S], secrets: UserSecretsReader
+) -> Callable[[RuntimeRequested], S]:
+    """`factory`'s sandboxes, given their user's git token and sandbox secrets."""
+
+    def new_sandbox(request: RuntimeRequested) -> S:
+        sandbox = factory(request)
+        sandbox.secrets = secrets.for_request(request)
+        return sandbox
+
+    return new_sandbox
 
 
 def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
@@ -218,22 +247,34 @@ class RuntimeRunnerService:
             durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
         )
         await publish_runner_info(js, settings, backend)
-        appender = EventAppender(js)
+        masks = SecretMasks()
+        appender = MaskingAppender(js, masks)  # no secret value opened here reaches the log
+        secrets = UserSecretsReader(
+            js, SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file), masks
+        )
         journal = in_flight_journal(settings)
+        new_sandbox = with_secrets(sandbox_factory(settings, backend), secrets)
         runner = RuntimeRunner(
             appender,
-            sandbox_factory(settings, backend),
+            new_sandbox,
             settings.max_output_bytes,
             journal,
             Path(settings.workspace_root),
             # Docker sandboxes outlive the runner and are re-attached below, at start-up.
             recover=None
             if engine is not None
-            else local_recovery(js, local_sandbox_factory(settings, backend.isolation)),
+            else local_recovery(
+                js, with_secrets(local_sandbox_factory(settings, backend.isolation), secrets)
+            ),
+            mcp=mcp_clients(settings),
         )
         if engine is not None:  # before consuming: redelivered actions find their sandbox
             await reconcile(
-                engine, settings.runner_id, js, docker_sandbox_factory(settings, engine), runner
+                engine,
+                settings.runner_id,
+                js,
+                with_secrets(docker_sandbox_factory(settings, engine), secrets),
+                runner,
             )
         # After reconcile, so the agent's next action finds its sandbox re-attached.
         interrupted = await answer_cut_off_actions(js, appender, journal)
@@ -241,6 +282,11 @@ class RuntimeRunnerService:
             logger.info("answered %d actions cut off by the previous runner", interrupted)
         dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
         heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
+        # Workspace files of live and given-back sandboxes (list, read, zip, git, upload).
+        results = WorkspaceResponder(nc, js, new_sandbox)
+        await results.start()
+        sampler = UsageSampler(appender, runner.live_sandboxes, settings.usage_interval_seconds)
+        sampling = asyncio.create_task(sampler.run())
         logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)
         try:
             while not stop.is_set():  # a fetch lasts at most _FETCH_SECONDS
@@ -249,6 +295,8 @@ class RuntimeRunnerService:
                         await dispatcher.dispatch(message)
         finally:
             heartbeat.cancel()
+            await results.stop()
+            sampling.cancel()
             await dispatcher.cancel()  # unacked work is redelivered to the next runner
             await runner.close(settings.remove_sandboxes_on_shutdown)
             if engine is not None:

@@ -38,6 +38,9 @@ _MASKED = ("/etc/shadow", "/etc/gshadow")
 _STAGE = "/tmp"
 _STAGED_WORKSPACE = f"{_STAGE}/workspace"
 _STAGED_HOME = f"{_STAGE}/home"
+_STAGED_TOOLBOX = f"{_STAGE}/toolbox"
+# Where the operator's toolbox (`sandbox_toolbox`: e.g. the mcp SDK) is seen, read-only.
+TOOLBOX = "/opt/taskbus/python"
 
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
@@ -78,12 +81,21 @@ def _system_directories() -> list[str]:
 
 
 def command(
-    workspace: Path, home: Path, network: NetworkMode, staged: bool, program: list[str]
+    workspace: Path,
+    home: Path,
+    network: NetworkMode,
+    staged: bool,
+    program: list[str],
+    toolbox: Path | None = None,
 ) -> list[str]:
-    """`bwrap` running `program` in the workspace; `staged`: the sources are the child's stage."""
+    """`bwrap` running `program` in the workspace; `staged`: the sources are the child's stage;
+    `toolbox`: a host directory seen read-only at TOOLBOX."""
     workspace_source, home_source = (
         (_STAGED_WORKSPACE, _STAGED_HOME) if staged else (str(workspace), str(home))
     )
+    tools: list[str] = []
+    if toolbox is not None:
+        tools = ["--ro-bind", _STAGED_TOOLBOX if staged else str(toolbox), TOOLBOX]
     namespaces = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     if network == NetworkMode.NONE:
         namespaces.append("--unshare-net")
@@ -109,6 +121,7 @@ def command(
         "--bind",
         home_source,
         str(home),
+        *tools,
         "--chdir",
         str(workspace),
         "--",
@@ -126,20 +139,21 @@ class ChildSetup:
         cgroup: SandboxCgroup | None,
         max_file_bytes: int,
         memory_bytes: int | None,
-        stage: tuple[Path, Path] | None,
+        stage: tuple[Path, ...] | None,
     ) -> None:
         self.user = user
         self.cgroup = cgroup
         self.max_file_bytes = max_file_bytes
         self.memory_bytes = memory_bytes
-        # The workspace and home, bound under the stage for bwrap (root runners only).
+        # The workspace, home and toolbox (if any), bound under the stage for bwrap (root
+        # runners only).
         self.stage = stage
 
     def __call__(self) -> None:
         if self.cgroup is not None:
             self.cgroup.join()
         if self.stage is not None:
-            _stage(*self.stage)
+            _stage(self.stage)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_file_bytes, self.max_file_bytes))
         if self.memory_bytes is not None:
@@ -153,15 +167,15 @@ class ChildSetup:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _stage(workspace: Path, home: Path) -> None:
-    """A private mount namespace with the workspace and home bound under a fresh /tmp."""
+def _stage(sources: tuple[Path, ...]) -> None:
+    """A private mount namespace with the workspace, home and toolbox bound under a fresh /tmp."""
     _check(_libc.unshare(_CLONE_NEWNS), "unshare")
     _mount("none", "/", None, _MS_REC | _MS_PRIVATE, None)  # nothing here reaches the host
     # Opened in the new namespace (a bind's source must be one of its mounts), before the
     # tmpfs may cover them.
-    fds = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in (workspace, home)]
+    fds = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in sources]
     _mount("tmpfs", _STAGE, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777")
-    for fd, target in zip(fds, (_STAGED_WORKSPACE, _STAGED_HOME), strict=True):
+    for fd, target in zip(fds, (_STAGED_WORKSPACE, _STAGED_HOME, _STAGED_TOOLBOX), strict=False):
         os.mkdir(target)
         _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND, None)
         os.close(fd)

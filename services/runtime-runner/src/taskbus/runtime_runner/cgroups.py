@@ -35,6 +35,7 @@ def _limits_v1(resources: SandboxResources) -> dict[str, dict[str, str]]:
             "cpu.cfs_period_us": str(_CPU_PERIOD_US),
             "cpu.cfs_quota_us": str(int(resources.cpus * _CPU_PERIOD_US)),
         },
+        "cpuacct": {},  # no limit: it counts the CPU time of `ResourceUsage` (see usage.py)
     }
 
 
@@ -66,13 +67,15 @@ class SandboxCgroup:
 
     @classmethod
     def _create_v1(cls, sandbox_id: str, resources: SandboxResources) -> SandboxCgroup:
-        directories = []
+        directories: list[Path] = []
         for controller, files in _limits_v1(resources).items():
             directory = ROOT / controller / GROUP / sandbox_id
             directory.mkdir(parents=True, exist_ok=True)
             for name, value in files.items():
                 (directory / name).write_text(value)
-            directories.append(directory)
+            # Controllers mounted together (cpu,cpuacct) share one directory: listed once.
+            if not any(directory.samefile(known) for known in directories):
+                directories.append(directory)
         return cls(directories)
 
     @classmethod

@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -32,16 +34,30 @@ from typing import Any, ClassVar, TypeVar
 
 import docker
 import docker.errors
+import msgspec
+import requests
 from docker.utils import kwargs_from_env
 
+from taskbus.contracts.specs import NetworkMode
 from taskbus.runtime_runner.docker_frames import FrameDecoder
 from taskbus.runtime_runner.limits import SandboxResources, docker_host_limits
 from taskbus.runtime_runner.sandbox import (
+    IMPORT_SECRETS,
     ActionError,
+    OneShotResult,
+    SandboxProcess,
     ShellProcess,
+    StderrTail,
     sandbox_environment,
+    secrets_carrier,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
+from taskbus.runtime_runner.usage import (
+    Usage,
+    UsageUnavailable,
+    docker_stats_usage,
+    workspace_bytes,
+)
 from taskbus.runtime_runner.workspace import (
     HostWorkspace,
     HostWorkspaceSandbox,
@@ -56,6 +72,9 @@ LABEL_MANAGED = "taskbus.managed"
 LABEL_CONVERSATION = "taskbus.conversation_id"
 LABEL_USER = "taskbus.user_id"
 LABEL_RUNNER = "taskbus.runner_id"
+# A one-shot container (`run_once`) of this conversation: not managed, as reconcile would take
+# it for the conversation's sandbox; it is removed as soon as its program ends.
+LABEL_ONE_SHOT = "taskbus.one_shot"
 WORKSPACE = "/workspace"
 HOME = "/home/taskbus"
 # exec: a sandbox may build and run programs in /tmp; nosuid, nodev: nothing there gains rights.
@@ -68,7 +87,7 @@ _EXEC_EXIT_SECONDS = 2.0
 _SHELL_COMMAND = [
     "bash",
     "-c",
-    'printf "%s\\n" "$$"; exec bash --norc --noprofile --noediting -i 2>&1',
+    IMPORT_SECRETS + 'printf "%s\\n" "$$"; exec bash --norc --noprofile --noediting -i 2>&1',
 ]
 # Kills the process groups of the shells a previous runner started (exec roots have ppid 0).
 _KILL_OLD_SHELLS = (
@@ -76,6 +95,10 @@ _KILL_OLD_SHELLS = (
     'if [ "$ppid" = 0 ] && [ "$comm" = bash ] && [ "$pid" != "$$" ]; then '
     'kill -KILL -- "-$pid"; fi; done'
 )
+# Runs "$@" with at most "$0" bytes of its stdout kept; the exit code is the program's.
+_CAPPED_OUTPUT = 'set -o pipefail; "$@" | head -c "$0"'
+# Prints its pid (its process group: docker exec starts a new session), then becomes `$@`.
+_PROGRAM_COMMAND = ["bash", "-c", 'printf "%s\\n" "$$"; exec "$@"', "program"]
 
 
 class EngineUnavailable(Exception):
@@ -151,23 +174,8 @@ class DockerShellProcess:
     async def spawn(
         cls, engine: DockerEngine, container: str, environment: dict[str, str]
     ) -> DockerShellProcess:
-        api = engine.api
-        created = await engine.call(
-            api.exec_create,
-            container,
-            _SHELL_COMMAND,
-            stdin=True,
-            tty=False,
-            environment=environment,
-            workdir=WORKSPACE,
-        )
-        exec_id = created["Id"]
-        hijacked = await engine.call(api.exec_start, exec_id, socket=True)
-        raw: socket.socket = hijacked._sock
-        # asyncio owns a duplicate; closing the SDK's object must not end the stream.
-        stream = raw.dup()
-        hijacked.close()
-        process = cls(engine, container, exec_id, await asyncio.open_connection(sock=stream))
+        exec_id, connection = await _open_exec(engine, container, _SHELL_COMMAND, environment)
+        process = cls(engine, container, exec_id, connection)
         await process._read_pid()
         return process
 
@@ -236,6 +244,114 @@ class DockerShellProcess:
         return -1
 
 
+async def _open_exec(
+    engine: DockerEngine, container: str, command: list[str], environment: dict[str, str]
+) -> tuple[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """An exec of `command` in the workspace, stdin attached (tty off), as a stream."""
+    api = engine.api
+    created = await engine.call(
+        api.exec_create,
+        container,
+        command,
+        stdin=True,
+        tty=False,
+        environment=environment,
+        workdir=WORKSPACE,
+    )
+    exec_id = created["Id"]
+    hijacked = await engine.call(api.exec_start, exec_id, socket=True)
+    raw: socket.socket = hijacked._sock
+    # asyncio owns a duplicate; closing the SDK's object must not end the stream.
+    stream = raw.dup()
+    hijacked.close()
+    return exec_id, await asyncio.open_connection(sock=stream)
+
+
+class DockerProgram:
+    """A program in a container (`Sandbox.spawn_process`) through an exec, its stdout and
+    stderr told apart by frame."""
+
+    def __init__(
+        self,
+        engine: DockerEngine,
+        container: str,
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
+        self._engine = engine
+        self._container = container
+        self._reader, self._writer = connection
+        self._frames = FrameDecoder()
+        self._stdout = b""
+        self._stderr = StderrTail()
+        self._pid: int | None = None
+
+    @classmethod
+    async def spawn(
+        cls, engine: DockerEngine, container: str, argv: list[str], environment: dict[str, str]
+    ) -> DockerProgram:
+        _, connection = await _open_exec(engine, container, [*_PROGRAM_COMMAND, *argv], environment)
+        program = cls(engine, container, connection)
+        line = b""
+        while b"\n" not in line:
+            data = await program._receive()
+            if not data:
+                raise ActionError("process_failed", program.stderr_tail() or "exec failed")
+            line += data
+        pid, _, program._stdout = line.partition(b"\n")
+        program._pid = int(pid)
+        return program
+
+    async def _receive(self) -> bytes:
+        """Next stdout bytes off the socket (stderr goes to the tail); b"" at its end."""
+        while True:
+            try:
+                data = await self._reader.read(_READ_SIZE)
+            except ConnectionError:
+                return b""
+            if not data:
+                return b""
+            stdout = b""
+            for stream, payload in self._frames.frames(data):
+                if stream == 2:
+                    self._stderr.add(payload)
+                else:
+                    stdout += payload
+            if stdout:
+                return stdout
+
+    async def write(self, data: bytes) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def read(self) -> bytes:
+        if self._stdout:
+            data, self._stdout = self._stdout, b""
+            return data
+        return await self._receive()
+
+    def stderr_tail(self) -> str:
+        return self._stderr.text()
+
+    async def terminate(self) -> None:
+        if self._pid is not None:
+            with contextlib.suppress(docker.errors.APIError):  # the container may be gone
+                await self._engine.run(self._container, f"kill -KILL -- -{self._pid}")
+        self._writer.close()
+
+
+def _read_capped(chunks: Iterator[bytes], max_bytes: int) -> tuple[bytes, bool]:
+    """At most `max_bytes` of a stream of chunks, and whether there was more."""
+    output = b""
+    for chunk in chunks:
+        output += chunk
+        if len(output) > max_bytes:
+            break
+    if hasattr(chunks, "close"):
+        chunks.close()
+    return output[:max_bytes], len(output) > max_bytes
+
+
 class DockerSandboxConfig:
     """What every container of this runner shares."""
 
@@ -290,14 +406,44 @@ class DockerSandbox(HostWorkspaceSandbox):
         self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
 
     async def _spawn_shell(self) -> ShellProcess:
+        carrier = secrets_carrier(await self._sandbox_secrets())
         return await DockerShellProcess.spawn(
-            self._engine, self.sandbox_id, sandbox_environment(HOME)
+            self._engine, self.sandbox_id, {**sandbox_environment(HOME), **carrier}
+        )
+
+    async def spawn_process(self, argv: list[str], environment: dict[str, str]) -> SandboxProcess:
+        return await DockerProgram.spawn(
+            self._engine, self.sandbox_id, argv, {**sandbox_environment(HOME), **environment}
         )
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
         await self._prepare_workspace(self._host_home, repository_url, branch, self._clone_seconds)
         await self._create_container()
         await self.shell.start()
+
+    def _user(self) -> tuple[int, int]:
+        return self._config.user or (os.getuid(), os.getgid())
+
+    def _host_config(self, resources: SandboxResources) -> Any:
+        """The hardening and limits every container of this conversation runs under."""
+        uid, gid = self._user()
+        megabytes = resources.memory_mb
+        tmpfs = {
+            "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),
+            HOME: _TMPFS_OPTIONS.format(megabytes=megabytes, mode="0700") + f",uid={uid},gid={gid}",
+        }
+        return self._engine.api.create_host_config(
+            init=True,  # reaps orphans, which would otherwise count against the pids limit
+            binds={str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            read_only=True,
+            tmpfs=tmpfs,  # in the memory limit, whatever their size
+            # None added back: the shell, its commands and the signalling scripts all run as
+            # the one unprivileged user, which needs no capability to signal its own processes.
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            runtime=self._config.runtime,
+            **docker_host_limits(resources, self._engine.cpus),
+        )
 
     async def _create_container(self) -> None:
         api = self._engine.api
@@ -308,24 +454,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             LABEL_USER: self._user_id,
             LABEL_RUNNER: self._config.runner_id,
         }
-        uid, gid = self._config.user or (os.getuid(), os.getgid())
-        megabytes = self._resources.memory_mb
-        tmpfs = {
-            "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),
-            HOME: _TMPFS_OPTIONS.format(megabytes=megabytes, mode="0700") + f",uid={uid},gid={gid}",
-        }
-        host_config = api.create_host_config(
-            init=True,  # reaps orphans, which would otherwise count against the pids limit
-            binds={str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"}},
-            read_only=True,
-            tmpfs=tmpfs,  # in the memory limit, whatever their size
-            # None added back: the shell, its commands and the signalling scripts all run as
-            # the one unprivileged user, which needs no capability to signal its own processes.
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            runtime=self._config.runtime,
-            **docker_host_limits(self._resources, self._engine.cpus),
-        )
+        uid, gid = self._user()
         create = partial(
             api.create_container,
             self._config.image,
@@ -334,7 +463,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             labels=labels,
             user=f"{uid}:{gid}",
             working_dir=WORKSPACE,
-            host_config=host_config,
+            host_config=self._host_config(self._resources),
         )
         try:
             try:
@@ -366,6 +495,85 @@ class DockerSandbox(HostWorkspaceSandbox):
         if state["Paused"]:
             await self._engine.call(api.pause, self.sandbox_id)
         return bool(state["Paused"])
+
+    async def usage(self) -> Usage:
+        """The engine's stats of the container (its cgroup's figures) and the workspace's size."""
+        api = self._engine.api
+        try:
+            stats = await self._engine.call(api.stats, self.sandbox_id, stream=False, one_shot=True)
+        except docker.errors.APIError as error:
+            raise UsageUnavailable(f"no stats for {self.sandbox_id}: {error}") from None
+        disk = await asyncio.to_thread(workspace_bytes, self._host_workspace)
+        return msgspec.structs.replace(docker_stats_usage(stats), disk_bytes=disk)
+
+    async def run_once(
+        self, argv: list[str], *, seconds: float, max_output_bytes: int
+    ) -> OneShotResult:
+        """An exec in the running container; when it is gone (given back) or paused, a one-shot
+        container of the same image, user, hardening and limits, with no network and the
+        workspace bound, removed after."""
+        if not await asyncio.to_thread(self._host_workspace.is_dir):
+            raise ActionError("file_not_found", "the workspace is gone")
+        try:
+            state = (await self._engine.call(self._engine.api.inspect_container, self.sandbox_id))[
+                "State"
+            ]
+            live = bool(state["Running"]) and not state["Paused"]
+        except docker.errors.NotFound:
+            live = False
+        # Output is cut at its source, so neither the exec's stream nor the container's log
+        # (on the host's disk) grows past the cap.
+        capped = ["bash", "-c", _CAPPED_OUTPUT, str(max_output_bytes + 1), *argv]
+        if live:
+            # `timeout` (coreutils) kills it: an exec cannot be killed through the engine.
+            command = ["timeout", "-s", "KILL", str(max(1, math.ceil(seconds))), *capped]
+            return await self._engine.call(self._exec_once, command, max_output_bytes)
+        return await self._engine.call(self._container_once, capped, seconds, max_output_bytes)
+
+    def _exec_once(self, command: list[str], max_output_bytes: int) -> OneShotResult:
+        api = self._engine.api
+        exec_id = api.exec_create(
+            self.sandbox_id,
+            command,
+            stdout=True,
+            stderr=False,
+            environment=sandbox_environment(HOME),
+            workdir=WORKSPACE,
+        )["Id"]
+        output, truncated = _read_capped(api.exec_start(exec_id, stream=True), max_output_bytes)
+        state = api.exec_inspect(exec_id)
+        exit_code = -1 if state["Running"] or state["ExitCode"] is None else state["ExitCode"]
+        return OneShotResult(exit_code=int(exit_code), output=output, truncated=truncated)
+
+    def _container_once(
+        self, argv: list[str], seconds: float, max_output_bytes: int
+    ) -> OneShotResult:
+        api = self._engine.api
+        uid, gid = self._user()
+        name = f"{self.sandbox_id}-once-{secrets.token_hex(4)}"
+        offline = msgspec.structs.replace(self._resources, network=NetworkMode.NONE)
+        api.create_container(
+            self._config.image,
+            command=argv,
+            name=name,
+            labels={**self._config.labels, LABEL_ONE_SHOT: self._conversation_id},
+            user=f"{uid}:{gid}",
+            working_dir=WORKSPACE,
+            environment=sandbox_environment(HOME),
+            host_config=self._host_config(offline),
+        )
+        try:
+            api.start(name)
+            try:
+                exit_code = int(api.wait(name, timeout=seconds)["StatusCode"])
+            except requests.exceptions.RequestException:  # the wait timed out
+                return OneShotResult(exit_code=-1, output=b"")
+            logs = api.logs(name, stdout=True, stderr=False, stream=True)
+            output, truncated = _read_capped(logs, max_output_bytes)
+            return OneShotResult(exit_code=exit_code, output=output, truncated=truncated)
+        finally:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(name, force=True)
 
     async def pause(self) -> None:
         await self._engine.call(self._engine.api.pause, self.sandbox_id)

@@ -16,18 +16,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
+
+from taskbus.contracts.specs import NetworkMode
 from taskbus.runtime_runner import bubblewrap
 from taskbus.runtime_runner.cgroups import SandboxCgroup
 from taskbus.runtime_runner.limits import SandboxResources
 from taskbus.runtime_runner.sandbox import (
+    IMPORT_SECRETS,
+    ActionError,
+    OneShotResult,
+    SandboxProcess,
     ShellProcess,
+    StderrTail,
     sandbox_environment,
+    secrets_carrier,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
+from taskbus.runtime_runner.usage import Usage, read_cgroup, read_processes, workspace_bytes
 from taskbus.runtime_runner.workspace import (
     HostWorkspace,
     HostWorkspaceSandbox,
@@ -36,7 +47,7 @@ from taskbus.runtime_runner.workspace import (
 
 _READ_SIZE = 64 * 1024
 SANDBOX_MARKER = "TASKBUS_SANDBOX"
-_SHELL = ["bash", "--norc", "--noprofile", "--noediting", "-i"]
+_SHELL = ["bash", "-c", IMPORT_SECRETS + "exec bash --norc --noprofile --noediting -i"]
 
 
 class LocalConfinement:
@@ -50,14 +61,33 @@ class LocalConfinement:
         user: tuple[int, int] | None,
         resources: SandboxResources,
         max_file_bytes: int,
+        toolbox: Path | None = None,
     ) -> None:
         self.bubblewrap = bubblewrap
         self.user = user if bubblewrap else None
         self.resources = resources
         self.max_file_bytes = max_file_bytes
+        # A host directory of programs' libraries (e.g. the mcp SDK), on sandboxes' PYTHONPATH.
+        self.toolbox = toolbox
 
 
-class LocalShellProcess:
+class _Piped:
+    """A local process spoken to through its stdin and stdout pipes."""
+
+    _process: asyncio.subprocess.Process
+
+    async def write(self, data: bytes) -> None:
+        assert self._process.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+
+    async def read(self) -> bytes:
+        assert self._process.stdout is not None
+        return await self._process.stdout.read(_READ_SIZE)
+
+
+class LocalShellProcess(_Piped):
     """`bash -i` on pipes (or the `bwrap` that runs it), leader of its own session and group."""
 
     def __init__(self, process: asyncio.subprocess.Process, wrapped: bool) -> None:
@@ -93,16 +123,6 @@ class LocalShellProcess:
         )
         return cls(process, wrapped)
 
-    async def write(self, data: bytes) -> None:
-        assert self._process.stdin is not None
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._process.stdin.write(data)
-            await self._process.stdin.drain()
-
-    async def read(self) -> bytes:
-        assert self._process.stdout is not None
-        return await self._process.stdout.read(_READ_SIZE)
-
     async def _shell(self) -> int | None:
         """The shell's pid, its group and session id (found once the shell has answered)."""
         if self._shell_group is None:
@@ -127,6 +147,30 @@ class LocalShellProcess:
         with contextlib.suppress(ProcessLookupError):  # bwrap, whose sandbox dies with it
             os.killpg(self._process.pid, signal.SIGKILL)
         return await self._process.wait()
+
+
+class LocalProgram(_Piped):
+    """A program in a local sandbox (`Sandbox.spawn_process`), leader of its own session and
+    group (or the bwrap that runs it, whose pid namespace dies with it)."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self._stderr = StderrTail()
+        self._drain = asyncio.create_task(self._drain_stderr())
+
+    async def _drain_stderr(self) -> None:
+        assert self._process.stderr is not None
+        while data := await self._process.stderr.read(_READ_SIZE):
+            self._stderr.add(data)
+
+    def stderr_tail(self) -> str:
+        return self._stderr.text()
+
+    async def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        await self._process.wait()
+        self._drain.cancel()
 
 
 def _stat_ids(pid: int) -> tuple[int, int, int] | None:
@@ -180,6 +224,51 @@ def _signal_marked(sandbox_id: str, signum: signal.Signals) -> None:
             os.kill(pid, signum)
 
 
+async def _read_capped(stream: asyncio.StreamReader, max_bytes: int) -> tuple[bytes, bool]:
+    """At most `max_bytes` of `stream`, and whether there was more."""
+    output = b""
+    while len(output) <= max_bytes and (data := await stream.read(_READ_SIZE)):
+        output += data
+    return output[:max_bytes], len(output) > max_bytes
+
+
+async def _run_to_end(launch: _Launch, seconds: float, max_output_bytes: int) -> OneShotResult:
+    """Run a launch to its end (or `seconds`), keeping at most `max_output_bytes` of stdout;
+    whatever it started is killed with it."""
+    process = await asyncio.create_subprocess_exec(
+        *launch.argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=launch.cwd,
+        env=launch.environment,
+        start_new_session=True,
+        preexec_fn=launch.setup,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(seconds):
+            output, truncated = await _read_capped(process.stdout, max_output_bytes)
+            if not truncated:
+                return OneShotResult(exit_code=await process.wait(), output=output)
+        return OneShotResult(exit_code=-1, output=output, truncated=True)
+    except TimeoutError:
+        return OneShotResult(exit_code=-1, output=b"")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+class _Launch(msgspec.Struct, frozen=True, kw_only=True):
+    """How to start a program confined as a sandbox's shell is."""
+
+    argv: list[str]
+    cwd: Path
+    environment: dict[str, str]
+    setup: bubblewrap.ChildSetup
+
+
 class LocalSandbox(HostWorkspaceSandbox):
     backend: ClassVar[str] = "local"
 
@@ -200,33 +289,119 @@ class LocalSandbox(HostWorkspaceSandbox):
         self.files = HostWorkspace(self._workspace, self.workspace, confinement.user)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, self.workspace)
 
-    async def _spawn_shell(self) -> ShellProcess:
+    async def _sandbox_cgroup(self) -> SandboxCgroup | None:
+        """The cgroup the shell and every program of the sandbox share (made on first use)."""
+        if self._cgroup is None:
+            self._cgroup = await asyncio.to_thread(
+                SandboxCgroup.create, self.sandbox_id, self._confinement.resources
+            )
+        return self._cgroup
+
+    def _launch(
+        self,
+        program: list[str],
+        extra_environment: dict[str, str],
+        cgroup: SandboxCgroup | None,
+        network: NetworkMode,
+    ) -> _Launch:
+        """`program` confined as the shell is: under bwrap (when the runner has it) with the
+        workspace, home and toolbox bound, as the sandbox user, in `cgroup`, marked as this
+        sandbox's, with the sandbox's environment plus `extra_environment`."""
         confinement = self._confinement
         environment = sandbox_environment(str(self._home))
         environment["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+        if confinement.toolbox is not None:
+            in_sandbox = bubblewrap.TOOLBOX if confinement.bubblewrap else str(confinement.toolbox)
+            environment["PYTHONPATH"] = in_sandbox
+        environment.update(extra_environment)
         environment[SANDBOX_MARKER] = self.sandbox_id
-        if self._cgroup is None:
-            self._cgroup = await asyncio.to_thread(
-                SandboxCgroup.create, self.sandbox_id, confinement.resources
-            )
-        memory_bytes = confinement.resources.memory_mb * 1024 * 1024
         staged = confinement.user is not None
+        stage: tuple[Path, ...] | None = None
+        if staged:
+            toolbox = () if confinement.toolbox is None else (confinement.toolbox,)
+            stage = (self._workspace, self._home, *toolbox)
         setup = bubblewrap.ChildSetup(
             user=confinement.user,
-            cgroup=self._cgroup,
+            cgroup=cgroup,
             max_file_bytes=confinement.max_file_bytes,
             # The cgroup's limit, where there is one, also holds children and tmpfs.
-            memory_bytes=memory_bytes if self._cgroup is None else None,
-            stage=(self._workspace, self._home) if staged else None,
+            memory_bytes=confinement.resources.memory_mb * 1024 * 1024 if cgroup is None else None,
+            stage=stage,
         )
         if not confinement.bubblewrap:
-            return await LocalShellProcess.spawn(
-                _SHELL, self._workspace, environment, setup, wrapped=False
-            )
+            return _Launch(argv=program, cwd=self._workspace, environment=environment, setup=setup)
         argv = bubblewrap.command(
-            self._workspace, self._home, confinement.resources.network, staged, _SHELL
+            self._workspace, self._home, network, staged, program, confinement.toolbox
         )
-        return await LocalShellProcess.spawn(argv, Path("/"), environment, setup, wrapped=True)
+        return _Launch(argv=argv, cwd=Path("/"), environment=environment, setup=setup)
+
+    async def _spawn_shell(self) -> ShellProcess:
+        carrier = secrets_carrier(await self._sandbox_secrets())
+        launch = self._launch(
+            _SHELL, carrier, await self._sandbox_cgroup(), self._confinement.resources.network
+        )
+        return await LocalShellProcess.spawn(
+            launch.argv,
+            launch.cwd,
+            launch.environment,
+            launch.setup,
+            wrapped=self._confinement.bubblewrap,
+        )
+
+    async def spawn_process(self, argv: list[str], environment: dict[str, str]) -> SandboxProcess:
+        launch = self._launch(
+            argv, environment, await self._sandbox_cgroup(), self._confinement.resources.network
+        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *launch.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=launch.cwd,
+                env=launch.environment,
+                start_new_session=True,
+                preexec_fn=launch.setup,
+            )
+        except OSError as error:  # unsandboxed, the program itself is exec'd here
+            raise ActionError("process_failed", f"{argv[0]}: {error.strerror}") from None
+        return LocalProgram(process)
+
+    async def run_once(
+        self, argv: list[str], *, seconds: float, max_output_bytes: int
+    ) -> OneShotResult:
+        """A one-shot bwrap confined as the shell, but with no network and a cgroup of its own,
+        so it runs whether the sandbox is live or given back and never stays behind."""
+        if not await asyncio.to_thread(self._workspace.is_dir):
+            raise ActionError("file_not_found", "the workspace is gone")
+        await asyncio.to_thread(self._home.mkdir, parents=True, exist_ok=True)
+        cgroup = await asyncio.to_thread(
+            SandboxCgroup.create,
+            f"{self.sandbox_id}-once-{secrets.token_hex(4)}",
+            self._confinement.resources,
+        )
+        try:
+            return await _run_to_end(
+                self._launch(argv, {}, cgroup, NetworkMode.NONE), seconds, max_output_bytes
+            )
+        finally:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.remove)
+
+    async def usage(self) -> Usage:
+        """From the sandbox's cgroup where it has one, else summed over its marked processes;
+        and the workspace's size."""
+
+        def measure() -> Usage:
+            cgroup = self._cgroup
+            figures = (
+                read_cgroup(cgroup.directories)
+                if cgroup is not None
+                else read_processes(_marked_processes(self.sandbox_id))
+            )
+            return msgspec.structs.replace(figures, disk_bytes=workspace_bytes(self._workspace))
+
+        return await asyncio.to_thread(measure)
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
         await self._prepare_workspace(self._home, repository_url, branch, self._clone_seconds)

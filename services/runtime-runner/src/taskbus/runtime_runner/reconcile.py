@@ -69,7 +69,7 @@ async def reconcile(
         if live is not None:
             sandbox = new_sandbox(live[0])
             paused = await sandbox.reattach()
-            runner.adopt(conversation_id, sandbox, paused)
+            runner.adopt(conversation_id, sandbox, paused, live[0])
             logger.info("re-attached %s (conversation %s)", name, conversation_id)
         else:
             await engine.call(engine.api.remove_container, container["Id"], force=True)
@@ -96,6 +96,6 @@ def local_recovery(
             )
             return None
         logger.info("took over the workspace of conversation %s (%s)", conversation_id, status)
-        return RecoveredSandbox(sandbox, status == RuntimeStatus.PAUSED, requested.id)
+        return RecoveredSandbox(sandbox, status == RuntimeStatus.PAUSED, requested)
 
     return recover

@@ -23,6 +23,7 @@ from taskbus.contracts.events import (
     FileEditAction,
     FileReadAction,
     FileWriteAction,
+    MCPAction,
     RuntimeControl,
     RuntimeControlRequested,
     RuntimeRequested,
@@ -32,6 +33,7 @@ from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.files import FileActions, reply_to
 from taskbus.runtime_runner.journal import InFlightJournal
+from taskbus.runtime_runner.mcp_tools import ConversationMCP, MCPClients
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 from taskbus.runtime_runner.workspace import remove_conversation_directories
@@ -47,6 +49,7 @@ HANDLED_EVENTS: tuple[type[Event], ...] = (
     FileReadAction,
     FileWriteAction,
     FileEditAction,
+    MCPAction,
 )
 
 SandboxFactory = Callable[[RuntimeRequested], Sandbox]
@@ -55,11 +58,11 @@ SandboxFactory = Callable[[RuntimeRequested], Sandbox]
 class RecoveredSandbox:
     """A live runtime's sandbox taken over after a runner restart."""
 
-    def __init__(self, sandbox: Sandbox, paused: bool, requested_id: int) -> None:
+    def __init__(self, sandbox: Sandbox, paused: bool, requested: RuntimeRequested) -> None:
         self.sandbox = sandbox
         self.paused = paused
         # The RuntimeRequested it serves: a stop request after it voids the sandbox.
-        self.requested_id = requested_id
+        self.requested = requested
 
 
 # Finds, by conversation id, the sandbox of a runtime the log says is live (None: there is none).
@@ -67,10 +70,18 @@ SandboxRecovery = Callable[[str], Awaitable[RecoveredSandbox | None]]
 
 
 class _Runtime:
-    def __init__(self, sandbox: Sandbox, files: FileActions) -> None:
+    def __init__(
+        self, sandbox: Sandbox, files: FileActions, mcp: ConversationMCP | None = None
+    ) -> None:
         self.sandbox = sandbox
         self.files = files
         self.paused = False
+        self.mcp = mcp  # its MCP servers, if its conversation has any
+
+    async def close(self, remove: bool = True) -> None:
+        if self.mcp is not None:
+            await self.mcp.close()
+        await (self.sandbox.close() if remove else self.sandbox.detach())
 
 
 class RuntimeRunner:
@@ -88,8 +99,10 @@ class RuntimeRunner:
         journal: InFlightJournal,
         workspace_root: Path,
         recover: SandboxRecovery | None = None,
+        mcp: MCPClients | None = None,
     ) -> None:
         self._appender = appender
+        self._mcp = mcp
         self._workspace_root = workspace_root
         self._new_sandbox = new_sandbox
         self._max_output_bytes = max_output_bytes
@@ -109,14 +122,31 @@ class RuntimeRunner:
                 await self._control(event)
             case ConversationDeleted():
                 await self._delete(event)
-            case CmdRunAction() | FileReadAction() | FileWriteAction() | FileEditAction():
+            case (
+                CmdRunAction()
+                | FileReadAction()
+                | FileWriteAction()
+                | FileEditAction()
+                | MCPAction()
+            ):
                 await self._execute(event)
 
-    def adopt(self, conversation_id: str, sandbox: Sandbox, paused: bool) -> None:
-        """Take over a sandbox that outlived the previous runner (see `reconcile`)."""
-        runtime = _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes))
+    def adopt(
+        self, conversation_id: str, sandbox: Sandbox, paused: bool, requested: RuntimeRequested
+    ) -> None:
+        """Take over a sandbox that outlived the previous runner (see `reconcile`); its MCP
+        servers start again on their first call."""
+        runtime = self._new_runtime(requested, sandbox)
         runtime.paused = paused
         self._runtimes[conversation_id] = runtime
+
+    def _new_runtime(self, requested: RuntimeRequested, sandbox: Sandbox) -> _Runtime:
+        mcp = self._mcp.for_sandbox(requested, sandbox) if self._mcp is not None else None
+        return _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes), mcp)
+
+    def live_sandboxes(self) -> dict[str, Sandbox]:
+        """The ready, unpaused sandboxes by conversation: what `UsageSampler` measures."""
+        return {cid: rt.sandbox for cid, rt in self._runtimes.items() if not rt.paused}
 
     async def _runtime(self, conversation_id: str) -> _Runtime | None:
         """The conversation's sandbox; on its first event after a restart, the one the log says
@@ -137,18 +167,18 @@ class RuntimeRunner:
         recovered = await recover(conversation_id)
         if recovered is None:
             return None
-        if self._stopped_at.get(conversation_id, -1) > recovered.requested_id:
+        if self._stopped_at.get(conversation_id, -1) > recovered.requested.id:
             await recovered.sandbox.close()  # stopped meanwhile; "stopped" is in the log
             return None
         if conversation_id not in self._runtimes:  # else started anew meanwhile; drop this one
-            self.adopt(conversation_id, recovered.sandbox, recovered.paused)
+            self.adopt(conversation_id, recovered.sandbox, recovered.paused, recovered.requested)
         return self._runtimes[conversation_id]
 
     async def close(self, remove_sandboxes: bool = False) -> None:
         """Let go of the sandboxes as the runner shuts down: detached (docker ones stay for the
         next runner to re-attach) or removed."""
         for runtime in self._runtimes.values():
-            await (runtime.sandbox.close() if remove_sandboxes else runtime.sandbox.detach())
+            await runtime.close(remove_sandboxes)
         self._runtimes.clear()
 
     def _status(
@@ -190,7 +220,13 @@ class RuntimeRunner:
             if self._stopped_at.get(cid, -1) > request.id:
                 await sandbox.close()  # stopped while it was starting; "stopped" is in the log
                 return
-            self._runtimes[cid] = _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes))
+            runtime = self._runtimes[cid] = self._new_runtime(request, sandbox)
+            if runtime.mcp is not None:
+                # Before READY, so the agent's first LLM call already offers the tools.
+                listed = await runtime.mcp.start(request)
+                if self._runtimes.get(cid) is not runtime:
+                    return  # stopped while its MCP servers started; "stopped" is in the log
+                await self._appender.append_all(listed)
         await self._appender.append(self._status(request, RuntimeStatus.READY))
 
     async def _control(self, request: RuntimeControlRequested) -> None:
@@ -222,7 +258,7 @@ class RuntimeRunner:
         self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), cause.id)
         runtime = self._runtimes.pop(cid, None)
         if runtime is not None:
-            await runtime.sandbox.close()
+            await runtime.close()
 
     async def _delete(self, deleted: ConversationDeleted) -> None:
         """A deleted conversation leaves nothing on this host: its sandbox, if any, and its
@@ -239,7 +275,7 @@ class RuntimeRunner:
         )
 
     async def _execute(
-        self, action: CmdRunAction | FileReadAction | FileWriteAction | FileEditAction
+        self, action: CmdRunAction | FileReadAction | FileWriteAction | FileEditAction | MCPAction
     ) -> None:
         runtime = await self._runtime(action.conversation_id)
         if runtime is None:
@@ -264,6 +300,8 @@ class RuntimeRunner:
                     observation = await runtime.files.write(action)
                 case FileEditAction():
                     observation = await runtime.files.edit(action)
+                case MCPAction():
+                    observation = await _call_mcp(runtime, action)
         except ActionError as error:
             observation = ErrorObservation(
                 **reply_to(action), code=error.code, content=error.message
@@ -332,6 +370,12 @@ def _interrupted(conversation_id: str, action_id: int) -> ErrorObservation:
             "reset."
         ),
     )
+
+
+async def _call_mcp(runtime: _Runtime, action: MCPAction) -> Event:
+    if runtime.mcp is None:
+        raise ActionError("mcp_call_failed", "This conversation has no MCP servers.")
+    return await runtime.mcp.call(action)
 
 
 def _no_runtime(cause: Event) -> ErrorObservation:

@@ -8,13 +8,16 @@ shared by all backends.
 from __future__ import annotations
 
 import abc
+import re
+import shlex
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar, Protocol
 
 import msgspec
 
 from taskbus.contracts.events import CommandTimeout
+from taskbus.runtime_runner.usage import Usage
 
 
 class ActionError(Exception):
@@ -72,6 +75,45 @@ class ShellProcess(Protocol):
 ShellSpawner = Callable[[], Awaitable[ShellProcess]]
 
 
+class SandboxProcess(Protocol):
+    """A program started in the sandbox (`Sandbox.spawn_process`): its stdin and stdout are
+    pipes; of its stderr only the tail is kept, to say why the program failed."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def read(self) -> bytes:
+        """Next stdout bytes; b"" once the program has closed its stdout."""
+        ...
+
+    def stderr_tail(self) -> str: ...
+
+    async def terminate(self) -> None:
+        """Kill the program and every process it started."""
+        ...
+
+
+class StderrTail:
+    """The last `limit` bytes a program wrote to its stderr."""
+
+    def __init__(self, limit: int = 2048) -> None:
+        self._limit = limit
+        self._data = b""
+
+    def add(self, data: bytes) -> None:
+        self._data = (self._data + data)[-self._limit :]
+
+    def text(self) -> str:
+        return self._data.decode(errors="replace").strip()
+
+
+class OneShotResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What `Sandbox.run_once` saw: exit code (-1 when killed at the timeout) and stdout."""
+
+    exit_code: int
+    output: bytes
+    truncated: bool = False
+
+
 class Sandbox(abc.ABC):
     """One conversation's isolated place to run commands and edit files."""
 
@@ -116,6 +158,27 @@ class Sandbox(abc.ABC):
         """Non-hidden entries under a directory, `depth` levels deep, relative to it."""
 
     @abc.abstractmethod
+    async def spawn_process(self, argv: list[str], environment: dict[str, str]) -> SandboxProcess:
+        """Start `argv` in the sandbox, confined as its shell is (same user, namespaces, limits
+        and network policy; pause and close reach it too), in the workspace, with the
+        sandbox's environment plus `environment` (e.g. an MCP server, or the relay that opens a
+        TCP connection from inside the sandbox)."""
+
+    @abc.abstractmethod
+    async def usage(self) -> Usage:
+        """What the sandbox uses of the host now (see `usage.py`); raises `UsageUnavailable`
+        when it cannot be measured."""
+
+    @abc.abstractmethod
+    async def run_once(
+        self, argv: list[str], *, seconds: float, max_output_bytes: int
+    ) -> OneShotResult:
+        """Run `argv` to completion in the workspace, confined as the shell is but with no
+        network, whether or not the sandbox is running (a one-shot sandbox when it is not):
+        the runner's way to run tools (git) on files the sandbox may have booby-trapped.
+        Only stdout is kept, at most `max_output_bytes`; killed after `seconds`."""
+
+    @abc.abstractmethod
     async def pause(self) -> None: ...
 
     @abc.abstractmethod
@@ -129,6 +192,25 @@ class Sandbox(abc.ABC):
         """Let go of the sandbox as the runner shuts down; backends that outlive the runner keep
         it for the next runner to re-attach."""
         await self.close()
+
+
+# The user's sandbox secrets reach the shell in one variable of a name nothing acts on, holding
+# `export NAME='value'` lines the shell runs first (`IMPORT_SECRETS`), then forgets: never as
+# variables of their own in the environment of a process started on this host (bwrap), where a
+# name such as LD_PRELOAD would act on the host before the sandbox exists.
+SECRETS_VARIABLE = "TASKBUS_SANDBOX_SECRETS"
+IMPORT_SECRETS = f'eval "${{{SECRETS_VARIABLE}-}}"; unset {SECRETS_VARIABLE}; '
+_ENVIRONMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def secrets_carrier(secrets: Mapping[str, str]) -> dict[str, str]:
+    """`secrets` as the environment entry `IMPORT_SECRETS` exports them from."""
+    lines = []
+    for name, value in sorted(secrets.items()):
+        if not _ENVIRONMENT_NAME.fullmatch(name):
+            raise ValueError(f"{name[:80]!r} is not an environment variable's name")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return {SECRETS_VARIABLE: "\n".join(lines)} if lines else {}
 
 
 def sandbox_environment(home: str) -> dict[str, str]:

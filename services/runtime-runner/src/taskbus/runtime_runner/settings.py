@@ -53,10 +53,21 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # writes <data dir>/secrets.key).
     secrets_key: str | None = None
     secrets_key_file: str | None = None
+    # A host directory of Python packages local sandboxes see read-only at /opt/taskbus/python,
+    # on their PYTHONPATH: what MCP servers written with the mcp SDK need (`uv pip install
+    # --target DIR --python /usr/bin/python3 mcp`; readable by the sandbox user). The docker
+    # image has it built in (deploy/sandbox-image/build.sh).
+    sandbox_toolbox: str | None = None
+    # How long a conversation's MCP servers may take to start and list their tools, and one
+    # tool call to answer (a remote server's own `timeout` replaces the latter).
+    mcp_start_seconds: Seconds = 30.0
+    mcp_call_seconds: Seconds = 120.0
     # Defaults for conversations whose RuntimeRequested does not set its own timeouts.
     no_change_seconds: Seconds = 10.0
     command_seconds: Seconds = 120.0
     clone_seconds: Seconds = 300.0
+    # How often each live, unpaused sandbox's use of the host becomes a `ResourceUsage` event.
+    usage_interval_seconds: Seconds = 5.0
     # Cap of one observation's output (head and tail are kept, the middle is dropped).
     max_output_bytes: Bytes = 64 * 1024
     # Cap of one command's live CmdOutputChunk stream, so a chatty command cannot flood the log.

@@ -20,9 +20,11 @@ import stat
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from taskbus.contracts import subjects
 from taskbus.runtime_runner import repository
+from taskbus.runtime_runner.credentials import Checkout, ConversationSecrets
 from taskbus.runtime_runner.sandbox import (
     ActionError,
     CommandOutcome,
@@ -36,6 +38,7 @@ from taskbus.runtime_runner.shell import PersistentShell
 MAX_FILE_ACTION_BYTES = 32 * 1024 * 1024
 _MAX_SYMLINK_HOPS = 40
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def conversation_directories(workspace_root: Path, conversation_id: str) -> tuple[Path, Path]:
@@ -45,9 +48,17 @@ def conversation_directories(workspace_root: Path, conversation_id: str) -> tupl
     return root / conversation_id, root / ".home" / conversation_id
 
 
+def base_commit_file(workspace_root: Path, conversation_id: str) -> Path:
+    """Where the runner records the commit a workspace was cloned at: beside the workspaces,
+    where no sandbox reaches (git changes and diffs are against it)."""
+    subjects.require_conversation_id(conversation_id)
+    return workspace_root.resolve() / ".base" / conversation_id
+
+
 def remove_conversation_directories(workspace_root: Path, conversation_id: str) -> None:
     for directory in conversation_directories(workspace_root, conversation_id):
         shutil.rmtree(directory, ignore_errors=True)
+    base_commit_file(workspace_root, conversation_id).unlink(missing_ok=True)
 
 
 class HostWorkspace:
@@ -126,33 +137,81 @@ class HostWorkspace:
         with self._locate(path) as (_, _, visible):
             return visible
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, max_bytes: int = MAX_FILE_ACTION_BYTES) -> bytes:
         with self._locate(path) as (directory, name, _):
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+                # O_NONBLOCK: a FIFO planted by the sandbox must not block the runner's open.
+                fd = os.open(name, _READ_FLAGS, dir_fd=directory)
             except FileNotFoundError:
                 raise ActionError("file_not_found", f"{path} does not exist") from None
-            with os.fdopen(fd, "rb") as file:
-                info = os.fstat(file.fileno())
+            try:
+                info = os.fstat(fd)  # before fdopen, which refuses a directory
                 if stat.S_ISDIR(info.st_mode):
                     raise ActionError("is_a_directory", f"{path} is a directory")
-                if info.st_size > MAX_FILE_ACTION_BYTES:
-                    raise ActionError(
-                        "file_too_large", f"{path} is larger than {MAX_FILE_ACTION_BYTES} bytes"
-                    )
-                return file.read()
+                if not stat.S_ISREG(info.st_mode):
+                    raise ActionError("not_a_regular_file", f"{path} is not a regular file")
+            except ActionError:
+                os.close(fd)
+                raise
+            with os.fdopen(fd, "rb") as file:
+                data = file.read(max_bytes + 1)  # it may have grown since the fstat
+            if info.st_size > max_bytes or len(data) > max_bytes:
+                raise ActionError("file_too_large", f"{path} is larger than {max_bytes} bytes")
+            return data
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes, offset: int = 0) -> None:
+        """Write `data` at `offset`; offset 0 creates or truncates the file."""
         with self._locate(path, make_parents=True) as (directory, name, _):
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            if offset == 0:
+                flags |= os.O_TRUNC
             try:
                 fd = os.open(name, flags, 0o644, dir_fd=directory)
             except IsADirectoryError:
                 raise ActionError("is_a_directory", f"{path} is a directory") from None
             with os.fdopen(fd, "wb") as file:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    raise ActionError("not_a_regular_file", f"{path} is not a regular file")
                 if self.owner is not None:
                     os.fchown(file.fileno(), *self.owner)
+                if offset:
+                    file.seek(offset)
                 file.write(data)
+
+    def relative_path(self, path: str) -> str:
+        """`path` as a path relative to the workspace, lexically (`..` may not climb out)."""
+        return "/".join(self._parts(path))
+
+    def entries(self, path: str, skip: frozenset[str]) -> list[str]:
+        """One directory level, hidden entries included, but for the names in `skip`:
+        directories (never a link to one) first with a trailing `/`, then the rest."""
+        with self._locate(path) as (directory, name, _):
+            try:
+                top = os.open(name, _DIRECTORY_FLAGS, dir_fd=directory)
+            except NotADirectoryError:
+                raise ActionError("not_a_directory", f"{path} is not a directory") from None
+            try:
+                with os.scandir(top) as listing:
+                    found = [
+                        (entry.name, entry.is_dir(follow_symlinks=False))
+                        for entry in listing
+                        if entry.name not in skip
+                    ]
+            finally:
+                os.close(top)
+        directories = sorted(f"{entry}/" for entry, is_dir in found if is_dir)
+        return directories + sorted(entry for entry, is_dir in found if not is_dir)
+
+    def walk(self, skip: frozenset[str]) -> Iterator[WorkspaceEntry]:
+        """Every regular file, symbolic link and directory in the workspace, depth first,
+        with directories named in `skip` left out. Links are reported, never followed; other
+        kinds (FIFOs, sockets, devices) are left out. Each file is opened as it is yielded
+        and closed after."""
+        top = os.open(self.host_root, _DIRECTORY_FLAGS)
+        try:
+            yield from _walk(top, "", skip)
+        finally:
+            os.close(top)
 
     def exists(self, path: str) -> bool:
         try:
@@ -189,6 +248,13 @@ class HostWorkspaceSandbox(Sandbox):
 
     files: HostWorkspace
     shell: PersistentShell
+    # The user's git token and sandbox secrets for this conversation (the runner's sandbox
+    # factory sets them); None: the sandbox has none.
+    secrets: ConversationSecrets | None = None
+
+    async def _sandbox_secrets(self) -> dict[str, str]:
+        """The secrets the shell exports, read as it starts (so a restarted shell has them)."""
+        return {} if self.secrets is None else await self.secrets.environment()
 
     async def _prepare_workspace(
         self, home: Path, repository_url: str | None, branch: str | None, clone_seconds: float
@@ -206,7 +272,18 @@ class HostWorkspaceSandbox(Sandbox):
 
         has_files = await asyncio.to_thread(make_directories)
         if repository_url and not has_files:
-            await repository.clone(repository_url, branch, workspace, clone_seconds)
+            checkout = (
+                Checkout(url=repository_url)
+                if self.secrets is None
+                else await self.secrets.checkout(repository_url)
+            )
+            await repository.clone(
+                checkout.url, branch, workspace, clone_seconds, checkout.credential
+            )
+            commit = await repository.head_commit(workspace)
+            if commit is not None:
+                base = base_commit_file(workspace.parent, workspace.name)
+                await asyncio.to_thread(_record, base, commit)
         if self.files.owner is not None:
             # Only directories just made and a fresh clone: nothing the sandbox could have
             # planted (a hard link to a host file) is ever chowned.
@@ -235,6 +312,11 @@ class HostWorkspaceSandbox(Sandbox):
         return await asyncio.to_thread(self.files.list_tree, path, depth)
 
 
+def _record(base: Path, commit: str) -> None:
+    base.parent.mkdir(mode=0o700, exist_ok=True)
+    base.write_text(commit)
+
+
 def _give(directories: list[Path], owner: tuple[int, int], whole_tree: bool) -> None:
     """Give `directories` (and, when `whole_tree`, everything under them) to `owner`."""
     for top in directories:
@@ -243,6 +325,48 @@ def _give(directories: list[Path], owner: tuple[int, int], whole_tree: bool) -> 
             for current, names, files in os.walk(top):
                 for name in [*names, *files]:
                     os.chown(os.path.join(current, name), *owner, follow_symlinks=False)
+
+
+class WorkspaceEntry:
+    """One entry of `HostWorkspace.walk`: `file` is open while it is yielded (regular files);
+    `link` is a symbolic link's target."""
+
+    def __init__(
+        self, path: str, info: os.stat_result, file: BinaryIO | None = None, link: str = ""
+    ) -> None:
+        self.path = path
+        self.info = info
+        self.file = file
+        self.link = link
+
+
+def _walk(directory: int, prefix: str, skip: frozenset[str]) -> Iterator[WorkspaceEntry]:
+    with os.scandir(directory) as listing:
+        names = sorted(entry.name for entry in listing)
+    for name in names:
+        path = f"{prefix}{name}"
+        try:
+            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                if name in skip:
+                    continue
+                # O_NOFOLLOW: swapped for a link since the stat, it is not entered.
+                child = os.open(name, _DIRECTORY_FLAGS, dir_fd=directory)
+                try:
+                    yield WorkspaceEntry(f"{path}/", info)
+                    yield from _walk(child, f"{path}/", skip)
+                finally:
+                    os.close(child)
+            elif stat.S_ISLNK(info.st_mode):
+                yield WorkspaceEntry(path, info, link=os.readlink(name, dir_fd=directory))
+            elif stat.S_ISREG(info.st_mode):
+                fd = os.open(name, _READ_FLAGS, dir_fd=directory)
+                with os.fdopen(fd, "rb") as file:
+                    opened = os.fstat(file.fileno())
+                    if stat.S_ISREG(opened.st_mode):  # not swapped for a FIFO since the stat
+                        yield WorkspaceEntry(path, opened, file)
+        except OSError:  # changed by the sandbox while walking (gone, swapped): left out
+            continue
 
 
 def _stat(name: str, directory: int) -> os.stat_result | None:

@@ -7,6 +7,8 @@ priority goes first, and when only higher ones run the new one waits instead.
 Across users, `max_running` caps sandboxes. Waiting conversations go in order of priority
 (higher first), then age. A user's own settings never lift these past the operator's maxima:
 their concurrency is capped, and past `max_queued` waiting conversations a new one is refused.
+A conversation waiting for its dependencies (see `dependencies`) is queued and counts against
+`max_queued`, but is not admitted until they have ended.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class Admit(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Queue(msgspec.Struct, frozen=True, kw_only=True):
-    reason: str  # EVICTION_REASON (user limit under the queue policy) or "capacity"
+    # EVICTION_REASON (user limit under the queue policy), "capacity", or
+    # WAITING_FOR_DEPENDENCIES (its dependencies have not ended)
+    reason: str
 
 
 class Reject(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,7 +105,14 @@ def admit_new(
 ) -> Admit | Queue | Reject:
     """Decide for a conversation that is not waiting yet, `queued` being how many of the user's
     already wait: one that would wait beyond the user's queue limit is refused instead."""
-    decision = admit(user_id, running, limits, max_running, priority)
+    return queue_limited(admit(user_id, running, limits, max_running, priority), queued, limits)
+
+
+def queue_limited(
+    decision: Admit | Queue, queued: int, limits: UserLimits
+) -> Admit | Queue | Reject:
+    """`decision` for a conversation not waiting yet, unless it would wait beyond the user's
+    queue limit (`queued` of the user's already wait): then it is refused."""
     if isinstance(decision, Queue) and queued >= limits.max_queued:
         return Reject(
             reason=QUEUE_FULL_REASON,

@@ -12,6 +12,7 @@ from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.session_manager import admission
 from taskbus.session_manager.decide import Step, next_step, start_events, status_event
+from taskbus.session_manager.dependencies import WAITING_FOR_DEPENDENCIES, unresolved
 from taskbus.session_manager.lifecycle import stop_events
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, holds_slot
@@ -55,18 +56,22 @@ class AdmissionDesk:
         """Admit `state` now (evicting if the policy says so) or queue it, appending `prefix`
         first. Lock held. A `new` one (created or restarted, not yet waiting) that would wait
         beyond the user's queue limit is refused: nothing is appended and the refusal is
-        returned."""
+        returned. One whose dependencies have not ended waits for them (`DependencyDesk`)."""
         limits = await self._limits_of(state.user_id)
         running = self._running()
         priority = state.spec.priority
         max_running = self._settings.max_running
-        decision = (
-            admission.admit_new(
+        decision: admission.Admit | admission.Queue | admission.Reject
+        if unresolved(state):
+            decision = admission.Queue(reason=WAITING_FOR_DEPENDENCIES)
+            if new:
+                decision = admission.queue_limited(decision, self._queued(state.user_id), limits)
+        elif new:
+            decision = admission.admit_new(
                 state.user_id, running, self._queued(state.user_id), limits, max_running, priority
             )
-            if new
-            else admission.admit(state.user_id, running, limits, max_running, priority)
-        )
+        else:
+            decision = admission.admit(state.user_id, running, limits, max_running, priority)
         if isinstance(decision, admission.Reject):
             logger.info("%s refused: %s", state.conversation_id, decision.reason)
             return decision
@@ -103,7 +108,7 @@ class AdmissionDesk:
                     since=s.status_since or _LONG_AGO,
                 )
                 for s in self._states.values()
-                if s.status == ConversationStatus.QUEUED and not s.deleted
+                if s.status == ConversationStatus.QUEUED and not s.deleted and not unresolved(s)
             ]
             if not waiting:
                 return

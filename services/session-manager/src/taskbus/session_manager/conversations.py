@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
+import msgspec
 from nats.js import JetStreamContext
 
 from taskbus.contracts.events import AnyEvent, Event, UnknownEvent
@@ -20,7 +21,7 @@ class Conversations:
     """A cache of `fold(log)` per conversation, out of `SessionManager` so that class keeps one
     job less and the fold stays pure: it folds a conversation from the log on a miss, applies
     each event in order (refolding after a gap), forgets a state nobody uses, and calls
-    `on_change(state)` whenever a conversation's state moves forward."""
+    `on_change(state)` whenever a conversation's state changes beyond its log position."""
 
     def __init__(self, js: JetStreamContext, on_change: OnChange) -> None:
         self._js = js
@@ -92,4 +93,11 @@ class Conversations:
         waiter = self._changed.pop(state.conversation_id, None)
         if waiter is not None:
             waiter.set()
-        self._on_change(state)
+        if current is None or moved(current, state):
+            self._on_change(state)
+
+
+def moved(before: ConversationState, after: ConversationState) -> bool:
+    """Whether `after` differs from `before` in more than its log position (an event that
+    changes nothing, e.g. a `ResourceUsage`, gives the driver nothing new to decide on)."""
+    return msgspec.structs.replace(before, last_event_id=after.last_event_id) != after

@@ -24,6 +24,7 @@ from taskbus.contracts.events import (
     EventSource,
     FileEditAction,
     FileWriteAction,
+    MCPAction,
     MessageAction,
     RuntimeControl,
     RuntimeControlRequested,
@@ -41,6 +42,7 @@ from taskbus.contracts.status import (
     ConversationStatus,
     RuntimeStatus,
 )
+from taskbus.session_manager.dependencies import INVALID_TASK_PLAN, plan_problem
 from taskbus.session_manager.state import ConversationState, limit_reached
 from taskbus.session_manager.tools import event_for_call, render_task_list
 
@@ -173,7 +175,9 @@ def _next_queued_call(state: ConversationState, queue: ToolCallsQueued) -> Event
     part of the LLM call already counted, so no limit is checked for it."""
     index = state.tool_calls_released
     thought = queue.thought if index == 0 else ""
-    released = event_for_call(state.conversation_id, queue.calls[index], thought, cause=queue.id)
+    released = event_for_call(
+        state.conversation_id, queue.calls[index], thought, queue.id, state.mcp_tools
+    )
     return as_proposal(state, released)
 
 
@@ -217,11 +221,12 @@ def _confirmation(state: ConversationState, pending: ActionProposed) -> Step | l
 
 def as_proposal(state: ConversationState, action: Event) -> Event:
     """In confirmation mode a risky action (one that changes the sandbox) is only proposed, so
-    the runtime never sees it; reads, thoughts and plans are not risky."""
+    the runtime never sees it; reads, thoughts and plans are not risky (an MCP tool may do
+    anything)."""
     if not state.spec.confirmation_mode:
         return action
     match action:
-        case CmdRunAction() | FileWriteAction():
+        case CmdRunAction() | FileWriteAction() | MCPAction():
             pass
         case FileEditAction() if action.command != "view":
             pass
@@ -257,14 +262,24 @@ def start_events(state: ConversationState) -> list[Event]:
             selected_branch=state.spec.selected_branch,
             resources=state.spec.resources,
             timeouts=state.spec.timeouts,
+            git_provider=state.spec.git_provider,
+            mcp_config=state.spec.mcp_config,
         )
     )
     return events
 
 
-def _task_tracking_observation(
-    state: ConversationState, action: TaskTrackingAction
-) -> TaskTrackingObservation:
+def _task_tracking_observation(state: ConversationState, action: TaskTrackingAction) -> Event:
+    """The plan as it now stands, or why a new plan was not applied (the state kept the old)."""
+    problem = plan_problem(action.task_list) if action.command == "plan" else None
+    if problem is not None:
+        return ErrorObservation(
+            conversation_id=state.conversation_id,
+            source=EventSource.ENVIRONMENT,
+            cause=action.id,
+            content=f"The plan was not applied: {problem}. Send the corrected plan.",
+            code=INVALID_TASK_PLAN,
+        )
     return TaskTrackingObservation(
         conversation_id=state.conversation_id,
         source=EventSource.ENVIRONMENT,

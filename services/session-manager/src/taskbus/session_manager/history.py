@@ -15,9 +15,11 @@ from taskbus.contracts.events import (
     Event,
     EventSource,
     FileWriteObservation,
+    MCPObservation,
     MessageAction,
     ThinkAction,
 )
+from taskbus.session_manager.dependencies import dependencies_context
 from taskbus.session_manager.state import OBSERVATIONS, ConversationState
 from taskbus.session_manager.tools import tool_call_of
 
@@ -30,7 +32,7 @@ SYSTEM_PROMPT = """\
 You are a coding agent working in a sandbox through tools. The workspace is {workspace}.
 Work step by step: keep a plan with task_tracker, run commands with execute_bash, read and edit
 files with str_replace_editor, and call finish with a short summary when the task is done.
-{repository}{instructions}"""
+{repository}{instructions}{dependencies}"""
 
 
 def system_prompt(state: ConversationState) -> str:
@@ -45,10 +47,15 @@ def system_prompt(state: ConversationState) -> str:
             f"\n<conversation_instructions>\n{spec.conversation_instructions}\n"
             "</conversation_instructions>\n"
         )
+    dependencies = ""
+    if state.dependencies is not None:
+        context = dependencies_context(state.dependencies)
+        dependencies = f"\n<dependencies>\n{context}\n</dependencies>\n"
     return SYSTEM_PROMPT.format(
         workspace=state.workspace or "the current directory",
         repository=repository,
         instructions=instructions,
+        dependencies=dependencies,
     )
 
 
@@ -77,6 +84,8 @@ def observation_text(event: Event) -> str:
             text = f"ERROR: {event.content}"
         case FileWriteObservation():
             text = event.content or f"Wrote {event.path}."
+        case MCPObservation() if event.is_error:
+            text = f"The tool reported an error:\n{event.content}"
         case _:
             text = str(getattr(event, "content", ""))
     if len(text) > MAX_OBSERVATION_CHARS:

@@ -27,6 +27,7 @@ from taskbus.contracts.commands import (
     AnyCommand,
     ConversationCommand,
     CreateConversation,
+    SecretsCommand,
     UpdateSettings,
 )
 from taskbus.contracts.events import (
@@ -58,13 +59,15 @@ from taskbus.session_manager.decide import (
     next_step,
     status_event,
 )
+from taskbus.session_manager.dependency_desk import DependencyDesk
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
+from taskbus.session_manager.secrets_store import SecretsStore
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply
 from taskbus.session_manager.stuck import is_stuck, stuck_events
 from taskbus.session_manager.time_limits import time_limit_events
-from taskbus.session_manager.tools import TOOLS, event_for_call
+from taskbus.session_manager.tools import event_for_call, offered_tools
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ def effective_spec(
         priority=min(spec.priority, settings.max_priority),
         max_iterations=spec.max_iterations or user.max_iterations or settings.max_iterations,
         max_budget_per_task=budget,
+        mcp_config=spec.mcp_config if spec.mcp_config is not None else user.mcp_config,
         timeouts=msgspec.structs.replace(
             timeouts,
             no_change_seconds=timeouts.no_change_seconds or user.no_change_timeout_seconds,
@@ -125,8 +129,9 @@ class SessionManager:
         self._appender = EventAppender(js)
         self._dead_letters = DeadLetters(js, subjects.SESSION_MANAGER)
         self._settings_store = log.SettingsStore(js)
+        self._secrets_store = SecretsStore(js)
         self._verdicts = log.VerdictStore(js)
-        self._conversations = Conversations(js, lambda state: self._kick(state.conversation_id))
+        self._conversations = Conversations(js, self._on_change)
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._admission = AdmissionDesk(
             settings, self._conversations.states, self._settings_store.get, self._append
@@ -134,7 +139,10 @@ class SessionManager:
         # Held while deciding from a conversation's state and appending what was decided, so a
         # command's verdict and the driver's steps never act on a state the other has changed.
         # Never taken while the admission lock is held.
-        self._deciding: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._deciding: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._dependencies = DependencyDesk(
+            self._conversations, self._deciding, self._admission, self._append
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._subscriptions: list[JetStreamContext.PullSubscription] = []
@@ -180,7 +188,7 @@ class SessionManager:
         # nats-py's fetch does not survive cancellation, so consumers stop at their next poll.
         self._stopping = True
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        work = [*self._drivers.values(), *self._background]
+        work = [*self._drivers.values(), *self._background, *self._dependencies.tasks]
         for task in work:
             task.cancel()
         await asyncio.gather(*work, return_exceptions=True)
@@ -258,6 +266,10 @@ class SessionManager:
 
     # --- drivers --------------------------------------------------------------------------
 
+    def _on_change(self, state: ConversationState) -> None:
+        self._kick(state.conversation_id)
+        self._dependencies.on_change(state)
+
     def _kick(self, conversation_id: str) -> None:
         """Make sure a driver looks at the conversation's (new) state."""
         if conversation_id not in self._drivers:
@@ -333,7 +345,9 @@ class SessionManager:
                     await self._append(events)
 
         try:
-            completion = await self._llm.complete(config, to_messages(state), TOOLS, rate_limited)
+            completion = await self._llm.complete(
+                config, to_messages(state), offered_tools(state.mcp_tools), rate_limited
+            )
         except LLMError as error:
             await self._fail_llm_step(cid, error)
             return
@@ -355,7 +369,9 @@ class SessionManager:
             return None
         return plan_condensation(
             state,
-            lambda messages: self._llm.count_tokens(config, messages, TOOLS),
+            lambda messages: self._llm.count_tokens(
+                config, messages, offered_tools(state.mcp_tools)
+            ),
             max_tokens,
             self._settings.condensation_keep_recent_events,
         )
@@ -391,6 +407,8 @@ class SessionManager:
                 await self._create(command)
             case UpdateSettings():
                 await self._settings_store.put(command.user_id, command.settings)
+            case SecretsCommand():
+                await self._secrets_store.apply(command)
             case _:
                 await self._answer(command)
 
@@ -476,13 +494,14 @@ def _after_completion(state: ConversationState, completion: Completion) -> list[
         )
     )
     if next_step(state) is Step.CALL_LLM:
-        events.append(as_proposal(state, _action_of(cid, completion)))
+        events.append(as_proposal(state, _action_of(state, completion)))
     return events
 
 
-def _action_of(conversation_id: str, completion: Completion) -> Event:
+def _action_of(state: ConversationState, completion: Completion) -> Event:
     """The event for the LLM's answer: its tool call's action, the queue of its several tool
     calls, or a message to the user."""
+    conversation_id = state.conversation_id
     calls = completion.tool_calls
     thought = completion.content or ""
     if not calls:
@@ -493,7 +512,7 @@ def _action_of(conversation_id: str, completion: Completion) -> Event:
             wait_for_response=True,
         )
     if len(calls) == 1:
-        return event_for_call(conversation_id, calls[0], thought)
+        return event_for_call(conversation_id, calls[0], thought, mcp_tools=state.mcp_tools)
     return ToolCallsQueued(
         conversation_id=conversation_id,
         source=EventSource.AGENT,

@@ -24,6 +24,7 @@ from taskbus.contracts.events import (
     ConversationDeleted,
     ConversationRenamed,
     ConversationStatusChanged,
+    DependenciesResolved,
     ErrorObservation,
     Event,
     EventSource,
@@ -31,7 +32,11 @@ from taskbus.contracts.events import (
     FileReadObservation,
     FileWriteObservation,
     LLMMetrics,
+    MCPObservation,
+    MCPTool,
+    MCPToolsListed,
     MessageAction,
+    ResourceUsage,
     RuntimeControl,
     RuntimeControlRequested,
     RuntimeRequested,
@@ -50,6 +55,7 @@ from taskbus.contracts.status import (
     ConversationStatus,
     RuntimeStatus,
 )
+from taskbus.session_manager.dependencies import plan_problem
 
 # Actions the agent chose, as they appear in the LLM's history.
 AGENT_ACTIONS: tuple[type[Event], ...] = (
@@ -64,8 +70,13 @@ OBSERVATIONS: tuple[type[Event], ...] = (
     FileWriteObservation,
     FileEditObservation,
     TaskTrackingObservation,
+    MCPObservation,
     ErrorObservation,
 )
+
+# Reports on the sandbox that nothing here acts on: they move only the log position, so they are
+# no activity for the time limits, never in the LLM's history, and wake no driver.
+MEASUREMENTS: tuple[type[Event], ...] = (ResourceUsage,)
 
 # Agent states in which queued tool calls still run; any other drops them (stop, finish, error,
 # a rejected confirmation, a question to the user).
@@ -112,11 +123,15 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls_released: int = 0
     last_user_message_id: int = -1
     task_list: tuple[TaskItem, ...] = ()
+    # The tools the sandbox's MCP servers offer (its latest `MCPToolsListed`).
+    mcp_tools: tuple[MCPTool, ...] = ()
     iterations: int = 0
     iteration_limit: int | None = None
     accumulated_cost: float = 0.0
     budget_limit: float | None = None
     deleted: bool = False
+    # What the conversations it `depends_on` came to, once they all ended (see dependencies).
+    dependencies: DependenciesResolved | None = None
 
 
 def fold(conversation_id: str, events: Iterable[Event | UnknownEvent]) -> ConversationState:
@@ -131,6 +146,8 @@ def apply(state: ConversationState, event: Event | UnknownEvent) -> Conversation
     if event.id <= state.last_event_id:
         return state
     if isinstance(event, UnknownEvent):
+        return msgspec.structs.replace(state, last_event_id=event.id)
+    if isinstance(event, MEASUREMENTS):  # no activity: `last_activity` stays
         return msgspec.structs.replace(state, last_event_id=event.id)
     state = msgspec.structs.replace(state, last_event_id=event.id, last_activity=event.timestamp)
     pending = state.pending_action
@@ -207,7 +224,10 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 confirmation=None,
                 tool_queue=None,
                 pending_resume_id=None,
+                mcp_tools=(),
             )
+        case MCPToolsListed():
+            return replace(state, mcp_tools=tuple(event.tools))
         case ToolCallsQueued():
             return replace(state, tool_queue=event, tool_calls_released=0)
         case ActionProposed():
@@ -235,8 +255,12 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 iterations=state.iterations + 1,
                 accumulated_cost=state.accumulated_cost + event.cost,
             )
+        case DependenciesResolved():
+            return replace(state, dependencies=event)
         case TaskTrackingAction():
-            task_list = tuple(event.task_list) if event.command == "plan" else state.task_list
+            # A plan `plan_problem` refuses is answered with an error and not applied.
+            applies = event.command == "plan" and plan_problem(event.task_list) is None
+            task_list = tuple(event.task_list) if applies else state.task_list
             return replace(
                 state,
                 history=(*state.history, event),

@@ -1,8 +1,12 @@
-"""The CodeAct tools offered to the LLM, and the two-way mapping between tool calls and actions."""
+"""The CodeAct tools offered to the LLM, and the two-way mapping between tool calls and actions.
+
+Beside the built-ins, the LLM is offered the tools the conversation's MCP servers listed
+(`MCPToolsListed`, named `<server>_<tool>` by the runtime): a call of one is an `MCPAction`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -18,6 +22,8 @@ from taskbus.contracts.events import (
     FileEditCommand,
     FileReadAction,
     FileWriteAction,
+    MCPAction,
+    MCPTool,
     TaskItem,
     TaskTrackingAction,
     ThinkAction,
@@ -79,7 +85,8 @@ TOOLS: list[dict[str, Any]] = [
     _function(
         TASK_TRACKER,
         "Keep a visible plan: `plan` replaces the task list, `view` shows it. Update statuses "
-        "(todo, in_progress, done) as work progresses.",
+        "(todo, in_progress, done) as work progresses; an item done before its depends_on is "
+        "refused.",
         {
             "command": {"type": "string", "enum": ["plan", "view"]},
             "task_list": {
@@ -91,6 +98,7 @@ TOOLS: list[dict[str, Any]] = [
                         "title": {"type": "string"},
                         "status": {"type": "string", "enum": ["todo", "in_progress", "done"]},
                         "notes": {"type": "string"},
+                        "depends_on": {"type": "array", "items": {"type": "string"}},
                     },
                     "required": ["id", "title", "status"],
                 },
@@ -146,8 +154,31 @@ class InvalidToolCall(ValueError):
     """The LLM called an unknown tool or with arguments that do not fit; it is told and retries."""
 
 
+def offered_tools(mcp_tools: Sequence[MCPTool]) -> list[dict[str, Any]]:
+    """The built-ins, then the conversation's MCP tools (their own JSON schemas)."""
+    return [
+        *TOOLS,
+        *(
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description or f"{tool.tool} (MCP server {tool.server})",
+                    "parameters": tool.input_schema or {"type": "object", "properties": {}},
+                },
+            }
+            for tool in mcp_tools
+        ),
+    ]
+
+
 def action_from_tool_call(
-    conversation_id: str, name: str, arguments: str, call_id: str, thought: str
+    conversation_id: str,
+    name: str,
+    arguments: str,
+    call_id: str,
+    thought: str,
+    mcp_tools: Sequence[MCPTool] = (),
 ) -> Event:
     """The action an LLM tool call asks for (source agent, not yet appended)."""
     common: dict[str, Any] = {
@@ -184,17 +215,28 @@ def action_from_tool_call(
             case "finish":
                 finish = msgspec.convert(raw, _Finish, strict=False)
                 return AgentFinishAction(**common, final_thought=finish.message or thought)
+            case _ if any(tool.name == name for tool in mcp_tools):
+                if not isinstance(raw, dict):
+                    raise InvalidToolCall(f"the arguments of tool {name!r} must be a JSON object")
+                return MCPAction(**common, name=name, arguments=raw, thought=thought)
     except (json.JSONDecodeError, msgspec.ValidationError) as error:
         raise InvalidToolCall(f"invalid arguments for tool {name!r}: {error}") from error
-    raise InvalidToolCall(f"unknown tool {name!r}; the tools are {', '.join(_TOOL_NAMES)}")
+    names = [*_TOOL_NAMES, *(tool.name for tool in mcp_tools)]
+    raise InvalidToolCall(f"unknown tool {name!r}; the tools are {', '.join(names)}")
 
 
 def event_for_call(
-    conversation_id: str, call: ToolCall, thought: str, cause: int | None = None
+    conversation_id: str,
+    call: ToolCall,
+    thought: str,
+    cause: int | None = None,
+    mcp_tools: Sequence[MCPTool] = (),
 ) -> Event:
     """The action `call` asks for, or the error that tells the LLM why it is not valid."""
     try:
-        action = action_from_tool_call(conversation_id, call.name, call.arguments, call.id, thought)
+        action = action_from_tool_call(
+            conversation_id, call.name, call.arguments, call.id, thought, mcp_tools
+        )
     except InvalidToolCall as error:
         return ErrorObservation(
             conversation_id=conversation_id,
@@ -241,6 +283,8 @@ def tool_call_of(action: Event) -> tuple[str, dict[str, Any]] | None:
             return THINK, {"thought": action.thought}
         case AgentFinishAction():
             return FINISH, {"message": action.final_thought}
+        case MCPAction():
+            return action.name, action.arguments
     return None
 
 
@@ -252,5 +296,7 @@ def render_task_list(tasks: tuple[TaskItem, ...] | list[TaskItem]) -> str:
     lines = [f"{len(tasks)} tasks:"]
     for item in tasks:
         line = f"{marks[item.status]} {item.id}. {item.title} ({item.status})"
+        if item.depends_on:
+            line += f" [after {', '.join(item.depends_on)}]"
         lines.append(f"{line} - {item.notes}" if item.notes else line)
     return "\n".join(lines)
