@@ -12,7 +12,9 @@ demo:
 
 [doc("Run the whole test suite (real nats-server, chDB and processes); extra args go to pytest")]
 test *args:
-    pytest {{args}}
+    # Two workers, a test file each at a time (its module-scoped stack stays in one worker):
+    # most of the suite waits on processes, sandboxes and NATS, not on the CPU.
+    pytest -n {{env_var_or_default("TASKBUS_TEST_WORKERS", "2")}} --dist loadfile {{args}}
 
 [doc("ruff (lint + format check) and mypy --strict")]
 lint:

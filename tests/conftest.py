@@ -52,7 +52,9 @@ def _local_api_key(data_dir: Path) -> str:
     return key
 
 
-# A usage interval longer than any test: the log stays still while a test watches it.
+# Stacks sample resource usage less often than any test lasts, unless a test asks otherwise
+# (tests/test_resource_usage.py): tests that count a conversation's events, or compare the log
+# before and after a request that must append nothing, see no sample land in between.
 QUIET_USAGE_SECONDS = "3600"
 
 
@@ -78,6 +80,7 @@ def running_stack(
         TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN="true",
     )
     env.pop("TASKBUS_LLM_MODEL", None)
+    env["TASKBUS_USAGE_INTERVAL_SECONDS"] = QUIET_USAGE_SECONDS
     env.update(settings)
     launcher_log = data_dir / "launcher.log"
     log = launcher_log.open("wb")
@@ -116,11 +119,7 @@ def running_stack(
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # Tests here compare the log before and after requests that must append nothing: no
-    # ResourceUsage sample may land in between (tests/test_resource_usage.py samples fast).
-    with running_stack(
-        tmp_path_factory.mktemp("stack"), TASKBUS_USAGE_INTERVAL_SECONDS=QUIET_USAGE_SECONDS
-    ) as running:
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
 
 

@@ -22,7 +22,7 @@ import pytest
 from taskbus.contracts.openhands import OPENHANDS_STATUS
 from taskbus.contracts.status import COMMAND_TRANSITIONS, Control, ConversationStatus
 
-from .conftest import QUIET_USAGE_SECONDS, Stack, running_stack
+from .conftest import Stack, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ),
         TASKBUS_MAX_PRIORITY="10",
         TASKBUS_MAX_RUNNING="16",
-        # Refused commands must append nothing: no usage sample may land in between.
-        TASKBUS_USAGE_INTERVAL_SECONDS=QUIET_USAGE_SECONDS,
     ) as running:
         yield running
 
