@@ -135,10 +135,14 @@ async def test_git_tokens_are_sealed_and_merged_as_openhands_does(
     assert (
         box(stack).open(entry.token, provider_token_context("local", GitProvider.GITHUB)) == token
     )
-    assert token not in added.text + moved.text + (await api.get("/api/settings")).text
+    settings = await api.get("/api/settings")
+    # OpenHands' frontend reads which providers are connected, and never the token.
+    assert settings.json()["provider_tokens_set"] == {"github": "ghe2.example.com"}
+    assert token not in added.text + moved.text + settings.text
     unset = await api.post("/api/unset-provider-tokens")
     assert unset.status_code == 200, unset.text
     assert (await stored(stack, "local")).provider_tokens == {}
+    assert (await api.get("/api/settings")).json()["provider_tokens_set"] == {}
 
 
 async def test_another_users_secrets_are_never_visible(

@@ -141,7 +141,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "enable_proactive_conversation_starters": "OpenHands' UI setting (always false).",
     "enable_solvability_analysis": "OpenHands' setting (always false).",
     "user_consents_to_analytics": "OpenHands' consent flag (always null).",
-    "provider_tokens_set": "OpenHands' git provider tokens (always empty).",
+    "provider_tokens_set": "The providers you stored a git token for (POST "
+    "/api/add-git-providers), each with its host (null: the provider's public one); never the "
+    "tokens.",
     # answers
     "conversation_id": "The conversation's id.",
     "CreatedConversation.status": "Always `ok` (OpenHands' reply shape).",

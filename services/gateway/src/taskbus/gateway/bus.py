@@ -47,6 +47,7 @@ from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.streams import ensure_streams
 from taskbus.contracts.summary import SHAPING, summary_of_latest
+from taskbus.contracts.user_secrets import UserSecrets, decode_user_secrets
 from taskbus.gateway.problems import Problem, conversation_not_found
 from taskbus.gateway.reconnects import Reconnects
 from taskbus.gateway.user_settings import reflects
@@ -385,6 +386,22 @@ class Bus:
         except msgspec.DecodeError:
             logger.warning("undecodable settings of user %s; serving the defaults", user_id)
             return None
+
+    async def user_secrets(self, user_id: str) -> UserSecrets:
+        """The user's entry in KV `taskbus_secrets` (sealed values; read-only here), empty when
+        there is none."""
+        try:
+            bucket = await self.js.key_value(subjects.SECRETS_BUCKET)
+            entry = await bucket.get(user_id)
+        except KeyNotFoundError:
+            return UserSecrets()
+        except (nats.errors.Error, TimeoutError) as error:
+            raise unavailable("the secrets store") from error
+        try:
+            return decode_user_secrets(entry.value or b"{}")
+        except msgspec.DecodeError:
+            logger.error("undecodable secrets stored for user %s", user_id)
+            raise unavailable("the secrets store") from None
 
     async def update_settings(self, command: UpdateSettings) -> UserSettings:
         """Ask session-manager (the bucket's writer) to store the settings and wait until the KV

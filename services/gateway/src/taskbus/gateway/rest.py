@@ -543,7 +543,9 @@ async def get_runtime_config(conversation_id: str, user: UserId, bus: BusDep) ->
 async def get_user_settings(user: UserId, bus: BusDep) -> Response:
     """Defaults until the user stores settings; OpenHands' ApiSettings keys Taskbus has no
     setting for come back as fixed values (docs/openhands-compat.md)."""
-    return json_response(SettingsView.of(await bus.user_settings(user)))
+    return json_response(
+        SettingsView.of(await bus.user_settings(user), await bus.user_secrets(user))
+    )
 
 
 @router.put("/settings", summary="Replace your settings")
@@ -577,7 +579,7 @@ async def _store_settings(
         admitted, mcp_config=sealed_mcp_config(admitted.mcp_config, user, policy.box)
     )
     stored = await bus.update_settings(UpdateSettings(user_id=user, settings=admitted))
-    return json_response(SettingsView.of(stored))
+    return json_response(SettingsView.of(stored, await bus.user_secrets(user)))
 
 
 def _isolation_warnings(runners: list[RunnerInfo]) -> list[str]:

@@ -12,11 +12,8 @@ import uuid
 from typing import Annotated
 
 import msgspec
-import nats.errors
 from fastapi import APIRouter, Path, Request, Response
-from nats.js.errors import KeyNotFoundError
 
-from taskbus.contracts import subjects
 from taskbus.contracts.commands import (
     DeleteSecret,
     SecretsCommand,
@@ -36,13 +33,11 @@ from taskbus.contracts.user_secrets import (
     Description,
     ProviderTokenUpdate,
     SecretName,
-    UserSecrets,
     custom_secret_context,
-    decode_user_secrets,
     name_problem,
     provider_token_context,
 )
-from taskbus.gateway.bus import Bus, unavailable
+from taskbus.gateway.bus import Bus
 from taskbus.gateway.dependencies import BusDep, SettingsDep, UserId
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.rest import typed_body
@@ -149,29 +144,13 @@ def _checked_value(value: str) -> str:
     return value
 
 
-async def stored_secrets(bus: Bus, user_id: str) -> UserSecrets:
-    """The user's entry in KV `taskbus_secrets` (read-only here); empty when none."""
-    try:
-        bucket = await bus.js.key_value(subjects.SECRETS_BUCKET)
-        entry = await bucket.get(user_id)
-    except KeyNotFoundError:
-        return UserSecrets()
-    except (nats.errors.Error, TimeoutError) as error:
-        raise unavailable("the secrets store") from error
-    try:
-        return decode_user_secrets(entry.value or b"{}")
-    except msgspec.DecodeError:
-        logger.error("undecodable secrets stored for user %s", user_id)
-        raise unavailable("the secrets store") from None
-
-
 async def _store(bus: Bus, command: SecretsCommand, settings: GatewaySettings) -> None:
     """Send `command` to session-manager (the bucket's writer) and wait until the entry shows
     it: applying it again would change nothing. 504 past the timeout."""
     await bus.publish_command(command, msg_id=uuid.uuid4().hex)
     deadline = time.monotonic() + settings.request_timeout_seconds
     while True:
-        stored = await stored_secrets(bus, command.user_id)
+        stored = await bus.user_secrets(command.user_id)
         try:
             if command.applied_to(stored) == stored:
                 return
@@ -193,7 +172,7 @@ async def _store(bus: Bus, command: SecretsCommand, settings: GatewaySettings) -
 @router.get("/secrets", summary="Your custom secrets' names (never their values)")
 async def list_secrets(user: UserId, bus: BusDep) -> Response:
     """Names, descriptions and whether each is exposed to your sandboxes."""
-    stored = await stored_secrets(bus, user)
+    stored = await bus.user_secrets(user)
     views = [
         SecretView(
             name=name, description=secret.description, expose_in_sandbox=secret.expose_in_sandbox
@@ -214,7 +193,7 @@ async def create_secret(
     body = await typed_body(request, bus, SecretBody)
     name, value = _checked_name(body.name), _checked_value(body.value)
     box = _box(request)
-    stored = await stored_secrets(bus, user)
+    stored = await bus.user_secrets(user)
     if name in stored.custom_secrets:
         raise Problem(409, f"secret {name} already exists", kind="conflict")
     if len(stored.custom_secrets) >= MAX_CUSTOM_SECRETS:
@@ -237,7 +216,7 @@ async def update_secret(
     body = await typed_body(request, bus, SecretUpdateBody)
     name = _checked_name(body.name)
     box = _box(request)
-    stored = await stored_secrets(bus, user)
+    stored = await bus.user_secrets(user)
     current = stored.custom_secrets.get(secret_id)
     if current is None:
         raise Problem(404, f"secret {secret_id} not found", kind="not-found")
@@ -271,7 +250,7 @@ async def delete_secret(
     secret_id: SecretId, user: UserId, bus: BusDep, settings: SettingsDep
 ) -> Response:
     """404 for an unknown secret. Sandboxes started before keep it until they end."""
-    if secret_id not in (await stored_secrets(bus, user)).custom_secrets:
+    if secret_id not in (await bus.user_secrets(user)).custom_secrets:
         raise Problem(404, f"secret {secret_id} not found", kind="not-found")
     await _store(bus, DeleteSecret(user_id=user, secret_name=secret_id), settings)
     return _json(SecretsMessage(message="Secret deleted successfully"))

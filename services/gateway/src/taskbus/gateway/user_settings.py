@@ -17,6 +17,7 @@ from taskbus.contracts.llm_endpoints import (
 )
 from taskbus.contracts.secret_box import SecretBox, llm_key_context
 from taskbus.contracts.specs import MAX_SECRET_CHARS, ConcurrencyPolicy, MCPConfig, UserSettings
+from taskbus.contracts.user_secrets import UserSecrets
 from taskbus.gateway.inputs import decode_json
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.settings import GatewaySettings
@@ -51,17 +52,23 @@ class SettingsView(msgspec.Struct, frozen=True, kw_only=True):
     enable_proactive_conversation_starters: bool = False
     enable_solvability_analysis: bool = False
     user_consents_to_analytics: None = None
+    # The providers the user stored a git token for, each with its host (null: the provider's
+    # public one), as OpenHands' frontend reads them; never the tokens.
     provider_tokens_set: dict[str, str | None] = {}
 
     @classmethod
-    def of(cls, settings: UserSettings | None) -> SettingsView:
+    def of(cls, settings: UserSettings | None, secrets: UserSecrets | None = None) -> SettingsView:
         """None (nothing stored yet) is the defaults. An empty key counts as none: it is how a
         client clears the key."""
+        providers = {
+            provider.value: token.host
+            for provider, token in (secrets.provider_tokens if secrets else {}).items()
+        }
         if settings is None:
-            return cls()
+            return cls(provider_tokens_set=providers)
         fields = msgspec.structs.asdict(settings)
         fields["llm_api_key_set"] = bool(fields.pop("llm_api_key"))
-        return cls(**fields)
+        return cls(**fields, provider_tokens_set=providers)
 
 
 # ApiSettings keys OpenHands' frontend posts that Taskbus has no setting for (the fixed values
