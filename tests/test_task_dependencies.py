@@ -166,6 +166,9 @@ async def test_a_failure_of_a_fails_b_and_c_with_dependency_failed(
     await reach(api, a, "ERROR")
     await reach(api, c, "ERROR")
     for dependency, dependent, task in ((a, b, task_b), (b, c, task_c)):
+        # Appends for different conversations run concurrently: c's failure may be visible a
+        # moment before b's, so each is read once it shows.
+        await reach(api, dependent, "ERROR")
         info = await conversation(api, dependent)
         assert info["status_reason"] == "dependency_failed"
         events = await all_events_via_rest(api, dependent)
