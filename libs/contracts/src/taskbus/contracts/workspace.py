@@ -184,7 +184,9 @@ ERROR_STATUS: dict[WorkspaceErrorCode, int] = {
     WorkspaceErrorCode.NOT_A_DIRECTORY: 422,
     WorkspaceErrorCode.TOO_LARGE: 413,
     WorkspaceErrorCode.BINARY: 415,
-    WorkspaceErrorCode.NOT_A_REPOSITORY: 404,
+    # The conversation exists; its workspace is in no state for git (OpenHands says 404, which
+    # reads as "no such conversation" right after a create).
+    WorkspaceErrorCode.NOT_A_REPOSITORY: 409,
     WorkspaceErrorCode.GIT_FAILED: 409,
     WorkspaceErrorCode.STREAM_EXPIRED: 410,
     WorkspaceErrorCode.BUSY: 429,

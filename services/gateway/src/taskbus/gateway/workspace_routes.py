@@ -69,7 +69,9 @@ def _problems(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 _TOO_LARGE = "Larger than the answer may be (the problem says the limit)"
 _NO_WORKSPACE = "The conversation has no workspace (its sandbox never started)"
-_GIT_FAILED_OR_NONE = "No workspace yet, or git failed on the workspace's repository"
+_GIT_FAILED_OR_NONE = (
+    "No workspace yet, the workspace is no git repository, or git failed on its repository"
+)
 
 
 class WorkspaceProblem(Exception):
