@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -74,13 +75,14 @@ class LogTail(msgspec.Struct, frozen=True, kw_only=True):
 
 E = TypeVar("E", bound=Event)
 R = TypeVar("R", bound=Reply)
+T = TypeVar("T")
 
 # How often a waiting POST re-reads the log when no ConversationCreated notification arrives.
 _VISIBILITY_POLL_SECONDS = 0.25
 # How often a command re-reads its verdict's KV entry should the put's notification be missed.
 _VERDICT_POLL_SECONDS = 0.25
 # How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
-_SETTINGS_POLL_SECONDS = 0.05
+_STORED_POLL_SECONDS = 0.05
 # Pause between reconnect attempts: short, as open WebSockets wait on the reconnect.
 _RECONNECT_WAIT_SECONDS = 0.5
 
@@ -406,21 +408,31 @@ class Bus:
     async def update_settings(self, command: UpdateSettings) -> UserSettings:
         """Ask session-manager (the bucket's writer) to store the settings and wait until the KV
         entry shows them (read-your-writes). Raises a 504 Problem past the timeout."""
-        # A fresh id each time: a repeated PUT is harmless (it stores the same settings).
+
+        async def stored() -> UserSettings | None:
+            settings = await self.user_settings(command.user_id)
+            shown = settings is not None and reflects(settings, command.settings)
+            return settings if shown else None
+
+        return await self.publish_until_stored(
+            command, stored, "the settings were accepted but are not stored yet; retry the GET"
+        )
+
+    async def publish_until_stored(
+        self, command: Command, stored: Callable[[], Awaitable[T | None]], not_yet: str
+    ) -> T:
+        """Send a change to session-manager (the only writer of the settings and secrets
+        buckets) and wait until `stored` reads it back: read-your-writes. A fresh message id
+        each time: repeating such a write stores the same. A 504 Problem saying `not_yet` past
+        the timeout."""
         await self.publish_command(command, msg_id=uuid.uuid4().hex)
         deadline = time.monotonic() + self._timeout
-        while True:
-            stored = await self.user_settings(command.user_id)
-            if stored is not None and reflects(stored, command.settings):
-                return stored
+        while (found := await stored()) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Problem(
-                    504,
-                    "the settings were accepted but are not stored yet; retry the GET",
-                    kind="not-visible-yet",
-                )
-            await asyncio.sleep(min(remaining, _SETTINGS_POLL_SECONDS))
+                raise Problem(504, not_yet, kind="not-visible-yet")
+            await asyncio.sleep(min(remaining, _STORED_POLL_SECONDS))
+        return found
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -5,10 +5,7 @@ a write once session-manager has stored it (read-your-writes, as for settings)."
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-import uuid
 from typing import Annotated
 
 import msgspec
@@ -33,21 +30,20 @@ from taskbus.contracts.user_secrets import (
     Description,
     ProviderTokenUpdate,
     SecretName,
+    UserSecrets,
     custom_secret_context,
     name_problem,
     provider_token_context,
 )
 from taskbus.gateway.bus import Bus
-from taskbus.gateway.dependencies import BusDep, SettingsDep, UserId
+from taskbus.gateway.dependencies import BusDep, UserId
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.rest import typed_body
-from taskbus.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api")
 
-_STORED_POLL_SECONDS = 0.05
 SecretValue = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET_VALUE_BYTES)]
 # A token is what git sends as a password: printable ASCII, no space (nothing that could end a
 # line of git's credential protocol).
@@ -144,26 +140,20 @@ def _checked_value(value: str) -> str:
     return value
 
 
-async def _store(bus: Bus, command: SecretsCommand, settings: GatewaySettings) -> None:
-    """Send `command` to session-manager (the bucket's writer) and wait until the entry shows
-    it: applying it again would change nothing. 504 past the timeout."""
-    await bus.publish_command(command, msg_id=uuid.uuid4().hex)
-    deadline = time.monotonic() + settings.request_timeout_seconds
-    while True:
-        stored = await bus.user_secrets(command.user_id)
+async def _store(bus: Bus, command: SecretsCommand) -> None:
+    """Send `command` to session-manager and wait until the entry shows it: applying it again
+    would change nothing. 504 past the timeout."""
+
+    async def stored() -> UserSecrets | None:
+        secrets = await bus.user_secrets(command.user_id)
         try:
-            if command.applied_to(stored) == stored:
-                return
+            return secrets if command.applied_to(secrets) == secrets else None
         except SecretsTooMany:
-            pass  # another write filled the list meanwhile: session-manager drops this one
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Problem(
-                504,
-                "the change was sent but is not stored yet; list the secrets to see it",
-                kind="not-visible-yet",
-            )
-        await asyncio.sleep(min(remaining, _STORED_POLL_SECONDS))
+            return None  # another write filled the list meanwhile: session-manager drops this one
+
+    await bus.publish_until_stored(
+        command, stored, "the change was sent but is not stored yet; list the secrets to see it"
+    )
 
 
 # --- custom secrets ---------------------------------------------------------------------------
@@ -183,9 +173,7 @@ async def list_secrets(user: UserId, bus: BusDep) -> Response:
 
 
 @router.post("/secrets", status_code=201, summary="Create a custom secret")
-async def create_secret(
-    request: Request, user: UserId, bus: BusDep, settings: SettingsDep
-) -> Response:
+async def create_secret(request: Request, user: UserId, bus: BusDep) -> Response:
     """Body: `{name, value, description, expose_in_sandbox}`. The name is an environment
     variable's; with `expose_in_sandbox` (the default, as OpenHands exports every custom secret)
     your sandboxes' shells have it as one, and its value is masked as `<secret_hidden>` in
@@ -203,13 +191,13 @@ async def create_secret(
         description=body.description or "",
         expose_in_sandbox=body.expose_in_sandbox,
     )
-    await _store(bus, StoreSecret(user_id=user, secret_name=name, secret=secret), settings)
+    await _store(bus, StoreSecret(user_id=user, secret_name=name, secret=secret))
     return _json(SecretsMessage(message="Secret created successfully"), 201)
 
 
 @router.put("/secrets/{secret_id}", summary="Rename or change a custom secret")
 async def update_secret(
-    request: Request, secret_id: SecretId, user: UserId, bus: BusDep, settings: SettingsDep
+    request: Request, secret_id: SecretId, user: UserId, bus: BusDep
 ) -> Response:
     """Body: `{name, description}` (OpenHands' rename), and optionally a new `value` and
     `expose_in_sandbox`. 404 for an unknown secret, 409 when the new name is another's."""
@@ -241,18 +229,16 @@ async def update_secret(
         else body.expose_in_sandbox,
     )
     command = StoreSecret(user_id=user, secret_name=name, secret=secret, replaces=secret_id)
-    await _store(bus, command, settings)
+    await _store(bus, command)
     return _json(SecretsMessage(message="Secret updated successfully"))
 
 
 @router.delete("/secrets/{secret_id}", summary="Delete a custom secret")
-async def delete_secret(
-    secret_id: SecretId, user: UserId, bus: BusDep, settings: SettingsDep
-) -> Response:
+async def delete_secret(secret_id: SecretId, user: UserId, bus: BusDep) -> Response:
     """404 for an unknown secret. Sandboxes started before keep it until they end."""
     if secret_id not in (await bus.user_secrets(user)).custom_secrets:
         raise Problem(404, f"secret {secret_id} not found", kind="not-found")
-    await _store(bus, DeleteSecret(user_id=user, secret_name=secret_id), settings)
+    await _store(bus, DeleteSecret(user_id=user, secret_name=secret_id))
     return _json(SecretsMessage(message="Secret deleted successfully"))
 
 
@@ -260,9 +246,7 @@ async def delete_secret(
 
 
 @router.post("/add-git-providers", summary="Store git provider tokens")
-async def add_git_providers(
-    request: Request, user: UserId, bus: BusDep, settings: SettingsDep
-) -> Response:
+async def add_git_providers(request: Request, user: UserId, bus: BusDep) -> Response:
     """Body: `{provider_tokens: {github: {token, host}}}` for github, gitlab, bitbucket,
     azure_devops and generic. A conversation whose `git_provider` names one clones with its
     token, through a credential helper on the runner's host (never in a URL, an event or the
@@ -280,12 +264,12 @@ async def add_git_providers(
         )
         for provider, entry in body.provider_tokens.items()
     }
-    await _store(bus, StoreProviderTokens(user_id=user, provider_tokens=updates), settings)
+    await _store(bus, StoreProviderTokens(user_id=user, provider_tokens=updates))
     return _json(SecretsMessage(message="Git providers stored"))
 
 
 @router.post("/unset-provider-tokens", summary="Remove every git provider token")
-async def unset_provider_tokens(user: UserId, bus: BusDep, settings: SettingsDep) -> Response:
+async def unset_provider_tokens(user: UserId, bus: BusDep) -> Response:
     """Clones that need a token fail from now on (`clone_failed`); custom secrets stay."""
-    await _store(bus, UnsetProviderTokens(user_id=user), settings)
+    await _store(bus, UnsetProviderTokens(user_id=user))
     return _json(SecretsMessage(message="Unset Git provider tokens"))

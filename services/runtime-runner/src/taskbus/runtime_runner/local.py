@@ -71,6 +71,29 @@ class LocalConfinement:
         self.toolbox = toolbox
 
 
+class _Launch(msgspec.Struct, frozen=True, kw_only=True):
+    """How to start a program confined as a sandbox's shell is."""
+
+    argv: list[str]
+    cwd: Path
+    environment: dict[str, str]
+    setup: bubblewrap.ChildSetup
+
+    async def start(self, stdin: int, stderr: int) -> asyncio.subprocess.Process:
+        """The process, leader of its own session (so its whole group can be signalled), with
+        stdout a pipe."""
+        return await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=stdin,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            cwd=self.cwd,
+            env=self.environment,
+            start_new_session=True,
+            preexec_fn=self.setup,
+        )
+
+
 class _Piped:
     """A local process spoken to through its stdin and stdout pipes."""
 
@@ -103,24 +126,8 @@ class LocalShellProcess(_Piped):
         return self._process.pid
 
     @classmethod
-    async def spawn(
-        cls,
-        argv: list[str],
-        cwd: Path,
-        environment: dict[str, str],
-        setup: bubblewrap.ChildSetup,
-        wrapped: bool,
-    ) -> LocalShellProcess:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=cwd,
-            env=environment,
-            start_new_session=True,
-            preexec_fn=setup,
-        )
+    async def spawn(cls, launch: _Launch, wrapped: bool) -> LocalShellProcess:
+        process = await launch.start(asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT)
         return cls(process, wrapped)
 
     async def _shell(self) -> int | None:
@@ -235,16 +242,7 @@ async def _read_capped(stream: asyncio.StreamReader, max_bytes: int) -> tuple[by
 async def _run_to_end(launch: _Launch, seconds: float, max_output_bytes: int) -> OneShotResult:
     """Run a launch to its end (or `seconds`), keeping at most `max_output_bytes` of stdout;
     whatever it started is killed with it."""
-    process = await asyncio.create_subprocess_exec(
-        *launch.argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=launch.cwd,
-        env=launch.environment,
-        start_new_session=True,
-        preexec_fn=launch.setup,
-    )
+    process = await launch.start(asyncio.subprocess.DEVNULL, asyncio.subprocess.DEVNULL)
     assert process.stdout is not None
     try:
         async with asyncio.timeout(seconds):
@@ -258,15 +256,6 @@ async def _run_to_end(launch: _Launch, seconds: float, max_output_bytes: int) ->
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
-
-
-class _Launch(msgspec.Struct, frozen=True, kw_only=True):
-    """How to start a program confined as a sandbox's shell is."""
-
-    argv: list[str]
-    cwd: Path
-    environment: dict[str, str]
-    setup: bubblewrap.ChildSetup
 
 
 class LocalSandbox(HostWorkspaceSandbox):
@@ -340,29 +329,14 @@ class LocalSandbox(HostWorkspaceSandbox):
         launch = self._launch(
             _SHELL, carrier, await self._sandbox_cgroup(), self._confinement.resources.network
         )
-        return await LocalShellProcess.spawn(
-            launch.argv,
-            launch.cwd,
-            launch.environment,
-            launch.setup,
-            wrapped=self._confinement.bubblewrap,
-        )
+        return await LocalShellProcess.spawn(launch, wrapped=self._confinement.bubblewrap)
 
     async def spawn_process(self, argv: list[str], environment: dict[str, str]) -> SandboxProcess:
         launch = self._launch(
             argv, environment, await self._sandbox_cgroup(), self._confinement.resources.network
         )
         try:
-            process = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=launch.cwd,
-                env=launch.environment,
-                start_new_session=True,
-                preexec_fn=launch.setup,
-            )
+            process = await launch.start(asyncio.subprocess.PIPE, asyncio.subprocess.PIPE)
         except OSError as error:  # unsandboxed, the program itself is exec'd here
             raise ActionError("process_failed", f"{argv[0]}: {error.strerror}") from None
         return LocalProgram(process)
