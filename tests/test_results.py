@@ -23,7 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import pytest
+
+from taskbus.contracts.bus import connect
+from taskbus.contracts.workspace import (
+    FileList,
+    ListFiles,
+    UploadChunk,
+    WorkspaceError,
+    WorkspaceErrorCode,
+    decode_reply,
+    encode,
+)
+from taskbus.devtools import bus_auth
 
 from .conftest import Stack, running_stack
 from .public_api import next_event, open_events_ws
@@ -213,6 +226,40 @@ async def _check_upload(api: httpx.AsyncClient, cid: str, name: str) -> None:
     assert read.json()["code"].encode() == large
 
 
+async def _forged_requests_change_nothing(stack: Stack, cid: str) -> None:
+    """On the bus, past the gateway's ownership check: a request naming another user is
+    refused by the runner (it checks the runtime's owner), and no service but the gateway may
+    send one at all."""
+    planted = _workspace(stack, cid) / "forged.txt"
+    gateway = await connect(stack.nats_url, "forger", stack.bus_credential(bus_auth.GATEWAY))
+    try:
+        for forged in (
+            ListFiles(user_id="mallory", conversation_id=cid),
+            UploadChunk(
+                user_id="mallory", conversation_id=cid, path="forged.txt", offset=0, data=b"x"
+            ),
+        ):
+            reply = await gateway.request(forged.subject, encode(forged), timeout=10)
+            refused = decode_reply(reply.data, FileList)
+            assert isinstance(refused, WorkspaceError), refused
+            assert refused.code == WorkspaceErrorCode.NO_WORKSPACE
+    finally:
+        await gateway.drain()
+    assert not planted.exists()
+    manager = await connect(
+        stack.nats_url, "forger", stack.bus_credential(bus_auth.SESSION_MANAGER)
+    )
+    try:
+        forged = UploadChunk(
+            user_id="local", conversation_id=cid, path="forged.txt", offset=0, data=b"x"
+        )
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await manager.request(forged.subject, encode(forged), timeout=3)
+    finally:
+        await manager.drain()
+    assert not planted.exists()
+
+
 async def test_results_live_and_given_back(stack: Stack, origin: Path) -> None:
     async with stack.client() as api, stack.client(MALLORY_KEY) as mallory:
         created = await api.post(
@@ -240,6 +287,7 @@ async def test_results_live_and_given_back(stack: Stack, origin: Path) -> None:
                     method, f"/api/conversations/{cid}/{path}", params=params
                 )
                 _problem(answer, 404)
+            await _forged_requests_change_nothing(stack, cid)
 
             while not (
                 (event := await next_event(ws))["kind"] == "RuntimeStatusChanged"
