@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from taskbus.runtime_runner.local import SANDBOX_MARKER, _marked_processes
 from taskbus.runtime_runner.sandbox import CommandRequest
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.usage import (
+    DiskGauge,
     Peaks,
     Usage,
     UsageUnavailable,
@@ -141,6 +143,21 @@ def test_workspace_size_walk_is_capped(tmp_path: Path) -> None:
     full = workspace_bytes(tmp_path)
     capped = workspace_bytes(tmp_path, max_entries=10)
     assert 0 < capped < full
+
+
+def test_the_disk_gauge_walks_again_only_after_its_share_of_time(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x" * 5000)
+    sparing = DiskGauge(tmp_path, walk_share=1e-9)  # the next walk is hours away
+    eager = DiskGauge(tmp_path)
+    first = sparing.bytes()
+    assert first == eager.bytes() > 0
+    (tmp_path / "b").write_bytes(b"x" * 50_000)
+    # A small workspace's walk takes about a millisecond: walked again a tenth of a second on.
+    deadline = time.monotonic() + 5
+    while eager.bytes() == first:
+        assert time.monotonic() < deadline, "the eager gauge never walked again"
+        time.sleep(0.05)
+    assert sparing.bytes() == first
 
 
 def test_a_missing_workspace_cannot_be_measured(tmp_path: Path) -> None:

@@ -53,10 +53,10 @@ from taskbus.runtime_runner.sandbox import (
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
 from taskbus.runtime_runner.usage import (
+    DiskGauge,
     Usage,
     UsageUnavailable,
     docker_stats_usage,
-    workspace_bytes,
 )
 from taskbus.runtime_runner.workspace import (
     HostWorkspace,
@@ -403,6 +403,7 @@ class DockerSandbox(HostWorkspaceSandbox):
         self.sandbox_id = container_name(conversation_id)
         self.workspace = WORKSPACE
         self.files = HostWorkspace(self._host_workspace, WORKSPACE, config.user)
+        self._disk = DiskGauge(self._host_workspace)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
 
     async def _spawn_shell(self) -> ShellProcess:
@@ -503,7 +504,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             stats = await self._engine.call(api.stats, self.sandbox_id, stream=False, one_shot=True)
         except docker.errors.APIError as error:
             raise UsageUnavailable(f"no stats for {self.sandbox_id}: {error}") from None
-        disk = await asyncio.to_thread(workspace_bytes, self._host_workspace)
+        disk = await asyncio.to_thread(self._disk.bytes)
         return msgspec.structs.replace(docker_stats_usage(stats), disk_bytes=disk)
 
     async def run_once(

@@ -38,7 +38,7 @@ from taskbus.runtime_runner.sandbox import (
     secrets_carrier,
 )
 from taskbus.runtime_runner.shell import PersistentShell, ShellLimits
-from taskbus.runtime_runner.usage import Usage, read_cgroup, read_processes, workspace_bytes
+from taskbus.runtime_runner.usage import DiskGauge, Usage, read_cgroup, read_processes
 from taskbus.runtime_runner.workspace import (
     HostWorkspace,
     HostWorkspaceSandbox,
@@ -273,6 +273,7 @@ class LocalSandbox(HostWorkspaceSandbox):
         self._confinement = confinement
         self._clone_seconds = clone_seconds
         self._cgroup: SandboxCgroup | None = None
+        self._disk = DiskGauge(self._workspace)
         self.sandbox_id = f"local-{conversation_id}"
         self.workspace = str(self._workspace)
         self.files = HostWorkspace(self._workspace, self.workspace, confinement.user)
@@ -373,7 +374,7 @@ class LocalSandbox(HostWorkspaceSandbox):
                 if cgroup is not None
                 else read_processes(_marked_processes(self.sandbox_id))
             )
-            return msgspec.structs.replace(figures, disk_bytes=workspace_bytes(self._workspace))
+            return msgspec.structs.replace(figures, disk_bytes=self._disk.bytes())
 
         return await asyncio.to_thread(measure)
 

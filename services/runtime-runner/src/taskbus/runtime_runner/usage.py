@@ -6,7 +6,9 @@ a docker container's, read through the engine's stats. Only where a local sandbo
 exited between samples. The peak is the kernel's where it keeps one (v1 `max_usage_in_bytes`,
 v2 `memory.peak`), and never less than the most any sample saw (`Peaks`). The workspace's size is
 a walk capped at `MAX_WALKED_ENTRIES`, run off the event loop, so a huge workspace costs a
-bounded time and gives a lower bound.
+bounded time and gives a lower bound; and repeated only as often as keeps walking to a small
+share of the time (`DiskGauge`), so sampling every few seconds does not walk a big workspace
+every few seconds.
 
 `UsageSampler` is the runner's one task that measures every live, unpaused sandbox each
 interval. A measurement is no activity: session-manager's time limits ignore it.
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +37,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_WALKED_ENTRIES = 200_000
+# The share of time a sandbox's workspace may be walked: a small workspace is walked at every
+# sample, one whose walk takes seconds a few times an hour.
+DISK_WALK_SHARE = 0.01
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -216,6 +222,25 @@ def workspace_bytes(root: Path, max_entries: int = MAX_WALKED_ENTRIES) -> int:
     except OSError as error:
         raise UsageUnavailable(f"cannot walk the workspace: {error}") from None
     return total
+
+
+class DiskGauge:
+    """A workspace's size (`workspace_bytes`), walked again only once the time since the last
+    walk is that walk's duration over `walk_share`. Blocking: call it off the event loop."""
+
+    def __init__(self, root: Path, walk_share: float = DISK_WALK_SHARE) -> None:
+        self._root = root
+        self._walk_share = walk_share
+        self._next_walk = 0.0
+        self._bytes = 0
+
+    def bytes(self) -> int:
+        started = time.monotonic()
+        if started >= self._next_walk:
+            self._bytes = workspace_bytes(self._root)
+            took = time.monotonic() - started
+            self._next_walk = started + took / self._walk_share
+        return self._bytes
 
 
 # --- the sampler ---------------------------------------------------------------------------------
