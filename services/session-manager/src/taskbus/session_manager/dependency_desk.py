@@ -117,11 +117,14 @@ class DependencyDesk:
             resolved = resolution(state, dependencies)
             if resolved is None:
                 return
-            if resolved.failed:
-                logger.info("%s fails: a dependency did not finish", conversation_id)
-                failed = status_event(state, ConversationStatus.ERROR, DEPENDENCY_FAILED)
-                await self._append([resolved, failed])
-                return
+            # Under the admission lock either way: between the record and the failure, the
+            # conversation is QUEUED with its dependencies resolved, which admission (freeing a
+            # slot meanwhile) would take as ready to start.
             async with self._admission.lock:
+                if resolved.failed:
+                    logger.info("%s fails: a dependency did not finish", conversation_id)
+                    failed = status_event(state, ConversationStatus.ERROR, DEPENDENCY_FAILED)
+                    await self._append([resolved, failed])
+                    return
                 await self._append([resolved])
                 await self._admission.start_or_queue(self._conversations[conversation_id], [])
