@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
+    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -112,6 +113,17 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
             bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
         ),
     ]
+
+
+async def last_message(
+    js: JetStreamContext, subject: str, stream: str = subjects.EVENTS_STREAM
+) -> RawStreamMsg | None:
+    """The last message on `subject` (a wildcard or not), read from any replica (direct get),
+    or None when the subject has none. The one way every service reads "the latest event of"."""
+    try:
+        return await js.get_last_msg(stream, subject, direct=True)
+    except NotFoundError:
+        return None
 
 
 async def ensure_streams(

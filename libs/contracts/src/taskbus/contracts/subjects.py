@@ -98,3 +98,14 @@ def query_subject(name: str) -> str:
 def workspace_subject(operation: str) -> str:
     """Where a workspace request of this operation (e.g. `list_files`) goes."""
     return f"{WORKSPACE_PREFIX}.{operation}"
+
+
+def family(subject: str) -> str:
+    """`subject` with its unbounded tokens (conversation id, KV key, inbox, stream token) as
+    `*`: what a metric may be labelled with."""
+    tokens = subject.split(".")
+    if subject.startswith(f"{EVENTS_PREFIX}.") and len(tokens) == 4:
+        tokens[2] = "*"
+    elif subject.startswith(("_INBOX", "$KV.")) or ".zip_next." in subject:
+        tokens[2:] = ["*"]
+    return ".".join(tokens)

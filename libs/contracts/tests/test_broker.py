@@ -1,0 +1,97 @@
+"""The shared FastStream consumer: batches in log order, nothing acked behind the handler's back,
+the telemetry middlewares on the path, and `last_message` for "the latest event of"."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import CollectorRegistry
+
+from taskbus.contracts import subjects
+from taskbus.contracts.broker import BatchMessage, durable_pull, jetstream, service_broker
+from taskbus.contracts.streams import ensure_streams, last_message
+from taskbus.devtools.nats_server import NatsServer
+
+
+async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not_acked(
+    tmp_path: Path,
+) -> None:
+    registry = CollectorRegistry()
+    seen: list[str] = []
+    delivered_twice = asyncio.Event()
+    with NatsServer(tmp_path) as server:
+        broker = service_broker(server.url, "test", registry=registry)
+        consumer = durable_pull(
+            broker,
+            subjects.ALL_EVENTS,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(
+                durable_name="broker_test",
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=1,
+            ),
+            batch_size=8,
+            timeout=0.2,
+        )
+
+        @consumer
+        async def handle(message: BatchMessage) -> None:
+            for raw in message.raw_message:
+                if raw.metadata.num_delivered > 1:
+                    delivered_twice.set()
+                    assert raw.subject.endswith(".skipped")
+                seen.append(raw.subject)
+                if not raw.subject.endswith(".skipped"):
+                    await raw.ack()
+
+        await broker.connect()
+        js = jetstream(broker)
+        await ensure_streams(js)
+        for n in range(20):
+            kind = "skipped" if n == 5 else "Kind"
+            await js.publish(subjects.event_subject(f"c{n:02d}", kind), b"{}")
+        await broker.start()
+        try:
+            await asyncio.wait_for(delivered_twice.wait(), 10)
+            first_pass = seen[:20]
+            assert first_pass == [
+                subjects.event_subject(f"c{n:02d}", "skipped" if n == 5 else "Kind")
+                for n in range(20)
+            ]
+            # The one the handler left unacked came back; the acked ones did not.
+            assert set(seen[20:]) == {subjects.event_subject("c05", "skipped")}
+            last = await last_message(js, subjects.conversation_events("c19"))
+            assert last is not None and last.subject == subjects.event_subject("c19", "Kind")
+            assert await last_message(js, subjects.conversation_events("nobody")) is None
+        finally:
+            await broker.stop()
+    received = registry.get_sample_value(
+        "faststream_received_messages_total",
+        {"app_name": "taskbus-test", "broker": "nats", "handler": "taskbus.events.*.Kind"},
+    )
+    assert received is not None and received >= 19
+    assert (
+        not [  # one label per subject family, never one per conversation
+            sample
+            for metric in registry.collect()
+            for sample in metric.samples
+            if "c05" in sample.labels.get("handler", "")
+        ]
+    )
+
+
+def test_a_consumer_needs_a_durable_name() -> None:
+    broker = service_broker("nats://127.0.0.1:1", "test", registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="durable"):
+        durable_pull(
+            broker,
+            subjects.ALL_EVENTS,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+            batch_size=1,
+            timeout=0.2,
+        )
