@@ -28,6 +28,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect, nats_url_from_env
 from taskbus.contracts.config import settings_from_env
+from taskbus.contracts.partitions import LEASE_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.SECRETS_BUCKET, history=1, replicas=replicas),
         KeyValueConfig(
             bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
+        ),
+        # A lease lives until LEASE_SECONDS after its last renewal.
+        KeyValueConfig(
+            bucket=subjects.PARTITIONS_BUCKET, history=1, ttl=LEASE_SECONDS, replicas=replicas
         ),
     ]
 

@@ -17,6 +17,8 @@ RUNNERS_BUCKET = "taskbus_runners"
 VERDICTS_BUCKET = "taskbus_verdicts"
 # Users' secrets and git provider tokens (key = user id), values sealed (contracts/secret_box).
 SECRETS_BUCKET = "taskbus_secrets"
+# Which instance of a stateful service owns which partition (contracts/partitions), with a TTL.
+PARTITIONS_BUCKET = "taskbus_partitions"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"

@@ -1,0 +1,195 @@
+"""Conversations in a fixed number of partitions, and partitions owned through leases in KV.
+
+`partition_of` is FNV-1a (32 bit) of the conversation id modulo `PARTITIONS`: the hash NATS'
+own `{{partition(n, …)}}` subject mapping uses, so a server-side mapping of a conversation's
+subjects agrees with every service's computation (test_partitions checks it on nats-server).
+
+`PartitionLeases` gives an instance of a stateful service (its `group`) a share of the
+partitions. Each instance heartbeats a member key; every partition goes to the live member that
+wins rendezvous hashing for it, so the assignment is balanced, changes little when a member comes
+or goes, and needs no coordinator. Ownership is a KV entry written with a revision check
+(`create` for a free partition, `update(last=…)` to renew), so two instances never hold the same
+lease; the bucket's TTL removes the lease of an instance that stopped renewing, so a dead
+instance's partitions move within `LEASE_SECONDS` plus one renewal. An instance that cannot
+renew in time gives its partitions up itself (`on_lost`) before its lease can expire; and even
+if a paused instance acted late on a partition it lost, the log's expected-sequence appends
+(contracts.appender) refuse its write, so a conversation's history never forks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import nats.errors
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = 16
+# A lease not renewed for this long is gone (the bucket's TTL): the bound on a hand-over.
+LEASE_SECONDS = 6.0
+# Renewed this often: three chances before the lease expires.
+RENEW_SECONDS = LEASE_SECONDS / 3
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+PartitionCallback = Callable[[int], Awaitable[None]]
+
+
+def fnv1a_32(data: bytes) -> int:
+    value = _FNV_OFFSET
+    for byte in data:
+        value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return value
+
+
+def partition_of(conversation_id: str, partitions: int = PARTITIONS) -> int:
+    """The partition of a conversation: the same in every service and in NATS' mappings."""
+    return fnv1a_32(conversation_id.encode()) % partitions
+
+
+def rendezvous_owner(partition: int, members: Iterable[str]) -> str | None:
+    """The member that should own `partition`: the highest hash of (member, partition)."""
+
+    def weight(member: str) -> bytes:
+        return hashlib.blake2b(f"{member}/{partition}".encode(), digest_size=8).digest()
+
+    return max(members, key=weight, default=None)
+
+
+class PartitionLeases:
+    """This instance's share of `group`'s partitions, kept up to date until `stop`."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        group: str,
+        instance: str,
+        *,
+        on_acquired: PartitionCallback,
+        on_lost: PartitionCallback,
+        partitions: int = PARTITIONS,
+        renew_seconds: float = RENEW_SECONDS,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
+        """`kv` must have a TTL of `lease_seconds` (streams.bucket_configs makes it so)."""
+        self._kv = kv
+        self._group = group
+        self._instance = instance
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self._partitions = partitions
+        self._renew_seconds = renew_seconds
+        self._lease_seconds = lease_seconds
+        self._held: dict[int, int] = {}  # partition -> revision of our lease
+        self._renewed_at = 0.0  # monotonic time of the last successful round
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> frozenset[int]:
+        return frozenset(self._held)
+
+    def _member_key(self, instance: str) -> str:
+        return f"{self._group}.members.{instance}"
+
+    def _lease_key(self, partition: int) -> str:
+        return f"{self._group}.p{partition}"
+
+    async def start(self) -> None:
+        """Join, take this instance's share of the free partitions, then keep renewing."""
+        await self.rebalance()
+        self._task = asyncio.create_task(self._run(), name=f"{self._group}-leases")
+
+    async def stop(self) -> None:
+        """Give every partition back at once (no wait for a TTL) and leave."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for partition in sorted(self._held):
+            await self._lose(partition)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._kv.delete(self._lease_key(partition))
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._kv.delete(self._member_key(self._instance))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_seconds)
+            if time.monotonic() - self._renewed_at > self._lease_seconds - self._renew_seconds:
+                # Too late to be sure our leases still stand: stop acting on them first.
+                for partition in sorted(self._held):
+                    logger.warning("%s: lease of partition %d not renewed in time", self, partition)
+                    await self._lose(partition)
+            try:
+                await self.rebalance()
+            except (nats.errors.Error, TimeoutError) as error:
+                logger.warning("%s: renewing leases failed: %r", self, error)
+
+    async def rebalance(self) -> None:
+        """One round: heartbeat, renew what we keep, hand back what another member should own,
+        take what is ours and free."""
+        await self._kv.put(self._member_key(self._instance), b"")
+        members = await self._members()
+        for partition in range(self._partitions):
+            owner = rendezvous_owner(partition, members)
+            if partition in self._held:
+                if owner == self._instance:
+                    await self._renew(partition)
+                else:  # a member joined that should own it: give it back now
+                    await self._lose(partition)
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self._kv.delete(self._lease_key(partition))
+            elif owner == self._instance:
+                await self._acquire(partition)
+        self._renewed_at = time.monotonic()
+
+    async def _members(self) -> list[str]:
+        prefix = self._member_key("")
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        members = {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
+        return sorted(members | {self._instance})
+
+    async def _renew(self, partition: int) -> None:
+        try:
+            self._held[partition] = await self._kv.update(
+                self._lease_key(partition), self._instance.encode(), last=self._held[partition]
+            )
+        except KeyWrongLastSequenceError:  # expired, or taken: it is no longer ours
+            await self._lose(partition)
+
+    async def _acquire(self, partition: int) -> None:
+        key = self._lease_key(partition)
+        try:
+            revision = await self._kv.create(key, self._instance.encode())
+        except KeyWrongLastSequenceError:
+            return  # still held by its previous owner until it hands it back or it expires
+        self._held[partition] = revision
+        logger.info("%s: acquired partition %d", self, partition)
+        await self._on_acquired(partition)
+
+    async def _lose(self, partition: int) -> None:
+        if self._held.pop(partition, None) is not None:
+            logger.info("%s: gave up partition %d", self, partition)
+            await self._on_lost(partition)
+
+    async def owner(self, partition: int) -> str | None:
+        """The instance holding `partition`'s lease now, if any."""
+        try:
+            entry = await self._kv.get(self._lease_key(partition))
+        except KeyNotFoundError:
+            return None
+        return entry.value.decode() if entry.value else None
+
+    def __repr__(self) -> str:
+        return f"PartitionLeases({self._group}/{self._instance})"

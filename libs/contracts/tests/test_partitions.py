@@ -1,0 +1,158 @@
+"""Partitions agree with NATS' own mapping, and leases give every partition exactly one live
+owner: shared out among members, moved when one dies (bounded time) or leaves (at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from taskbus.contracts.partitions import (
+    PARTITIONS,
+    PartitionLeases,
+    partition_of,
+    rendezvous_owner,
+)
+from taskbus.devtools.nats_server import NatsServer
+
+LEASE = 1.5
+RENEW = 0.5
+
+
+async def test_partition_of_is_the_partition_nats_server_maps_a_subject_to(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mapping.conf"
+    config.write_text(
+        'mappings = { "probe.*": "mapped.{{partition(N,1)}}.{{wildcard(1)}}" }\n'.replace(
+            "N", str(PARTITIONS)
+        )
+    )
+    ids = [f"conversation-{n}" for n in range(200)] + ["a", "Z_9-x", "0" * 64]
+    with NatsServer(tmp_path / "nats", config_file=config) as server:
+        nc = await nats.connect(server.url)
+        try:
+            mapped = await nc.subscribe("mapped.>")
+            for cid in ids:
+                await nc.publish(f"probe.{cid}", b"")
+            for cid in ids:
+                message = await mapped.next_msg(timeout=5)
+                assert message.subject == f"mapped.{partition_of(cid)}.{cid}"
+        finally:
+            await nc.drain()
+    assert len({partition_of(cid) for cid in ids}) == PARTITIONS  # all used
+
+
+def test_rendezvous_moves_only_the_partitions_of_a_member_that_leaves() -> None:
+    members = ["a", "b", "c"]
+    before = {p: rendezvous_owner(p, members) for p in range(PARTITIONS)}
+    after = {p: rendezvous_owner(p, ["a", "c"]) for p in range(PARTITIONS)}
+    assert {p for p in before if before[p] != after[p]} == {p for p in before if before[p] == "b"}
+    assert rendezvous_owner(3, []) is None
+
+
+@pytest.fixture
+async def kv(tmp_path: Path) -> AsyncIterator[KeyValue]:
+    with NatsServer(tmp_path) as server:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            yield await js.create_key_value(KeyValueConfig(bucket="leases", ttl=LEASE))
+        finally:
+            await nc.drain()
+
+
+class Instance:
+    """A member that records what it holds, as a service's consumers would follow it."""
+
+    def __init__(self, kv: KeyValue, name: str) -> None:
+        self.name = name
+        self.owned: set[int] = set()
+        self.lost: list[int] = []
+        self.leases = PartitionLeases(
+            kv,
+            "group",
+            name,
+            on_acquired=self._acquired,
+            on_lost=self._lost,
+            renew_seconds=RENEW,
+            lease_seconds=LEASE,
+        )
+
+    async def _acquired(self, partition: int) -> None:
+        self.owned.add(partition)
+
+    async def _lost(self, partition: int) -> None:
+        self.owned.discard(partition)
+        self.lost.append(partition)
+
+
+async def settled(instances: list[Instance], within: float = 10) -> float:
+    """Seconds until each live instance owns exactly its rendezvous share (so every partition
+    has one owner)."""
+    names = [instance.name for instance in instances]
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if all(
+            instance.owned
+            == {p for p in range(PARTITIONS) if rendezvous_owner(p, names) == instance.name}
+            for instance in instances
+        ):
+            return time.monotonic() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not settled: {[sorted(i.owned) for i in instances]}")
+
+
+async def test_leases_share_the_partitions_and_move_those_of_a_dead_or_leaving_member(
+    kv: KeyValue,
+) -> None:
+    instances = [Instance(kv, name) for name in ("a", "b", "c")]
+    for instance in instances:
+        await instance.leases.start()
+    await settled(instances)
+    assert all(instance.owned for instance in instances)  # each has a share
+    for partition in range(PARTITIONS):
+        owner = await instances[0].leases.owner(partition)
+        assert owner is not None and partition in instances["abc".index(owner)].owned
+
+    # b dies: no hand-back, its leases run out and the others take them.
+    dead = instances[1]
+    assert dead.leases._task is not None
+    dead.leases._task.cancel()
+    hand_over = await settled([instances[0], instances[2]], within=LEASE + 4 * RENEW + 5)
+    print(f"hand-over after a member died: {hand_over:.2f} s (lease {LEASE} s)")
+    assert hand_over < LEASE + 3 * RENEW + 1.0
+
+    # c leaves cleanly: a has everything at its next round, no TTL to wait for.
+    await instances[2].leases.stop()
+    assert not instances[2].owned
+    hand_over = await settled([instances[0]])
+    print(f"hand-over after a member left: {hand_over:.2f} s")
+    assert hand_over < 2 * RENEW + 0.5
+    await instances[0].leases.stop()
+
+
+async def test_two_members_racing_for_a_free_partition_never_both_hold_it(kv: KeyValue) -> None:
+    first, second = Instance(kv, "x"), Instance(kv, "y")
+    # Both believe they should own partition 0 (each sees only itself): create decides.
+    await asyncio.gather(first.leases._acquire(0), second.leases._acquire(0))
+    assert (0 in first.owned) != (0 in second.owned)
+
+
+async def test_a_member_that_cannot_renew_in_time_gives_its_partitions_up_first(
+    kv: KeyValue,
+) -> None:
+    stalled = Instance(kv, "stalled")
+    await stalled.leases.start()
+    assert sorted(stalled.owned) == list(range(PARTITIONS))
+    stalled.leases._renewed_at -= LEASE  # as after a pause longer than the lease
+    await asyncio.sleep(RENEW * 1.5)
+    # Its next round found itself late: it let go of every lease before renewing any.
+    assert sorted(stalled.lost) == list(range(PARTITIONS))
+    await stalled.leases.stop()
