@@ -28,9 +28,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
-import nats
+from prometheus_client import CollectorRegistry
 
 from taskbus.contracts import subjects
+from taskbus.contracts.broker import jetstream, service_broker
 from taskbus.contracts.events import decode_event, encode_event
 from taskbus.contracts.queries import (
     ConversationInfo,
@@ -134,8 +135,9 @@ async def ingest_directly(clickhouse: ClickHouse, total: int) -> tuple[float, li
 
 
 async def ingest_through_jetstream(nats_url: str, data: Path, total: int) -> float:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
+    broker = service_broker(nats_url, "bench", registry=CollectorRegistry())
+    await broker.connect()
+    js = jetstream(broker)
     await ensure_streams(js)
     for batch in log_stream(total, seed=2, prefix="e2e"):
         acks = [
@@ -151,7 +153,7 @@ async def ingest_through_jetstream(nats_url: str, data: Path, total: int) -> flo
     await clickhouse.migrate()
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
     ingester = Ingester(
-        js,
+        broker,
         clickhouse,
         status_kv,
         consumer_name="bench",
@@ -169,7 +171,7 @@ async def ingest_through_jetstream(nats_url: str, data: Path, total: int) -> flo
     count = (await clickhouse.select(sql.Statement("SELECT count() FROM events FINAL", {})))[0][0]
     assert count == total, f"stored {count} of {total}"
     await clickhouse.close()
-    await nc.drain()
+    await broker.stop()
     return spent
 
 
@@ -181,14 +183,17 @@ async def search_latencies(
     nats_url: str, clickhouse: ClickHouse, conversation_ids: list[str], requests: int
 ) -> tuple[list[float], list[float]]:
     """(over NATS, bare SQL) latencies in ms of 100-event pages of random long conversations."""
-    nc = await nats.connect(nats_url)
+    broker = service_broker(nats_url, "bench", registry=CollectorRegistry())
+    nc = await broker.connect()
     # The real read barrier, as the service runs it: these conversations were ingested straight
     # into ClickHouse, so the log holds none of them and each query pays only the barrier's
     # look at the log (one direct get) before it is answered.
-    js = nc.jetstream()
+    js = jetstream(broker)
     await ensure_streams(js)
-    ingester = Ingester(js, clickhouse, None, consumer_name="bench", batch_size=1, flush_interval=1)
-    responder = QueryResponder(nc, clickhouse, ReadBarrier(js, ingester, wait_seconds=5))
+    ingester = Ingester(
+        broker, clickhouse, None, consumer_name="bench", batch_size=1, flush_interval=1
+    )
+    responder = QueryResponder(broker, clickhouse, ReadBarrier(js, ingester, wait_seconds=5))
     await responder.start()
     client = QueryClient(nc)
     rng = random.Random(3)
@@ -222,7 +227,7 @@ async def search_latencies(
             over_nats.append(elapsed * 1000)
             bare_sql.append(sql_elapsed * 1000)
     await responder.stop()
-    await nc.drain()
+    await broker.stop()
     return over_nats, bare_sql
 
 

@@ -24,9 +24,20 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
     delivered_twice = asyncio.Event()
     with NatsServer(tmp_path) as server:
         broker = service_broker(server.url, "test", registry=registry)
-        consumer = durable_pull(
+
+        async def handle(message: BatchMessage) -> None:
+            for raw in message.raw_message:
+                if raw.metadata.num_delivered > 1:
+                    delivered_twice.set()
+                    assert raw.subject.endswith(".skipped")
+                seen.append(raw.subject)
+                if not raw.subject.endswith(".skipped"):
+                    await raw.ack()
+
+        durable_pull(
             broker,
             subjects.ALL_EVENTS,
+            handle,
             stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(
                 durable_name="broker_test",
@@ -37,17 +48,6 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
             batch_size=8,
             timeout=0.2,
         )
-
-        @consumer
-        async def handle(message: BatchMessage) -> None:
-            for raw in message.raw_message:
-                if raw.metadata.num_delivered > 1:
-                    delivered_twice.set()
-                    assert raw.subject.endswith(".skipped")
-                seen.append(raw.subject)
-                if not raw.subject.endswith(".skipped"):
-                    await raw.ack()
-
         await broker.connect()
         js = jetstream(broker)
         await ensure_streams(js)
@@ -84,14 +84,63 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
     )
 
 
+async def handle_nothing(message: BatchMessage) -> None:
+    raise AssertionError("never consumed")
+
+
 def test_a_consumer_needs_a_durable_name() -> None:
     broker = service_broker("nats://127.0.0.1:1", "test", registry=CollectorRegistry())
     with pytest.raises(ValueError, match="durable"):
         durable_pull(
             broker,
             subjects.ALL_EVENTS,
+            handle_nothing,
             stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
             batch_size=1,
             timeout=0.2,
         )
+
+
+async def test_sparse_traffic_into_large_batches_loses_no_batch_to_a_fetch_timeout(
+    tmp_path: Path,
+) -> None:
+    """A batch's deadline passing between nats-py's two pull requests must not kill the loop
+    and strand what it had gathered until ack_wait (30 s here, far beyond the test's wait)."""
+    handled: set[str] = set()
+    with NatsServer(tmp_path) as server:
+        broker = service_broker(server.url, "test", registry=CollectorRegistry())
+
+        async def handle(message: BatchMessage) -> None:
+            for raw in message.raw_message:
+                handled.add(raw.subject)
+                await raw.ack()
+
+        durable_pull(
+            broker,
+            subjects.ALL_EVENTS,
+            handle,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(
+                durable_name="sparse", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
+            ),
+            batch_size=256,
+            timeout=0.02,
+        )
+
+        await broker.connect()
+        js = jetstream(broker)
+        await ensure_streams(js)
+        await broker.start()
+        try:
+            sent = {subjects.event_subject(f"c{n}", "Kind") for n in range(300)}
+            for subject in sorted(sent):
+                await js.publish(subject, b"{}")
+                await asyncio.sleep(0.003)
+            for _ in range(100):
+                if handled == sent:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(handled) == len(sent)
+        finally:
+            await broker.stop()

@@ -15,11 +15,14 @@ from urllib.parse import urlsplit
 
 import nats
 import pytest
+from faststream.nats import NatsBroker
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.broker import jetstream, service_broker
 from taskbus.contracts.events import Event
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
@@ -69,6 +72,16 @@ def module_js(module_nc: Client) -> JetStreamContext:
     return module_nc.jetstream()
 
 
+@pytest.fixture(scope="module")
+async def module_broker(module_nc: Client, nats_url: str) -> AsyncIterator[NatsBroker]:
+    """The FastStream broker the module's ingesters and responders run on, as the service's
+    (a registry of its own: the metrics are per broker)."""
+    broker = service_broker(nats_url, "event-store", registry=CollectorRegistry())
+    await broker.connect()
+    yield broker
+    await broker.stop()
+
+
 HTTP_URL_VARIABLE = "TASKBUS_TEST_CLICKHOUSE_URL"
 
 
@@ -112,22 +125,23 @@ IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
 
 
 @pytest.fixture(scope="module")
-def start_ingester(module_js: JetStreamContext, clickhouse: ClickHouse) -> IngesterFactory:
+def start_ingester(module_broker: NatsBroker, clickhouse: ClickHouse) -> IngesterFactory:
     """Starts an ingester on the named durable consumer, by default a fresh one (which replays
     the whole log), pausing `delay` seconds before each batch (a slow ingest)."""
 
     async def start(consumer_name: str | None, delay: float = 0.0) -> Ingester:
-        return await _start_ingester(module_js, clickhouse, consumer_name, delay)
+        return await _start_ingester(module_broker, clickhouse, consumer_name, delay)
 
     return start
 
 
 async def _start_ingester(
-    js: JetStreamContext, clickhouse: ClickHouse, consumer_name: str | None, delay: float = 0.0
+    broker: NatsBroker, clickhouse: ClickHouse, consumer_name: str | None, delay: float = 0.0
 ) -> Ingester:
+    js = jetstream(broker)
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
     ingester = Ingester(
-        js,
+        broker,
         clickhouse,
         status_kv,
         consumer_name=consumer_name or f"event_store_test_{uuid.uuid4().hex[:10]}",
@@ -141,12 +155,12 @@ async def _start_ingester(
 
 @pytest.fixture(scope="module")
 async def event_store(
-    module_nc: Client, clickhouse: ClickHouse, start_ingester: IngesterFactory
+    module_broker: NatsBroker, clickhouse: ClickHouse, start_ingester: IngesterFactory
 ) -> AsyncIterator[Ingester]:
     """An in-process event-store (ingest + queries) over this module's database."""
     ingester = await start_ingester(None)
-    barrier = ReadBarrier(module_nc.jetstream(), ingester, wait_seconds=4.0)
-    responder = QueryResponder(module_nc, clickhouse, barrier)
+    barrier = ReadBarrier(jetstream(module_broker), ingester, wait_seconds=4.0)
+    responder = QueryResponder(module_broker, clickhouse, barrier)
     await responder.start()
     yield ingester
     await responder.stop()

@@ -3,11 +3,13 @@ stood when the query arrived, and says 503 (retry later) rather than answer shor
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
-from nats.aio.client import Client
+from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 
 from taskbus.contracts.appender import EventAppender
@@ -44,6 +46,7 @@ ENV = EventSource.ENVIRONMENT
 SLOW_BATCH_SECONDS = 1.0
 
 StoreFactory = Callable[[float, float], Awaitable[Ingester]]
+WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
 SlowIngesterFactory = Callable[[str | None, float], Awaitable[Ingester]]
 
 
@@ -57,7 +60,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 async def slow_store(
-    module_nc: Client,
+    module_broker: NatsBroker,
     module_js: JetStreamContext,
     clickhouse: ClickHouse,
     start_ingester: SlowIngesterFactory,
@@ -69,7 +72,7 @@ async def slow_store(
     async def start(delay: float, wait_seconds: float) -> Ingester:
         ingester = await start_ingester(None, delay)
         responder = QueryResponder(
-            module_nc, clickhouse, ReadBarrier(module_js, ingester, wait_seconds)
+            module_broker, clickhouse, ReadBarrier(module_js, ingester, wait_seconds)
         )
         await responder.start()
         running.append((ingester, responder))
@@ -151,3 +154,37 @@ async def test_a_query_the_ingest_cannot_catch_up_with_in_time_is_a_retryable_50
             "store-catching-up",
             1,
         )
+
+
+async def test_a_query_held_at_the_barrier_does_not_hold_up_the_others(
+    slow_store: StoreFactory,
+    module_js: JetStreamContext,
+    queries: QueryClient,
+    wait_until: WaitUntil,
+) -> None:
+    """Queries on one subject are answered side by side: one waiting for a slow ingest leaves
+    the next, whose conversation is stored, to answer at once."""
+    ingester = await slow_store(SLOW_BATCH_SECONDS * 2, 10.0)
+    user_id = f"side-{uuid.uuid4().hex[:8]}"
+    stored, waiting = f"side-{uuid.uuid4().hex[:10]}", f"side-{uuid.uuid4().hex[:10]}"
+    appender = EventAppender(module_js)
+    await appender.append_all(conversation(user_id, stored, 1))
+    await wait_until(ingester.caught_up, "the first conversation to be stored")
+    behind = await appender.append_all(conversation(user_id, waiting, 3))
+
+    held = asyncio.create_task(
+        queries.ask(GetConversation(user_id=user_id, conversation_id=waiting), ConversationReply)
+    )
+    await asyncio.sleep(0.2)  # the held query is at the barrier before the next one arrives
+    started = time.monotonic()
+    answered = await queries.ask(
+        GetConversation(user_id=user_id, conversation_id=stored), ConversationReply
+    )
+    took = time.monotonic() - started
+    assert isinstance(answered, ConversationReply), answered
+    assert not held.done(), "the held query should still wait for the slow ingest"
+    assert took < SLOW_BATCH_SECONDS, f"queued behind the held query ({took:.2f} s)"
+    reply = await held
+    assert isinstance(reply, ConversationReply), reply
+    assert reply.conversation.last_event_id == behind[-1].id
+    assert ingester.conversations[waiting].last_event_id == behind[-1].id

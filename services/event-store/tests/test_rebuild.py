@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
+from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
@@ -99,6 +100,7 @@ async def test_rebuild_reproduces_every_query_result(
     queries: QueryClient,
     clickhouse: ClickHouse,
     module_js: JetStreamContext,
+    module_broker: NatsBroker,
     event_store: Ingester,
     history: History,
 ) -> None:
@@ -119,7 +121,7 @@ async def test_rebuild_reproduces_every_query_result(
 
     await event_store.stop()  # a rebuild runs with the event-store stopped
     conversations = await rebuild(
-        module_js,
+        module_broker,
         clickhouse,
         consumer_name=f"event_store_rebuild_{uuid.uuid4().hex[:8]}",
         batch_size=500,

@@ -189,11 +189,11 @@ async def test_a_client_that_stops_reading_is_closed_as_slow_consumer(
         url, sock=sock, additional_headers=alice, max_queue=1, compression=None
     ) as ws:
         await asyncio.sleep(0.2)  # the tail is open: what follows is live, not history
-        events = [
-            CmdOutputChunk(conversation_id=cid, source=EventSource.ENVIRONMENT, content=chunk)
-            for _ in range(50)
-        ]
-        for _ in range(8):
+        for _ in range(8):  # new events each time: the same one again is stored once
+            events = [
+                CmdOutputChunk(conversation_id=cid, source=EventSource.ENVIRONMENT, content=chunk)
+                for _ in range(50)
+            ]
             await session_manager.appender.append_all(events)
         received = 0
         with pytest.raises(ConnectionClosed) as closed:

@@ -1,8 +1,10 @@
 """Sandboxes for the backend contract tests: every test using `sandbox` runs on every backend.
 
-Docker tests use the real engine. The sandbox image is built (never pulled) when missing, and
-every container this test session creates carries a `taskbus.test_run` label, so the session
-removes them all at the end whatever happened.
+Docker tests use the real engine, through testcontainers. The sandbox image is built (never
+pulled) when missing, and every container this test session creates carries a
+`taskbus.test_run` label, so the session removes them all at the end whatever happened (and a
+crashed session's leftovers are recognisable). Ryuk, testcontainers' reaper, would need an
+image from a registry: it is off, and that label-based cleanup does its job.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 import docker
 import docker.errors
 import pytest
+from testcontainers.core.config import testcontainers_config
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.docker_client import DockerClient
 
 from taskbus.contracts.specs import NetworkMode
 from taskbus.runtime_runner.backend import sandbox_user
@@ -45,12 +50,14 @@ TEST_RESOURCES = SandboxResources(cpus=1, memory_mb=512, pids=256, network=Netwo
 
 SandboxMaker = Callable[..., Awaitable[Sandbox]]
 
+testcontainers_config.ryuk_disabled = True
+
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.APIClient]:
     """The real engine with the sandbox image; removes this session's containers at the end."""
     try:
-        client = docker.APIClient()
+        client = DockerClient().client.api  # the engine testcontainers finds (env, context)
         client.ping()
     except docker.errors.DockerException as error:
         pytest.skip(f"no Docker engine answers: {error}")
@@ -64,6 +71,14 @@ def docker_client() -> Iterator[docker.APIClient]:
 
 def run_label_filter() -> str:
     return f"{TEST_RUN_LABEL}={TEST_RUN}"
+
+
+def sandbox_image_container(**options: object) -> DockerContainer:
+    """A bare container of the sandbox image (its own user and entrypoint, none of the
+    runner's hardening), labelled for this session's cleanup; `options` are docker's."""
+    return DockerContainer(
+        SANDBOX_IMAGE, command="sleep infinity", labels={TEST_RUN_LABEL: TEST_RUN}, **options
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The docker backend on the real engine: limits as requested, a fork bomb held, no network."""
+"""The docker backend on the real engine: limits as requested, a fork bomb held, no network;
+and the sandbox image itself, in testcontainers: git, a non-root user, the mcp SDK."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from taskbus.runtime_runner.docker_sandbox import (
 from taskbus.runtime_runner.limits import SandboxResources
 from taskbus.runtime_runner.sandbox import CommandOutcome, CommandRequest
 
-from .conftest import TEST_LIMITS, TEST_RESOURCES
+from .conftest import TEST_LIMITS, TEST_RESOURCES, sandbox_image_container
 
 pytestmark = pytest.mark.docker
 
@@ -157,3 +158,27 @@ async def test_close_removes_the_container_and_keeps_the_files(
     assert (tmp_path / sandbox.sandbox_id.removeprefix("taskbus-") / "kept.txt").read_bytes() == (
         b"kept"
     )
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+def test_the_sandbox_image_runs_as_a_user_with_git_and_the_mcp_sdk(
+    docker_client: docker.APIClient, runtime: str
+) -> None:
+    with sandbox_image_container(runtime=runtime) as container:
+        assert container.exec(["id", "-un"]).output.decode().strip() == "taskbus"
+        assert container.exec(["id", "-u"]).output.decode().strip() != "0"
+        git = container.exec(["git", "--version"])
+        assert git.exit_code == 0 and git.output.startswith(b"git version"), git
+        # MCP servers written with the SDK run with the image's python3 as they are.
+        mcp = container.exec(["python3", "-c", "import mcp; print(mcp.__file__)"])
+        assert mcp.output.decode().startswith("/opt/taskbus/python/mcp/"), mcp
+        interfaces = (
+            container.exec(
+                ["python3", "-c", "import socket; print(*(n for _, n in socket.if_nameindex()))"]
+            )
+            .output.decode()
+            .split()
+        )
+        # Docker gives it a bridge; gVisor (runsc, --network=none here) leaves only loopback.
+        expected = ["lo"] if runtime == "runsc" else ["lo", "eth0"]
+        assert sorted(interfaces) == sorted(expected), interfaces

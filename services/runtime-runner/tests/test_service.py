@@ -294,7 +294,7 @@ async def test_a_redelivered_action_does_not_run_twice(
         in_flight_journal(settings),
         Path(settings.workspace_root),
     )
-    dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
+    dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds, settings.max_deliver)
     await runner.handle(await appender.append(request_runtime(cid)))
     action = await appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))
     try:

@@ -2,13 +2,20 @@
 
 Each append is an optimistic write: the event gets id = last id + 1 and is published with
 `Nats-Expected-Last-Subject-Sequence` on the conversation's wildcard subject, so JetStream accepts
-it only if nobody appended in between. A loser re-reads the tail and tries again. `Nats-Msg-Id`
-= `<cid>:<id>` makes a retried publish (lost ack) idempotent.
+it only if nobody appended in between. A loser re-reads the tail (from the stream leader: a
+replica may lag) and tries again. `Nats-Msg-Id` = `<cid>:<hash of the event without its id>`
+names the event, not the slot: a retry after an unclear answer (a lost ack, or a deposed leader's
+"wrong last sequence" while the new one stored it) is deduplicated by JetStream and returns the
+stored copy, instead of storing the event again under the next id. The partition test on a
+three-node cluster (tests/cluster) caught the slot-named id doing exactly that. So the same
+event, every field and its microsecond timestamp alike, appended again within the dedupe window
+is stored once; two equal events in one `append_all` are both kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TypeVar
@@ -47,6 +54,18 @@ def raise_if_full(error: APIError, stream: str) -> None:
         raise StreamFull(f"{stream} is full ({error.description})") from error
 
 
+def identities(events: Sequence[Event]) -> list[str]:
+    """Each event's name for JetStream's deduplication: a hash of it without its id (which a
+    retry may change), numbered when one batch holds the same event twice, so both are kept."""
+    seen: dict[str, int] = {}
+    names = []
+    for event in events:
+        digest = hashlib.sha256(encode_event(msgspec.structs.replace(event, id=-1))).hexdigest()
+        seen[digest] = seen.get(digest, 0) + 1
+        names.append(digest[:32] if seen[digest] == 1 else f"{digest[:32]}.{seen[digest]}")
+    return names
+
+
 class EventAppender:
     """Appends events to TASKBUS_EVENTS; one instance per process, shared by its tasks."""
 
@@ -71,14 +90,19 @@ class EventAppender:
             raise ValueError("append_all takes events of a single conversation")
         lock = self._locks.setdefault(conversation_id, asyncio.Lock())
         async with lock:
-            return [await self._append_one(event) for event in events]
+            return [
+                await self._append_one(event, identity)
+                for event, identity in zip(events, identities(events), strict=True)
+            ]
 
-    async def _append_one(self, event: E) -> E:
+    async def _append_one(self, event: E, identity: str) -> E:
         cid = event.conversation_id
+        from_leader = False
         for _ in range(self._max_attempts):
             tail = self._tails.get(cid)
             if tail is None:
-                tail = await self._read_tail(cid)
+                tail = await self._read_tail(cid, from_leader)
+                from_leader = True  # if this read was stale, the next is the leader's
             last_seq, last_id = tail
             candidate = msgspec.structs.replace(event, id=last_id + 1)
             payload = encode_event(candidate)
@@ -87,7 +111,7 @@ class EventAppender:
                     subjects.event_subject(cid, candidate.kind),
                     payload,
                     headers={
-                        "Nats-Msg-Id": f"{cid}:{candidate.id}",
+                        "Nats-Msg-Id": f"{cid}:{identity}",
                         "Nats-Expected-Last-Subject-Sequence": str(last_seq),
                         "Nats-Expected-Last-Subject-Sequence-Subject": (
                             subjects.conversation_events(cid)
@@ -100,27 +124,42 @@ class EventAppender:
                     raise
                 self._tails.pop(cid, None)  # another writer won: re-read the tail
                 continue
-            if ack.duplicate and not await self._is_ours(ack.seq, payload):
-                # The id was taken by another writer within the dedupe window.
+            if ack.duplicate:
+                # Stored before, maybe under another id: that copy is the append. (A stale
+                # leader may answer "duplicate" with a sequence it never committed: retry.)
                 self._tails.pop(cid, None)
-                continue
+                stored = await self._stored(ack.seq, event)
+                if stored is None:
+                    continue
+                return stored
             self._remember(cid, ack.seq, candidate.id)
             return candidate
         raise AppendConflict(f"could not append to {cid} after {self._max_attempts} attempts")
 
-    async def _read_tail(self, conversation_id: str) -> tuple[int, int]:
+    async def _read_tail(self, conversation_id: str, from_leader: bool) -> tuple[int, int]:
         try:
             message = await self._js.get_last_msg(
-                subjects.EVENTS_STREAM, subjects.conversation_events(conversation_id), direct=True
+                subjects.EVENTS_STREAM,
+                subjects.conversation_events(conversation_id),
+                direct=not from_leader,
             )
         except NotFoundError:
             return 0, -1
         assert message.seq is not None and message.data is not None
         return message.seq, msgspec.json.decode(message.data, type=_Envelope).id
 
-    async def _is_ours(self, seq: int, payload: bytes) -> bool:
-        stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq, direct=True)
-        return stored.data == payload
+    async def _stored(self, seq: int, event: E) -> E | None:
+        """The stored copy of `event` at `seq`, or None if `seq` holds another event. Read from
+        the stream leader: a direct get may be answered by a lagging or just-rejoined replica
+        that does not have it yet."""
+        try:
+            stored = await self._js.get_msg(subjects.EVENTS_STREAM, seq)
+        except NotFoundError:
+            return None
+        assert stored.data is not None
+        copy = msgspec.json.decode(stored.data, type=type(event))
+        same = msgspec.structs.replace(copy, id=-1) == msgspec.structs.replace(event, id=-1)
+        return copy if same else None
 
     def _remember(self, conversation_id: str, seq: int, event_id: int) -> None:
         self._tails[conversation_id] = (seq, event_id)

@@ -63,7 +63,8 @@ def asyncapi_document() -> dict[str, Any]:
             "description": (
                 f"Events are appended to JetStream stream {subjects.EVENTS_STREAM} with a dense"
                 " id per conversation (Nats-Expected-Last-Subject-Sequence, Nats-Msg-Id ="
-                f" <conversation>:<id>); commands go to work-queue stream"
+                f" <conversation>:<hash of the event without its id>); commands go to"
+                " work-queue stream"
                 f" {subjects.COMMANDS_STREAM}; queries are core NATS request-reply."
             ),
         },

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +26,10 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus.provider import settings_provider_factory
 from faststream.nats.response import NatsPublishCommand
 from faststream.nats.security import NatsSecurity, NatsUserPassword
-from faststream.nats.subscriber.usecases import BatchPullStreamSubscriber
+from faststream.nats.subscriber.usecases import (
+    BatchPullStreamSubscriber,
+    stream_pull_subscriber,
+)
 from faststream.prometheus import ConsumeAttrs, MetricsSettingsProvider, PrometheusMiddleware
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -41,6 +44,15 @@ from taskbus.contracts.bus import (
     inbox_prefix,
     read_credential,
 )
+
+# FastStream 0.7.8's batch loop catches only nats-py's TimeoutError, but nats-py 2.16's fetch
+# also raises asyncio's when a batch's deadline passes between its two pull requests: the loop
+# then dies (FastStream restarts it) and the messages gathered for the batch wait out ack_wait.
+# nats-py's TimeoutError subclasses the builtin one, so catching the builtin catches both.
+stream_pull_subscriber.TimeoutError = TimeoutError  # type: ignore[assignment,attr-defined]
+
+_FASTSTREAM_LOGGER = logging.getLogger("taskbus.faststream")
+_FASTSTREAM_LOGGER.setLevel(logging.WARNING)
 
 # What a `durable_pull` handler takes: `async def handle(batch: BatchMessage) -> None`.
 BatchMessage = Annotated[NatsBatchMessage, Context("message")]
@@ -62,6 +74,15 @@ def bus_security(credential: BusCredential | None = None) -> NatsSecurity | None
     return NatsSecurity(ssl_context=context) if context is not None else None
 
 
+class ServiceBroker(NatsBroker):
+    """A NatsBroker that knows the inboxes its login may read (`bus.inbox_prefix`): FastStream's
+    subscribers default to `_INBOX.`, which no service user may subscribe to."""
+
+    def __init__(self, url: str, *, inbox: str, **options: Any) -> None:
+        super().__init__(url, inbox_prefix=inbox, **options)
+        self.inbox = inbox
+
+
 def service_broker(
     url: str,
     service: str,
@@ -69,16 +90,18 @@ def service_broker(
     registry: CollectorRegistry = REGISTRY,
     credential: BusCredential | None = None,
     **options: Any,
-) -> NatsBroker:
-    """A broker named after `service`, with the telemetry middlewares. Its per-message log lines
-    are DEBUG: the services log what they do themselves."""
+) -> ServiceBroker:
+    """A broker named after `service`, with the telemetry middlewares. It logs warnings and
+    errors only (FastStream's per-message and per-task lines are INFO): the services log what
+    they do themselves."""
     user = credential.user if credential is not None else _environment_user()
-    return NatsBroker(
+    return ServiceBroker(
         url,
+        inbox=inbox_prefix(user) if user else "_INBOX",
         name=f"taskbus-{service}",
         security=bus_security(credential),
-        inbox_prefix=inbox_prefix(user) if user else "_INBOX",
         graceful_timeout=GRACEFUL_STOP_SECONDS,
+        logger=_FASTSTREAM_LOGGER,
         log_level=logging.DEBUG,
         middlewares=(
             NatsTelemetryMiddleware(),
@@ -120,18 +143,19 @@ def _environment_user() -> str | None:
 
 
 def durable_pull(
-    broker: NatsBroker,
+    broker: ServiceBroker,
     subject: str | Sequence[str],
+    handle: Callable[[BatchMessage], Awaitable[None]],
     *,
     stream: str,
     config: ConsumerConfig,
     batch_size: int,
     timeout: float,
 ) -> BatchPullStreamSubscriber:
-    """A durable pull consumer handing its handler batches of up to `batch_size` messages
-    (whatever arrives within `timeout`), in log order. Nothing is acked for the handler: it
-    acks, naks (with a delay), terms or keeps `in_progress` each message itself, through
-    `message.raw_message`. `config.durable_name` names the consumer."""
+    """A durable pull consumer handing `handle` batches of up to `batch_size` messages
+    (whatever arrives within `timeout` of the fetch), in log order, undecoded. Nothing is acked
+    for the handler: it acks, naks (with a delay), terms or keeps `in_progress` each message
+    itself, through `message.raw_message`. `config.durable_name` names the consumer."""
     if not config.durable_name:  # an ephemeral consumer would start over after a restart
         raise ValueError("a durable pull consumer needs config.durable_name")
     subjects = [subject] if isinstance(subject, str) else list(subject)
@@ -144,9 +168,28 @@ def durable_pull(
         config=config,
         pull_sub=PullSub(batch_size=batch_size, timeout=timeout, batch=True),
         ack_policy=AckPolicy.MANUAL,
+        inbox_prefix=f"{broker.inbox}.".encode(),
     )
     assert isinstance(subscriber, BatchPullStreamSubscriber)
+    subscriber(handle, decoder=undecoded)
     return subscriber
+
+
+async def undecoded(message: StreamMessage[Any]) -> Any:
+    """A FastStream decoder that leaves the body as it came: every service decodes with msgspec
+    itself and dead-letters what fails, where FastStream's decoding by the content-type header
+    would fail a whole batch on one forged header."""
+    return message.body
+
+
+# FastStream adds headers to a reply (correlation id, trace context) and NATS counts headers
+# against max_payload: a reply's body must leave them this much room.
+REPLY_HEADER_ROOM = 4096
+
+
+def reply_limit(broker: NatsBroker) -> int:
+    """The largest reply body a responder on `broker` may send."""
+    return int(connection(broker).max_payload) - REPLY_HEADER_ROOM
 
 
 def connection(broker: NatsBroker) -> Client:

@@ -66,6 +66,7 @@ def _all_stream_info() -> list[str]:
         subjects.RUNNERS_BUCKET,
         subjects.VERDICTS_BUCKET,
         subjects.SECRETS_BUCKET,
+        subjects.PARTITIONS_BUCKET,
     )
     return [
         f"{_API}.INFO",
@@ -89,6 +90,8 @@ def _read_log() -> list[str]:
     return [
         f"{_API}.DIRECT.GET.{_EVENTS}",
         f"{_API}.DIRECT.GET.{_EVENTS}.>",
+        # The leader's copy, when a replica's (direct get) may lag: the appender's re-reads.
+        f"{_API}.STREAM.MSG.GET.{_EVENTS}",
         *_ephemeral_consumers(_EVENTS),
     ]
 

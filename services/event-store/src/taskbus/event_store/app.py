@@ -1,4 +1,8 @@
-"""Builds and runs the event-store: ClickHouse schema, log ingest, status KV and the queries."""
+"""Builds and runs the event-store: ClickHouse schema, log ingest, status KV and the queries.
+
+One FastStream broker per process carries the ingest's durable consumer and the query
+subscribers; everything else (KV, direct gets, consumer info, purges) uses its connection.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,8 @@ import asyncio
 import logging
 import signal
 
-from nats.aio.client import Client
-
 from taskbus.contracts import subjects
-from taskbus.contracts.bus import connect
+from taskbus.contracts.broker import ServiceBroker, jetstream, service_broker
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.consistency import ReadBarrier
@@ -24,11 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class EventStore:
-    """One running event-store: start() wires everything, stop() takes it down in reverse."""
+    """One running event-store: start() wires everything, stop() takes it down in reverse.
+
+    The ingest and the queries start themselves rather than through `broker.start()`: the
+    ingest consumes only once its projection is loaded from ClickHouse. The responder stops
+    first, so the queries in hand are answered while the ingest still moves the barrier."""
 
     def __init__(self, settings: EventStoreSettings) -> None:
         self._settings = settings
-        self._nc: Client | None = None
+        self._broker: ServiceBroker | None = None
         self._clickhouse: ClickHouse | None = None
         self._ingester: Ingester | None = None
         self._purger: Purger | None = None
@@ -40,13 +46,14 @@ class EventStore:
             settings.clickhouse_dsn, settings.query_connections
         )
         await self._clickhouse.migrate()
-        self._nc = await connect(settings.nats_url, "event-store")
-        js = self._nc.jetstream()
+        self._broker = service_broker(settings.nats_url, "event-store")
+        await self._broker.connect()
+        js = jetstream(self._broker)
         await ensure_streams(js, settings.stream_replicas)
         status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
         self._purger = Purger(js, self._clickhouse, log_consumers(settings.consumer_name))
         self._ingester = Ingester(
-            js,
+            self._broker,
             self._clickhouse,
             status_kv,
             consumer_name=settings.consumer_name,
@@ -57,7 +64,7 @@ class EventStore:
         )
         await self._ingester.start()
         barrier = ReadBarrier(js, self._ingester, settings.read_wait_ms / 1000)
-        self._responder = QueryResponder(self._nc, self._clickhouse, barrier)
+        self._responder = QueryResponder(self._broker, self._clickhouse, barrier)
         await self._responder.start()
         log.info("event-store ready (nats %s)", settings.nats_url)
 
@@ -68,8 +75,8 @@ class EventStore:
             await self._ingester.stop()
         if self._purger is not None:
             await self._purger.stop()
-        if self._nc is not None:
-            await self._nc.drain()
+        if self._broker is not None:
+            await self._broker.stop()  # drains the connection
         if self._clickhouse is not None:
             await self._clickhouse.close()
         log.info("event-store stopped")
@@ -91,16 +98,17 @@ async def run(settings: EventStoreSettings) -> None:
 
 async def run_rebuild(settings: EventStoreSettings) -> int:
     """Rebuild the read models from the log; refused while the event-store runs."""
-    nc = await connect(settings.nats_url, "event-store-rebuild")
+    broker = service_broker(settings.nats_url, "event-store-rebuild")
+    await broker.connect()
     try:
-        js = nc.jetstream()
+        js = jetstream(broker)
         await ensure_streams(js, settings.stream_replicas)
         # Before opening ClickHouse: a running service may own the embedded data path.
         await ensure_not_consuming(js, settings.consumer_name)
         clickhouse = await ClickHouse.connect(settings.clickhouse_dsn, query_connections=1)
         try:
             return await rebuild(
-                js,
+                broker,
                 clickhouse,
                 consumer_name=settings.consumer_name,
                 batch_size=settings.batch_size,
@@ -109,4 +117,4 @@ async def run_rebuild(settings: EventStoreSettings) -> int:
         finally:
             await clickhouse.close()
     finally:
-        await nc.drain()
+        await broker.stop()

@@ -33,7 +33,6 @@ import time
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.queries import (
@@ -44,6 +43,7 @@ from taskbus.contracts.queries import (
     SearchEvents,
 )
 from taskbus.contracts.status import ConversationStatus
+from taskbus.contracts.streams import last_message
 from taskbus.event_store.ingest import Ingester
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,8 @@ class ReadBarrier:
 
     async def _conversation_end(self, conversation_id: str) -> tuple[int, int] | None:
         """(stream sequence, event id) of the conversation's last event, None if it has none."""
-        try:
-            message = await self._js.get_last_msg(
-                subjects.EVENTS_STREAM, subjects.conversation_events(conversation_id), direct=True
-            )
-        except NotFoundError:
+        message = await last_message(self._js, subjects.conversation_events(conversation_id))
+        if message is None:
             return None
         assert message.seq is not None and message.data is not None
         try:

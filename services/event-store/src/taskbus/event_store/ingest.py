@@ -3,22 +3,32 @@
 At-least-once by construction: a batch is inserted, projected, written to KV and only then
 acked. A crash before the insert redelivers the batch; a crash after it re-inserts rows that the
 ReplacingMergeTree collapses (see `sql`), and the fold skips events it has already applied.
+
+The log comes through a FastStream durable batch pull consumer (`contracts.broker.durable_pull`)
+whose handler settles every message itself: stored ones are acked, ones that came before their
+conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
+to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`,
+never acked before it is stored. FastStream collects a batch until it is full or `flush_interval`
+has passed since the fetch began, so an event waits at most that long before its batch is
+stored, and an idle consumer sends one pull request per flush interval (10 a second at the
+default 100 ms: a few hundred bytes each, against a read-your-writes wait no longer than that).
+The consumer has no max_deliver: an event the server gave up redelivering would be missing from
+the store for good, and a deferred one relies on up to _MAX_DEFERRALS redeliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
+from taskbus.contracts.broker import BatchMessage, ServiceBroker, durable_pull, jetstream
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.status import ConversationStatus
@@ -33,8 +43,6 @@ from taskbus.event_store.status_kv import ConversationStatusKV
 
 log = logging.getLogger(__name__)
 
-# How long one fetch waits for the first message of a batch; bounds how long stop() waits.
-_IDLE_FETCH_SECONDS = 1.0
 # Unacked messages are redelivered after this; a batch insert takes far less.
 _ACK_WAIT_SECONDS = 10.0
 _RETRY_DELAY_SECONDS = 1.0
@@ -51,7 +59,7 @@ class Ingester:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        broker: ServiceBroker,
         clickhouse: ClickHouse,
         status_kv: ConversationStatusKV | None,
         *,
@@ -61,20 +69,32 @@ class Ingester:
         delay: float = 0.0,
         purger: Purger | None = None,
     ) -> None:
-        """`delay` (seconds before each batch) is a test hook that makes the ingest slow."""
-        self._js = js
-        self._dead_letters = DeadLetters(js, subjects.EVENT_STORE)
+        """`broker` is connected; its consumer is declared here and consumes from `start`.
+        `delay` (seconds before each batch) is a test hook that makes the ingest slow."""
+        self._js = jetstream(broker)
+        self._dead_letters = DeadLetters(self._js, subjects.EVENT_STORE)
         self._clickhouse = clickhouse
         self._status_kv = status_kv
         self._purger = purger
         self._consumer_name = consumer_name
-        self._batch_size = batch_size
-        self._flush_interval = flush_interval
         self._delay = delay
         self.progress = IngestProgress()
         self._conversations: dict[str, ConversationInfo] = {}
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._consumer = durable_pull(
+            broker,
+            subjects.ALL_EVENTS,
+            self._on_batch,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(
+                durable_name=consumer_name,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=_ACK_WAIT_SECONDS,
+                max_ack_pending=batch_size * 4,
+            ),
+            batch_size=batch_size,
+            timeout=flush_interval,
+        )
 
     @property
     def conversations(self) -> Mapping[str, ConversationInfo]:
@@ -91,20 +111,10 @@ class Ingester:
         return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
     async def start(self) -> None:
+        """Load the projection, then consume: the fold goes on from what is stored."""
         loaded = await self._clickhouse.conversations(sql.ALL_CONVERSATIONS)
         self._conversations = {info.conversation_id: info for info in loaded}
-        subscription = await self._js.pull_subscribe(
-            subjects.ALL_EVENTS,
-            durable=self._consumer_name,
-            stream=subjects.EVENTS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=_ACK_WAIT_SECONDS,
-                max_ack_pending=self._batch_size * 4,
-            ),
-        )
-        self._task = asyncio.create_task(self._run(subscription), name="event-store-ingest")
+        await self._consumer.start()
         self._purge_deleted(self._conversations.values())  # those a stop left unpurged
         log.info(
             "ingesting %s as %s (%d conversations known)",
@@ -114,48 +124,28 @@ class Ingester:
         )
 
     async def stop(self) -> None:
-        """Finish the batch in hand, then stop; unfetched messages stay for the next start."""
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
+        """Finish the batch in hand (FastStream waits for it, up to GRACEFUL_STOP_SECONDS; one
+        whose insert keeps failing is left unacked, to be redelivered), then stop; unfetched
+        messages stay for the next start."""
+        await self._consumer.stop()
 
-    async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
-        while not self._stopping.is_set():
+    async def _on_batch(self, message: BatchMessage) -> None:
+        """One batch, in log order; retried until stored, or until the consumer stops."""
+        batch: list[Msg] = message.raw_message
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        while True:
             try:
-                batch = await self._next_batch(subscription)
+                await self.ingest(batch)
+                return
             except Exception:
-                log.exception("fetching from %s failed; retrying", subjects.EVENTS_STREAM)
-                await asyncio.sleep(_RETRY_DELAY_SECONDS)
-                continue
-            if batch and self._delay:
-                await asyncio.sleep(self._delay)
-            while batch and not self._stopping.is_set():
-                try:
-                    await self.ingest(batch)
-                    break
-                except Exception:
-                    log.exception("ingest of %d events failed; retrying", len(batch))
-                    for msg in batch:
-                        await msg.in_progress()  # keep them ours while we retry
-                    await asyncio.sleep(_RETRY_DELAY_SECONDS)
-        await subscription.unsubscribe()
-
-    async def _next_batch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
-        """Up to `batch_size` messages: whatever arrives within `flush_interval` of the first."""
-        try:
-            batch = await subscription.fetch(self._batch_size, timeout=_IDLE_FETCH_SECONDS)
-        except TimeoutError:  # nats-py raises its own subclass or asyncio's, depending on path
-            return []
-        deadline = time.monotonic() + self._flush_interval
-        while len(batch) < self._batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch += await subscription.fetch(self._batch_size - len(batch), timeout=remaining)
-            except TimeoutError:
-                break
-        return batch
+                if not self._consumer.running:
+                    log.exception("ingest of %d events failed; left for the next start", len(batch))
+                    return  # unacked: delivered again after ack_wait
+                log.exception("ingest of %d events failed; retrying", len(batch))
+            for msg in _unsettled(batch):
+                await msg.in_progress()  # keep them ours while we retry
+            await asyncio.sleep(_RETRY_DELAY_SECONDS)
 
     async def ingest(self, batch: list[Msg]) -> None:
         """Store, project and ack one batch; the in-memory state moves only once all is written."""
@@ -198,13 +188,15 @@ class Ingester:
         if self._status_kv is not None:
             await self._status_kv.publish_all(changed.values())
         self._conversations.update(changed)
-        for msg in poison:
+        # Settle each message once: a retried batch may have settled some before it failed.
+        for msg in _unsettled(poison):
             await msg.term()
         for msg, reason in refused:
-            await self._dead_letters.refuse(msg, reason)
-        for msg in deferred:
+            if not msg.is_acked:
+                await self._dead_letters.refuse(msg, reason)
+        for msg in _unsettled(deferred):
             await msg.nak(delay=_REDELIVERY_DELAY_SECONDS)
-        for msg in stored:
+        for msg in _unsettled(stored):
             await msg.ack()
         self._purge_deleted(deleted.values())
         self.progress.advance(max((msg.metadata.sequence.stream for msg in batch), default=0))
@@ -216,3 +208,7 @@ class Ingester:
             for info in conversations:
                 if info.status is ConversationStatus.ARCHIVED:
                     self._purger.schedule(info)
+
+
+def _unsettled(messages: list[Msg]) -> list[Msg]:
+    return [msg for msg in messages if not msg.is_acked]

@@ -36,6 +36,7 @@ from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.queries import ConversationInfo
+from taskbus.contracts.streams import last_message
 from taskbus.event_store.clickhouse import ClickHouse
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,8 @@ class Purger:
 
     async def _last_sequence(self, conversation_id: str) -> int:
         """The stream sequence of the conversation's last event; 0 if it has none (left)."""
-        try:
-            message = await self._js.get_last_msg(
-                subjects.EVENTS_STREAM, subjects.conversation_events(conversation_id), direct=True
-            )
-        except NotFoundError:
-            return 0
-        return message.seq or 0
+        message = await last_message(self._js, subjects.conversation_events(conversation_id))
+        return (message.seq or 0) if message is not None else 0
 
     async def _has_acked(self, consumer: str, sequence: int) -> bool:
         try:

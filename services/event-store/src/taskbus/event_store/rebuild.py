@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.broker import ServiceBroker, jetstream
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.status_kv import ConversationStatusKV
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 _CATCH_UP_POLL_SECONDS = 0.1
 # A running event-store keeps a pull request waiting almost all the time (each lasts the
-# ingest's 1 s idle fetch), so its consumer is taken as free only once it has looked idle this
-# long without a break; one that still looks busy after the grace period belongs to a running
-# service (a stopped one's last pull expires within a second).
+# ingest's flush interval, see `ingest`), so its consumer is taken as free only once it has
+# looked idle this long without a break; one that still looks busy after the grace period
+# belongs to a running service (a stopped one's last pull expires within a flush interval).
 _IDLE_PROOF_SECONDS = 2.0
 _BUSY_GRACE_SECONDS = 5.0
 
@@ -71,7 +72,7 @@ async def ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None
 
 
 async def rebuild(
-    js: JetStreamContext,
+    broker: ServiceBroker,
     clickhouse: ClickHouse,
     *,
     consumer_name: str,
@@ -79,14 +80,16 @@ async def rebuild(
     flush_interval: float,
 ) -> int:
     """Rebuild every read model from the log; returns the number of conversations projected.
-    Call `ensure_not_consuming` first (`run_rebuild` does, before it opens ClickHouse)."""
+    Call `ensure_not_consuming` first (`run_rebuild` does, before it opens ClickHouse); `broker`
+    is connected."""
     started = time.monotonic()
+    js = jetstream(broker)
     await clickhouse.drop_all_tables()
     await clickhouse.migrate()
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(subjects.EVENTS_STREAM, consumer_name)
     ingester = Ingester(
-        js,
+        broker,
         clickhouse,
         None,
         consumer_name=consumer_name,

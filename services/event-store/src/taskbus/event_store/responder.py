@@ -1,5 +1,12 @@
 """Answers the query subjects (core NATS request-reply, queue group `event_store`), each once
-the ingest has caught up with the log as it was when the query arrived (`consistency`)."""
+the ingest has caught up with the log as it was when the query arrived (`consistency`).
+
+Each subject is a FastStream core subscriber with up to `_WORKERS_PER_SUBJECT` requests in
+hand, so a slow search or a query held by the read barrier does not queue the others (the
+ClickHouse pool bounds the work itself). The handler returns the reply's bytes and FastStream
+sends them, as they are, to the request's reply subject, with headers of its own (correlation
+id, trace context): hence the room left for them below max_payload.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,11 @@ import logging
 import typing
 
 import msgspec
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from faststream.nats import NatsBroker
+from faststream.nats.subscriber.usecases import ConcurrentCoreSubscriber
 
 from taskbus.contracts import subjects
+from taskbus.contracts.broker import reply_limit, undecoded
 from taskbus.contracts.queries import (
     ConversationReply,
     CostAnalytics,
@@ -35,6 +42,8 @@ from taskbus.event_store.consistency import NotCaughtUp, ReadBarrier
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "event_store"
+# Requests one subject answers at once; a query may wait up to `read_wait_ms` at the barrier.
+_WORKERS_PER_SUBJECT = 32
 
 AnyQuery = (
     SearchEvents
@@ -51,50 +60,56 @@ QUERY_TYPES: tuple[type[Query], ...] = typing.get_args(AnyQuery)
 
 
 class QueryResponder:
-    def __init__(self, nc: Client, clickhouse: ClickHouse, barrier: ReadBarrier) -> None:
-        self._nc = nc
+    """Declares one subscriber per query subject on a connected `broker`; they answer from
+    `start` until `stop`."""
+
+    def __init__(self, broker: NatsBroker, clickhouse: ClickHouse, barrier: ReadBarrier) -> None:
+        self._broker = broker
         self._clickhouse = clickhouse
         self._barrier = barrier
-        self._subscriptions: list[Subscription] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._subscribers = [self._declare(query_type) for query_type in QUERY_TYPES]
+
+    def _declare(self, query_type: type[Query]) -> ConcurrentCoreSubscriber:
+        subject = subjects.query_subject(query_type.subject_name)
+        decoder = msgspec.json.Decoder(query_type)
+        subscriber = self._broker.subscriber(
+            subject, queue=QUEUE_GROUP, max_workers=_WORKERS_PER_SUBJECT
+        )
+
+        async def respond(body: bytes) -> bytes:
+            return await self._respond(subject, body, decoder)
+
+        subscriber(respond, decoder=undecoded)
+        return subscriber
 
     async def start(self) -> None:
-        for query_type in QUERY_TYPES:
-            decoder = msgspec.json.Decoder(query_type)
-
-            async def on_request(msg: Msg, decoder: msgspec.json.Decoder[Query] = decoder) -> None:
-                # Each request runs as its own task: a slow search does not queue the others.
-                task = asyncio.create_task(self._respond(msg, decoder))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-
-            subscription = await self._nc.subscribe(
-                subjects.query_subject(query_type.subject_name), queue=QUEUE_GROUP, cb=on_request
-            )
-            self._subscriptions.append(subscription)
+        for subscriber in self._subscribers:
+            await subscriber.start()
 
     async def stop(self) -> None:
-        """Stop taking requests and let the ones in flight answer."""
-        for subscription in self._subscriptions:
-            await subscription.unsubscribe()
-        self._subscriptions.clear()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        """Stop taking requests and let the ones in hand answer."""
+        await asyncio.gather(*(subscriber.stop() for subscriber in self._subscribers))
 
-    async def _respond(self, msg: Msg, decoder: msgspec.json.Decoder[Query]) -> None:
+    @property
+    def _max_bytes(self) -> int:
+        return reply_limit(self._broker)
+
+    async def _respond(
+        self, subject: str, body: bytes, decoder: msgspec.json.Decoder[Query]
+    ) -> bytes:
         try:
-            query = decoder.decode(msg.data)
+            query = decoder.decode(body)
             await self._barrier.wait_for(query)
             reply = await self.answer(query)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             reply = replies.invalid_query(str(error))
         except NotCaughtUp as behind:
-            log.warning("query on %s: %s", msg.subject, behind)
+            log.warning("query on %s: %s", subject, behind)
             reply = replies.not_caught_up(self._barrier.wait_seconds)
         except Exception:
-            log.exception("query on %s failed", msg.subject)
+            log.exception("query on %s failed", subject)
             reply = replies.internal_error()
-        await msg.respond(replies.encode_reply(reply, self._nc.max_payload))
+        return replies.encode_reply(reply, self._max_bytes)
 
     async def answer(self, query: Query) -> Reply:
         select = self._clickhouse.select
@@ -124,7 +139,7 @@ class QueryResponder:
         if not rows and not await self._owns(query.user_id, query.conversation_id):
             return replies.conversation_not_found(query.conversation_id)
         events = [(row[0], row[1]) for row in rows]
-        return replies.event_page(query, events, self._nc.max_payload)
+        return replies.event_page(query, events, self._max_bytes)
 
     async def _get_event(self, query: GetEvent) -> Reply:
         rows = await self._clickhouse.select(
@@ -150,7 +165,7 @@ class QueryResponder:
         except replies.InvalidCursor as error:
             return replies.invalid_query(str(error))
         found = await self._clickhouse.conversations(sql.list_conversations(query, after))
-        return replies.conversation_page(query, found, self._nc.max_payload)
+        return replies.conversation_page(query, found, self._max_bytes)
 
     async def _owns(self, user_id: str, conversation_id: str) -> bool:
         return bool(await self._clickhouse.select(sql.get_conversation(user_id, conversation_id)))

@@ -17,7 +17,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
@@ -46,7 +46,7 @@ from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
 from taskbus.contracts.runners import RunnerInfo, decode_runner_info
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ConversationStatus
-from taskbus.contracts.streams import ensure_streams
+from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.contracts.summary import SHAPING, summary_of_latest
 from taskbus.contracts.user_secrets import UserSecrets, decode_user_secrets
 from taskbus.gateway.problems import Problem, conversation_not_found
@@ -348,11 +348,11 @@ class Bus:
     async def _last_message(self, subject: str) -> tuple[str, bytes] | None:
         """(subject, data) of the last message on `subject` (a wildcard or not)."""
         try:
-            message = await self.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
-        except NotFoundError:
-            return None
+            message = await last_message(self.js, subject)
         except (nats.errors.Error, TimeoutError) as error:
             raise unavailable("the event log") from error
+        if message is None:
+            return None
         assert message.subject is not None and message.data is not None
         return message.subject, message.data
 

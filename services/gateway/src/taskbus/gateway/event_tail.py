@@ -17,6 +17,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.streams import last_message
 from taskbus.gateway.reconnects import Reconnects
 
 logger = logging.getLogger(__name__)
@@ -189,16 +190,16 @@ class EventTail:
     async def _next_at_or_after(self, seq: int | None) -> tuple[int, int] | None:
         """(stream sequence, event id) of this conversation's first event at or after `seq`,
         or of its last event when `seq` is None."""
-        try:
-            if seq is None:
-                message = await self._js.get_last_msg(
-                    subjects.EVENTS_STREAM, self._filter, direct=True
-                )
-            else:
+        if seq is None:
+            message = await last_message(self._js, self._filter)
+        else:
+            try:
                 message = await self._js.get_msg(
                     subjects.EVENTS_STREAM, seq, subject=self._filter, next=True, direct=True
                 )
-        except NotFoundError:
+            except NotFoundError:
+                return None
+        if message is None:
             return None
         assert message.seq is not None and message.data is not None
         return message.seq, _id_decoder.decode(message.data).id

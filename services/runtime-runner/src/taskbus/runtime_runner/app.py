@@ -1,29 +1,39 @@
-"""The runtime-runner process: a durable pull consumer on the event log feeding `RuntimeRunner`.
+"""The runtime-runner process: a durable FastStream batch pull consumer on the event log feeding
+`RuntimeRunner`, and the workspace responder, on one broker.
 
 Acknowledgement: a message is acked only once its reply is in the log. While it waits in its
 conversation's lane or runs (a command may take up to `command_seconds`), it is kept alive with
 `in_progress()` every third of `ack_wait`, so slow work is never redelivered while it is still
 running, and work lost in a crash is redelivered and, thanks to the reply check, done only once.
+A failed event is retried `max_deliver` times in all; then it is logged and kept as a dead letter
+(`taskbus.deadletter.runtime_runner`), never retried again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import nats
+import nats.errors
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
-from taskbus.contracts.bus import connect
+from taskbus.contracts.broker import (
+    BatchMessage,
+    connection,
+    durable_pull,
+    jetstream,
+    service_broker,
+)
 from taskbus.contracts.events import (
     ConversationDeleted,
+    Event,
     RuntimeControlRequested,
     RuntimeRequested,
     UnknownEvent,
@@ -63,7 +73,10 @@ logger = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=HostWorkspaceSandbox)
 
-_FETCH_BATCH = 64
+# One event per fetch: FastStream's batch subscriber (0.7.8) holds a partial batch until it is
+# full or `_FETCH_SECONDS` have passed, which would add up to a second to every action the agent
+# waits for; a batch of one is handed over as soon as it comes.
+_FETCH_BATCH = 1
 _FETCH_SECONDS = 1.0
 _RETRY_DELAY_SECONDS = 5.0
 
@@ -157,30 +170,44 @@ def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
     return InFlightJournal(Path(settings.workspace_root) / ".runner" / "in-flight")
 
 
+def handled_subjects() -> list[str]:
+    return [subjects.event_subject("*", kind.__name__) for kind in HANDLED_EVENTS]
+
+
 def consumer_config(settings: RuntimeRunnerSettings) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=settings.consumer_name,
         name=settings.consumer_name,
-        filter_subjects=[subjects.event_subject("*", kind.__name__) for kind in HANDLED_EVENTS],
+        filter_subjects=handled_subjects(),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_seconds,
         max_ack_pending=settings.max_ack_pending,
+        max_deliver=settings.max_deliver,
         deliver_policy=DeliverPolicy.ALL if settings.consume_from == "start" else DeliverPolicy.NEW,
     )
 
 
 class EventDispatcher:
     """Feeds consumed messages to the runner in per-conversation lanes, skips answered events,
-    acks after the reply is appended and keeps pending messages alive with `in_progress()`."""
+    acks after the reply is appended, keeps pending messages alive with `in_progress()`, and
+    gives up on an event whose last delivery failed (a dead letter, not a silent drop)."""
 
-    def __init__(self, js: JetStreamContext, runner: RuntimeRunner, ack_wait: float) -> None:
+    def __init__(
+        self, js: JetStreamContext, runner: RuntimeRunner, ack_wait: float, max_deliver: int
+    ) -> None:
         self._js = js
         self._runner = runner
         self._ack_wait = ack_wait
+        self._max_deliver = max_deliver
         self._lanes = Lanes()
         self._dead_letters = DeadLetters(js, subjects.RUNTIME_RUNNER)
         # Messages taken but not yet acked, by identity (Msg is not hashable).
         self._in_flight: dict[int, Msg] = {}
+
+    async def dispatch_batch(self, batch: BatchMessage) -> None:
+        """A fetched batch, in log order: each conversation's lanes get its events in order."""
+        for message in batch.raw_message:
+            await self.dispatch(message)
 
     async def dispatch(self, message: Msg) -> None:
         try:
@@ -209,13 +236,32 @@ class EventDispatcher:
                 else:
                     await self._runner.handle(event)
                 await message.ack()
-            except Exception:
-                logger.exception("handling %s %s failed; will retry", event.kind, event.id)
-                await message.nak(delay=_RETRY_DELAY_SECONDS)
+            except Exception as error:
+                await self._failed(message, event, error)
             finally:
                 del self._in_flight[id(message)]
 
         self._lanes.submit((event.conversation_id, lane), process)
+
+    async def _failed(self, message: Msg, event: Event, error: Exception) -> None:
+        """Retry later, or, on the last delivery JetStream makes (`max_deliver`), log it and keep
+        it as a dead letter."""
+        deliveries = message.metadata.num_delivered
+        if deliveries < self._max_deliver:
+            logger.error("handling %s %s failed; will retry", event.kind, event.id, exc_info=error)
+            await message.nak(delay=_RETRY_DELAY_SECONDS)
+            return
+        logger.error(
+            "handling %s %s of %s failed on all %d deliveries; given up",
+            event.kind,
+            event.id,
+            event.conversation_id,
+            deliveries,
+            exc_info=error,
+        )
+        # The error's name only: its text may quote what the event carried.
+        reason = f"failed on all {deliveries} deliveries: {type(error).__name__}"
+        await self._dead_letters.refuse(message, Refused(reason))
 
     async def keep_in_progress(self) -> None:
         while True:
@@ -235,17 +281,18 @@ class RuntimeRunnerService:
         self._settings = settings
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then kill the sandboxes and drain the connection."""
+        """Serve until `stop` is set; then stop consuming, abandon the lanes, let go of the
+        sandboxes and drain the connection."""
         settings = self._settings
         backend = await choose_backend(settings)  # before anything: it may refuse to start
         engine = backend.engine
-        nc = await connect(settings.nats_url, "taskbus-runtime-runner")
-        js = nc.jetstream()
+        broker = service_broker(settings.nats_url, "runtime-runner")
+        await broker.connect()
+        js = jetstream(broker)
         await ensure_streams(js, settings.stream_replicas)
+        # Created or updated here: FastStream only binds to an existing durable, whose ack_wait,
+        # max_ack_pending and max_deliver must follow the settings across restarts.
         await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
-        subscription = await js.pull_subscribe_bind(
-            durable=settings.consumer_name, stream=subjects.EVENTS_STREAM
-        )
         await publish_runner_info(js, settings, backend)
         masks = SecretMasks()
         appender = MaskingAppender(js, masks)  # no secret value opened here reaches the log
@@ -280,32 +327,44 @@ class RuntimeRunnerService:
         interrupted = await answer_cut_off_actions(js, appender, journal)
         if interrupted:
             logger.info("answered %d actions cut off by the previous runner", interrupted)
-        dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds)
-        heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
+        dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds, settings.max_deliver)
+        consumer = durable_pull(
+            broker,
+            handled_subjects(),
+            dispatcher.dispatch_batch,
+            stream=subjects.EVENTS_STREAM,
+            config=consumer_config(settings),
+            batch_size=_FETCH_BATCH,
+            timeout=_FETCH_SECONDS,
+        )
         # Workspace files of live and given-back sandboxes (list, read, zip, git, upload).
-        results = WorkspaceResponder(nc, js, new_sandbox)
-        await results.start()
+        results = WorkspaceResponder(broker, new_sandbox)
+        await broker.start()  # consumes events and answers workspace requests from here on
+        results.start()
+        heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
         sampler = UsageSampler(appender, runner.live_sandboxes, settings.usage_interval_seconds)
         sampling = asyncio.create_task(sampler.run())
         logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)
         try:
-            while not stop.is_set():  # a fetch lasts at most _FETCH_SECONDS
-                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                    for message in await subscription.fetch(_FETCH_BATCH, timeout=_FETCH_SECONDS):
-                        await dispatcher.dispatch(message)
+            await stop.wait()
         finally:
-            heartbeat.cancel()
+            await consumer.stop()  # waits for the batch in hand: dispatching it takes no time
             await results.stop()
+            heartbeat.cancel()
             sampling.cancel()
             await dispatcher.cancel()  # unacked work is redelivered to the next runner
             await runner.close(settings.remove_sandboxes_on_shutdown)
             if engine is not None:
                 engine.close()
-            try:
-                await subscription.unsubscribe()
-            except Exception as error:  # the connection may be gone already; drain regardless
-                logger.debug("unsubscribing at shutdown failed: %r", error)
-            if nc.is_connected:
-                await nc.drain()
-            else:  # drain refuses a closed or reconnecting connection
-                await nc.close()
+            await close(broker)
+
+
+async def close(broker: NatsBroker) -> None:
+    """Stop what still consumes and drain the connection, or close it where drain is refused
+    (a closed or reconnecting connection)."""
+    nc = connection(broker)
+    try:
+        await broker.stop()
+    except nats.errors.Error as error:
+        logger.debug("draining at shutdown failed: %r", error)
+        await nc.close()

@@ -9,9 +9,11 @@ can name commands (core.fsmonitor, diff.external, filters) that git would run. C
 diffs are against the commit the workspace was cloned at, recorded on the host at clone time
 (`workspace.base_commit_file`), or the empty tree when none was (no repository cloned).
 
-Requests come in a queue group: on one machine the one runner answers. Issue 11 (runners on
-many hosts) must route them to the runner that holds the workspace. A zip stream already is:
-its chunks are pulled from a subject only the runner that opened it listens on.
+Requests come through FastStream core subscribers on the runner's broker, in a queue group: on
+one machine the one runner answers. Issue 11 (runners on many hosts) must route them to the
+runner that holds the workspace. A zip stream already is: its chunks are pulled from a subject
+only the runner that opened it listens on (no queue group). Each subject answers up to
+`max_workers` requests at once, so a slow zip or git call does not hold up the others.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import stat
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
+from faststream.nats import NatsBroker
+from faststream.nats.annotations import NatsMessage
+from faststream.nats.subscriber.usecases.basic import LogicSubscriber
 
 from taskbus.contracts import subjects
+from taskbus.contracts.broker import jetstream, reply_limit, undecoded
 from taskbus.contracts.events import RuntimeRequested
 from taskbus.contracts.workspace import (
     CHUNK_BYTES,
@@ -72,6 +75,8 @@ from taskbus.runtime_runner.workspace import HostWorkspace, HostWorkspaceSandbox
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "runtime_runner_workspace"
+# Requests answered at once per subject.
+MAX_WORKERS = 8
 # Left out of listings and zips, as OpenHands leaves it out.
 SKIPPED = frozenset({".git"})
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -293,47 +298,44 @@ class ZipStreams:
 
 
 class WorkspaceResponder:
-    """Subscribes to the workspace subjects (queue group) and this runner's zip subject."""
+    """Subscribes to the workspace subjects (queue group) and this runner's zip subject on
+    `broker`, which starts them; `start` and `stop` look after the zip streams."""
 
     def __init__(
         self,
-        nc: Client,
-        js: JetStreamContext,
+        broker: NatsBroker,
         new_sandbox: SandboxBuilder,
         zips: ZipStreams | None = None,
+        max_workers: int = MAX_WORKERS,
     ) -> None:
-        self._nc = nc
-        self._js = js
+        self._broker = broker
         self._new_sandbox = new_sandbox
         self._zips = zips or ZipStreams()
         self.next_subject = subjects.workspace_subject(f"zip_next.{secrets.token_hex(8)}")
-        self._subscriptions: list[Subscription] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._subscribers: list[LogicSubscriber[Any]] = [
+            broker.subscriber(
+                subjects.workspace_subject(request_type.operation),
+                queue=QUEUE_GROUP,
+                max_workers=max_workers,
+            )
+            for request_type in REQUEST_TYPES
+            if request_type is not ZipNext
+        ]
+        # No queue group: only this runner holds the streams it opened.
+        self._subscribers.append(broker.subscriber(self.next_subject, max_workers=max_workers))
+        for subscriber in self._subscribers:
+            subscriber(self._respond, decoder=undecoded)
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        for request_type in REQUEST_TYPES:
-            if request_type is ZipNext:
-                continue
-            self._subscriptions.append(
-                await self._nc.subscribe(
-                    subjects.workspace_subject(request_type.operation),
-                    queue=QUEUE_GROUP,
-                    cb=self._on_request,
-                )
-            )
-        # No queue group: only this runner holds the streams it opened.
-        self._subscriptions.append(await self._nc.subscribe(self.next_subject, cb=self._on_request))
+    def start(self) -> None:
+        """Close abandoned zip streams from now on (the broker answers the requests)."""
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
-        for subscription in self._subscriptions:
-            await subscription.unsubscribe()
-        self._subscriptions.clear()
+        """Take no more requests, let those in hand finish, then close the zips."""
+        await asyncio.gather(*(subscriber.stop() for subscriber in self._subscribers))
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._zips.close_all()
 
     async def _sweep(self) -> None:
@@ -341,17 +343,14 @@ class WorkspaceResponder:
             await asyncio.sleep(ZIP_IDLE_SECONDS / 4)
             self._zips.expire()
 
-    async def _on_request(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._respond(msg))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-
-    async def _respond(self, msg: Msg) -> None:
+    async def _respond(self, message: NatsMessage) -> bytes:
+        """The encoded reply, which FastStream sends to the asker's inbox."""
+        subject = message.raw_message.subject
         reply: WorkspaceReply
         try:
-            request = decode_request(msg.data)
+            request = decode_request(message.body)
             expected = self.next_subject if isinstance(request, ZipNext) else request.subject
-            if msg.subject != expected:
+            if subject != expected:
                 raise WorkspaceFailure(WorkspaceErrorCode.INVALID, "request on the wrong subject")
             reply = await self.answer(request)
         except msgspec.MsgspecError as error:
@@ -363,13 +362,13 @@ class WorkspaceResponder:
         except OSError as error:  # a name too long, a loop, a full disk: not the runner's fault
             reply = WorkspaceError(code=WorkspaceErrorCode.INVALID, detail=error.strerror or "")
         except Exception:
-            logger.exception("workspace request on %s failed", msg.subject)
+            logger.exception("workspace request on %s failed", subject)
             reply = WorkspaceError(code=WorkspaceErrorCode.INTERNAL, detail="internal error")
         data = encode(reply)
-        if len(data) > self._nc.max_payload:
+        if len(data) > reply_limit(self._broker):
             detail = "the answer is larger than one message on the bus"
             data = encode(WorkspaceError(code=WorkspaceErrorCode.TOO_LARGE, detail=detail))
-        await msg.respond(data)
+        return data
 
     async def answer(self, request: AnyWorkspaceRequest) -> WorkspaceReply:
         if isinstance(request, ZipNext):
@@ -381,7 +380,7 @@ class WorkspaceResponder:
     async def _sandbox(self, user_id: str, conversation_id: str) -> HostWorkspaceSandbox:
         """A sandbox object for the conversation's latest runtime (whether or not it runs):
         only to reach its workspace and confinement; it is never started or closed."""
-        requested = await last_event(self._js, conversation_id, RuntimeRequested)
+        requested = await last_event(jetstream(self._broker), conversation_id, RuntimeRequested)
         if not isinstance(requested, RuntimeRequested) or requested.user_id != user_id:
             raise WorkspaceFailure(
                 WorkspaceErrorCode.NO_WORKSPACE, "the conversation has no workspace"

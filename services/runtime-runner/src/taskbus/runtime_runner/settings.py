@@ -79,3 +79,6 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     consume_from: Literal["start", "new"] = "start"
     ack_wait_seconds: Seconds = 30.0
     max_ack_pending: Annotated[int, msgspec.Meta(ge=1)] = 512
+    # Deliveries of one event before the runner gives up on it (it is logged and kept as a dead
+    # letter): an event no retry can handle is not retried forever.
+    max_deliver: Annotated[int, msgspec.Meta(ge=1)] = 20

@@ -8,7 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from taskbus.contracts.bus import connect
+from taskbus.contracts.broker import jetstream, service_broker
 from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.streams import ensure_streams
 from taskbus.session_manager.llm import LLM
@@ -22,19 +22,21 @@ logger = logging.getLogger("taskbus.session_manager")
 async def running_session_manager(
     settings: SessionManagerSettings,
 ) -> AsyncIterator[SessionManager]:
-    """A started session-manager; on exit its tasks stop and its NATS connection drains."""
-    nc = await connect(settings.nats_url, "session-manager")
+    """A started session-manager; on exit its consumers and tasks stop, then the broker stops
+    (draining its NATS connection)."""
+    broker = service_broker(settings.nats_url, "session-manager")
+    await broker.connect()
     try:
-        js = nc.jetstream()
-        await ensure_streams(js, settings.stream_replicas)
-        manager = SessionManager(settings, js, LLM(settings))
-        await manager.start()
+        await ensure_streams(jetstream(broker), settings.stream_replicas)
+        manager = SessionManager(settings, broker, LLM(settings))
+        await broker.start()  # the consumers' durables exist before `start` reads the log
         try:
+            await manager.start()
             yield manager
         finally:
             await manager.stop()
     finally:
-        await nc.drain()
+        await broker.stop()
 
 
 async def run(settings: SessionManagerSettings) -> None:

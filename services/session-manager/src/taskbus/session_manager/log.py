@@ -11,7 +11,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts import subjects
@@ -27,6 +27,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
+from taskbus.contracts.streams import last_message
 
 logger = logging.getLogger(__name__)
 
@@ -36,36 +37,30 @@ _RECOVERY_BATCH = 1000
 async def read_conversation(
     js: JetStreamContext, conversation_id: str
 ) -> list[AnyEvent | UnknownEvent]:
-    """Every event of one conversation, in order, as stored at the time of reading."""
-    tail = await _last(js, subjects.conversation_events(conversation_id))
+    """Every event of one conversation, in order, as stored at the time of reading: a one-shot
+    read up to the last message, so nats-py's ordered consumer, not a FastStream one."""
+    tail = await last_message(js, subjects.conversation_events(conversation_id))
     if tail is None:
         return []
+    end = tail.seq
+    assert end is not None  # a direct get always carries the stream sequence
     sub = await js.subscribe(subjects.conversation_events(conversation_id), ordered_consumer=True)
     events: list[AnyEvent | UnknownEvent] = []
     try:
         while True:
             msg = await sub.next_msg(timeout=5)
             events.append(decode_event(msg.data))
-            if msg.metadata.sequence.stream >= tail:
+            if msg.metadata.sequence.stream >= end:
                 return events
     finally:
         await sub.unsubscribe()
-
-
-async def _last(js: JetStreamContext, subject: str) -> int | None:
-    """Stream sequence of the last message on `subject`, if any."""
-    try:
-        message = await js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
-    except NotFoundError:
-        return None
-    return message.seq
 
 
 async def conversation_exists(js: JetStreamContext, conversation_id: str) -> bool:
     """Whether the id is used: created, refused (ConversationRejected) for good, or deleted.
     A deleted conversation's log is purged, but event-store's entry in the conversations bucket
     (its tombstone) stays, so a re-sent CreateConversation never brings it back."""
-    if await _last(js, subjects.conversation_events(conversation_id)) is not None:
+    if await last_message(js, subjects.conversation_events(conversation_id)) is not None:
         return True
     try:
         await (await js.key_value(subjects.CONVERSATIONS_BUCKET)).get(conversation_id)
@@ -106,7 +101,9 @@ async def _last_per_subject(js: JetStreamContext, filters: list[str]) -> list[Ms
     """The last message of every subject matching `filters`, streamed by a throwaway consumer.
 
     Listing subjects through stream info would stop at the server's 100,000 and cost a request
-    per subject; this reads only what is needed, whatever the number of conversations.
+    per subject; this reads only what is needed, whatever the number of conversations. It stays
+    on nats-py: a one-shot read of a known number of messages that ends by deleting its consumer,
+    where FastStream's consumers run until stopped.
     """
     name = f"session_manager_recovery_{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
