@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import CREDENTIALS_FILE_ENV
 from taskbus.contracts.bus import connect as bus_connect
-from taskbus.contracts.commands import CreateConversation, encode_command
+from taskbus.contracts.commands import CreateConversation, command_subject, encode_command
 from taskbus.contracts.queries import EventPage, QueryError, SearchEvents
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.devtools.bus_auth import ADMIN, credential_file
@@ -242,7 +242,7 @@ async def test_the_id_never_comes_back(
                 user_id=LOCAL_USER, conversation_id=cid, spec=ConversationSpec(title="again")
             )
             await js.publish(
-                subjects.command_subject(subjects.SESSION_MANAGER, command.name()),
+                command_subject(command),
                 encode_command(command),
                 stream=subjects.COMMANDS_STREAM,
             )

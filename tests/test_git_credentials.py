@@ -207,7 +207,8 @@ async def logged_events(stack: Stack, cid: str) -> list[bytes]:
         events = []
         for seq in range(1, last + 1):
             message = await js.get_msg(subjects.EVENTS_STREAM, seq)
-            if message.subject and message.subject.startswith(f"{subjects.EVENTS_PREFIX}.{cid}."):
+            prefix = subjects.conversation_events(cid).removesuffix(">")
+            if message.subject and message.subject.startswith(prefix):
                 events.append(message.data or b"")
         return events
     finally:

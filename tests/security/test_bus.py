@@ -23,7 +23,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import BusCredential, connect, inbox_prefix
-from taskbus.contracts.commands import DeleteConversation, encode_command
+from taskbus.contracts.commands import DeleteConversation, command_subject, encode_command
 from taskbus.contracts.events import (
     ConversationDeleted,
     ConversationStatusChanged,
@@ -250,7 +250,7 @@ async def test_forged_events_with_path_like_or_foreign_ids_change_nothing(stack:
 async def test_a_command_with_a_path_like_id_is_refused(stack: Stack) -> None:
     """Sent with the gateway's credential, the one allowed to send commands."""
     command = DeleteConversation(user_id="local", conversation_id="../../x")
-    subject = subjects.command_subject(subjects.SESSION_MANAGER, command.name())
+    subject = command_subject(command)
     async with bus_as(stack, bus_auth.GATEWAY) as nc:
         await nc.jetstream().publish(
             subject, encode_command(command), stream=subjects.COMMANDS_STREAM

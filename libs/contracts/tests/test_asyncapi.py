@@ -12,9 +12,17 @@ import pytest
 
 from taskbus.contracts import subjects
 from taskbus.contracts.asyncapi import asyncapi_document
-from taskbus.contracts.commands import AnyCommand, SendMessage, encode_command
+from taskbus.contracts.commands import (
+    AnyCommand,
+    SendMessage,
+    UpdateSettings,
+    command_subject,
+    encode_command,
+)
 from taskbus.contracts.events import EVENT_TYPES
+from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import Query, Reply, SearchEvents
+from taskbus.contracts.specs import UserSettings
 
 GOLDEN = Path(__file__).parent / "golden"
 DOCUMENT = asyncapi_document()
@@ -56,11 +64,16 @@ def test_each_channel_carries_every_message_of_its_kind() -> None:
 def test_addresses_are_the_subjects_the_services_use() -> None:
     channels = DOCUMENT["channels"]
     assert channels["events"]["address"].format(
-        conversationId="c1", kind="CmdRunAction"
+        partition=partition_of("c1"), conversationId="c1", kind="CmdRunAction"
     ) == subjects.event_subject("c1", "CmdRunAction")
+    send = SendMessage(user_id="u", conversation_id="c1", content="hi")
     assert channels["commands"]["address"].format(
-        command="SendMessage"
-    ) == subjects.command_subject(subjects.SESSION_MANAGER, SendMessage.name())
+        partition=partition_of("c1"), command="SendMessage"
+    ) == command_subject(send)
+    settings = UpdateSettings(user_id="u", settings=UserSettings())
+    assert channels["commands"]["address"].format(
+        partition=subjects.USER_COMMANDS_TOKEN, command="UpdateSettings"
+    ) == command_subject(settings)
     assert channels["queries"]["address"].format(
         query=SearchEvents.subject_name
     ) == subjects.query_subject(SearchEvents.subject_name)

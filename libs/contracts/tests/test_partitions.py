@@ -85,12 +85,14 @@ class Instance:
             lease_seconds=LEASE,
         )
 
-    async def _acquired(self, partition: int) -> None:
-        self.owned.add(partition)
+    async def _acquired(self, partitions: frozenset[int]) -> None:
+        assert partitions and not partitions & self.owned
+        self.owned |= partitions
 
-    async def _lost(self, partition: int) -> None:
-        self.owned.discard(partition)
-        self.lost.append(partition)
+    async def _lost(self, partitions: frozenset[int]) -> None:
+        assert partitions and partitions <= self.owned
+        self.owned -= partitions
+        self.lost += sorted(partitions)
 
 
 async def settled(instances: list[Instance], within: float = 10) -> float:
@@ -141,8 +143,9 @@ async def test_leases_share_the_partitions_and_move_those_of_a_dead_or_leaving_m
 async def test_two_members_racing_for_a_free_partition_never_both_hold_it(kv: KeyValue) -> None:
     first, second = Instance(kv, "x"), Instance(kv, "y")
     # Both believe they should own partition 0 (each sees only itself): create decides.
-    await asyncio.gather(first.leases._acquire(0), second.leases._acquire(0))
-    assert (0 in first.owned) != (0 in second.owned)
+    won = await asyncio.gather(first.leases._acquire(0), second.leases._acquire(0))
+    assert sorted(won) == [False, True]
+    assert (0 in first.leases.held) != (0 in second.leases.held)
 
 
 async def test_a_member_that_cannot_renew_in_time_gives_its_partitions_up_first(

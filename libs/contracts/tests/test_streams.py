@@ -156,9 +156,9 @@ async def test_the_command_queue_is_bounded_and_dead_letters_age_out(js: JetStre
     commands = (await js.stream_info(subjects.COMMANDS_STREAM)).config
     assert commands.max_msgs == 2 and commands.max_bytes and commands.max_bytes > 0
     for n in range(2):
-        await js.publish(subjects.command_subject("session_manager", f"C{n}"), b"{}")
+        await js.publish(subjects.user_command_subject(f"C{n}"), b"{}")
     with pytest.raises(nats.js.errors.APIError, match="maximum messages"):
-        await js.publish(subjects.command_subject("session_manager", "C2"), b"{}")
+        await js.publish(subjects.user_command_subject("C2"), b"{}")
     dead = (await js.stream_info(subjects.DEADLETTER_STREAM)).config
     assert dead.subjects == [subjects.ALL_DEADLETTERS]
     assert dead.max_age and dead.max_bytes and dead.max_bytes > 0

@@ -128,7 +128,7 @@ class FailingOncePurger(Purger):
     after every ack) and purges nothing."""
 
     def __init__(self, clickhouse: ClickHouse, js: JetStreamContext, conversation_id: str) -> None:
-        super().__init__(js, clickhouse, ())
+        super().__init__(js, clickhouse, lambda _: ())
         self._conversation_id = conversation_id
         self.asked = 0
 

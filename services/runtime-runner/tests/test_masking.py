@@ -37,7 +37,7 @@ async def logged(js: JetStreamContext, cid: str) -> list[str]:
     found = []
     for seq in range(1, (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq + 1):
         message = await js.get_msg(subjects.EVENTS_STREAM, seq)
-        if message.subject and message.subject.split(".")[2] == cid and message.data:
+        if message.subject and subjects.conversation_id_of(message.subject) == cid and message.data:
             found.append(message.data.decode())
     return found
 

@@ -29,6 +29,7 @@ from taskbus.contracts.commands import (
     CreateConversation,
     SendMessage,
     UpdateSettings,
+    command_subject,
     encode_command,
 )
 from taskbus.contracts.config import settings_from_env
@@ -193,8 +194,9 @@ async def fake_runtime(js: JetStreamContext, cid: str) -> AsyncIterator[FakeRunt
 
 
 async def send(js: JetStreamContext, command: Command, name: str) -> None:
+    assert command.name() == name
     await js.publish(
-        subjects.command_subject(subjects.SESSION_MANAGER, name),
+        command_subject(command),
         encode_command(command),
         headers={"Nats-Msg-Id": uuid.uuid4().hex},
     )
@@ -230,7 +232,7 @@ async def test_demo_task_runs_to_finish_with_priced_steps(
     async with fake_runtime(bus, cid) as runtime:
         # A malformed command is dropped without stopping the consumer.
         await bus.publish(
-            subjects.command_subject(subjects.SESSION_MANAGER, "CreateConversation"), b"{oops"
+            subjects.conversation_command_subject(cid, "CreateConversation"), b"{oops"
         )
         create = CreateConversation(user_id="alice", conversation_id=cid, spec=spec)
         await send(bus, create, "CreateConversation")
@@ -584,7 +586,10 @@ async def test_a_restarted_session_manager_still_gives_back_an_ended_conversatio
         await runtime.wait_for(status_reached(S.FINISHED))
         assert not runtime.of(RuntimeControlRequested)  # this instance never checks
         # A new instance recovers the finished conversation because its sandbox is live.
-        restarted = msgspec.structs.replace(stack.settings, time_limit_check_seconds=0.1)
+        await stack.manager.stop()  # it hands its partitions back at once
+        restarted = msgspec.structs.replace(
+            stack.settings, time_limit_check_seconds=0.1, instance_id="restarted"
+        )
         async with running_session_manager(restarted):
             await runtime.wait_for(runtime_reached(RuntimeStatus.STOPPED))
     controls = [(e.action, e.reason) for e in runtime.of(RuntimeControlRequested)]  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from taskbus.contracts import subjects
 from taskbus.contracts.commands import UpdateSettings
 from taskbus.contracts.events import CmdOutputObservation, CmdRunAction
+from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.streams import ensure_streams
@@ -22,8 +23,11 @@ from taskbus.session_manager.log import SettingsStore
 from .test_agent_loop import agent_stack, send, status_reached
 
 APP = "taskbus-session-manager"
-EVENTS = subjects.SESSION_MANAGER_EVENTS_DURABLE
-COMMANDS = subjects.SESSION_MANAGER_COMMANDS_DURABLE
+USER_COMMANDS = subjects.SESSION_MANAGER_USER_COMMANDS_DURABLE
+
+
+def events_durable(cid: str) -> str:
+    return subjects.session_manager_events_durable(partition_of(cid))
 
 
 def received(handler_prefix: str) -> float:
@@ -51,18 +55,20 @@ async def all_acked(js: JetStreamContext, stream: str, durable: str) -> bool:
 
 
 async def test_a_conversation_is_consumed_through_faststream(tmp_path: Path) -> None:
-    events_before = received(f"{subjects.EVENTS_PREFIX}.*.")
-    commands_before = received(subjects.command_subject(subjects.SESSION_MANAGER, ""))
+    events_before = received(f"{subjects.EVENTS_PREFIX}.*.*.")
+    commands_before = received(f"{subjects.COMMANDS_PREFIX}.{subjects.SESSION_MANAGER}.*.")
     spec = ConversationSpec(initial_user_msg="Do the demo.")
     async with agent_stack(tmp_path, None) as stack, stack.conversation("erin", spec) as runtime:
         await runtime.wait_for(status_reached(ConversationStatus.FINISHED))
         # Everything delivered is acked once handled.
-        await eventually(lambda: all_acked(stack.js, subjects.EVENTS_STREAM, EVENTS))
+        durable = events_durable(runtime.cid)
+        await eventually(lambda: all_acked(stack.js, subjects.EVENTS_STREAM, durable))
 
     # FastStream's Prometheus middleware counted what the durables delivered, per subject family
     # (the runtime's observations arrive only through the events consumer).
-    assert received(f"{subjects.EVENTS_PREFIX}.*.") - events_before >= 2
-    assert received(subjects.command_subject(subjects.SESSION_MANAGER, "")) > commands_before
+    assert received(f"{subjects.EVENTS_PREFIX}.*.*.") - events_before >= 2
+    commands = received(f"{subjects.COMMANDS_PREFIX}.{subjects.SESSION_MANAGER}.*.")
+    assert commands > commands_before
     labels = {
         sample.labels.get("handler", "")
         for metric in REGISTRY.collect()
@@ -82,7 +88,7 @@ async def test_a_command_whose_write_fails_is_redelivered_and_stored_once_it_can
         await send(js, update, "UpdateSettings")
 
         async def redelivered() -> bool:
-            info = await js.consumer_info(subjects.COMMANDS_STREAM, COMMANDS)
+            info = await js.consumer_info(subjects.COMMANDS_STREAM, USER_COMMANDS)
             return info.num_redelivered > 0
 
         await eventually(redelivered)  # it failed, was not acked, and came back
@@ -94,7 +100,7 @@ async def test_a_command_whose_write_fails_is_redelivered_and_stored_once_it_can
 
         await eventually(stored)
 
-        await eventually(lambda: all_acked(js, subjects.COMMANDS_STREAM, COMMANDS))
+        await eventually(lambda: all_acked(js, subjects.COMMANDS_STREAM, USER_COMMANDS))
 
 
 async def test_an_event_crafted_to_break_the_consumer_is_dead_lettered_and_the_rest_go_on(
@@ -110,11 +116,18 @@ async def test_an_event_crafted_to_break_the_consumer_is_dead_lettered_and_the_r
         js: JetStreamContext = stack.js
         dead = await js.pull_subscribe(subjects.ALL_DEADLETTERS, stream=subjects.DEADLETTER_STREAM)
         # On a conversation of its own: a forged last event of this one would stop its appender.
-        forged = subjects.event_subject(uuid.uuid4().hex, CmdOutputObservation.__name__)
+        # On this conversation's partition: the consumer the observation comes through.
+        forged_cid = next(
+            cid
+            for cid in (uuid.uuid4().hex for _ in range(1000))
+            if partition_of(cid) == partition_of(runtime.cid)
+        )
+        forged = subjects.event_subject(forged_cid, CmdOutputObservation.__name__)
         await js.publish(forged, b"{not json", headers={"content-type": "application/json"})
         await runtime.answer_held()  # the observation follows the forgery, likely in its batch
         async with asyncio.timeout(5):  # well before the 30 s ack_wait would bring it back
             await runtime.wait_for(status_reached(ConversationStatus.FINISHED))
         (letter,) = await dead.fetch(1, timeout=5)
         assert letter.data == b"{not json"
-        await eventually(lambda: all_acked(js, subjects.EVENTS_STREAM, EVENTS))
+        durable = events_durable(runtime.cid)
+        await eventually(lambda: all_acked(js, subjects.EVENTS_STREAM, durable))

@@ -15,6 +15,7 @@ import msgspec
 from taskbus.contracts import subjects
 from taskbus.contracts.commands import AnyCommand
 from taskbus.contracts.events import EVENT_TYPES
+from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.queries import Query, Reply
 
 _SCHEMA_REF = "#/components/schemas/{name}"
@@ -55,6 +56,11 @@ def asyncapi_document() -> dict[str, Any]:
         [*events, *commands, *queries, *replies], ref_template=_SCHEMA_REF
     )
     conversation = _parameter(f"the conversation's id ({subjects.CONVERSATION_ID_PATTERN.pattern})")
+    partition = _parameter(
+        f"the conversation's partition: FNV-1a of its id modulo {PARTITIONS}"
+        " (contracts/partitions.py; NATS' own partition() mapping agrees)",
+        [str(p) for p in range(PARTITIONS)],
+    )
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -70,19 +76,30 @@ def asyncapi_document() -> dict[str, Any]:
         },
         "channels": {
             "events": {
-                "address": f"{subjects.EVENTS_PREFIX}.{{conversationId}}.{{kind}}",
+                "address": f"{subjects.EVENTS_PREFIX}.{{partition}}.{{conversationId}}.{{kind}}",
                 "description": "The log: every fact of every conversation, in order.",
                 "parameters": {
+                    "partition": partition,
                     "conversationId": conversation,
                     "kind": _parameter("the event's kind", sorted(EVENT_TYPES)),
                 },
                 "messages": _refs(events),
             },
             "commands": {
-                "address": f"{subjects.COMMANDS_PREFIX}.{subjects.SESSION_MANAGER}.{{command}}",
-                "description": "What the gateway asks of session-manager, on behalf of a user.",
+                "address": f"{subjects.COMMANDS_PREFIX}.{subjects.SESSION_MANAGER}"
+                ".{partition}.{command}",
+                "description": (
+                    "What the gateway asks of session-manager, on behalf of a user: a"
+                    " conversation's commands on its partition (the instance holding it applies"
+                    f" them), settings and secrets on `{subjects.USER_COMMANDS_TOKEN}` (any"
+                    " instance applies them)."
+                ),
                 "parameters": {
-                    "command": _parameter("the command's name", [c.name() for c in commands])
+                    "partition": _parameter(
+                        "the conversation's partition, or the user commands' token",
+                        [*partition["enum"], subjects.USER_COMMANDS_TOKEN],
+                    ),
+                    "command": _parameter("the command's name", [c.name() for c in commands]),
                 },
                 "messages": _refs(commands),
             },

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+from taskbus.contracts import subjects
 from taskbus.contracts.specs import (
     MAX_MESSAGE_CHARS,
     MAX_NAME_CHARS,
@@ -201,6 +202,14 @@ _encoder = msgspec.json.Encoder()
 
 def encode_command(command: Command) -> bytes:
     return _encoder.encode(command)
+
+
+def command_subject(command: Command) -> str:
+    """Where `command` goes: its conversation's partition (the instance that owns it applies
+    it), or the user commands any instance applies."""
+    if isinstance(command, (CreateConversation, ConversationCommand)):
+        return subjects.conversation_command_subject(command.conversation_id, command.name())
+    return subjects.user_command_subject(command.name())
 
 
 def decode_command(data: bytes) -> AnyCommand:

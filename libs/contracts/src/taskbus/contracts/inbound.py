@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.commands import AnyCommand, decode_command
+from taskbus.contracts.commands import AnyCommand, command_subject, decode_command
 from taskbus.contracts.events import AnyEvent, UnknownEvent, decode_event
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ REASON_HEADER = "Taskbus-Refused-Reason"
 SUBJECT_HEADER = "Taskbus-Refused-Subject"
 # A dead letter keeps at most this much of the refused payload, so it always fits max_payload.
 MAX_KEPT_BYTES = 64 * 1024
-_EVENT_SUBJECT_TOKENS = 4  # taskbus.events.<conversation id>.<kind>
+_EVENT_SUBJECT_TOKENS = 5  # taskbus.events.<partition>.<conversation id>.<kind>
 
 
 class Refused(Exception):
@@ -49,13 +49,16 @@ def inbound_event(subject: str, data: bytes) -> AnyEvent | UnknownEvent:
     _require_id(event.conversation_id)
     if event.conversation_id != subjects.conversation_id_of(subject):
         raise Refused("the payload's conversation id differs from the subject's")
-    if event.kind != tokens[3]:
+    if event.kind != tokens[4]:
         raise Refused("the payload's kind differs from the subject's")
+    if subject != subjects.event_subject(event.conversation_id, event.kind):
+        raise Refused("the subject's partition is not the conversation's")
     return event
 
 
-def inbound_command(data: bytes) -> AnyCommand:
-    """The command, if its conversation id (when it names one) has the allowed form."""
+def inbound_command(subject: str, data: bytes) -> AnyCommand:
+    """The command, if its conversation id (when it names one) has the allowed form and it came
+    on its own subject (a conversation's partition: the instance that owns it applies it)."""
     try:
         command = decode_command(data)
     except msgspec.MsgspecError as error:
@@ -63,6 +66,8 @@ def inbound_command(data: bytes) -> AnyCommand:
     conversation_id = getattr(command, "conversation_id", None)
     if conversation_id is not None:
         _require_id(conversation_id)
+    if subject != command_subject(command):
+        raise Refused("not this command's subject")
     return command
 
 

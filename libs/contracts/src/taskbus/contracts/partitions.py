@@ -40,7 +40,8 @@ RENEW_SECONDS = LEASE_SECONDS / 3
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
 
-PartitionCallback = Callable[[int], Awaitable[None]]
+# Told of the partitions acquired, or lost, in one round (never an empty set).
+PartitionCallback = Callable[[frozenset[int]], Awaitable[None]]
 
 
 def fnv1a_32(data: bytes) -> int:
@@ -113,8 +114,9 @@ class PartitionLeases:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for partition in sorted(self._held):
-            await self._lose(partition)
+        held = sorted(self._held)
+        await self._lose(held)
+        for partition in held:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._kv.delete(self._lease_key(partition))
         with contextlib.suppress(nats.errors.Error, TimeoutError):
@@ -125,9 +127,9 @@ class PartitionLeases:
             await asyncio.sleep(self._renew_seconds)
             if time.monotonic() - self._renewed_at > self._lease_seconds - self._renew_seconds:
                 # Too late to be sure our leases still stand: stop acting on them first.
-                for partition in sorted(self._held):
-                    logger.warning("%s: lease of partition %d not renewed in time", self, partition)
-                    await self._lose(partition)
+                if self._held:
+                    logger.warning("%s: leases not renewed in time: %s", self, sorted(self._held))
+                await self._lose(sorted(self._held))
             try:
                 await self.rebalance()
             except (nats.errors.Error, TimeoutError) as error:
@@ -138,18 +140,26 @@ class PartitionLeases:
         take what is ours and free."""
         await self._kv.put(self._member_key(self._instance), b"")
         members = await self._members()
+        lost: list[int] = []
+        handed_back: list[int] = []
+        acquired: list[int] = []
         for partition in range(self._partitions):
             owner = rendezvous_owner(partition, members)
             if partition in self._held:
-                if owner == self._instance:
-                    await self._renew(partition)
-                else:  # a member joined that should own it: give it back now
-                    await self._lose(partition)
-                    with contextlib.suppress(nats.errors.Error, TimeoutError):
-                        await self._kv.delete(self._lease_key(partition))
-            elif owner == self._instance:
-                await self._acquire(partition)
+                if owner != self._instance:  # a member joined that should own it
+                    handed_back.append(partition)
+                elif not await self._renew(partition):
+                    lost.append(partition)
+            elif owner == self._instance and await self._acquire(partition):
+                acquired.append(partition)
         self._renewed_at = time.monotonic()
+        await self._lose(lost + handed_back)
+        for partition in handed_back:  # after we stopped acting on it: the other takes it now
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._kv.delete(self._lease_key(partition))
+        if acquired:
+            logger.info("%s: acquired partitions %s", self, acquired)
+            await self._on_acquired(frozenset(acquired))
 
     async def _members(self) -> list[str]:
         prefix = self._member_key("")
@@ -160,28 +170,30 @@ class PartitionLeases:
         members = {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
         return sorted(members | {self._instance})
 
-    async def _renew(self, partition: int) -> None:
+    async def _renew(self, partition: int) -> bool:
+        """Whether the lease is still ours (renewed); False: it expired, or was taken."""
         try:
             self._held[partition] = await self._kv.update(
                 self._lease_key(partition), self._instance.encode(), last=self._held[partition]
             )
-        except KeyWrongLastSequenceError:  # expired, or taken: it is no longer ours
-            await self._lose(partition)
-
-    async def _acquire(self, partition: int) -> None:
-        key = self._lease_key(partition)
-        try:
-            revision = await self._kv.create(key, self._instance.encode())
         except KeyWrongLastSequenceError:
-            return  # still held by its previous owner until it hands it back or it expires
-        self._held[partition] = revision
-        logger.info("%s: acquired partition %d", self, partition)
-        await self._on_acquired(partition)
+            return False
+        return True
 
-    async def _lose(self, partition: int) -> None:
-        if self._held.pop(partition, None) is not None:
-            logger.info("%s: gave up partition %d", self, partition)
-            await self._on_lost(partition)
+    async def _acquire(self, partition: int) -> bool:
+        try:
+            self._held[partition] = await self._kv.create(
+                self._lease_key(partition), self._instance.encode()
+            )
+        except KeyWrongLastSequenceError:
+            return False  # still held by its previous owner until it hands it back or expires
+        return True
+
+    async def _lose(self, partitions: list[int]) -> None:
+        gone = frozenset(p for p in partitions if self._held.pop(p, None) is not None)
+        if gone:
+            logger.info("%s: gave up partitions %s", self, sorted(gone))
+            await self._on_lost(gone)
 
     async def owner(self, partition: int) -> str | None:
         """The instance holding `partition`'s lease now, if any."""

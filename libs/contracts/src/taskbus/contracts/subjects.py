@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from taskbus.contracts.partitions import PARTITIONS, partition_of
+
 EVENTS_STREAM = "TASKBUS_EVENTS"
 COMMANDS_STREAM = "TASKBUS_COMMANDS"
 # Messages a consumer refused (bad id, id not matching the subject, undecodable), kept for the
@@ -40,10 +42,13 @@ SESSION_MANAGER = "session_manager"
 RUNTIME_RUNNER = "runtime_runner"
 EVENT_STORE = "event_store"
 SESSION_MANAGER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.>"
+# Commands about a user rather than one conversation (settings, secrets): any instance applies
+# them. A conversation's commands go to its partition's subject (`conversation_command_subject`).
+USER_COMMANDS_TOKEN = "users"
+SESSION_MANAGER_USER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.{USER_COMMANDS_TOKEN}.>"
 
 # The durable consumers of the services (their defaults; the bus permissions name them).
-SESSION_MANAGER_EVENTS_DURABLE = "session_manager_events"
-SESSION_MANAGER_COMMANDS_DURABLE = "session_manager_commands"
+SESSION_MANAGER_USER_COMMANDS_DURABLE = "session_manager_user_commands"
 RUNTIME_RUNNER_DURABLE = "runtime_runner"
 EVENT_STORE_DURABLE = "event_store"
 
@@ -67,16 +72,49 @@ def require_conversation_id(conversation_id: str) -> str:
 
 
 def event_subject(conversation_id: str, kind: str) -> str:
-    return f"{EVENTS_PREFIX}.{conversation_id}.{kind}"
+    """`taskbus.events.<partition>.<conversation id>.<kind>`: the partition first, so an
+    instance that owns some partitions consumes exactly their events."""
+    return f"{EVENTS_PREFIX}.{partition_of(conversation_id)}.{conversation_id}.{kind}"
 
 
 def conversation_events(conversation_id: str) -> str:
     """Wildcard matching every event of one conversation (used for dense-id appends and tails)."""
-    return f"{EVENTS_PREFIX}.{conversation_id}.>"
+    return f"{EVENTS_PREFIX}.{partition_of(conversation_id)}.{conversation_id}.>"
+
+
+def events_of_kind(kind: str, partition: int | None = None) -> str:
+    """Every event of one kind, of one partition or of all."""
+    return f"{EVENTS_PREFIX}.{'*' if partition is None else partition}.*.{kind}"
+
+
+def partition_events(partition: int) -> str:
+    return f"{EVENTS_PREFIX}.{partition}.>"
 
 
 def conversation_id_of(subject: str) -> str:
-    return subject.split(".")[2]
+    return subject.split(".")[3]
+
+
+def partition_of_subject(subject: str) -> str:
+    """The partition token of an event or conversation command subject."""
+    return subject.split(".")[2 if subject.startswith(f"{EVENTS_PREFIX}.") else 3]
+
+
+def session_manager_events_durable(partition: int) -> str:
+    return f"session_manager_events_p{partition}"
+
+
+def session_manager_commands_durable(partition: int) -> str:
+    return f"session_manager_commands_p{partition}"
+
+
+def session_manager_durables() -> list[tuple[str, str]]:
+    """(stream, durable) of every consumer session-manager instances share out."""
+    return [
+        (COMMANDS_STREAM, SESSION_MANAGER_USER_COMMANDS_DURABLE),
+        *((EVENTS_STREAM, session_manager_events_durable(p)) for p in range(PARTITIONS)),
+        *((COMMANDS_STREAM, session_manager_commands_durable(p)) for p in range(PARTITIONS)),
+    ]
 
 
 def dead_letter_subject(service: str) -> str:
@@ -84,8 +122,17 @@ def dead_letter_subject(service: str) -> str:
     return f"{DEADLETTER_PREFIX}.{service}"
 
 
-def command_subject(service: str, command: str) -> str:
-    return f"{COMMANDS_PREFIX}.{service}.{command}"
+def conversation_command_subject(conversation_id: str, command: str) -> str:
+    """A command about one conversation, on its partition: its owner applies it."""
+    return f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.{partition_of(conversation_id)}.{command}"
+
+
+def user_command_subject(command: str) -> str:
+    return f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.{USER_COMMANDS_TOKEN}.{command}"
+
+
+def partition_commands(partition: int) -> str:
+    return f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.{partition}.>"
 
 
 def verdict_subject(command_id: str) -> str:
@@ -106,8 +153,10 @@ def family(subject: str) -> str:
     """`subject` with its unbounded tokens (conversation id, KV key, inbox, stream token) as
     `*`: what a metric may be labelled with."""
     tokens = subject.split(".")
-    if subject.startswith(f"{EVENTS_PREFIX}.") and len(tokens) == 4:
-        tokens[2] = "*"
+    if subject.startswith(f"{EVENTS_PREFIX}.") and len(tokens) == 5:
+        tokens[2:4] = ["*", "*"]
+    elif subject.startswith(f"{COMMANDS_PREFIX}.") and len(tokens) == 5:
+        tokens[3] = "*"
     elif subject.startswith(("_INBOX", "$KV.")) or ".zip_next." in subject:
         tokens[2:] = ["*"]
     return ".".join(tokens)

@@ -10,8 +10,9 @@ list. What each service may do, and why:
   the conversations, settings, runners, verdicts and secrets buckets (watching a verdict's key
   as it is stored). It appends no event and writes no bucket.
 - session-manager: appends events, writes the settings, verdicts and secrets buckets (their
-  only writer), consumes its two durables and throwaway recovery consumers (never another
-  service's durable), reads the conversations bucket (deleted conversations' tombstones).
+  only writer) and the partition leases, consumes its partitions' durables and throwaway
+  recovery consumers (never another service's durable), reads the conversations bucket
+  (deleted conversations' tombstones).
 - runtime-runner: appends events (observations), writes the runners bucket, reads the secrets
   bucket (git tokens, sandbox secrets; never the settings bucket), consumes its durable,
   answers workspace requests (files of the workspaces on its host).
@@ -123,7 +124,7 @@ def _durable(stream: str, name: str) -> list[str]:
 def _others_durables(own: tuple[str, ...]) -> list[str]:
     """Every verb on the other services' durables, for users allowed `*` consumers."""
     durables = (
-        subjects.SESSION_MANAGER_EVENTS_DURABLE,
+        *(name for stream, name in subjects.session_manager_durables() if stream == _EVENTS),
         subjects.RUNTIME_RUNNER_DURABLE,
         subjects.EVENT_STORE_DURABLE,
     )
@@ -182,12 +183,20 @@ def permissions(user: str) -> dict[str, Any] | None:
             # reading the entry first (revision-checked updates).
             *_read_bucket(subjects.SECRETS_BUCKET),
             *_write_bucket(subjects.SECRETS_BUCKET),
-            *_durable(_EVENTS, subjects.SESSION_MANAGER_EVENTS_DURABLE),
-            *_durable(_COMMANDS, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
+            # Its partitions' durables (whichever instance holds the partition's lease) and the
+            # user commands' one, shared by every instance.
+            *(
+                permission
+                for stream, name in subjects.session_manager_durables()
+                for permission in _durable(stream, name)
+            ),
+            *_read_bucket(subjects.PARTITIONS_BUCKET),
+            *_write_bucket(subjects.PARTITIONS_BUCKET),
             # Throwaway recovery consumers have random names; the others' durables stay out.
             *(f"{_API}.CONSUMER.{verb}.{_EVENTS}.*" for verb in recovery),
         ]
-        publish_deny += _others_durables((subjects.SESSION_MANAGER_EVENTS_DURABLE,))
+        own = tuple(name for _, name in subjects.session_manager_durables())
+        publish_deny += _others_durables(own)
     elif user == RUNTIME_RUNNER:
         publish += [
             subjects.ALL_EVENTS,

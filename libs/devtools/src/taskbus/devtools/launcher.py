@@ -44,8 +44,7 @@ log = logging.getLogger("taskbus.launcher")
 SERVICES = ("event_store", "session_manager", "runtime_runner", "gateway")
 # The durable consumers the services pull from: the stack is ready when each has a pull waiting.
 DURABLES = (
-    (subjects.COMMANDS_STREAM, subjects.SESSION_MANAGER_COMMANDS_DURABLE),
-    (subjects.EVENTS_STREAM, subjects.SESSION_MANAGER_EVENTS_DURABLE),
+    *subjects.session_manager_durables(),
     (subjects.EVENTS_STREAM, subjects.RUNTIME_RUNNER_DURABLE),
     (subjects.EVENTS_STREAM, subjects.EVENT_STORE_DURABLE),
 )

@@ -29,40 +29,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
+from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.streams import last_message
 from taskbus.event_store.clickhouse import ClickHouse
 
 log = logging.getLogger(__name__)
 
+# The durable consumers that must have processed a conversation's events, by conversation id.
+ConsumersOf = Callable[[str], Sequence[str]]
+
 _POLL_SECONDS = 0.5
 _RETRY_SECONDS = 2.0
 
 
-def log_consumers(event_store_consumer: str) -> tuple[str, ...]:
-    """The durable consumers of the log that must see a deletion before its purge."""
-    return (
-        subjects.SESSION_MANAGER_EVENTS_DURABLE,
-        subjects.RUNTIME_RUNNER_DURABLE,
-        event_store_consumer,
-    )
+def log_consumers(event_store_consumer: str) -> ConsumersOf:
+    """The durable consumers of the log that must see a conversation's deletion before its
+    purge: session-manager's of its partition, the runner's and this event-store's."""
+
+    def of(conversation_id: str) -> tuple[str, ...]:
+        partition = partition_of(conversation_id)
+        return (
+            subjects.session_manager_events_durable(partition),
+            subjects.RUNTIME_RUNNER_DURABLE,
+            event_store_consumer,
+        )
+
+    return of
 
 
 class Purger:
     """Purges deleted conversations in the background, one task per conversation."""
 
     def __init__(
-        self, js: JetStreamContext, clickhouse: ClickHouse, consumers: Sequence[str]
+        self, js: JetStreamContext, clickhouse: ClickHouse, consumers: ConsumersOf
     ) -> None:
         self._js = js
         self._clickhouse = clickhouse
-        self._consumers = tuple(consumers)
+        self._consumers_of = consumers
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def schedule(self, deleted: ConversationInfo) -> None:
@@ -105,16 +115,16 @@ class Purger:
         one has come meanwhile."""
         last = await self._last_sequence(conversation_id)
         while last:
-            await self._acked_by_all(last)
+            await self._acked_by_all(last, self._consumers_of(conversation_id))
             newest = await self._last_sequence(conversation_id)
             if newest == last:
                 return
             last = newest
 
-    async def _acked_by_all(self, sequence: int) -> None:
+    async def _acked_by_all(self, sequence: int, consumers: Sequence[str]) -> None:
         """Polled: the consumers' counters are the only record of what they have processed.
         A consumer that has acked `sequence` stays past it, so only the others are asked again."""
-        waiting = self._consumers
+        waiting = tuple(consumers)
         while True:
             acked = await asyncio.gather(*(self._has_acked(c, sequence) for c in waiting))
             waiting = tuple(c for c, done in zip(waiting, acked, strict=True) if not done)

@@ -30,6 +30,7 @@ from taskbus.contracts.commands import (
     ConversationCommand,
     CreateConversation,
     UpdateSettings,
+    command_subject,
     decode_verdict,
     encode_command,
 )
@@ -182,7 +183,7 @@ class Bus:
         """Publish to TASKBUS_COMMANDS; JetStream drops a repeated `msg_id` (idempotent retry)."""
         try:
             await self.js.publish(
-                subjects.command_subject(subjects.SESSION_MANAGER, command.name()),
+                command_subject(command),
                 encode_command(command),
                 stream=subjects.COMMANDS_STREAM,
                 headers={"Nats-Msg-Id": msg_id},

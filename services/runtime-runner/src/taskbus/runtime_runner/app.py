@@ -171,7 +171,7 @@ def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
 
 
 def handled_subjects() -> list[str]:
-    return [subjects.event_subject("*", kind.__name__) for kind in HANDLED_EVENTS]
+    return [subjects.events_of_kind(kind.__name__) for kind in HANDLED_EVENTS]
 
 
 def consumer_config(settings: RuntimeRunnerSettings) -> ConsumerConfig:

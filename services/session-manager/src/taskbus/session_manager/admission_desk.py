@@ -39,10 +39,14 @@ class AdmissionDesk:
         states: Mapping[str, ConversationState],
         settings_of: SettingsOf,
         append: Append,
+        holds: Callable[[str], bool] = lambda _: True,
     ) -> None:
-        """`states` is the live view of the conversation cache (read, never written);
-        `append` returns once the states include the appended events."""
+        """`states` is the live view of the conversation cache (read, never written), of which
+        this instance `holds` some partitions' conversations (the others may be cached as
+        dependencies, never admitted or counted here); `append` returns once the states include
+        the appended events."""
         self._settings = settings
+        self._holds = holds
         self._states = states
         self._settings_of = settings_of
         self._append = append
@@ -107,7 +111,7 @@ class AdmissionDesk:
                     priority=s.spec.priority,
                     since=s.status_since or _LONG_AGO,
                 )
-                for s in self._states.values()
+                for s in self._held()
                 if s.status == ConversationStatus.QUEUED and not s.deleted and not unresolved(s)
             ]
             if not waiting:
@@ -136,16 +140,19 @@ class AdmissionDesk:
                 last_activity=s.last_activity or _LONG_AGO,
                 priority=s.spec.priority,
             )
-            for s in self._states.values()
+            for s in self._held()
             if holds_slot(s)
         ]
 
     def _queued(self, user_id: str) -> int:
         return sum(
             1
-            for s in self._states.values()
+            for s in self._held()
             if s.user_id == user_id and s.status == ConversationStatus.QUEUED and not s.deleted
         )
+
+    def _held(self) -> list[ConversationState]:
+        return [s for s in self._states.values() if self._holds(s.conversation_id)]
 
     async def _evict(self, conversation_ids: Sequence[str]) -> None:
         for cid in conversation_ids:

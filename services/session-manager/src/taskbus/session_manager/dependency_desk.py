@@ -66,10 +66,12 @@ class DependencyDesk:
         """Resolutions under way (the service cancels them when it stops)."""
         return list(self._resolvers.values())
 
-    def on_change(self, state: ConversationState) -> None:
-        """Index the conversation if it waits for dependencies, and resolve what may be ready."""
+    def on_change(self, state: ConversationState, *, held: bool = True) -> None:
+        """Index the conversation if it waits for dependencies, and resolve what may be ready.
+        A conversation of a partition another instance holds (`held` False) is only a
+        dependency here: its owner resolves it."""
         cid = state.conversation_id
-        if waits_for_dependencies(state):
+        if held and waits_for_dependencies(state):
             if cid not in self._waiting_for:
                 self._waiting_for[cid] = tuple(state.spec.depends_on)
                 for dependency in self._waiting_for[cid]:
@@ -82,6 +84,13 @@ class DependencyDesk:
                     del self._dependents[dependency]
         if cid in self._dependents and _has_ended(state):
             for dependent in self._dependents[cid]:
+                self._request(dependent)
+
+    def recheck(self, fresh: Callable[[str], bool]) -> None:
+        """Resolve again the dependents with a dependency whose state may be stale here (not
+        `fresh`: another instance holds it, so its end came on no consumer of this one)."""
+        for dependent, dependencies in list(self._waiting_for.items()):
+            if not all(fresh(dependency) for dependency in dependencies):
                 self._request(dependent)
 
     def _request(self, conversation_id: str) -> None:

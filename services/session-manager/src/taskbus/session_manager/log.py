@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Collection
 
 import msgspec
 from nats.aio.msg import Msg
@@ -25,6 +26,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
     decode_event,
 )
+from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
 from taskbus.contracts.streams import last_message
@@ -69,11 +71,16 @@ async def conversation_exists(js: JetStreamContext, conversation_id: str) -> boo
     return True
 
 
-async def conversations_to_recover(js: JetStreamContext) -> list[str]:
-    """Conversations that may need work after a restart: queued or holding a sandbox (ended
-    ones included), or with a user message newer than their last status change."""
+async def conversations_to_recover(
+    js: JetStreamContext, partitions: Collection[int] | None = None
+) -> list[str]:
+    """Conversations (of `partitions`, or all) that may need work after a restart or a
+    hand-over: queued or holding a sandbox (ended ones included), or with a user message newer
+    than their last status change."""
     kinds = (ConversationCreated, ConversationStatusChanged, RuntimeStatusChanged, MessageAction)
-    filters = [subjects.event_subject("*", kind.__name__) for kind in kinds]
+    every: list[int | None] = [None]
+    chosen = every if partitions is None or len(partitions) == PARTITIONS else sorted(partitions)
+    filters = [subjects.events_of_kind(k.__name__, p) for k in kinds for p in chosen]
     latest: dict[str, dict[str, AnyEvent | UnknownEvent]] = defaultdict(dict)
     for message in await _last_per_subject(js, filters):
         event = decode_event(message.data)

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
-from faststream.nats.subscriber.usecases import BatchPullStreamSubscriber
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
-from taskbus.contracts.broker import BatchMessage, ServiceBroker, durable_pull, jetstream
+from taskbus.contracts.broker import ServiceBroker, jetstream
 from taskbus.contracts.commands import (
     QUEUE_FULL,
     AnyCommand,
@@ -50,6 +51,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
+from taskbus.contracts.partitions import PartitionLeases, partition_of
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
 from taskbus.session_manager import commands, log
@@ -67,6 +69,7 @@ from taskbus.session_manager.decide import (
 from taskbus.session_manager.dependency_desk import DependencyDesk
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
+from taskbus.session_manager.partition_consumers import PartitionConsumers
 from taskbus.session_manager.secrets_store import SecretsStore
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply
@@ -78,13 +81,10 @@ logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
 _RETRY_DRIVER_SECONDS = 1.0
-# How long a batch waits to fill: FastStream's batch consumer fetches until the batch is full or
-# this has passed, so it is the latency added to each reaction while traffic is sparse, and an
-# idle consumer polls at this period (measured here: 20 ms cost ~3% of a core per consumer idle,
-# 50 ms ~1.7%, 500 ms ~0.1%).
-_BATCH_LINGER_SECONDS = 0.05
 
-BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def conversation_title(spec: ConversationSpec) -> str:
@@ -145,7 +145,11 @@ class SessionManager:
         self._conversations = Conversations(js, self._on_change)
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._admission = AdmissionDesk(
-            settings, self._conversations.states, self._settings_store.get, self._append
+            settings,
+            self._conversations.states,
+            self._settings_store.get,
+            self._append,
+            holds=self._holds,
         )
         # Held while deciding from a conversation's state and appending what was decided, so a
         # command's verdict and the driver's steps never act on a state the other has changed.
@@ -155,37 +159,20 @@ class SessionManager:
             self._conversations, self._deciding, self._admission, self._append
         )
         self._background: set[asyncio.Task[None]] = set()
-        # Set once recovery has loaded what may need work (or on stop): consumers wait for it,
-        # so nothing is admitted against a half-loaded count of running conversations.
-        self._recovered = asyncio.Event()
         self._stopping = False
-        self._consumers = [
-            self._consumer(
-                broker,
-                subjects.ALL_EVENTS,
-                stream=subjects.EVENTS_STREAM,
-                # A new durable starts at new events: recovery reads older ones from the log.
-                config=ConsumerConfig(
-                    durable_name=subjects.SESSION_MANAGER_EVENTS_DURABLE,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.NEW,
-                    max_ack_pending=-1,
-                ),
-                handle=self._on_event_message,
-            ),
-            self._consumer(
-                broker,
-                subjects.SESSION_MANAGER_COMMANDS,
-                stream=subjects.COMMANDS_STREAM,
-                config=ConsumerConfig(
-                    durable_name=subjects.SESSION_MANAGER_COMMANDS_DURABLE,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    max_deliver=5,
-                    ack_wait=60,
-                ),
-                handle=self._on_commands,
-            ),
-        ]
+        self._consumers = PartitionConsumers(
+            broker,
+            on_events=self._on_event_message,
+            on_commands=self._on_commands,
+            recover=self._recover,
+            release=self._release,
+        )
+        self._leases: PartitionLeases | None = None
+
+    @property
+    def held_partitions(self) -> frozenset[int]:
+        """The partitions whose conversations this instance drives now."""
+        return self._consumers.partitions
 
     @property
     def held_conversations(self) -> frozenset[str]:
@@ -195,61 +182,53 @@ class SessionManager:
     # --- start / stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the conversations that may need work, then let the consumers go on. Call it once
-        the broker has started: the durables then exist before the log is read, so nothing
-        appended during recovery is missed by a durable created for the first time."""
-        for cid in await log.conversations_to_recover(self._js):
-            await self._conversations.load(cid)
-        logger.info("recovered %d conversations", len(self._conversations.states))
-        self._recovered.set()
+        """Take this instance's share of the partitions (each one's conversations recovered
+        from the log before its consumers start), then keep it as instances come and go."""
+        await self._consumers.start()
+        self._leases = PartitionLeases(
+            await self._js.key_value(subjects.PARTITIONS_BUCKET),
+            subjects.SESSION_MANAGER,
+            self._settings.instance_id or default_instance_id(),
+            on_acquired=self._consumers.acquired,
+            on_lost=self._consumers.lost,
+        )
+        await self._leases.start()
         self._background.add(asyncio.create_task(self._sweep(), name="sweep"))
         await self._admission.admit_waiting()
 
     async def stop(self) -> None:
-        """Consumers first (each finishes the batch in hand), then the drivers and the
-        background work are cancelled."""
+        """Consumers first (each finishes the message in hand; the leases are handed back so
+        other instances take the partitions at once), then the drivers and the background work
+        are cancelled."""
         self._stopping = True
-        self._recovered.set()  # a consumer still waiting for recovery hands its batch back
-        await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
+        if self._leases is not None:
+            await self._leases.stop()
+        await self._consumers.stop()
         work = [*self._drivers.values(), *self._background, *self._dependencies.tasks]
         for task in work:
             task.cancel()
         await asyncio.gather(*work, return_exceptions=True)
 
-    def _consumer(
-        self,
-        broker: ServiceBroker,
-        subject: str,
-        *,
-        stream: str,
-        config: ConsumerConfig,
-        handle: BatchHandler,
-    ) -> BatchPullStreamSubscriber:
-        """A durable pull consumer on `broker` passing each batch to `handle`, which acks each
-        message once its effect is stored. What a failed batch left unacked is nacked with a
-        delay: it comes back in a second, not after the whole ack_wait, and meanwhile later
-        messages go on (a conversation that misses events refolds from the log)."""
-
-        async def consume(message: BatchMessage) -> None:
-            await self._recovered.wait()
-            if self._stopping:
-                return  # unacked: redelivered to whoever consumes next
-            try:
-                await handle(message.raw_message)
-            except Exception:
-                logger.exception("failed to handle a batch of %s; redelivering", subject)
-                await message.nack(delay=_RETRY_DRIVER_SECONDS)
-
-        consume.__name__ = f"{config.durable_name}_batch"  # FastStream's name of the handler
-        return durable_pull(
-            broker,
-            subject,
-            consume,
-            stream=stream,
-            config=config,
-            batch_size=self._settings.fetch_batch,
-            timeout=_BATCH_LINGER_SECONDS,
+    async def _recover(self, partitions: frozenset[int]) -> None:
+        """Load the conversations of newly held partitions that may need work."""
+        recovered = await log.conversations_to_recover(self._js, partitions)
+        for cid in recovered:
+            await self._conversations.load(cid)
+        logger.info(
+            "recovered %d conversations of partitions %s", len(recovered), sorted(partitions)
         )
+        if recovered:
+            self._in_background(self._admission.admit_waiting())
+
+    async def _release(self, partitions: frozenset[int]) -> None:
+        """Stop driving the conversations of partitions no longer held, and drop their states:
+        their new holder folds them from the log."""
+        for cid in list(self._conversations.states):
+            if partition_of(cid) in partitions:
+                driver = self._drivers.pop(cid, None)
+                if driver is not None:
+                    driver.cancel()
+                self._forget(cid)
 
     async def _sweep(self) -> None:
         """Every `time_limit_check_seconds` until `stop` cancels it: apply the time limits, and
@@ -257,12 +236,13 @@ class SessionManager:
         holds only those that may still move."""
         while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
+            self._dependencies.recheck(fresh=self._holds)
             now = datetime.now(UTC)
             for cid, state in list(self._conversations.states.items()):
                 if self._conversations.states.get(cid) is not state:
                     continue  # changed during an append of this sweep
-                if is_settled(state) or not state.created:
-                    self._forget(cid)
+                if is_settled(state) or not state.created or not self._holds(cid):
+                    self._forget(cid)  # another instance's: folded afresh when needed
                     continue
                 if not time_limit_events(state, now):
                     continue
@@ -285,10 +265,12 @@ class SessionManager:
     async def _observe(self, event: AnyEvent | UnknownEvent) -> None:
         await self._conversations.observe(event)
         if isinstance(event, ConversationStatusChanged) and event.status in SETTLED_STATUSES:
-            # A slot may have been freed.
-            task = asyncio.create_task(self._admission.admit_waiting())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._admission.admit_waiting())  # a slot may have been freed
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _append(self, events: Sequence[Event]) -> None:
         """Append, and return once the in-memory state includes the new events."""
@@ -311,8 +293,15 @@ class SessionManager:
     # --- drivers --------------------------------------------------------------------------
 
     def _on_change(self, state: ConversationState) -> None:
-        self._kick(state.conversation_id)
-        self._dependencies.on_change(state)
+        """Drive a conversation of a held partition; another's state is here only as a
+        dependency (its owner drives it)."""
+        held = self._holds(state.conversation_id)
+        if held:
+            self._kick(state.conversation_id)
+        self._dependencies.on_change(state, held=held)
+
+    def _holds(self, conversation_id: str) -> bool:
+        return partition_of(conversation_id) in self._consumers.partitions
 
     def _kick(self, conversation_id: str) -> None:
         """Make sure a driver looks at the conversation's (new) state."""
@@ -427,7 +416,7 @@ class SessionManager:
         groups: dict[str, list[tuple[Msg, AnyCommand]]] = defaultdict(list)
         for msg in batch:
             try:
-                command = inbound_command(msg.data)
+                command = inbound_command(msg.subject, msg.data)
             except Refused as refused:
                 await self._dead_letters.refuse(msg, refused)
                 continue

@@ -49,4 +49,6 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_duration_seconds: float | None = None
     time_limit_check_seconds: float = 1.0
     max_budget_per_task: float | None = None
-    fetch_batch: int = 256
+    # This instance's name among the session-managers sharing the partitions (their leases);
+    # empty: the host name and process id.
+    instance_id: str = ""
