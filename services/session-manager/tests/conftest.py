@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
 
 from taskbus.contracts.events import Event
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
+from taskbus.session_manager.admission_ledger import AdmissionLedger
 from taskbus.session_manager.state import ConversationState, fold
 
 CID = "c1"
@@ -43,3 +46,11 @@ async def bus(own_nats: str) -> AsyncIterator[JetStreamContext]:
     await ensure_streams(js)
     yield js
     await nc.drain()
+
+
+@pytest.fixture
+async def ledger(bus: JetStreamContext) -> AdmissionLedger:
+    """An admission ledger of the test's own, in a real KV bucket."""
+    name = f"admission_{uuid.uuid4().hex[:12]}"
+    await bus.create_key_value(KeyValueConfig(bucket=name, history=1))
+    return AdmissionLedger(bus, bucket=name)

@@ -18,6 +18,7 @@ from taskbus.contracts.specs import ConcurrencyPolicy, ConversationSpec, UserSet
 from taskbus.contracts.status import ConversationStatus
 from taskbus.session_manager.admission import QUEUE_FULL_REASON
 from taskbus.session_manager.admission_desk import AdmissionDesk
+from taskbus.session_manager.admission_ledger import AdmissionLedger
 from taskbus.session_manager.decide import status_event
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply
@@ -31,12 +32,18 @@ GREEDY = UserSettings(max_concurrent_conversations=1000, concurrency_policy=Conc
 
 
 class Log:
-    """Conversations' states, advanced by every append as the service's `_append` does."""
+    """Conversations' states, advanced by every append as the service's `_append` does, the
+    admission ledger following each status change as the service's `_observe` makes it."""
 
     def __init__(self, user_settings: dict[str, UserSettings]) -> None:
         self.states: dict[str, ConversationState] = {}
         self.appended: list[Event] = []
         self._user_settings = user_settings
+        self._desk: AdmissionDesk | None = None
+
+    def desk(self, settings: SessionManagerSettings, ledger: AdmissionLedger) -> AdmissionDesk:
+        self._desk = AdmissionDesk(settings, self.states, self.settings_of, self.append, ledger)
+        return self._desk
 
     async def settings_of(self, user_id: str) -> UserSettings | None:
         return self._user_settings.get(user_id)
@@ -48,6 +55,8 @@ class Log:
             event = msgspec.structs.replace(event, id=state.last_event_id + 1)
             self.states[cid] = apply(state, event)
             self.appended.append(event)
+            if isinstance(event, ConversationStatusChanged) and self._desk is not None:
+                await self._desk.settle(self.states[cid])
 
     def statuses(self, cid: str) -> list[ConversationStatus]:
         return [
@@ -76,9 +85,11 @@ async def create(desk: AdmissionDesk, cid: str, user_id: str) -> str | None:
     return None if refused is None else refused.reason
 
 
-async def test_another_user_gets_the_free_slot_while_a_greedy_users_queue_is_full() -> None:
+async def test_another_user_gets_the_free_slot_while_a_greedy_users_queue_is_full(
+    ledger: AdmissionLedger,
+) -> None:
     log = Log({"greedy": GREEDY})
-    desk = AdmissionDesk(OPERATOR, log.states, log.settings_of, log.append)
+    desk = log.desk(OPERATOR, ledger)
 
     assert [await create(desk, f"g{i}", "greedy") for i in range(4)] == [
         None,
@@ -103,9 +114,11 @@ async def test_another_user_gets_the_free_slot_while_a_greedy_users_queue_is_ful
     assert log.statuses("b0") == [_S.STARTING]
 
 
-async def test_a_freed_slot_goes_to_the_queue_and_a_restart_respects_the_cap() -> None:
+async def test_a_freed_slot_goes_to_the_queue_and_a_restart_respects_the_cap(
+    ledger: AdmissionLedger,
+) -> None:
     log = Log({"greedy": GREEDY})
-    desk = AdmissionDesk(OPERATOR, log.states, log.settings_of, log.append)
+    desk = log.desk(OPERATOR, ledger)
     for cid, user in (("g0", "greedy"), ("g1", "greedy"), ("b0", "bob"), ("c0", "carol")):
         await create(desk, cid, user)
     assert log.statuses("c0") == [_S.QUEUED]  # capacity: g0 and b0 run

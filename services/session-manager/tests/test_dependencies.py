@@ -49,6 +49,7 @@ from taskbus.devtools.nats_server import NatsServer
 from taskbus.devtools.scripted_llm import ScriptedLLM
 from taskbus.session_manager.admission import QUEUE_FULL_REASON
 from taskbus.session_manager.admission_desk import AdmissionDesk
+from taskbus.session_manager.admission_ledger import AdmissionLedger
 from taskbus.session_manager.app import running_session_manager
 from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.decide import next_step, status_event
@@ -323,12 +324,12 @@ async def create_in(desk: AdmissionDesk, cid: str, depends_on: Sequence[str] = (
     return None if refused is None else refused.reason
 
 
-async def test_waiting_for_dependencies_holds_no_slot_counts_as_queued_and_is_never_admitted() -> (
-    None
-):
+async def test_waiting_for_dependencies_holds_no_slot_counts_as_queued_and_is_never_admitted(
+    ledger: AdmissionLedger,
+) -> None:
     log = Log({"greedy": GREEDY})
     settings = msgspec.structs.replace(OPERATOR, max_queued_conversations=2)
-    desk = AdmissionDesk(settings, log.states, log.settings_of, log.append)
+    desk = log.desk(settings, ledger)
     assert await create_in(desk, "w1", ["x"]) is None
     assert await create_in(desk, "w2", ["x"]) is None
     assert [log.states[c].status_reason for c in ("w1", "w2")] == [WAITING_FOR_DEPENDENCIES] * 2

@@ -11,9 +11,17 @@ from pathlib import Path
 
 import msgspec
 
-from taskbus.contracts.events import CmdRunAction, LLMMetrics
+from taskbus.contracts import subjects
+from taskbus.contracts.events import (
+    CmdRunAction,
+    ConversationCreated,
+    ConversationStatusChanged,
+    LLMMetrics,
+    decode_event,
+)
 from taskbus.contracts.partitions import PARTITIONS, partition_of, rendezvous_owner
-from taskbus.contracts.status import ConversationStatus
+from taskbus.contracts.specs import ConcurrencyPolicy
+from taskbus.contracts.status import ACTIVE_STATUSES, ConversationStatus
 from taskbus.session_manager.app import running_session_manager
 from taskbus.session_manager.service import SessionManager
 from taskbus.session_manager.settings import SessionManagerSettings
@@ -32,6 +40,10 @@ def instance(settings: SessionManagerSettings, name: str) -> SessionManagerSetti
         max_concurrent_conversations=20,
         max_concurrent_conversations_limit=20,
     )
+
+
+def owner_of_three(cid: str) -> str | None:
+    return rendezvous_owner(partition_of(cid), ("a", "b", "c"))
 
 
 def owner_of(cid: str) -> str | None:
@@ -125,8 +137,55 @@ async def test_a_dependency_one_instance_drives_releases_a_dependent_the_other_d
         (dependency,) = await runtimes_owned_by(w, "a", 1)
         (dependent,) = await runtimes_owned_by(w, "b", 1)
         await w.create(dependency)
+        # The gateway accepts a dependency only once it exists (the two creates go to two
+        # instances: their order is the caller's).
+        await dependency.wait_for(lambda es: any(isinstance(e, ConversationCreated) for e in es))
         await w.create(dependent, dependency.cid)
         await dependency.wait_for(status_reached(ConversationStatus.FINISHED))
         # b sees no event of a's partitions: it learns of the end by looking again.
         await dependent.wait_for(status_reached(ConversationStatus.FINISHED))
         ran_once(dependent)
+
+
+async def test_three_instances_admit_a_users_conversations_as_one_would(tmp_path: Path) -> None:
+    """Issue 11's admission check: a user limited to 2, 20 creates at once over 3 instances;
+    read in log order, never more than 2 of them hold a slot."""
+    async with world(tmp_path) as w:
+        limited = msgspec.structs.replace(
+            w.settings,
+            max_concurrent_conversations=2,
+            max_concurrent_conversations_limit=2,
+            concurrency_policy=ConcurrencyPolicy.QUEUE,
+            max_queued_conversations=20,
+            time_limit_check_seconds=0.2,
+        )
+        async with (
+            running_session_manager(msgspec.structs.replace(limited, instance_id="a")) as a,
+            running_session_manager(msgspec.structs.replace(limited, instance_id="b")) as b,
+            running_session_manager(msgspec.structs.replace(limited, instance_id="c")) as c,
+        ):
+            await until_shared(a, b, c)
+            log = await w.js.subscribe(subjects.ALL_EVENTS, ordered_consumer=True)
+            runtimes = await w.runtimes(20)
+            await asyncio.gather(*(w.create(runtime) for runtime in runtimes))
+            for runtime in runtimes:
+                await runtime.wait_for(status_reached(ConversationStatus.FINISHED))
+                ran_once(runtime)
+            holding: set[str] = set()
+            most = 0
+            while True:  # every event so far, in log order (all have finished)
+                try:
+                    message = await log.next_msg(timeout=1)
+                except TimeoutError:
+                    break
+                event = decode_event(message.data)
+                if isinstance(event, ConversationStatusChanged):
+                    if event.status in ACTIVE_STATUSES:
+                        holding.add(event.conversation_id)
+                    else:
+                        holding.discard(event.conversation_id)
+                    most = max(most, len(holding))
+            await log.unsubscribe()
+            print(f"most of the user's conversations holding a slot at once: {most}")
+            assert most == 2
+            assert {owner_of_three(r.cid) for r in runtimes} == {"a", "b", "c"}

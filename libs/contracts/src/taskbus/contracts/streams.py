@@ -113,6 +113,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
         KeyValueConfig(
             bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
         ),
+        KeyValueConfig(bucket=subjects.ADMISSION_BUCKET, history=1, replicas=replicas),
         # A lease lives until LEASE_SECONDS after its last renewal.
         KeyValueConfig(
             bucket=subjects.PARTITIONS_BUCKET, history=1, ttl=LEASE_SECONDS, replicas=replicas

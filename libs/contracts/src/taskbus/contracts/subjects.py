@@ -21,6 +21,9 @@ VERDICTS_BUCKET = "taskbus_verdicts"
 SECRETS_BUCKET = "taskbus_secrets"
 # Which instance of a stateful service owns which partition (contracts/partitions), with a TTL.
 PARTITIONS_BUCKET = "taskbus_partitions"
+# Which conversations hold a slot or wait for one, across every session-manager (one entry,
+# revision-checked: session_manager/admission_ledger.py).
+ADMISSION_BUCKET = "taskbus_admission"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"

@@ -68,6 +68,7 @@ def _all_stream_info() -> list[str]:
         subjects.VERDICTS_BUCKET,
         subjects.SECRETS_BUCKET,
         subjects.PARTITIONS_BUCKET,
+        subjects.ADMISSION_BUCKET,
     )
     return [
         f"{_API}.INFO",
@@ -192,6 +193,9 @@ def permissions(user: str) -> dict[str, Any] | None:
             ),
             *_read_bucket(subjects.PARTITIONS_BUCKET),
             *_write_bucket(subjects.PARTITIONS_BUCKET),
+            # The admission ledger all instances share (its only reader and writer).
+            *_read_bucket(subjects.ADMISSION_BUCKET),
+            *_write_bucket(subjects.ADMISSION_BUCKET),
             # Throwaway recovery consumers have random names; the others' durables stay out.
             *(f"{_API}.CONSUMER.{verb}.{_EVENTS}.*" for verb in recovery),
         ]

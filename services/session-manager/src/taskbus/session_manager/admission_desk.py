@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -11,6 +12,13 @@ from taskbus.contracts.events import Event
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ConversationStatus
 from taskbus.session_manager import admission
+from taskbus.session_manager.admission_ledger import (
+    AdmissionLedger,
+    Ledger,
+    LedgerConflict,
+    Slot,
+    stale_entries,
+)
 from taskbus.session_manager.decide import Step, next_step, start_events, status_event
 from taskbus.session_manager.dependencies import WAITING_FOR_DEPENDENCIES, unresolved
 from taskbus.session_manager.lifecycle import stop_events
@@ -23,6 +31,11 @@ Append = Callable[[Sequence[Event]], Awaitable[None]]
 SettingsOf = Callable[[str], Awaitable[UserSettings | None]]
 
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
+_EVICTED_ONLY_BY_ITS_OWNER = sys.maxsize
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class AdmissionDesk:
@@ -39,6 +52,7 @@ class AdmissionDesk:
         states: Mapping[str, ConversationState],
         settings_of: SettingsOf,
         append: Append,
+        ledger: AdmissionLedger,
         holds: Callable[[str], bool] = lambda _: True,
     ) -> None:
         """`states` is the live view of the conversation cache (read, never written), of which
@@ -46,6 +60,7 @@ class AdmissionDesk:
         dependencies, never admitted or counted here); `append` returns once the states include
         the appended events."""
         self._settings = settings
+        self._ledger = ledger
         self._holds = holds
         self._states = states
         self._settings_of = settings_of
@@ -62,23 +77,23 @@ class AdmissionDesk:
         beyond the user's queue limit is refused: nothing is appended and the refusal is
         returned. One whose dependencies have not ended waits for them (`DependencyDesk`)."""
         limits = await self._limits_of(state.user_id)
-        running = self._running()
-        priority = state.spec.priority
-        max_running = self._settings.max_running
-        decision: admission.Admit | admission.Queue | admission.Reject
-        if unresolved(state):
-            decision = admission.Queue(reason=WAITING_FOR_DEPENDENCIES)
-            if new:
-                decision = admission.queue_limited(decision, self._queued(state.user_id), limits)
-        elif new:
-            decision = admission.admit_new(
-                state.user_id, running, self._queued(state.user_id), limits, max_running, priority
-            )
-        else:
-            decision = admission.admit(state.user_id, running, limits, max_running, priority)
-        if isinstance(decision, admission.Reject):
-            logger.info("%s refused: %s", state.conversation_id, decision.reason)
-            return decision
+        cid = state.conversation_id
+        while True:  # until the ledger this decision was taken on is the one written
+            ledger, revision = await self._ledger.read()
+            decision = self._decide(state, ledger, limits, new=new)
+            if isinstance(decision, admission.Reject):
+                logger.info("%s refused: %s", cid, decision.reason)
+                return decision
+            slot = Slot(user_id=state.user_id, priority=state.spec.priority, since=_now())
+            if isinstance(decision, admission.Queue):
+                changed = ledger.waiting(cid, ledger.queued.get(cid, slot))
+            else:
+                changed = ledger.admitted(cid, slot, decision.evict)
+            try:
+                await self._ledger.write(changed, revision)
+            except LedgerConflict:
+                continue
+            break
         if isinstance(decision, admission.Queue):
             queued: list[Event] = []
             if state.status != ConversationStatus.QUEUED:
@@ -88,6 +103,30 @@ class AdmissionDesk:
         await self._evict(decision.evict)
         await self._append([*prefix, *start_events(state)])
         return None
+
+    def _decide(
+        self,
+        state: ConversationState,
+        ledger: Ledger,
+        limits: admission.UserLimits,
+        *,
+        new: bool,
+    ) -> admission.Admit | admission.Queue | admission.Reject:
+        running = self._running(ledger)
+        priority = state.spec.priority
+        max_running = self._settings.max_running
+        # Waiting already, it does not count against its own place in the queue.
+        queued = ledger.queued_count(state.user_id) - (state.conversation_id in ledger.queued)
+        if unresolved(state):
+            decision: admission.Admit | admission.Queue = admission.Queue(
+                reason=WAITING_FOR_DEPENDENCIES
+            )
+            return admission.queue_limited(decision, queued, limits) if new else decision
+        if new:
+            return admission.admit_new(
+                state.user_id, running, queued, limits, max_running, priority
+            )
+        return admission.admit(state.user_id, running, limits, max_running, priority)
 
     async def restart(self, conversation_id: str) -> admission.Reject | None:
         """Admit a stopped conversation again, as a new one: refused if the queue is full."""
@@ -102,7 +141,8 @@ class AdmissionDesk:
                 await self.start_or_queue(state, [])
 
     async def admit_waiting(self) -> None:
-        """Start the queued conversations that fit now, in queue order."""
+        """Start the queued conversations of the partitions held here that fit now, in queue
+        order (another instance starts its own)."""
         async with self.lock:
             waiting = [
                 admission.Waiting(
@@ -117,39 +157,90 @@ class AdmissionDesk:
             if not waiting:
                 return
             limits = {w.user_id: await self._limits_of(w.user_id) for w in waiting}
-            admitted = admission.admit_waiting(
-                waiting,
-                self._running(),
-                limits.__getitem__,
-                self._settings.max_running,
-                datetime.now(UTC),
-            )
+            while True:
+                ledger, revision = await self._ledger.read()
+                admitted = admission.admit_waiting(
+                    waiting,
+                    self._running(ledger),
+                    limits.__getitem__,
+                    self._settings.max_running,
+                    _now(),
+                )
+                changed = ledger
+                for candidate, decision in admitted:
+                    slot = Slot(
+                        user_id=candidate.user_id, priority=candidate.priority, since=_now()
+                    )
+                    changed = changed.admitted(candidate.conversation_id, slot, decision.evict)
+                if changed == ledger:
+                    return
+                try:
+                    await self._ledger.write(changed, revision)
+                except LedgerConflict:
+                    continue
+                break
             for candidate, decision in admitted:
                 await self._evict(decision.evict)
                 state = self._states[candidate.conversation_id]
                 await self._append(start_events(state))
 
+    async def settle(self, state: ConversationState) -> None:
+        """Make the ledger say what the log says of a conversation held here: holding a slot,
+        waiting, or neither (ended, stopped, deleted): the slot it frees is then anyone's."""
+        cid = state.conversation_id
+        slot = Slot(user_id=state.user_id, priority=state.spec.priority, since=_now())
+
+        def follow(ledger: Ledger) -> Ledger:
+            if holds_slot(state):
+                return ledger if cid in ledger.running else ledger.admitted(cid, slot, ())
+            if state.status == ConversationStatus.QUEUED and not state.deleted:
+                return ledger if cid in ledger.queued else ledger.waiting(cid, slot)
+            return ledger.without([cid])
+
+        await self._ledger.change(follow)
+
+    async def repair(self) -> None:
+        """Drop the entries the log of a held conversation contradicts (an instance stopped
+        between its ledger write and its append), once past the grace of an admission in
+        flight."""
+        ledger, _ = await self._ledger.read()
+
+        def known(check: Callable[[ConversationState], bool]) -> Callable[[str], bool | None]:
+            def answer(cid: str) -> bool | None:
+                state = self._states.get(cid)
+                return None if state is None else check(state)
+
+            return answer
+
+        stale = stale_entries(
+            ledger,
+            owned=self._holds,
+            holds_slot=known(holds_slot),
+            waits=known(lambda s: s.status == ConversationStatus.QUEUED and not s.deleted),
+            now=_now(),
+        )
+        if stale:
+            logger.warning("admission ledger: dropping entries the log contradicts: %s", stale)
+            await self._ledger.change(lambda current: current.without(stale))
+
     async def _limits_of(self, user_id: str) -> admission.UserLimits:
         return admission.user_limits(await self._settings_of(user_id), self._settings)
 
-    def _running(self) -> list[admission.Running]:
-        return [
-            admission.Running(
-                conversation_id=s.conversation_id,
-                user_id=s.user_id,
-                last_activity=s.last_activity or _LONG_AGO,
-                priority=s.spec.priority,
+    def _running(self, ledger: Ledger) -> list[admission.Running]:
+        """Every conversation holding a slot, from the ledger. One this instance does not
+        hold counts at a priority nothing outranks: its own instance alone may evict it."""
+        running = []
+        for cid, slot in ledger.running.items():
+            state = self._states.get(cid) if self._holds(cid) else None
+            running.append(
+                admission.Running(
+                    conversation_id=cid,
+                    user_id=slot.user_id,
+                    last_activity=(state.last_activity if state else None) or slot.since,
+                    priority=slot.priority if state is not None else _EVICTED_ONLY_BY_ITS_OWNER,
+                )
             )
-            for s in self._held()
-            if holds_slot(s)
-        ]
-
-    def _queued(self, user_id: str) -> int:
-        return sum(
-            1
-            for s in self._held()
-            if s.user_id == user_id and s.status == ConversationStatus.QUEUED and not s.deleted
-        )
+        return running
 
     def _held(self) -> list[ConversationState]:
         return [s for s in self._states.values() if self._holds(s.conversation_id)]

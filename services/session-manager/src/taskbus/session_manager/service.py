@@ -56,6 +56,7 @@ from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
 from taskbus.session_manager import commands, log
 from taskbus.session_manager.admission_desk import AdmissionDesk
+from taskbus.session_manager.admission_ledger import AdmissionLedger
 from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.conversations import Conversations
 from taskbus.session_manager.decide import (
@@ -149,6 +150,7 @@ class SessionManager:
             self._conversations.states,
             self._settings_store.get,
             self._append,
+            AdmissionLedger(js),
             holds=self._holds,
         )
         # Held while deciding from a conversation's state and appending what was decided, so a
@@ -213,7 +215,7 @@ class SessionManager:
         """Load the conversations of newly held partitions that may need work."""
         recovered = await log.conversations_to_recover(self._js, partitions)
         for cid in recovered:
-            await self._conversations.load(cid)
+            await self._admission.settle(await self._conversations.load(cid))
         logger.info(
             "recovered %d conversations of partitions %s", len(recovered), sorted(partitions)
         )
@@ -237,6 +239,11 @@ class SessionManager:
         while True:
             await asyncio.sleep(self._settings.time_limit_check_seconds)
             self._dependencies.recheck(fresh=self._holds)
+            try:
+                await self._admission.repair()
+                await self._admission.admit_waiting()  # slots freed by other instances
+            except Exception:
+                logger.exception("admission sweep failed; retrying")
             now = datetime.now(UTC)
             for cid, state in list(self._conversations.states.items()):
                 if self._conversations.states.get(cid) is not state:
@@ -264,8 +271,11 @@ class SessionManager:
 
     async def _observe(self, event: AnyEvent | UnknownEvent) -> None:
         await self._conversations.observe(event)
-        if isinstance(event, ConversationStatusChanged) and event.status in SETTLED_STATUSES:
-            self._in_background(self._admission.admit_waiting())  # a slot may have been freed
+        cid = event.conversation_id
+        if isinstance(event, ConversationStatusChanged) and cid in self._conversations.states:
+            await self._admission.settle(self._conversations[cid])  # the ledger follows
+            if event.status in SETTLED_STATUSES:
+                self._in_background(self._admission.admit_waiting())  # a slot may be free
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
