@@ -8,7 +8,12 @@ import pytest
 
 from taskbus.contracts.events import ConversationCreated, EventSource, MessageAction
 from taskbus.contracts.openhands import ConversationTrigger, conversation_trigger
-from taskbus.contracts.specs import ConversationSpec, CreateMicroagent, SuggestedTask
+from taskbus.contracts.specs import (
+    ConversationSpec,
+    CreateMicroagent,
+    GitProvider,
+    SuggestedTask,
+)
 from taskbus.gateway.inputs import init_session
 from taskbus.gateway.problems import Problem
 from taskbus.session_manager.decide import start_events
@@ -17,7 +22,11 @@ from taskbus.session_manager.state import fold
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 TASK = SuggestedTask(
-    git_provider="github", task_type="FAILING_CHECKS", repo="acme/app", issue_number=7, title="CI"
+    git_provider=GitProvider.GITHUB,
+    task_type="FAILING_CHECKS",
+    repo="acme/app",
+    issue_number=7,
+    title="CI",
 )
 
 
@@ -89,7 +98,7 @@ async def test_a_suggested_task_writes_the_first_message_and_names_the_repositor
 
 
 async def test_create_microagent_names_the_repository_and_the_trigger() -> None:
-    asked = CreateMicroagent(repo="acme/app", git_provider="gitlab", title="lint")
+    asked = CreateMicroagent(repo="acme/app", git_provider=GitProvider.GITLAB, title="lint")
     spec = await init_session(
         ConversationSpec(initial_user_msg="Write it", create_microagent=asked)
     )

@@ -207,6 +207,14 @@ async def test_post_times_out_with_a_problem_when_nothing_creates_it(
         (b'{"repository": "https://ghp_secret@github.com/acme/web.git"}', 422),
         (b'{"repository": "https://user:secret@example.org/acme/web.git"}', 422),
         (b'{"repository": "ssh://git:secret@example.org/acme/web.git"}', 422),
+        # A suggested task's provider becomes the conversation's: one the clone knows, or 422
+        # (schemathesis once sent one that went through and was refused by session-manager).
+        (
+            b'{"suggested_task": {"git_provider": "\\u00e4\\u001f", "task_type": "OPEN_PR",'
+            b' "repo": "", "issue_number": 1, "title": "t"}}',
+            422,
+        ),
+        (b'{"create_microagent": {"repo": "a/b", "git_provider": "nowhere"}}', 422),
     ],
 )
 async def test_invalid_create_bodies_publish_nothing(

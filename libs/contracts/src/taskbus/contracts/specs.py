@@ -138,9 +138,10 @@ DependencyId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 class SuggestedTask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """OpenHands' suggested task (openhands/integrations/service_types.py): the conversation's
-    first message is written from it."""
+    first message is written from it. Its `git_provider` becomes the conversation's, so it is
+    one the clone knows (a 422 otherwise, as for the spec's own)."""
 
-    git_provider: Name
+    git_provider: GitProvider
     task_type: Literal[
         "MERGE_CONFLICTS",
         "FAILING_CHECKS",
@@ -158,7 +159,7 @@ class CreateMicroagent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """OpenHands' request to write a microagent for `repo`: it names the repository."""
 
     repo: Name
-    git_provider: Name | None = None
+    git_provider: GitProvider | None = None
     title: Name | None = None
 
 
