@@ -177,6 +177,41 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
         assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages > 0
 
 
+async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_durable(
+    stack: Stack,
+) -> None:
+    """A forged lease would make session-manager give its partitions up; a forged admission
+    ledger would admit past every limit; a taken partition durable would starve its holder."""
+    lease_key = "session_manager.p0"
+    for user in (bus_auth.GATEWAY, bus_auth.RUNTIME_RUNNER, bus_auth.EVENT_STORE):
+        async with bus_as(stack, user) as nc:
+            js = nc.jetstream()
+            for bucket, key in (
+                (subjects.PARTITIONS_BUCKET, lease_key),
+                (subjects.ADMISSION_BUCKET, "ledger"),
+            ):
+                kv = await js.key_value(bucket)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(kv.put(key, b"forged"), 2)
+            with pytest.raises(TimeoutError):
+                await js.add_consumer(
+                    subjects.EVENTS_STREAM,
+                    ConsumerConfig(
+                        durable_name=subjects.session_manager_events_durable(0), name=None
+                    ),
+                )
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        js = admin.jetstream()
+        lease = await (await js.key_value(subjects.PARTITIONS_BUCKET)).get(lease_key)
+        assert lease.value and lease.value != b"forged"  # still session-manager's
+        with contextlib.suppress(KeyNotFoundError):
+            ledger = await (await js.key_value(subjects.ADMISSION_BUCKET)).get("ledger")
+            assert ledger.value != b"forged"
+        durable = subjects.session_manager_events_durable(0)
+        consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        assert consumer.config.filter_subject == subjects.partition_events(0)
+
+
 async def dead_letters(stack: Stack, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(dead-letter subject, refused subject) -> reason, once every `wanted` one has arrived."""
     found: dict[tuple[str, str], str] = {}

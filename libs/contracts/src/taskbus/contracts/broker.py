@@ -11,10 +11,7 @@ one (messages, sizes, durations and errors per subject, in `prometheus_client`'s
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 from faststream import Context
@@ -37,13 +34,7 @@ from nats.js.api import ConsumerConfig
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from taskbus.contracts import subjects
-from taskbus.contracts.bus import (
-    CA_FILE_ENV,
-    CREDENTIALS_FILE_ENV,
-    BusCredential,
-    inbox_prefix,
-    read_credential,
-)
+from taskbus.contracts.bus import environment_credential, environment_tls, inbox_prefix
 
 # FastStream 0.7.8's batch loop catches only nats-py's TimeoutError, but nats-py 2.16's fetch
 # also raises asyncio's when a batch's deadline passes between its two pull requests: the loop
@@ -61,19 +52,6 @@ BatchMessage = Annotated[NatsBatchMessage, Context("message")]
 GRACEFUL_STOP_SECONDS = 30.0
 
 
-def bus_security(credential: BusCredential | None = None) -> NatsSecurity | None:
-    """This process's login (`credential`, else the environment's file) and TLS, as `connect`
-    uses them."""
-    credentials_file = os.environ.get(CREDENTIALS_FILE_ENV)
-    if credential is None and credentials_file:
-        credential = read_credential(Path(credentials_file))
-    ca_file = os.environ.get(CA_FILE_ENV)
-    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    if credential is not None:
-        return NatsUserPassword(credential.user, credential.password, ssl_context=context)
-    return NatsSecurity(ssl_context=context) if context is not None else None
-
-
 class ServiceBroker(NatsBroker):
     """A NatsBroker that knows the inboxes its login may read (`bus.inbox_prefix`): FastStream's
     subscribers default to `_INBOX.`, which no service user may subscribe to."""
@@ -88,18 +66,23 @@ def service_broker(
     service: str,
     *,
     registry: CollectorRegistry = REGISTRY,
-    credential: BusCredential | None = None,
     **options: Any,
 ) -> ServiceBroker:
-    """A broker named after `service`, with the telemetry middlewares. It logs warnings and
-    errors only (FastStream's per-message and per-task lines are INFO): the services log what
-    they do themselves."""
-    user = credential.user if credential is not None else _environment_user()
+    """A broker named after `service`, logged in as `bus.connect` logs in (this process's
+    credential and TLS), with the telemetry middlewares. It logs warnings and errors only
+    (FastStream's per-message and per-task lines are INFO): the services log what they do."""
+    credential = environment_credential()
+    tls = environment_tls()
+    security: NatsSecurity | None = None
+    if credential is not None:
+        security = NatsUserPassword(credential.user, credential.password, ssl_context=tls)
+    elif tls is not None:
+        security = NatsSecurity(ssl_context=tls)
     return ServiceBroker(
         url,
-        inbox=inbox_prefix(user) if user else "_INBOX",
+        inbox=inbox_prefix(credential.user) if credential is not None else "_INBOX",
         name=f"taskbus-{service}",
-        security=bus_security(credential),
+        security=security,
         graceful_timeout=GRACEFUL_STOP_SECONDS,
         logger=_FASTSTREAM_LOGGER,
         log_level=logging.DEBUG,
@@ -135,11 +118,6 @@ class _SubjectFamilies:
 def _bounded_labels(msg: Any) -> _SubjectFamilies | None:
     provider = settings_provider_factory(msg)
     return None if provider is None else _SubjectFamilies(provider)
-
-
-def _environment_user() -> str | None:
-    credentials_file = os.environ.get(CREDENTIALS_FILE_ENV)
-    return read_credential(Path(credentials_file)).user if credentials_file else None
 
 
 def durable_pull(

@@ -59,16 +59,26 @@ async def connect(
 ) -> Client:
     """`nats.connect` with `credential`, else the one of this process's environment, and TLS
     when a CA file is configured."""
-    credentials_file = os.environ.get(CREDENTIALS_FILE_ENV)
-    if credential is None and credentials_file:
-        credential = read_credential(Path(credentials_file))
+    credential = credential or environment_credential()
     if credential is not None:
         options.update(
             user=credential.user,
             password=credential.password,
             inbox_prefix=inbox_prefix(credential.user),
         )
-    ca_file = os.environ.get(CA_FILE_ENV)
-    if ca_file:
-        options["tls"] = ssl.create_default_context(cafile=ca_file)
+    tls = environment_tls()
+    if tls is not None:
+        options["tls"] = tls
     return await nats.connect(url, name=name, **options)
+
+
+def environment_credential() -> BusCredential | None:
+    """This process's login, from `TASKBUS_NATS_CREDENTIALS_FILE`; None: anonymous."""
+    credentials_file = os.environ.get(CREDENTIALS_FILE_ENV)
+    return read_credential(Path(credentials_file)) if credentials_file else None
+
+
+def environment_tls() -> ssl.SSLContext | None:
+    """TLS trusting `TASKBUS_NATS_CA_FILE`, when one is configured."""
+    ca_file = os.environ.get(CA_FILE_ENV)
+    return ssl.create_default_context(cafile=ca_file) if ca_file else None

@@ -184,18 +184,25 @@ class AdmissionDesk:
                 state = self._states[candidate.conversation_id]
                 await self._append(start_events(state))
 
-    async def settle(self, state: ConversationState) -> None:
-        """Make the ledger say what the log says of a conversation held here: holding a slot,
-        waiting, or neither (ended, stopped, deleted): the slot it frees is then anyone's."""
-        cid = state.conversation_id
-        slot = Slot(user_id=state.user_id, priority=state.spec.priority, since=_now())
+    async def settle(self, *states: ConversationState) -> None:
+        """Make the ledger say what the log says of conversations held here (in one write):
+        holding a slot, waiting, or neither (ended, stopped, deleted): a slot one frees is
+        then anyone's."""
+        now = _now()
 
         def follow(ledger: Ledger) -> Ledger:
-            if holds_slot(state):
-                return ledger if cid in ledger.running else ledger.admitted(cid, slot, ())
-            if state.status == ConversationStatus.QUEUED and not state.deleted:
-                return ledger if cid in ledger.queued else ledger.waiting(cid, slot)
-            return ledger.without([cid])
+            for state in states:
+                cid = state.conversation_id
+                slot = Slot(user_id=state.user_id, priority=state.spec.priority, since=now)
+                if holds_slot(state):
+                    if cid not in ledger.running:
+                        ledger = ledger.admitted(cid, slot, ())
+                elif state.status == ConversationStatus.QUEUED and not state.deleted:
+                    if cid not in ledger.queued:
+                        ledger = ledger.waiting(cid, slot)
+                else:
+                    ledger = ledger.without([cid])
+            return ledger
 
         await self._ledger.change(follow)
 

@@ -214,8 +214,8 @@ class SessionManager:
     async def _recover(self, partitions: frozenset[int]) -> None:
         """Load the conversations of newly held partitions that may need work."""
         recovered = await log.conversations_to_recover(self._js, partitions)
-        for cid in recovered:
-            await self._admission.settle(await self._conversations.load(cid))
+        states = [await self._conversations.load(cid) for cid in recovered]
+        await self._admission.settle(*states)  # one ledger write for all of them
         logger.info(
             "recovered %d conversations of partitions %s", len(recovered), sorted(partitions)
         )
