@@ -128,3 +128,9 @@ async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """The local user's client on whichever `stack` the test module runs (modules override it)."""
     async with stack.client() as client:
         yield client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The scale-out file first: the longest one, it would otherwise run on one worker alone at
+    the end of a parallel run (`--dist loadfile` hands files out in collection order)."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/scale/"))

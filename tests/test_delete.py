@@ -24,6 +24,7 @@ from taskbus.contracts import subjects
 from taskbus.contracts.bus import CREDENTIALS_FILE_ENV
 from taskbus.contracts.bus import connect as bus_connect
 from taskbus.contracts.commands import CreateConversation, command_subject, encode_command
+from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.queries import EventPage, QueryError, SearchEvents
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.devtools.bus_auth import ADMIN, credential_file
@@ -280,7 +281,11 @@ async def test_a_rebuild_agrees(stack: Stack, deleted: Deleted, tmp_path: Path) 
     )
     nc = await admin_js(stack)
     try:
-        await nc.jetstream().delete_consumer(subjects.EVENTS_STREAM, consumer)
+        for partition in range(PARTITIONS):  # the rebuild's own durables, one per partition
+            with contextlib.suppress(NotFoundError):
+                await nc.jetstream().delete_consumer(
+                    subjects.EVENTS_STREAM, subjects.event_store_durable(partition, consumer)
+                )
     finally:
         await nc.drain()
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]

@@ -25,12 +25,14 @@ from taskbus.contracts import subjects
 from taskbus.contracts.bus import BusCredential, connect, inbox_prefix
 from taskbus.contracts.commands import DeleteConversation, command_subject, encode_command
 from taskbus.contracts.events import (
+    CmdRunAction,
     ConversationDeleted,
     ConversationStatusChanged,
     EventSource,
     encode_event,
 )
 from taskbus.contracts.inbound import REASON_HEADER, SUBJECT_HEADER
+from taskbus.contracts.runner_work import EVENT_SEQUENCE_HEADER
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools import bus_auth
 
@@ -65,6 +67,13 @@ async def conversation(stack: Stack) -> str:
         created = await api.post("/api/conversations", json={"initial_user_msg": "hi"})
         assert created.status_code in (200, 201), created.text
         return str(created.json()["conversation_id"])
+
+
+async def the_runner(stack: Stack) -> str:
+    """The id of the stack's one runner (its registration)."""
+    async with bus_as(stack, bus_auth.ADMIN) as nc:
+        (runner_id,) = await (await nc.jetstream().key_value(subjects.RUNNERS_BUCKET)).keys()
+        return str(runner_id)
 
 
 async def stored_events(stack: Stack, conversation_id: str) -> list[bytes]:
@@ -124,6 +133,8 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
     async with bus_as(stack, bus_auth.ADMIN) as admin:
         settings = await admin.jetstream().key_value(subjects.SETTINGS_BUCKET)
         await settings.put("victim", b'{"llm_model": "theirs"}')
+    runner_id = await the_runner(stack)
+    runner_durable = subjects.runtime_runner_durable(runner_id)
     async with bus_as(stack, bus_auth.GATEWAY) as nc:
         js = nc.jetstream()
         for bucket in (
@@ -141,8 +152,8 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
         # Taking the runner's durable would starve it of actions.
         with pytest.raises(TimeoutError):
             await js.add_consumer(
-                subjects.EVENTS_STREAM,
-                ConsumerConfig(durable_name=subjects.RUNTIME_RUNNER_DURABLE, name=None),
+                subjects.RUNNER_WORK_STREAM,
+                ConsumerConfig(durable_name=runner_durable, name=None),
             )
         # The ephemeral-only create subject the gateway may use refuses a named consumer.
         reply = await nc.request(
@@ -151,7 +162,7 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
                 {
                     "stream_name": subjects.EVENTS_STREAM,
                     "config": {
-                        "durable_name": subjects.RUNTIME_RUNNER_DURABLE,
+                        "durable_name": "stolen",
                         "ack_policy": "explicit",
                     },
                 }
@@ -172,8 +183,8 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
         for bucket in (subjects.CONVERSATIONS_BUCKET, subjects.RUNNERS_BUCKET):
             with pytest.raises(KeyNotFoundError):
                 await (await js.key_value(bucket)).get("victim")
-        consumer = await js.consumer_info(subjects.EVENTS_STREAM, subjects.RUNTIME_RUNNER_DURABLE)
-        assert consumer.config.filter_subjects  # still the runner's own, filtered durable
+        consumer = await js.consumer_info(subjects.RUNNER_WORK_STREAM, runner_durable)
+        assert consumer.config.filter_subject == subjects.runner_work(runner_id)  # its own
         assert (await js.stream_info(subjects.EVENTS_STREAM)).state.messages > 0
 
 
@@ -208,6 +219,77 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
             ledger = await (await js.key_value(subjects.ADMISSION_BUCKET)).get("ledger")
             assert ledger.value != b"forged"
         durable = subjects.session_manager_events_durable(0)
+        consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        assert consumer.config.filter_subject == subjects.partition_events(0)
+
+
+async def test_no_other_service_can_give_a_runner_work_or_fake_a_runners_heartbeat(
+    stack: Stack,
+) -> None:
+    """Forged work would run a command in someone's sandbox without it being in the log; a
+    forged heartbeat would keep a dead runner's conversations waiting, or draw placements."""
+    cid = await conversation(stack)
+    forged = CmdRunAction(
+        conversation_id=cid, source=EventSource.AGENT, id=10_000, command="touch /tmp/owned"
+    )
+    event_subject = subjects.event_subject(cid, forged.kind)
+    work_subject = subjects.runner_work_subject(await the_runner(stack), event_subject)
+    for user in (bus_auth.GATEWAY, bus_auth.EVENT_STORE):
+        async with bus_as(stack, user) as nc:
+            js = nc.jetstream()
+            with pytest.raises(TimeoutError):
+                await js.publish(
+                    work_subject,
+                    encode_event(forged),
+                    stream=subjects.RUNNER_WORK_STREAM,
+                    headers={EVENT_SEQUENCE_HEADER: "1"},
+                    timeout=DENIED_SECONDS,
+                )
+            runners = await js.key_value(subjects.RUNNERS_BUCKET)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(runners.put("ghost", b"{}"), 2)
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        js = admin.jetstream()
+        with pytest.raises(NotFoundError):
+            await js.get_last_msg(subjects.RUNNER_WORK_STREAM, work_subject)
+        with pytest.raises(KeyNotFoundError):
+            await (await js.key_value(subjects.RUNNERS_BUCKET)).get("ghost")
+
+
+async def test_no_other_service_can_take_the_event_stores_leases_or_durables(
+    stack: Stack,
+) -> None:
+    """A forged event-store lease would make its holder give the partition up; a taken (or
+    pulled from) partition durable would leave events out of ClickHouse for good."""
+    lease_key = f"{subjects.EVENT_STORE_DURABLE}.p0"
+    durable = subjects.event_store_durable(0)
+    for user in (bus_auth.GATEWAY, bus_auth.SESSION_MANAGER, bus_auth.RUNTIME_RUNNER):
+        async with bus_as(stack, user) as nc:
+            js = nc.jetstream()
+            kv = await js.key_value(subjects.PARTITIONS_BUCKET)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(kv.put(lease_key, b"forged"), 2)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(kv.delete(lease_key), 2)
+            with pytest.raises(TimeoutError):
+                await js.add_consumer(
+                    subjects.EVENTS_STREAM,
+                    ConsumerConfig(
+                        durable_name=durable,
+                        filter_subject=subjects.partition_events(1),
+                        name=None,
+                    ),
+                )
+            with pytest.raises(nats.errors.TimeoutError):  # no answer: the pull is denied
+                await nc.request(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.{durable}",
+                    json.dumps({"batch": 1, "no_wait": True}).encode(),
+                    timeout=DENIED_SECONDS,
+                )
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        js = admin.jetstream()
+        lease = await (await js.key_value(subjects.PARTITIONS_BUCKET)).get(lease_key)
+        assert lease.value and lease.value != b"forged"  # still the event-store's
         consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
         assert consumer.config.filter_subject == subjects.partition_events(0)
 
@@ -267,7 +349,8 @@ async def test_forged_events_with_path_like_or_foreign_ids_change_nothing(stack:
             await js.publish(subject, encode_event(event))  # stored: the credential may append
     wanted = {
         (subjects.dead_letter_subject(service), subject)
-        for service in (subjects.SESSION_MANAGER, subjects.RUNTIME_RUNNER, subjects.EVENT_STORE)
+        # The runner reads no log: session-manager, refusing them, forwards it nothing.
+        for service in (subjects.SESSION_MANAGER, subjects.EVENT_STORE)
         for subject in {subject for subject, _ in messages}
     }
     reasons = await dead_letters(stack, wanted)

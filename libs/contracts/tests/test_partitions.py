@@ -11,6 +11,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
+from nats.js.errors import ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from taskbus.contracts.partitions import (
@@ -159,3 +160,34 @@ async def test_a_member_that_cannot_renew_in_time_gives_its_partitions_up_first(
     # Its next round found itself late: it let go of every lease before renewing any.
     assert sorted(stalled.lost) == list(range(PARTITIONS))
     await stalled.leases.stop()
+
+
+class FlakyInstance(Instance):
+    """Its first take-over fails, as when JetStream is too busy to create the consumers."""
+
+    def __init__(self, kv: KeyValue, name: str) -> None:
+        super().__init__(kv, name)
+        self.failures = 0
+
+    async def _acquired(self, partitions: frozenset[int]) -> None:
+        if not self.failures:
+            self.failures += 1
+            raise ServiceUnavailableError()
+        await super()._acquired(partitions)
+
+    async def _lost(self, partitions: frozenset[int]) -> None:
+        self.owned -= partitions  # also told of partitions it never took over
+        self.lost += sorted(partitions)
+
+
+async def test_partitions_whose_take_over_failed_are_handed_back_and_taken_again(
+    kv: KeyValue,
+) -> None:
+    flaky = FlakyInstance(kv, "flaky")
+    await flaky.leases.start()  # the failure is logged, not raised
+    assert flaky.failures == 1 and not flaky.owned and not flaky.leases.held
+    assert sorted(flaky.lost) == list(range(PARTITIONS))  # its consumers were told to stop
+    assert await flaky.leases.owner(0) is None  # freed at once, not held until the TTL
+    await settled([flaky], within=3 * RENEW + 1)
+    assert sorted(flaky.leases.held) == list(range(PARTITIONS))
+    await flaky.leases.stop()

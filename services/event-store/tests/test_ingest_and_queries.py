@@ -40,6 +40,7 @@ from taskbus.contracts.events import (
     decode_event,
     encode_event,
 )
+from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import (
     ConversationInfo,
     ConversationPage,
@@ -55,6 +56,7 @@ from taskbus.contracts.queries import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
+from taskbus.event_store import ingest
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
@@ -596,24 +598,31 @@ async def test_events_redelivered_after_a_crash_are_folded_in_log_order(
     module_js: JetStreamContext,
     start_ingester: IngesterFactory,
     wait_until: WaitUntil,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A crashed instance fetched a conversation's first events and never acked them: JetStream
     hands the newer events to the next instance first and the older ones only after ack_wait."""
+    monkeypatch.setattr(ingest, "_ACK_WAIT_SECONDS", 1.0)  # the successor's config keeps it
     consumer_name = unique("event_store_crash")
+    user_id, cid = unique("dave"), unique("crash")
+    partition = partition_of(cid)
     crashed = await module_js.pull_subscribe(
-        subjects.ALL_EVENTS,
-        durable=consumer_name,
+        subjects.partition_events(partition),
+        durable=subjects.event_store_durable(partition, consumer_name),
         stream=subjects.EVENTS_STREAM,
         config=ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW, ack_wait=1.0
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=1.0
         ),
     )
-    user_id, cid = unique("dave"), unique("crash")
     events = task_events(cid, user_id, "Crash test", "octo/app", 1, ConversationStatus.FINISHED)
     appender = EventAppender(module_js)
     await appender.append_all(events[:3])
-    in_flight = await crashed.fetch(3, timeout=5)
-    assert [decode_event(m.data).id for m in in_flight] == [0, 1, 2]  # fetched, never acked
+    fetched: set[int] = set()
+    while len(fetched) < 3:  # the partition's earlier events too: the crash took them all
+        for msg in await crashed.fetch(1000, timeout=5):
+            if subjects.conversation_id_of(msg.subject) == cid:
+                fetched.add(decode_event(msg.data).id)
+    assert fetched == {0, 1, 2}  # fetched, never acked
     await crashed.unsubscribe()
     await appender.append_all(events[3:])
 

@@ -24,6 +24,7 @@ from taskbus.contracts.events import (
     EventSource,
     MessageAction,
 )
+from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus
@@ -33,6 +34,7 @@ from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.purge import Purger
 from taskbus.event_store.sql import Statement
+from taskbus.event_store.status_kv import ConversationStatusKV
 
 IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
 WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
@@ -65,7 +67,7 @@ def conversation(cid: str, messages: int) -> list[Event]:
 async def test_a_failing_insert_is_retried_and_stores_every_event_once(
     clickhouse: ClickHouse,
     module_js: JetStreamContext,
-    start_ingester: IngesterFactory,
+    module_broker: NatsBroker,
     wait_until: WaitUntil,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -77,20 +79,29 @@ async def test_a_failing_insert_is_retried_and_stores_every_event_once(
     await clickhouse.select(Statement("RENAME TABLE events TO events_away", {}))  # inserts fail
     away = True
     try:
-        ingester = await start_ingester(None)
+        # A flush interval long enough for one fetch to gather them all, so no event waits
+        # unfetched in the client's queue, where nothing keeps it ours.
+        ingester = Ingester(
+            module_broker,
+            clickhouse,
+            ConversationStatusKV(await module_js.key_value(subjects.CONVERSATIONS_BUCKET)),
+            consumer_name=f"event_store_test_{uuid.uuid4().hex[:10]}",
+            batch_size=200,
+            flush_interval=1.0,
+        )
+        await ingester.start()
+        durable = ingester.durable(partition_of(cid))
         try:
 
             async def in_hand() -> bool:
-                info = await module_js.consumer_info(subjects.EVENTS_STREAM, ingester.consumer_name)
+                info = await module_js.consumer_info(subjects.EVENTS_STREAM, durable)
                 return bool(info.num_ack_pending == len(events) and info.num_pending == 0)
 
             await wait_until(in_hand, "the ingest to take the whole log as one batch")
             await asyncio.sleep(3 * ACK_WAIT_SECONDS)  # failing all along
-            assert ingester.progress.handled_through == 0
+            assert ingester.conversations.get(cid) is None  # nothing folded: nothing stored
             # Another instance on the same consumer gets nothing: the batch is still ours.
-            rival = await module_js.pull_subscribe_bind(
-                ingester.consumer_name, stream=subjects.EVENTS_STREAM
-            )
+            rival = await module_js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
             try:
                 with pytest.raises(nats.errors.TimeoutError):
                     stolen = await rival.fetch(1, timeout=1.0)
@@ -101,7 +112,7 @@ async def test_a_failing_insert_is_retried_and_stores_every_event_once(
             await clickhouse.select(Statement("RENAME TABLE events_away TO events", {}))
             away = False
             await wait_until(ingester.caught_up, "the retried batch to be stored")
-            info = await module_js.consumer_info(subjects.EVENTS_STREAM, ingester.consumer_name)
+            info = await module_js.consumer_info(subjects.EVENTS_STREAM, durable)
             assert info.num_redelivered == 0
         finally:
             await ingester.stop()
@@ -166,16 +177,17 @@ async def test_a_batch_that_fails_after_its_acks_is_retried_without_acking_twice
     )
     await ingester.start()
     try:
-        stream = await module_js.stream_info(subjects.EVENTS_STREAM)
 
-        async def handled() -> bool:
-            return ingester.progress.handled_through >= stream.state.last_seq
+        async def retried() -> bool:  # acked by the first try, so wait for the second too
+            return purger.asked >= 2 and await ingester.caught_up()
 
-        await wait_until(handled, "the retried batch to be handled")
+        await wait_until(retried, "the retried batch to be handled")
+        assert ingester.conversations[cid].last_event_id == events[-1].id
+        assert ingester.conversations[cid].status is ConversationStatus.ARCHIVED
     finally:
         await ingester.stop()
     assert purger.asked == 2  # failed, then asked again by the retry
-    info = await module_js.consumer_info(subjects.EVENTS_STREAM, ingester.consumer_name)
+    info = await module_js.consumer_info(
+        subjects.EVENTS_STREAM, ingester.durable(partition_of(cid))
+    )
     assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
-    assert ingester.conversations[cid].last_event_id == events[-1].id
-    assert ingester.conversations[cid].status is ConversationStatus.ARCHIVED

@@ -10,21 +10,31 @@ image from a registry: it is off, and that label-based cleanup does its job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import docker
 import docker.errors
+import msgspec
 import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 from testcontainers.core.config import testcontainers_config
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.docker_client import DockerClient
 
+from taskbus.contracts import subjects
+from taskbus.contracts.events import decode_event
+from taskbus.contracts.runner_work import RUNNER_EVENTS, forward
 from taskbus.contracts.specs import NetworkMode
 from taskbus.runtime_runner.backend import sandbox_user
 from taskbus.runtime_runner.docker_sandbox import DockerEngine, DockerSandbox, DockerSandboxConfig
@@ -190,3 +200,42 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 20) -
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"never true within {seconds} s: {what}")
+
+
+@asynccontextmanager
+async def forwarding(js: JetStreamContext, runner_id: str) -> AsyncIterator[None]:
+    """Session-manager's part, for tests that run a runner without one: every event appended
+    from now on that a runner acts on goes to `runner_id`'s work subject, through the same
+    `runner_work.forward` session-manager uses."""
+
+    async def forward_one(msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except msgspec.MsgspecError:
+            return  # session-manager would refuse it too: no runner hears of it
+        if isinstance(event, RUNNER_EVENTS):
+            await forward(js, runner_id, event, msg)
+
+    sub = await js.subscribe(
+        subjects.ALL_EVENTS, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=forward_one
+    )
+    try:
+        yield
+    finally:
+        await sub.unsubscribe()
+
+
+def fresh_runner_id() -> str:
+    """A runner of its own per test: its durable and work subject skip the other tests'."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+async def wait_for_runner_consumer(js: JetStreamContext, runner_id: str) -> None:
+    """Until the runner's durable exists: work forwarded before it is kept for it anyway."""
+    name = subjects.runtime_runner_durable(runner_id)
+    for _ in range(200):
+        with contextlib.suppress(NotFoundError):
+            await js.consumer_info(subjects.RUNNER_WORK_STREAM, name)
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"consumer {name} never appeared")

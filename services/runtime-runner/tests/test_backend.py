@@ -15,7 +15,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.runners import SandboxIsolation, decode_runner_info
+from taskbus.contracts.runners import HEARTBEAT_SECONDS, SandboxIsolation, decode_runner_info
 from taskbus.runtime_runner.app import RuntimeRunnerService
 from taskbus.runtime_runner.backend import SandboxUnavailable, choose_backend
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
@@ -81,7 +81,7 @@ async def test_a_docker_runtime_the_engine_lacks_refuses_to_start() -> None:
         raise AssertionError("a runner with an unknown docker runtime started")
 
 
-async def test_the_runner_publishes_its_isolation_in_the_runners_bucket(
+async def test_the_runner_registers_its_isolation_and_capacity_and_keeps_beating(
     nats_url: str, js: JetStreamContext, tmp_path: Path
 ) -> None:
     runner_id = f"isolation-{uuid.uuid4().hex[:8]}"
@@ -90,8 +90,7 @@ async def test_the_runner_publishes_its_isolation_in_the_runners_bucket(
         backend="local",
         runner_id=runner_id,
         workspace_root=str(tmp_path / "workspaces"),
-        consumer_name=f"runtime_runner_test_{uuid.uuid4().hex[:8]}",
-        consume_from="new",
+        runner_slots=3,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(RuntimeRunnerService(settings).run(stop))
@@ -113,7 +112,13 @@ async def test_the_runner_publishes_its_isolation_in_the_runners_bucket(
             SandboxIsolation.BUBBLEWRAP,
         )
         assert msgspec.json.decode(entry.value)["isolation"] == "bubblewrap"
+        assert (info.slots, info.sandboxes) == (3, 0) and info.memory_mb > 0
+        # The heartbeat: the entry is put again (a new revision) every HEARTBEAT_SECONDS.
+        await asyncio.sleep(HEARTBEAT_SECONDS * 1.5)
+        assert (await bucket.get(runner_id)).revision != entry.revision
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
-        await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+        await js.delete_consumer(
+            subjects.RUNNER_WORK_STREAM, subjects.runtime_runner_durable(runner_id)
+        )

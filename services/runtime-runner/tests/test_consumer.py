@@ -25,13 +25,8 @@ from taskbus.contracts.streams import last_message
 from taskbus.runtime_runner.app import RuntimeRunnerService
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
-from .test_service import (
-    command,
-    reply_to,
-    start_runtime,
-    wait_for,
-    wait_for_consumer,
-)
+from .conftest import forwarding, fresh_runner_id, wait_for_runner_consumer
+from .test_service import command, reply_to, start_runtime, wait_for
 
 RETRY_SECONDS = 5.0  # app._RETRY_DELAY_SECONDS: the nak delay between two deliveries
 
@@ -43,18 +38,18 @@ def runner_settings(nats_url: str, tmp_path: Path, **fields: object) -> RuntimeR
         "workspace_root": str(tmp_path / "workspaces"),
         "no_change_seconds": 1.0,
         "command_seconds": 20.0,
-        "consumer_name": f"runtime_runner_consumer_{uuid.uuid4().hex[:8]}",
-        "consume_from": "new",
+        "runner_id": fresh_runner_id(),
     }
     return msgspec.convert({**defaults, **fields}, RuntimeRunnerSettings)
 
 
 @asynccontextmanager
 async def running(settings: RuntimeRunnerSettings, js: JetStreamContext) -> AsyncIterator[None]:
-    """A runner service in this process, stopped on exit (its durable stays)."""
+    """A runner service in this process, stopped on exit (its durable stays). The test forwards
+    its work (`forwarding`), as session-manager would."""
     stop = asyncio.Event()
     task = asyncio.create_task(RuntimeRunnerService(settings).run(stop))
-    await wait_for_consumer(js, settings.consumer_name)
+    await wait_for_runner_consumer(js, settings.runner_id)
     try:
         yield
     finally:
@@ -63,7 +58,11 @@ async def running(settings: RuntimeRunnerSettings, js: JetStreamContext) -> Asyn
 
 
 async def consumer(js: JetStreamContext, settings: RuntimeRunnerSettings) -> ConsumerInfo:
-    return await js.consumer_info(subjects.EVENTS_STREAM, settings.consumer_name)
+    return await js.consumer_info(subjects.RUNNER_WORK_STREAM, durable(settings))
+
+
+def durable(settings: RuntimeRunnerSettings) -> str:
+    return subjects.runtime_runner_durable(settings.runner_id)
 
 
 async def dead_letter_of(js: JetStreamContext, subject: str, seconds: float) -> dict[str, str]:
@@ -88,31 +87,36 @@ async def test_an_event_failing_every_delivery_is_given_up_after_max_deliver_and
     read it, so every attempt fails. It is tried twice, then logged, dead-lettered and acked."""
     caplog.set_level(logging.ERROR, logger="taskbus.runtime_runner.app")
     settings = runner_settings(nats_url, tmp_path, max_deliver=2)
-    cid = uuid.uuid4().hex
-    async with running(settings, js):
-        pass  # the durable now exists; what follows is appended while no runner consumes
-    await EventAppender(js).append(command(cid, "echo never"))
-    await js.publish(subjects.event_subject(cid, "Corrupt"), b"\xff not an event")
-    async with running(settings, js):
-        action_subject = subjects.event_subject(cid, "CmdRunAction")
-        headers = await dead_letter_of(js, action_subject, seconds=RETRY_SECONDS + 10)
-        assert headers[REASON_HEADER] == "failed on all 2 deliveries: DecodeError"
-        given_up = await consumer(js, settings)
-        # The dead letter is kept before the ack, which the server records a moment later.
-        for _ in range(50):
-            if given_up.num_ack_pending == 0:
-                break
-            await asyncio.sleep(0.1)
+    async with forwarding(js, settings.runner_id):
+        cid = uuid.uuid4().hex
+        async with running(settings, js):
+            pass  # the durable now exists; what follows is appended while no runner consumes
+        await EventAppender(js).append(command(cid, "echo never"))
+        await js.publish(subjects.event_subject(cid, "Corrupt"), b"\xff not an event")
+        async with running(settings, js):
+            action_subject = subjects.runner_work_subject(
+                settings.runner_id, subjects.event_subject(cid, "CmdRunAction")
+            )
+            headers = await dead_letter_of(js, action_subject, seconds=RETRY_SECONDS + 10)
+            assert headers[REASON_HEADER] == "failed on all 2 deliveries: DecodeError"
             given_up = await consumer(js, settings)
-        assert given_up.config.max_deliver == 2
-        assert given_up.num_ack_pending == 0 and given_up.num_pending == 0
-        # Past the next retry it would have had: delivered no more.
-        await asyncio.sleep(RETRY_SECONDS + 1)
-        later = await consumer(js, settings)
-        assert later.delivered.consumer_seq == given_up.delivered.consumer_seq == 2
-        assert later.num_ack_pending == 0
-        assert await last_message(js, subjects.event_subject(cid, "CmdOutputObservation")) is None
-    await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+            # The dead letter is kept before the ack, which the server records a moment later.
+            for _ in range(50):
+                if given_up.num_ack_pending == 0:
+                    break
+                await asyncio.sleep(0.1)
+                given_up = await consumer(js, settings)
+            assert given_up.config.max_deliver == 2
+            assert given_up.num_ack_pending == 0 and given_up.num_pending == 0
+            # Past the next retry it would have had: delivered no more.
+            await asyncio.sleep(RETRY_SECONDS + 1)
+            later = await consumer(js, settings)
+            assert later.delivered.consumer_seq == given_up.delivered.consumer_seq == 2
+            assert later.num_ack_pending == 0
+            assert (
+                await last_message(js, subjects.event_subject(cid, "CmdOutputObservation")) is None
+            )
+    await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable(settings))
     assert any(
         "failed on all 2 deliveries; given up" in record.getMessage()
         and record.levelno == logging.ERROR
@@ -128,7 +132,7 @@ async def test_work_longer_than_ack_wait_is_kept_alive_and_never_redelivered(
     settings = runner_settings(nats_url, tmp_path, ack_wait_seconds=1.0)
     cid = uuid.uuid4().hex
     appender = EventAppender(js)
-    async with running(settings, js):
+    async with forwarding(js, settings.runner_id), running(settings, js):
         await start_runtime(js, appender, cid)
         slow = await appender.append(command(cid, "sleep 4; echo slow", blocking=True))
         queued = await appender.append(command(cid, "echo queued"))
@@ -142,7 +146,7 @@ async def test_work_longer_than_ack_wait_is_kept_alive_and_never_redelivered(
         # RuntimeRequested and the two commands, each delivered once, all acked.
         assert info.delivered.consumer_seq == 3
         assert info.num_ack_pending == 0 and info.num_redelivered == 0
-    await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+    await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable(settings))
 
 
 async def test_the_durable_follows_the_settings_across_restarts(
@@ -163,5 +167,5 @@ async def test_the_durable_follows_the_settings_across_restarts(
                 break
             await asyncio.sleep(0.1)
     assert (after.ack_wait, after.max_ack_pending, after.max_deliver) == (7.0, 9, 3)
-    assert sorted(after.filter_subjects or []) == sorted(before.filter_subjects or [])
-    await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+    assert after.filter_subject == before.filter_subject == subjects.runner_work(settings.runner_id)
+    await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable(settings))

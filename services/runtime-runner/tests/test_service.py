@@ -30,6 +30,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
     decode_event,
 )
+from taskbus.contracts.runner_work import EVENT_SEQUENCE_HEADER
 from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.specs import Timeouts
 from taskbus.contracts.status import RuntimeStatus
@@ -44,6 +45,8 @@ from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.runner import RuntimeRunner
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
+from .conftest import forwarding, fresh_runner_id, wait_for_runner_consumer
+
 
 @pytest.fixture
 def settings(nats_url: str, tmp_path: Path) -> RuntimeRunnerSettings:
@@ -53,9 +56,7 @@ def settings(nats_url: str, tmp_path: Path) -> RuntimeRunnerSettings:
         workspace_root=str(tmp_path / "workspaces"),
         no_change_seconds=1.0,
         command_seconds=10.0,
-        # A consumer of its own that skips earlier tests' events in the shared server.
-        consumer_name=f"runtime_runner_test_{uuid.uuid4().hex[:8]}",
-        consume_from="new",
+        runner_id=fresh_runner_id(),
     )
 
 
@@ -65,23 +66,15 @@ async def service(
 ) -> AsyncIterator[RuntimeRunnerService]:
     stop = asyncio.Event()
     runner_service = RuntimeRunnerService(settings)
-    task = asyncio.create_task(runner_service.run(stop))
-    await wait_for_consumer(js, settings.consumer_name)
-    yield runner_service
-    stop.set()
-    await asyncio.wait_for(task, 10)
-    await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
-
-
-async def wait_for_consumer(js: JetStreamContext, name: str) -> None:
-    """Until a runner's consumer exists: events appended before it would be skipped ("new")."""
-    for _ in range(200):
-        try:
-            await js.consumer_info(subjects.EVENTS_STREAM, name)
-            return
-        except Exception:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"consumer {name} never appeared")
+    async with forwarding(js, settings.runner_id):
+        task = asyncio.create_task(runner_service.run(stop))
+        await wait_for_runner_consumer(js, settings.runner_id)
+        yield runner_service
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    await js.delete_consumer(
+        subjects.RUNNER_WORK_STREAM, subjects.runtime_runner_durable(settings.runner_id)
+    )
 
 
 async def read_log(js: JetStreamContext, conversation_id: str) -> list[AnyEvent]:
@@ -107,7 +100,11 @@ async def wait_for(
 ) -> AnyEvent:
     deadline = asyncio.get_running_loop().time() + seconds
     while asyncio.get_running_loop().time() < deadline:
-        for event in await read_log(js, conversation_id):
+        try:
+            events = await read_log(js, conversation_id)
+        except TimeoutError:  # a busy server was slow to deliver: read again
+            continue
+        for event in events:
             if found(event):
                 return event
         await asyncio.sleep(0.1)
@@ -294,21 +291,34 @@ async def test_a_redelivered_action_does_not_run_twice(
         in_flight_journal(settings),
         Path(settings.workspace_root),
     )
-    dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds, settings.max_deliver)
+    rid = settings.runner_id
+    dispatcher = EventDispatcher(js, runner, rid, settings.ack_wait_seconds, settings.max_deliver)
     await runner.handle(await appender.append(request_runtime(cid)))
     action = await appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))
+    logged = await js.get_last_msg(
+        subjects.EVENTS_STREAM, subjects.event_subject(cid, "CmdRunAction")
+    )
+    work_subject = subjects.runner_work_subject(rid, subjects.event_subject(cid, "CmdRunAction"))
+    durable = subjects.runtime_runner_durable(rid)
+    consumer = await js.pull_subscribe(
+        work_subject,
+        durable=durable,
+        stream=subjects.RUNNER_WORK_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+    )
     try:
         for _ in range(2):
-            consumer = await js.pull_subscribe(
-                subjects.event_subject(cid, "CmdRunAction"),
-                stream=subjects.EVENTS_STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+            # Forwarded again past the dedupe window (as by a forwarder that crashed then).
+            await js.publish(
+                work_subject,
+                logged.data or b"",
+                stream=subjects.RUNNER_WORK_STREAM,
+                headers={EVENT_SEQUENCE_HEADER: str(logged.seq)},
             )
             (message,) = await consumer.fetch(1, timeout=2)
             await dispatcher.dispatch(message)
             await wait_for(js, cid, reply_to(action, CmdOutputObservation))
             await asyncio.sleep(0.3)  # let a wrong second run show up
-            await consumer.unsubscribe()
         observations = [
             e for e in await read_log(js, cid) if reply_to(action, CmdOutputObservation)(e)
         ]
@@ -318,3 +328,4 @@ async def test_a_redelivered_action_does_not_run_twice(
     finally:
         await dispatcher.cancel()
         await runner.close()
+        await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable)

@@ -44,7 +44,7 @@ from taskbus.runtime_runner.usage import (
     workspace_bytes,
 )
 
-from .conftest import SandboxMaker
+from .conftest import SandboxMaker, forwarding, fresh_runner_id, wait_for_runner_consumer
 from .test_service import (
     command,
     read_log,
@@ -52,7 +52,6 @@ from .test_service import (
     request_runtime,
     status,
     wait_for,
-    wait_for_consumer,
 )
 
 MB = 1024 * 1024
@@ -222,56 +221,58 @@ def settings(nats_url: str, tmp_path: Path) -> RuntimeRunnerSettings:
         backend="local",
         workspace_root=str(tmp_path / "workspaces"),
         usage_interval_seconds=0.3,
-        consumer_name=f"runtime_runner_usage_{uuid.uuid4().hex[:8]}",
-        consume_from="new",
+        runner_id=fresh_runner_id(),
     )
 
 
 async def test_sampler_reports_while_ready_and_not_while_paused_or_after_stop(
     settings: RuntimeRunnerSettings, js: JetStreamContext
 ) -> None:
-    stop = asyncio.Event()
-    service = asyncio.create_task(RuntimeRunnerService(settings).run(stop))
-    try:
-        await wait_for_consumer(js, settings.consumer_name)
-        cid = uuid.uuid4().hex
-        appender = EventAppender(js)
-        requested = await appender.append(request_runtime(cid))
-        ready = await wait_for(js, cid, status(requested, RuntimeStatus.READY))
-        first = await wait_for(js, cid, lambda e: isinstance(e, ResourceUsage))
-        assert isinstance(first, ResourceUsage)
-        assert first.id > ready.id and first.source == EventSource.ENVIRONMENT
-        assert first.measured_by == "cgroup" and first.pids >= 1
+    async with forwarding(js, settings.runner_id):
+        stop = asyncio.Event()
+        service = asyncio.create_task(RuntimeRunnerService(settings).run(stop))
+        try:
+            await wait_for_runner_consumer(js, settings.runner_id)
+            cid = uuid.uuid4().hex
+            appender = EventAppender(js)
+            requested = await appender.append(request_runtime(cid))
+            ready = await wait_for(js, cid, status(requested, RuntimeStatus.READY))
+            first = await wait_for(js, cid, lambda e: isinstance(e, ResourceUsage))
+            assert isinstance(first, ResourceUsage)
+            assert first.id > ready.id and first.source == EventSource.ENVIRONMENT
+            assert first.measured_by == "cgroup" and first.pids >= 1
 
-        pause = await appender.append(_control(cid, RuntimeControl.PAUSE))
-        paused = await wait_for(js, cid, status(pause, RuntimeStatus.PAUSED))
-        await asyncio.sleep(1.5)  # five intervals
-        resume = await appender.append(_control(cid, RuntimeControl.RESUME))
-        await wait_for(js, cid, status(resume, RuntimeStatus.READY))
-        write = await appender.append(command(cid, "head -c 300000 /dev/urandom > grown.bin"))
-        written = await wait_for(js, cid, reply_to(write, CmdOutputObservation))
-        grown = await wait_for(
-            js, cid, lambda e: isinstance(e, ResourceUsage) and e.id > written.id
-        )
-        assert isinstance(grown, ResourceUsage) and grown.disk_bytes >= 300000
+            pause = await appender.append(_control(cid, RuntimeControl.PAUSE))
+            paused = await wait_for(js, cid, status(pause, RuntimeStatus.PAUSED))
+            await asyncio.sleep(1.5)  # five intervals
+            resume = await appender.append(_control(cid, RuntimeControl.RESUME))
+            await wait_for(js, cid, status(resume, RuntimeStatus.READY))
+            write = await appender.append(command(cid, "head -c 300000 /dev/urandom > grown.bin"))
+            written = await wait_for(js, cid, reply_to(write, CmdOutputObservation))
+            grown = await wait_for(
+                js, cid, lambda e: isinstance(e, ResourceUsage) and e.id > written.id
+            )
+            assert isinstance(grown, ResourceUsage) and grown.disk_bytes >= 300000
 
-        halt = await appender.append(_control(cid, RuntimeControl.STOP))
-        stopped = await wait_for(js, cid, status(halt, RuntimeStatus.STOPPED))
-        await asyncio.sleep(1.5)
-        log = await read_log(js, cid)
-        samples = [e for e in log if isinstance(e, ResourceUsage)]
-        assert not [e for e in samples if paused.id < e.id < resume.id]
-        assert not [e for e in samples if e.id > stopped.id]
-        assert len(samples) >= 2
-        # Only changes are appended: an idle sandbox adds nothing to the log.
-        figures = [msgspec.structs.replace(e, id=0, timestamp=T) for e in samples]
-        assert all(a != b for a, b in itertools.pairwise(figures))
-        # A measurement belongs to no action: nothing waits on it.
-        assert all(e.cause is None for e in samples)
-    finally:
-        stop.set()
-        await asyncio.wait_for(service, 10)
-        await js.delete_consumer(subjects.EVENTS_STREAM, settings.consumer_name)
+            halt = await appender.append(_control(cid, RuntimeControl.STOP))
+            stopped = await wait_for(js, cid, status(halt, RuntimeStatus.STOPPED))
+            await asyncio.sleep(1.5)
+            log = await read_log(js, cid)
+            samples = [e for e in log if isinstance(e, ResourceUsage)]
+            assert not [e for e in samples if paused.id < e.id < resume.id]
+            assert not [e for e in samples if e.id > stopped.id]
+            assert len(samples) >= 2
+            # Only changes are appended: an idle sandbox adds nothing to the log.
+            figures = [msgspec.structs.replace(e, id=0, timestamp=T) for e in samples]
+            assert all(a != b for a, b in itertools.pairwise(figures))
+            # A measurement belongs to no action: nothing waits on it.
+            assert all(e.cause is None for e in samples)
+        finally:
+            stop.set()
+            await asyncio.wait_for(service, 10)
+    await js.delete_consumer(
+        subjects.RUNNER_WORK_STREAM, subjects.runtime_runner_durable(settings.runner_id)
+    )
 
 
 def _control(cid: str, action: RuntimeControl) -> RuntimeControlRequested:

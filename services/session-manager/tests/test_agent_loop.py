@@ -64,12 +64,13 @@ from taskbus.contracts.events import (
 from taskbus.contracts.secret_box import SecretBox, generate_key, llm_key_context
 from taskbus.contracts.specs import ConversationSpec, Timeouts, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
-from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.devtools.scripted_llm import ScriptedLLM
 from taskbus.session_manager.app import running_session_manager
 from taskbus.session_manager.service import SessionManager
 from taskbus.session_manager.settings import SessionManagerSettings
+
+from .conftest import RUNNER_ALIVE, register_fake_runner
 
 INPUT_PRICE = 3e-6
 OUTPUT_PRICE = 1.5e-5
@@ -92,6 +93,7 @@ def settings(own_nats: str, scripted_llm: ScriptedLLM) -> SessionManagerSettings
         llm_input_cost_per_token=INPUT_PRICE,
         llm_output_cost_per_token=OUTPUT_PRICE,
         max_running=100,
+        **RUNNER_ALIVE,
     )
 
 
@@ -414,12 +416,12 @@ async def agent_stack(
             llm_base_url=llm.url,
             max_running=100,
             llm_retry_backoff_seconds=0.01,
-            **overrides,
+            **{**RUNNER_ALIVE, **overrides},
         )
         nc = await nats.connect(server.url)
         try:
             js = nc.jetstream()
-            await ensure_streams(js)
+            await register_fake_runner(js)
             async with running_session_manager(tuned) as manager:
                 yield Stack(js=js, llm=llm, settings=tuned, manager=manager)
         finally:

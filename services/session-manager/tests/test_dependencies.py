@@ -44,7 +44,6 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus
-from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.devtools.scripted_llm import ScriptedLLM
 from taskbus.session_manager.admission import QUEUE_FULL_REASON
@@ -68,6 +67,7 @@ from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply, fold
 from taskbus.session_manager.tools import TASK_TRACKER, TOOLS, action_from_tool_call
 
+from .conftest import RUNNER_ALIVE, register_fake_runner
 from .test_admission_desk import GREEDY, OPERATOR, Log
 from .test_agent_loop import FakeRuntime, bash_step, finish, send, status_reached
 
@@ -389,11 +389,15 @@ class World:
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     with NatsServer(tmp_path / "nats") as server, ScriptedLLM(CHAIN_SCRIPT) as llm:
         settings = SessionManagerSettings(
-            nats_url=server.url, llm_base_url=llm.url, llm_api_key="scripted", max_running=100
+            nats_url=server.url,
+            llm_base_url=llm.url,
+            llm_api_key="scripted",
+            max_running=100,
+            **RUNNER_ALIVE,
         )
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await ensure_streams(js)
+        await register_fake_runner(js)
         here = World(js, llm, settings)
         try:
             yield here

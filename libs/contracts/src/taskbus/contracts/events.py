@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from taskbus.contracts.runners import RunnerId
 from taskbus.contracts.specs import ConversationSpec, GitProvider, MCPConfig, Resources, Timeouts
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
 
@@ -100,6 +101,18 @@ class RuntimeRequested(Event):
     # provider's URL), and the MCP servers to start in the sandbox (secrets in it are sealed).
     git_provider: GitProvider | None = None
     mcp_config: MCPConfig | None = None
+    # The runner the sandbox is placed on: session-manager chose one with room. Its actions go
+    # to that runner's own subject (contracts/runner_work.py).
+    runner_id: RunnerId | None = None
+
+
+class RuntimeLost(Event):
+    """The runner holding the conversation's sandbox stopped sending heartbeats: what ran there
+    is gone. Its conversation restarts on another runner when workspaces are on shared storage,
+    and fails (`runtime_lost`) otherwise; the runner, if it returns, gives the sandbox back."""
+
+    runner_id: RunnerId
+    reason: str
 
 
 class RuntimeStatusChanged(Event):
@@ -410,6 +423,7 @@ AnyEvent = (
     | ConversationRenamed
     | ConversationRejected
     | RuntimeRequested
+    | RuntimeLost
     | RuntimeStatusChanged
     | RuntimeControlRequested
     | MessageAction

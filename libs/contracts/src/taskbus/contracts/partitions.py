@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -65,6 +67,11 @@ def rendezvous_owner(partition: int, members: Iterable[str]) -> str | None:
     return max(members, key=weight, default=None)
 
 
+def default_instance_id() -> str:
+    """An instance's name when the operator gives none: unique on the host and over time."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class PartitionLeases:
     """This instance's share of `group`'s partitions, kept up to date until `stop`."""
 
@@ -105,7 +112,7 @@ class PartitionLeases:
 
     async def start(self) -> None:
         """Join, take this instance's share of the free partitions, then keep renewing."""
-        await self.rebalance()
+        await self._round()
         self._task = asyncio.create_task(self._run(), name=f"{self._group}-leases")
 
     async def stop(self) -> None:
@@ -114,11 +121,7 @@ class PartitionLeases:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        held = sorted(self._held)
-        await self._lose(held)
-        for partition in held:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._kv.delete(self._lease_key(partition))
+        await self._hand_back(sorted(self._held))
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._kv.delete(self._member_key(self._instance))
 
@@ -130,10 +133,16 @@ class PartitionLeases:
                 if self._held:
                     logger.warning("%s: leases not renewed in time: %s", self, sorted(self._held))
                 await self._lose(sorted(self._held))
-            try:
-                await self.rebalance()
-            except (nats.errors.Error, TimeoutError) as error:
-                logger.warning("%s: renewing leases failed: %r", self, error)
+            await self._round()
+
+    async def _round(self) -> None:
+        """A rebalance; one that fails is retried by the next round."""
+        try:
+            await self.rebalance()
+        except (nats.errors.Error, TimeoutError) as error:
+            logger.warning("%s: lease round failed: %r", self, error)
+        except Exception:
+            logger.exception("%s: lease round failed", self)
 
     async def rebalance(self) -> None:
         """One round: heartbeat, renew what we keep, hand back what another member should own,
@@ -153,13 +162,17 @@ class PartitionLeases:
             elif owner == self._instance and await self._acquire(partition):
                 acquired.append(partition)
         self._renewed_at = time.monotonic()
-        await self._lose(lost + handed_back)
-        for partition in handed_back:  # after we stopped acting on it: the other takes it now
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._kv.delete(self._lease_key(partition))
+        await self._lose(lost)
+        await self._hand_back(handed_back)  # the member that should own them takes them now
         if acquired:
             logger.info("%s: acquired partitions %s", self, acquired)
-            await self._on_acquired(frozenset(acquired))
+            try:
+                await self._on_acquired(frozenset(acquired))
+            except Exception:
+                # Not taken over (JetStream busy, say): held but consumed by nobody, they would
+                # stall until this instance left. Handed back, a later round takes them again.
+                await self._hand_back(acquired)
+                raise
 
     async def _members(self) -> list[str]:
         prefix = self._member_key("")
@@ -188,6 +201,13 @@ class PartitionLeases:
         except KeyWrongLastSequenceError:
             return False  # still held by its previous owner until it hands it back or expires
         return True
+
+    async def _hand_back(self, partitions: list[int]) -> None:
+        """Stop acting on the partitions, then free their leases at once (no wait for a TTL)."""
+        await self._lose(partitions)
+        for partition in partitions:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._kv.delete(self._lease_key(partition))
 
     async def _lose(self, partitions: list[int]) -> None:
         gone = frozenset(p for p in partitions if self._held.pop(p, None) is not None)

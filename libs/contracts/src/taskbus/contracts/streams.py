@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEDUPE_WINDOW_SECONDS = 120.0
 # How long a command's verdict is kept: longer than the dedupe window, so a retry finds it.
 VERDICT_TTL_SECONDS = 10 * DEDUPE_WINDOW_SECONDS
+RUNNER_WORK_MAX_AGE_SECONDS = 7 * 86400.0
 _GIB = 1024**3
 _MIB = 1024**2
 
@@ -78,16 +79,15 @@ def stream_configs(replicas: int = 1, limits: StreamLimits | None = None) -> lis
             max_age=_limit(limits.events_max_age_seconds, none=0),
             # No max_msgs_per_subject: per-subject limits slow JetStream down with many subjects.
         ),
-        StreamConfig(
-            name=subjects.COMMANDS_STREAM,
-            subjects=[subjects.ALL_COMMANDS],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            duplicate_window=DEDUPE_WINDOW_SECONDS,
-            discard=DiscardPolicy.NEW,
-            max_bytes=_limit(limits.commands_max_bytes),
-            max_msgs=_limit(limits.commands_max_msgs),
+        _work_queue(subjects.COMMANDS_STREAM, subjects.ALL_COMMANDS, replicas, limits),
+        # Work for a runner that never comes back goes after a week: its conversations were
+        # declared lost long before. A re-forwarded event is dropped by the dedupe window.
+        _work_queue(
+            subjects.RUNNER_WORK_STREAM,
+            subjects.ALL_RUNNER_WORK,
+            replicas,
+            limits,
+            max_age=RUNNER_WORK_MAX_AGE_SECONDS,
         ),
         StreamConfig(
             name=subjects.DEADLETTER_STREAM,
@@ -101,6 +101,25 @@ def stream_configs(replicas: int = 1, limits: StreamLimits | None = None) -> lis
             max_age=_limit(limits.deadletter_max_age_seconds, none=0),
         ),
     ]
+
+
+def _work_queue(
+    name: str, subject: str, replicas: int, limits: StreamLimits, max_age: float = 0
+) -> StreamConfig:
+    """A queue whose messages go once acked, deduplicated by `Nats-Msg-Id`, refusing new ones
+    when full (the sender gets the error), bounded like the command queue."""
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DEDUPE_WINDOW_SECONDS,
+        discard=DiscardPolicy.NEW,
+        max_bytes=_limit(limits.commands_max_bytes),
+        max_msgs=_limit(limits.commands_max_msgs),
+        max_age=max_age,
+    )
 
 
 def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:

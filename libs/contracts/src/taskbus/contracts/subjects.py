@@ -11,6 +11,9 @@ COMMANDS_STREAM = "TASKBUS_COMMANDS"
 # Messages a consumer refused (bad id, id not matching the subject, undecodable), kept for the
 # operator: never acted on.
 DEADLETTER_STREAM = "TASKBUS_DEADLETTER"
+# The events each runtime-runner acts on, forwarded from the log to the runner the conversation
+# is placed on (contracts/runner_work.py): a work queue, one subject tree per runner.
+RUNNER_WORK_STREAM = "TASKBUS_RUNNER_WORK"
 CONVERSATIONS_BUCKET = "taskbus_conversations"
 SETTINGS_BUCKET = "taskbus_settings"
 # One entry per runtime-runner (key = runner id): its host, backend and sandbox isolation.
@@ -32,12 +35,14 @@ DEADLETTER_PREFIX = "taskbus.deadletter"
 # Requests about a conversation's workspace files (list, read, zip, git, upload): the runner
 # that holds the workspace answers (core request-reply, like queries).
 WORKSPACE_PREFIX = "taskbus.workspace"
+RUNNER_WORK_PREFIX = "taskbus.runner"
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_COMMANDS = f"{COMMANDS_PREFIX}.>"
 ALL_QUERIES = f"{QUERIES_PREFIX}.>"
 ALL_DEADLETTERS = f"{DEADLETTER_PREFIX}.>"
 ALL_WORKSPACE_REQUESTS = f"{WORKSPACE_PREFIX}.>"
+ALL_RUNNER_WORK = f"{RUNNER_WORK_PREFIX}.>"
 
 # Service names: in command and dead-letter subjects, and as their NATS users.
 GATEWAY = "gateway"
@@ -52,6 +57,7 @@ SESSION_MANAGER_USER_COMMANDS = f"{COMMANDS_PREFIX}.{SESSION_MANAGER}.{USER_COMM
 
 # The durable consumers of the services (their defaults; the bus permissions name them).
 SESSION_MANAGER_USER_COMMANDS_DURABLE = "session_manager_user_commands"
+# A runner's own durable is this prefix and its id (`runtime_runner_durable`).
 RUNTIME_RUNNER_DURABLE = "runtime_runner"
 EVENT_STORE_DURABLE = "event_store"
 
@@ -120,6 +126,32 @@ def session_manager_durables() -> list[tuple[str, str]]:
     ]
 
 
+def runner_work(runner_id: str) -> str:
+    """Every work item of one runner."""
+    return f"{RUNNER_WORK_PREFIX}.{runner_id}.>"
+
+
+def runner_work_subject(runner_id: str, event_subject: str) -> str:
+    """`taskbus.runner.<runner id>.<partition>.<conversation id>.<kind>`: the event's own subject
+    under its runner's, so the runner checks it exactly as it would the event's."""
+    return f"{RUNNER_WORK_PREFIX}.{runner_id}.{event_subject.removeprefix(EVENTS_PREFIX + '.')}"
+
+
+def conversation_work(conversation_id: str) -> str:
+    """Every work item of one conversation, whichever runner it went to."""
+    return f"{RUNNER_WORK_PREFIX}.*.{partition_of(conversation_id)}.{conversation_id}.>"
+
+
+def event_subject_of_work(work_subject: str) -> str:
+    """The event subject a work item was forwarded from."""
+    rest = work_subject.split(".", 3)[3] if work_subject.count(".") >= 3 else ""
+    return f"{EVENTS_PREFIX}.{rest}"
+
+
+def runtime_runner_durable(runner_id: str) -> str:
+    return f"{RUNTIME_RUNNER_DURABLE}_{runner_id}"
+
+
 def dead_letter_subject(service: str) -> str:
     """Where `service` puts the messages it refused."""
     return f"{DEADLETTER_PREFIX}.{service}"
@@ -163,3 +195,9 @@ def family(subject: str) -> str:
     elif subject.startswith(("_INBOX", "$KV.")) or ".zip_next." in subject:
         tokens[2:] = ["*"]
     return ".".join(tokens)
+
+
+def event_store_durable(partition: int, consumer_name: str = EVENT_STORE_DURABLE) -> str:
+    """The event-store's ingest durable of one partition, shared by whichever instance holds
+    the partition; `consumer_name` is the service's setting (a fresh one replays the log)."""
+    return f"{consumer_name}_p{partition}"

@@ -10,15 +10,16 @@ list. What each service may do, and why:
   the conversations, settings, runners, verdicts and secrets buckets (watching a verdict's key
   as it is stored). It appends no event and writes no bucket.
 - session-manager: appends events, writes the settings, verdicts and secrets buckets (their
-  only writer) and the partition leases, consumes its partitions' durables and throwaway
+  only writer) and its own partition leases, consumes its partitions' durables and throwaway
   recovery consumers (never another service's durable), reads the conversations bucket
   (deleted conversations' tombstones).
 - runtime-runner: appends events (observations), writes the runners bucket, reads the secrets
   bucket (git tokens, sandbox secrets; never the settings bucket), consumes its durable,
   answers workspace requests (files of the workspaces on its host).
-- event-store: writes the conversations bucket, consumes its durable (a rebuild deletes and
-  re-creates it), answers queries, and purges deleted conversations from the log (the one
-  purge any service may do; JetStream cannot narrow it to a subject by permission).
+- event-store: writes the conversations bucket and its own partition leases, consumes its
+  partitions' durables (a rebuild deletes and re-creates them), answers queries, and purges
+  deleted conversations from the log (the one purge any service may do; JetStream cannot
+  narrow it to a subject by permission).
 
 No service may create, update or delete a stream, or delete a message: the admin
 credential (the launcher's, or a deployment's one-shot `python -m taskbus.contracts.streams`)
@@ -36,6 +37,7 @@ from typing import Any
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import BusCredential, inbox_prefix, write_credential
+from taskbus.contracts.partitions import PARTITIONS
 
 GATEWAY = subjects.GATEWAY
 SESSION_MANAGER = subjects.SESSION_MANAGER
@@ -73,7 +75,7 @@ def _all_stream_info() -> list[str]:
     return [
         f"{_API}.INFO",
         f"{_API}.STREAM.NAMES",
-        *_stream_info(_EVENTS, _COMMANDS, subjects.DEADLETTER_STREAM),
+        *_stream_info(_EVENTS, _COMMANDS, subjects.DEADLETTER_STREAM, subjects.RUNNER_WORK_STREAM),
         *_stream_info(*(_kv_stream(bucket) for bucket in buckets)),
     ]
 
@@ -111,6 +113,15 @@ def _write_bucket(bucket: str) -> list[str]:
     return [f"$KV.{bucket}.>"]
 
 
+def _write_leases(group: str) -> list[str]:
+    """A service's own partition leases (keys `<group>.…`, contracts.partitions), no other's."""
+    return [f"$KV.{subjects.PARTITIONS_BUCKET}.{group}.>"]
+
+
+def _event_store_durables() -> list[str]:
+    return [subjects.event_store_durable(p) for p in range(PARTITIONS)]
+
+
 def _durable(stream: str, name: str) -> list[str]:
     return [
         f"{_API}.CONSUMER.CREATE.{stream}.{name}",
@@ -126,8 +137,7 @@ def _others_durables(own: tuple[str, ...]) -> list[str]:
     """Every verb on the other services' durables, for users allowed `*` consumers."""
     durables = (
         *(name for stream, name in subjects.session_manager_durables() if stream == _EVENTS),
-        subjects.RUNTIME_RUNNER_DURABLE,
-        subjects.EVENT_STORE_DURABLE,
+        *_event_store_durables(),
     )
     verbs = ("CREATE", "DURABLE.CREATE", "DELETE", "MSG.NEXT")
     return [
@@ -192,10 +202,13 @@ def permissions(user: str) -> dict[str, Any] | None:
                 for permission in _durable(stream, name)
             ),
             *_read_bucket(subjects.PARTITIONS_BUCKET),
-            *_write_bucket(subjects.PARTITIONS_BUCKET),
+            *_write_leases(subjects.SESSION_MANAGER),
             # The admission ledger all instances share (its only reader and writer).
             *_read_bucket(subjects.ADMISSION_BUCKET),
             *_write_bucket(subjects.ADMISSION_BUCKET),
+            # Places sandboxes on runners (their heartbeats) and forwards them their work.
+            *_read_bucket(subjects.RUNNERS_BUCKET),
+            subjects.ALL_RUNNER_WORK,
             # Throwaway recovery consumers have random names; the others' durables stay out.
             *(f"{_API}.CONSUMER.{verb}.{_EVENTS}.*" for verb in recovery),
         ]
@@ -210,7 +223,10 @@ def permissions(user: str) -> dict[str, Any] | None:
             # Opens a user's git tokens and sandbox secrets at sandbox start (read only); never
             # the settings bucket, whose LLM keys the runner has no use for.
             *_read_bucket(subjects.SECRETS_BUCKET),
-            *_durable(_EVENTS, subjects.RUNTIME_RUNNER_DURABLE),
+            # Its own work (`runtime_runner_<runner id>`): every runner logs in as this user,
+            # and a durable name is one subject token, so the grant names any durable of the
+            # work stream, which no other user may touch.
+            *_durable(subjects.RUNNER_WORK_STREAM, "*"),
         ]
         # Answers workspace requests (contracts/workspace.py) to the asker's inbox only.
         subscribe.append(subjects.ALL_WORKSPACE_REQUESTS)
@@ -220,9 +236,15 @@ def permissions(user: str) -> dict[str, Any] | None:
             subjects.dead_letter_subject(user),
             *_read_bucket(subjects.CONVERSATIONS_BUCKET),
             *_write_bucket(subjects.CONVERSATIONS_BUCKET),
-            *_durable(_EVENTS, subjects.EVENT_STORE_DURABLE),
-            f"{_API}.CONSUMER.DELETE.{_EVENTS}.{subjects.EVENT_STORE_DURABLE}",  # rebuild
+            # Its partitions' durables (whichever instance holds the partition's lease), which
+            # a rebuild deletes and re-creates, and its own leases.
+            *(grant for name in _event_store_durables() for grant in _durable(_EVENTS, name)),
+            *(f"{_API}.CONSUMER.DELETE.{_EVENTS}.{name}" for name in _event_store_durables()),
+            *_read_bucket(subjects.PARTITIONS_BUCKET),
+            *_write_leases(subjects.EVENT_STORE),
             f"{_API}.STREAM.PURGE.{_EVENTS}",  # a deleted conversation's events (see purge)
+            # Whether a deleted conversation's work still waits for its runner (see purge).
+            f"{_API}.STREAM.MSG.GET.{subjects.RUNNER_WORK_STREAM}",
         ]
         subscribe.append(subjects.ALL_QUERIES)
         allow_responses = True  # replies go to the asker's inbox, and only there

@@ -23,11 +23,12 @@ from pathlib import Path
 import httpx
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError, ServiceUnavailableError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import CREDENTIALS_FILE_ENV, BusCredential, connect
 from taskbus.contracts.config import settings_from_env
+from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, decode_runner_info
 from taskbus.contracts.secret_box import ensure_key_file
 from taskbus.contracts.streams import ensure_streams, stream_limits_from_env
@@ -42,11 +43,11 @@ from taskbus.devtools.sandbox_policy import (
 log = logging.getLogger("taskbus.launcher")
 
 SERVICES = ("event_store", "session_manager", "runtime_runner", "gateway")
-# The durable consumers the services pull from: the stack is ready when each has a pull waiting.
+# The durable consumers the services pull from: the stack is ready when each has a pull waiting
+# (and the runner has registered, which it does once it consumes: `wait_for_runner`).
 DURABLES = (
     *subjects.session_manager_durables(),
-    (subjects.EVENTS_STREAM, subjects.RUNTIME_RUNNER_DURABLE),
-    (subjects.EVENTS_STREAM, subjects.EVENT_STORE_DURABLE),
+    *((subjects.EVENTS_STREAM, subjects.event_store_durable(p)) for p in range(PARTITIONS)),
 )
 LOCAL_USER = "local"
 # Prices of the scripted model, so cost accounting runs through litellm for real.
@@ -182,7 +183,7 @@ _SECRET_USERS = {
 }
 
 
-def _without_secrets_it_does_not_need(env: dict[str, str], service: str) -> dict[str, str]:
+def without_secrets_it_does_not_need(env: dict[str, str], service: str) -> dict[str, str]:
     return {
         name: value
         for name, value in env.items()
@@ -213,7 +214,7 @@ def _write_nats_pid_file(server: NatsServer, pid_file: Path) -> None:
         write_pid_file(pid_file, server.pid)
 
 
-async def _wait_for_gateway(url: str) -> None:
+async def wait_for_gateway(url: str) -> None:
     async with httpx.AsyncClient() as client:
         while True:
             with contextlib.suppress(httpx.HTTPError):
@@ -222,28 +223,40 @@ async def _wait_for_gateway(url: str) -> None:
             await asyncio.sleep(0.2)
 
 
-async def _wait_for_consumers(js: JetStreamContext) -> None:
-    """Services are ready once each durable consumer has a pull request waiting."""
+async def wait_for_consumers(js: JetStreamContext) -> None:
+    """Services are ready once each durable consumer has a pull request waiting. A busy or
+    still electing JetStream answers late or 503: asked again (the caller bounds the wait)."""
     pending = set(DURABLES)
     while pending:
         for stream, durable in list(pending):
-            with contextlib.suppress(NotFoundError):
+            with contextlib.suppress(NotFoundError, ServiceUnavailableError, TimeoutError):
                 if (await js.consumer_info(stream, durable)).num_waiting:
                     pending.discard((stream, durable))
         await asyncio.sleep(0.2)
 
 
-async def _wait_for_runner(js: JetStreamContext, runner_id: str, since: float) -> RunnerInfo:
+async def wait_for_runner(js: JetStreamContext, runner_id: str, since: float) -> RunnerInfo:
     """The runner's report of the isolation it uses, written after `since` (epoch seconds)."""
     kv = await js.key_value(subjects.RUNNERS_BUCKET)
     while True:
-        with contextlib.suppress(KeyNotFoundError):
+        with contextlib.suppress(KeyNotFoundError, TimeoutError):
             entry = await kv.get(runner_id)
             if entry.value:
                 info = decode_runner_info(entry.value)
                 if info.started_at.timestamp() >= since:
                     return info
         await asyncio.sleep(0.2)
+
+
+def scripted_model_env(base_url: str) -> dict[str, str]:
+    """The services' LLM settings for the scripted model serving `base_url`."""
+    return {
+        "TASKBUS_LLM_MODEL": "openai/scripted",
+        "TASKBUS_LLM_BASE_URL": base_url,
+        "TASKBUS_LLM_API_KEY": "scripted-model-needs-no-key",
+        "TASKBUS_LLM_INPUT_COST_PER_TOKEN": SCRIPTED_INPUT_COST_PER_TOKEN,
+        "TASKBUS_LLM_OUTPUT_COST_PER_TOKEN": SCRIPTED_OUTPUT_COST_PER_TOKEN,
+    }
 
 
 def write_nats_config(path: Path, credentials: dict[str, BusCredential]) -> None:
@@ -253,7 +266,7 @@ def write_nats_config(path: Path, credentials: dict[str, BusCredential]) -> None
         file.write(bus_auth.render_authorization({u: c.password for u, c in credentials.items()}))
 
 
-async def _wait_for_port(port: int) -> None:
+async def wait_for_port(port: int) -> None:
     while True:
         with contextlib.suppress(OSError):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -320,20 +333,13 @@ async def run_stack(
             children.append(model)
             model.start()
             async with asyncio.timeout(STARTUP_SECONDS):
-                await _wait_for_port(model_port)
-            base_url = f"http://127.0.0.1:{model_port}/v1"
-            env.update(
-                TASKBUS_LLM_MODEL="openai/scripted",
-                TASKBUS_LLM_BASE_URL=base_url,
-                TASKBUS_LLM_API_KEY="scripted-model-needs-no-key",
-                TASKBUS_LLM_INPUT_COST_PER_TOKEN=SCRIPTED_INPUT_COST_PER_TOKEN,
-                TASKBUS_LLM_OUTPUT_COST_PER_TOKEN=SCRIPTED_OUTPUT_COST_PER_TOKEN,
-            )
+                await wait_for_port(model_port)
+            env.update(scripted_model_env(f"http://127.0.0.1:{model_port}/v1"))
 
         for service in SERVICES:
             name = service.replace("_", "-")
             service_env = {
-                **_without_secrets_it_does_not_need(env, service),
+                **without_secrets_it_does_not_need(env, service),
                 CREDENTIALS_FILE_ENV: str(bus_auth.credential_file(bus, service)),
             }
             if service == "runtime_runner" and unsandboxed:
@@ -350,9 +356,9 @@ async def run_stack(
 
         gateway_url = f"http://127.0.0.1:{settings.port}"
         async with asyncio.timeout(STARTUP_SECONDS):
-            await _wait_for_gateway(gateway_url)
-            await _wait_for_consumers(nc.jetstream())
-            runner = await _wait_for_runner(
+            await wait_for_gateway(gateway_url)
+            await wait_for_consumers(nc.jetstream())
+            runner = await wait_for_runner(
                 nc.jetstream(), env.get("TASKBUS_RUNNER_ID", "default"), started
             )
         await nc.drain()

@@ -27,6 +27,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,6 +83,9 @@ class ScriptedRequest(msgspec.Struct, frozen=True, kw_only=True):
 class Script(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     steps: list[ScriptStep]
     description: str = ""
+    # Each answer is sent this long after its request arrived: a real model's latency, so a
+    # bench measures the services around it (bench/scale.py).
+    latency_seconds: float = 0.0
 
 
 def demo_script_path() -> Path:
@@ -142,6 +146,8 @@ class ScriptPlayer:
         if request.get("stream"):
             return _error_body(HTTPStatus.BAD_REQUEST, "the scripted model does not stream")
         step_index = step_of(messages)
+        if self.script.latency_seconds:
+            time.sleep(self.script.latency_seconds)  # the handler's own thread
         status, response = self._answer_step(request, messages, step_index, authorization)
         with self._lock:
             self.requests.append(

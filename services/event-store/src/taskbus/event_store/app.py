@@ -1,7 +1,8 @@
 """Builds and runs the event-store: ClickHouse schema, log ingest, status KV and the queries.
 
-One FastStream broker per process carries the ingest's durable consumer and the query
-subscribers; everything else (KV, direct gets, consumer info, purges) uses its connection.
+One FastStream broker per process carries the ingest's durable consumers (one per partition
+this instance holds a lease of) and the query subscribers; everything else (KV, direct gets,
+consumer info, purges) uses its connection.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import ServiceBroker, jetstream, service_broker
+from taskbus.contracts.partitions import PartitionLeases, default_instance_id
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.consistency import ReadBarrier
@@ -28,15 +30,18 @@ log = logging.getLogger(__name__)
 class EventStore:
     """One running event-store: start() wires everything, stop() takes it down in reverse.
 
-    The ingest and the queries start themselves rather than through `broker.start()`: the
-    ingest consumes only once its projection is loaded from ClickHouse. The responder stops
-    first, so the queries in hand are answered while the ingest still moves the barrier."""
+    The ingest and the queries start themselves rather than through `broker.start()`: a
+    partition is consumed only once its lease is held and its projection loaded from
+    ClickHouse. The responder stops first, so the queries in hand are answered while the
+    ingest still moves the barrier; then the leases are handed back (their consumers stopped
+    first), so the other instances take the partitions at once rather than after a TTL."""
 
     def __init__(self, settings: EventStoreSettings) -> None:
         self._settings = settings
         self._broker: ServiceBroker | None = None
         self._clickhouse: ClickHouse | None = None
         self._ingester: Ingester | None = None
+        self._leases: PartitionLeases | None = None
         self._purger: Purger | None = None
         self._responder: QueryResponder | None = None
 
@@ -62,7 +67,14 @@ class EventStore:
             delay=settings.ingest_delay_ms / 1000,
             purger=self._purger,
         )
-        await self._ingester.start()
+        self._leases = PartitionLeases(
+            await js.key_value(subjects.PARTITIONS_BUCKET),
+            settings.consumer_name,
+            settings.instance_id or default_instance_id(),
+            on_acquired=self._ingester.acquired,
+            on_lost=self._ingester.lost,
+        )
+        await self._leases.start()
         barrier = ReadBarrier(js, self._ingester, settings.read_wait_ms / 1000)
         self._responder = QueryResponder(self._broker, self._clickhouse, barrier)
         await self._responder.start()
@@ -71,8 +83,8 @@ class EventStore:
     async def stop(self) -> None:
         if self._responder is not None:
             await self._responder.stop()
-        if self._ingester is not None:
-            await self._ingester.stop()
+        if self._leases is not None:
+            await self._leases.stop()
         if self._purger is not None:
             await self._purger.stop()
         if self._broker is not None:

@@ -2,13 +2,14 @@
 as it stood when the query arrived.
 
 The event store may lag the log (a batch, a slow ClickHouse, a restart); a read must not. So
-when a query arrives, the responder reads where the log is, by one JetStream round trip:
+when a query arrives, the responder reads where the log is:
 - a query about one conversation: its last event (direct get of the last message on
-  `taskbus.events.<cid>.>`); the query waits until the ingest's fold of that conversation
-  has stored every event up to that one (ids are dense and folded in order, so "the fold is
-  at id N" means "events 0..N are in ClickHouse");
-- a query across conversations (lists, analytics): the stream's last sequence; the query waits
-  until the ingest has handled every message up to it.
+  `taskbus.events.<p>.<cid>.>`); the query waits until its partition's durable has acked that
+  event, or this process's fold of the conversation has stored it (ids are dense and folded in
+  order, so "the fold is at id N" means "events 0..N are in ClickHouse");
+- a query across conversations (lists, analytics): every partition's durable with anything
+  unacked is asked to have acked its partition's last message (read once, after the query
+  came, so never too early).
 Anything a client has seen (a create response, a GET, a WebSocket frame, an analytics row) was
 in the log before its next request reached the event store, so it lies within that position.
 
@@ -19,22 +20,29 @@ gateway, the CLI, tests) gets the rule, written once. The wait is bounded (`read
 below the gateway's request timeout); past it the query answers 503 with Retry-After, never a
 page that silently lacks events.
 
-The positions are the ingest's own, in this process: the event-store runs as one instance
-(deploy/README.md) whose ingest and responder share it. Progress of a conversation is
-per-conversation, so a conversation held back after a crash (its events redelivered out of
-order) delays only reads that need it.
+The positions are the ingest durables' own, on the server: each partition has one durable,
+acked only once a batch is stored, so whichever instance holds the partition, "its durable has
+acked the event" means "the event is in ClickHouse" (`progress.has_acked`). Any instance can
+answer any query by that rule; with a ClickHouse server they all read the one store, while with
+chDB each reads its own, which holds only what that instance ingested (so several chDB
+instances answer right only for what each holds: run one, the default). A query about one
+conversation waits on its partition's durable only; one this instance folds is answered as soon
+as its fold has reached the conversation's last event, without asking the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
+from taskbus.contracts.partitions import PARTITIONS, partition_of
 from taskbus.contracts.queries import (
     EventKindCounts,
     GetConversation,
@@ -45,12 +53,13 @@ from taskbus.contracts.queries import (
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.streams import last_message
 from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.progress import has_acked
 
 log = logging.getLogger(__name__)
 
-# While waiting without progress, how often to check whether the ingest has drained the log
-# (it may never receive the awaited message if it was removed from the stream meanwhile).
-_DRAINED_CHECK_SECONDS = 0.5
+# While this process's ingest makes no progress, how often to ask the server again (another
+# instance may hold the partition; an ack reaches the durable's state a moment after it is sent).
+_POLL_SECONDS = 0.05
 
 
 class _EventId(msgspec.Struct):
@@ -83,39 +92,53 @@ class ReadBarrier:
         deadline = time.monotonic() + self.wait_seconds
         conversation_id = _conversation_of(query)
         if conversation_id is None:
-            target = await self._stream_end()
-
-            def ready() -> bool:
-                return self._ingester.progress.handled_through >= target
-
+            waiting = list(range(PARTITIONS))
+            last_id = -1
         else:
             if not subjects.is_valid_conversation_id(conversation_id):
                 return  # no subject can name it, so the log holds nothing of it
+            waiting = [partition_of(conversation_id)]
             found = await self._conversation_end(conversation_id)
             if found is None:
                 return
             target, last_id = found
-
-            def ready() -> bool:
-                info = self._ingester.conversations.get(conversation_id)
-                deleted = info is not None and info.status is ConversationStatus.ARCHIVED
-                if info is not None and last_id >= 0 and not deleted:
-                    return info.last_event_id >= last_id
-                # Nothing folded (e.g. only a refusal so far) or deleted (the ingest folds
-                # nothing more of it): that the message was handled is all to wait for.
-                return self._ingester.progress.handled_through >= target
-
-        while not ready():
+        targets: dict[int, int] = {}  # partition -> the stream sequence to wait for
+        if conversation_id is not None:
+            targets[partition_of(conversation_id)] = target
+        while True:
+            if conversation_id is not None and self._folded(conversation_id, last_id):
+                return
+            acked = await asyncio.gather(*(self._acked(p, targets) for p in waiting))
+            waiting = [p for p, done in zip(waiting, acked, strict=True) if not done]
+            if not waiting:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NotCaughtUp(f"the event store is behind the log at sequence {target}")
-            moved = await self._ingester.progress.moved(min(remaining, _DRAINED_CHECK_SECONDS))
-            if not moved and await self._drained():
-                return
+                raise NotCaughtUp(f"the event store is behind the log in partitions {waiting}")
+            await self._ingester.progress.moved(min(remaining, _POLL_SECONDS))
 
-    async def _stream_end(self) -> int:
-        info = await self._js.stream_info(subjects.EVENTS_STREAM)
-        return int(info.state.last_seq)
+    def _folded(self, conversation_id: str, last_id: int) -> bool:
+        """Whether this process's fold (hence its store) holds the conversation up to
+        `last_id` (ids are dense and folded in order). A deleted conversation is folded no
+        further: its durable then tells."""
+        info = self._ingester.conversations.get(conversation_id)
+        deleted = info is not None and info.status is ConversationStatus.ARCHIVED
+        return info is not None and last_id >= 0 and not deleted and info.last_event_id >= last_id
+
+    async def _acked(self, partition: int, targets: dict[int, int]) -> bool:
+        """Whether the partition's durable has acked its target; a partition without one yet
+        gets its last message as of now (later than the query's arrival, so never too early)."""
+        durable = self._ingester.durable(partition)
+        if partition not in targets:
+            last = await last_message(self._js, subjects.partition_events(partition))
+            if last is None:
+                return True  # nothing of it in the log
+            assert last.seq is not None
+            targets[partition] = last.seq
+        try:
+            return await has_acked(self._js, durable, targets[partition])
+        except nats.js.errors.NotFoundError:
+            return False  # no instance has consumed the partition yet
 
     async def _conversation_end(self, conversation_id: str) -> tuple[int, int] | None:
         """(stream sequence, event id) of the conversation's last event, None if it has none."""
@@ -127,22 +150,6 @@ class ReadBarrier:
             return message.seq, _id_decoder.decode(message.data).id
         except msgspec.DecodeError:
             return message.seq, -1  # undecodable: the ingest drops it; wait until it is handled
-
-    async def _drained(self) -> bool:
-        """Whether the ingest has handled every message its consumer can still deliver."""
-        try:
-            info = await self._js.consumer_info(
-                subjects.EVENTS_STREAM, self._ingester.consumer_name
-            )
-        except (nats.errors.Error, TimeoutError) as error:
-            log.warning("reading the ingest consumer failed: %r", error)
-            return False
-        delivered = info.delivered.stream_seq or 0
-        return bool(
-            info.num_pending == 0
-            and info.num_ack_pending == 0
-            and self._ingester.progress.handled_through >= delivered
-        )
 
 
 def _conversation_of(query: Query) -> str | None:

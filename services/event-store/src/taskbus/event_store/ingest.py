@@ -1,18 +1,29 @@
-"""Ingest of the whole event log into ClickHouse and the status projection.
+"""Ingest of the event log into ClickHouse and the status projection, one durable per partition.
 
 At-least-once by construction: a batch is inserted, projected, written to KV and only then
 acked. A crash before the insert redelivers the batch; a crash after it re-inserts rows that the
 ReplacingMergeTree collapses (see `sql`), and the fold skips events it has already applied.
 
-The log comes through a FastStream durable batch pull consumer (`contracts.broker.durable_pull`)
+Several instances share the work by partition (contracts.partitions leases, group = the
+consumer name): each partition has one durable, `subjects.event_store_durable`, consumed by
+whichever instance holds its lease, so a new holder resumes where the last one acked. Dedupe
+stays exact across a hand-over to one ClickHouse server: a row's key (user, conversation, id)
+and content come from the log alone, so a batch the old holder stored but never acked and the
+new holder stores again collapses to one row, and the new holder's fold starts from the
+`conversations` rows the old one wrote before acking (`acquired`). A conversation lives in one
+partition, so two instances never fold the same one. With chDB each instance has its own
+store: it holds, and can answer for, only what it ingested itself (run one, the default).
+
+Each durable comes through a FastStream batch pull consumer (`contracts.broker.durable_pull`)
 whose handler settles every message itself: stored ones are acked, ones that came before their
 conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
 to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`,
 never acked before it is stored. FastStream collects a batch until it is full or `flush_interval`
 has passed since the fetch began, so an event waits at most that long before its batch is
-stored, and an idle consumer sends one pull request per flush interval (10 a second at the
-default 100 ms: a few hundred bytes each, against a read-your-writes wait no longer than that).
-The consumer has no max_deliver: an event the server gave up redelivering would be missing from
+stored, and an idle consumer sends one pull request per flush interval (10 a second per held
+partition at the default 100 ms: a few hundred bytes each, against a read-your-writes wait no
+longer than that). Writes go one at a time (`_writing`), each taking every batch waiting. The
+consumers have no max_deliver: an event the server gave up redelivering would be missing from
 the store for good, and a deferred one relies on up to _MAX_DEFERRALS redeliveries.
 """
 
@@ -24,12 +35,14 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import msgspec
+from faststream.nats.subscriber.usecases import BatchPullStreamSubscriber
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import BatchMessage, ServiceBroker, durable_pull, jetstream
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
+from taskbus.contracts.partitions import PARTITIONS, partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.summary import summarize
@@ -54,8 +67,10 @@ _MAX_DEFERRALS = 30
 
 
 class Ingester:
-    """Projects the log from the named durable consumer on. Without `status_kv` it leaves the
-    KV bucket alone: a rebuild writes it once, from `conversations`, when the replay is done."""
+    """Projects the log from the durables of the partitions it is given (`acquired`, `lost`:
+    `PartitionLeases`' callbacks; `start` takes them all, as a single instance does). Without
+    `status_kv` it leaves the KV bucket alone: a rebuild writes it once, from `conversations`,
+    when the replay is done."""
 
     def __init__(
         self,
@@ -69,77 +84,136 @@ class Ingester:
         delay: float = 0.0,
         purger: Purger | None = None,
     ) -> None:
-        """`broker` is connected; its consumer is declared here and consumes from `start`.
-        `delay` (seconds before each batch) is a test hook that makes the ingest slow."""
+        """`broker` is connected; a partition's durable is created (or updated) and consumed
+        once the partition is acquired. `consumer_name` names the durables (see
+        `subjects.event_store_durable`). `delay` (seconds before each batch) is a test hook
+        that makes the ingest slow."""
+        self._broker = broker
         self._js = jetstream(broker)
         self._dead_letters = DeadLetters(self._js, subjects.EVENT_STORE)
         self._clickhouse = clickhouse
         self._status_kv = status_kv
         self._purger = purger
         self._consumer_name = consumer_name
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
         self._delay = delay
         self.progress = IngestProgress()
         self._conversations: dict[str, ConversationInfo] = {}
-        self._consumer = durable_pull(
-            broker,
-            subjects.ALL_EVENTS,
-            self._on_batch,
-            stream=subjects.EVENTS_STREAM,
-            config=ConsumerConfig(
-                durable_name=consumer_name,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=_ACK_WAIT_SECONDS,
-                max_ack_pending=batch_size * 4,
-            ),
-            batch_size=batch_size,
-            timeout=flush_interval,
-        )
+        # Declared on a partition's first acquisition, started and stopped with its lease.
+        self._consumers: dict[int, BatchPullStreamSubscriber] = {}
+        self._held: frozenset[int] = frozenset()
+        # One write at a time: the writer is one ClickHouse connection, and the KV writes of a
+        # write must not overtake those of the write before. Batches of other partitions handed
+        # in meanwhile wait in `_pending` and go in the next write together (`_write`).
+        self._writing = asyncio.Lock()
+        self._pending: list[tuple[list[Msg], asyncio.Future[None]]] = []
 
     @property
     def conversations(self) -> Mapping[str, ConversationInfo]:
-        """The status projection of every conversation ingested so far."""
+        """The status projection of the held partitions' conversations ingested so far."""
         return self._conversations
 
     @property
     def consumer_name(self) -> str:
         return self._consumer_name
 
-    async def caught_up(self) -> bool:
-        """Whether every event now in the log has been stored and acked."""
-        info = await self._js.consumer_info(subjects.EVENTS_STREAM, self._consumer_name)
-        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+    @property
+    def held(self) -> frozenset[int]:
+        """The partitions consumed: from their acquisition until their loss."""
+        return self._held
 
-    async def start(self) -> None:
-        """Load the projection, then consume: the fold goes on from what is stored."""
-        loaded = await self._clickhouse.conversations(sql.ALL_CONVERSATIONS)
-        self._conversations = {info.conversation_id: info for info in loaded}
-        await self._consumer.start()
-        self._purge_deleted(self._conversations.values())  # those a stop left unpurged
-        log.info(
-            "ingesting %s as %s (%d conversations known)",
-            subjects.EVENTS_STREAM,
-            self._consumer_name,
-            len(self._conversations),
+    def durable(self, partition: int) -> str:
+        return subjects.event_store_durable(partition, self._consumer_name)
+
+    def _config(self, partition: int) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable(partition),
+            filter_subject=subjects.partition_events(partition),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=_ACK_WAIT_SECONDS,
+            max_ack_pending=self._batch_size * 4,
         )
 
-    async def stop(self) -> None:
-        """Finish the batch in hand (FastStream waits for it, up to GRACEFUL_STOP_SECONDS; one
-        whose insert keeps failing is left unacked, to be redelivered), then stop; unfetched
-        messages stay for the next start."""
-        await self._consumer.stop()
+    async def caught_up(self) -> bool:
+        """Whether every event of the held partitions now in the log is stored and acked."""
+        infos = await asyncio.gather(
+            *(self._js.consumer_info(subjects.EVENTS_STREAM, self.durable(p)) for p in self._held)
+        )
+        return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in infos)
 
-    async def _on_batch(self, message: BatchMessage) -> None:
-        """One batch, in log order; retried until stored, or until the consumer stops."""
+    async def start(self) -> None:
+        """Ingest every partition (a single instance, a rebuild)."""
+        await self.acquired(frozenset(range(PARTITIONS)))
+
+    async def stop(self) -> None:
+        """Finish the batches in hand (FastStream waits for them, up to GRACEFUL_STOP_SECONDS;
+        one whose insert keeps failing is left unacked, to be redelivered), then stop;
+        unfetched messages stay for the next holder."""
+        await self.lost(self._held)
+
+    async def acquired(self, partitions: frozenset[int]) -> None:
+        """Load the partitions' projection from ClickHouse, then consume them: the fold goes
+        on from what is stored. With a ClickHouse server that is what the previous holder
+        stored before it acked; with an instance's own chDB it is what this one stored."""
+        for partition in sorted(partitions):
+            await self._js.add_consumer(subjects.EVENTS_STREAM, self._config(partition))
+        loaded = [
+            info
+            for info in await self._clickhouse.conversations(sql.ALL_CONVERSATIONS)
+            if partition_of(info.conversation_id) in partitions
+        ]
+        self._conversations.update((info.conversation_id, info) for info in loaded)
+        self._held |= partitions
+        for partition in sorted(partitions):
+            if partition not in self._consumers:
+                self._consumers[partition] = self._declare(partition)
+            await self._consumers[partition].start()
+        self._purge_deleted(loaded)  # those a stop left unpurged
+        log.info(
+            "ingesting partitions %s of %s as %s (%d conversations known)",
+            sorted(partitions),
+            subjects.EVENTS_STREAM,
+            self._consumer_name,
+            len(loaded),
+        )
+
+    async def lost(self, partitions: frozenset[int]) -> None:
+        """Stop consuming the partitions (each finishing its batch in hand) and forget their
+        conversations: another instance folds them on."""
+        mine = partitions & self._held
+        self._held -= mine
+        await asyncio.gather(*(self._consumers[p].stop() for p in mine if p in self._consumers))
+        for cid in [cid for cid in self._conversations if partition_of(cid) in mine]:
+            del self._conversations[cid]
+
+    def _declare(self, partition: int) -> BatchPullStreamSubscriber:
+        async def on_batch(message: BatchMessage) -> None:
+            await self._on_batch(partition, message)
+
+        on_batch.__name__ = f"{self.durable(partition)}_ingest"  # FastStream's name of it
+        return durable_pull(
+            self._broker,
+            subjects.partition_events(partition),
+            on_batch,
+            stream=subjects.EVENTS_STREAM,
+            config=self._config(partition),
+            batch_size=self._batch_size,
+            timeout=self._flush_interval,
+        )
+
+    async def _on_batch(self, partition: int, message: BatchMessage) -> None:
+        """One batch, in log order; retried until stored, or until the partition is lost."""
         batch: list[Msg] = message.raw_message
         if self._delay:
             await asyncio.sleep(self._delay)
         while True:
             try:
-                await self.ingest(batch)
+                await self._write(batch)
                 return
             except Exception:
-                if not self._consumer.running:
+                if partition not in self._held or not self._consumers[partition].running:
                     log.exception("ingest of %d events failed; left for the next start", len(batch))
                     return  # unacked: delivered again after ack_wait
                 log.exception("ingest of %d events failed; retrying", len(batch))
@@ -147,8 +221,28 @@ class Ingester:
                 await msg.in_progress()  # keep them ours while we retry
             await asyncio.sleep(_RETRY_DELAY_SECONDS)
 
+    async def _write(self, batch: list[Msg]) -> None:
+        """Store `batch`, in one write with whatever other partitions' batches are waiting: 16
+        partitions flushing a few events each would otherwise make 16 small inserts in a row.
+        Their conversations are disjoint, so joining the batches keeps each one's log order."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((batch, done))
+        async with self._writing:
+            if not done.done():  # no write took it while we waited: this one takes them all
+                taken, self._pending = self._pending, []
+                try:
+                    await self.ingest([msg for waiting, _ in taken for msg in waiting])
+                except Exception as error:
+                    for _, each in taken:
+                        each.set_exception(error)
+                else:
+                    for _, each in taken:
+                        each.set_result(None)
+        await done  # raises what the write that took `batch` raised
+
     async def ingest(self, batch: list[Msg]) -> None:
-        """Store, project and ack one batch; the in-memory state moves only once all is written."""
+        """Store, project and ack one batch (holding `_writing`); the in-memory state moves
+        only once all is written."""
         ingested_at = datetime.now(UTC)
         rows: list[EventRow] = []
         changed: dict[str, ConversationInfo] = {}
@@ -199,7 +293,7 @@ class Ingester:
         for msg in _unsettled(stored):
             await msg.ack()
         self._purge_deleted(deleted.values())
-        self.progress.advance(max((msg.metadata.sequence.stream for msg in batch), default=0))
+        self.progress.advance()
 
     def _purge_deleted(self, conversations: Iterable[ConversationInfo]) -> None:
         """Purge the deleted ones among `conversations` (see `purge`; a rebuild leaves it to the

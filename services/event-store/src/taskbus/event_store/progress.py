@@ -1,24 +1,39 @@
-"""How far the ingest has come, for queries that wait for it (see `consistency`)."""
+"""How far the ingest has come, for queries and purges that wait for it (see `consistency`).
+
+The record of what is stored is the ingest durables' state on the server: a batch is acked
+only once it is stored, so a partition's durable that has acked an event has stored it,
+whichever instance held the partition. `IngestProgress` only wakes this process's waiters when
+its own ingest finishes a batch, so they need not poll the server for what happens here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from nats.js import JetStreamContext
+
+from taskbus.contracts import subjects
+
+
+async def has_acked(js: JetStreamContext, durable: str, sequence: int) -> bool:
+    """Whether `durable` has acked every message of its filter up to stream `sequence`, one of
+    its filter's messages: its ack floor is at or past it, or it has nothing pending and
+    nothing unacked (a filtered consumer's floor stays at the last message it was given).
+    Raises nats' NotFoundError when there is no such durable."""
+    info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+    floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    return bool((floor or 0) >= sequence or (info.num_pending == 0 and info.num_ack_pending == 0))
+
 
 class IngestProgress:
-    """`handled_through`: every log message up to this stream sequence has been through a
-    batch (stored, refused, or held back for a gap in its conversation). The consumer delivers
-    new messages in stream order and batches are ingested one after another, so the highest
-    sequence of a finished batch is such a bound."""
+    """Signals each batch this process's ingest finishes (stored, refused or held back)."""
 
     def __init__(self) -> None:
-        self.handled_through = 0
         self._moved = asyncio.Event()
 
-    def advance(self, sequence: int) -> None:
+    def advance(self) -> None:
         """A batch is done: wake everyone waiting for progress."""
-        self.handled_through = max(self.handled_through, sequence)
         self._moved.set()
         self._moved = asyncio.Event()
 

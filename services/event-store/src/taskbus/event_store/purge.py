@@ -5,14 +5,14 @@ deleted conversation, see `status_kv.stored_value`), and it purges last, once ev
 consumer of the log has acked the conversation's last event. That order is what makes it safe:
 
 - session-manager has folded the deletion, so it drives the conversation no further;
-- the runtime-runner has removed the sandbox and the workspace: it acks ConversationDeleted
-  only once its report (RuntimeStatusChanged `deleted`) is in the log, which is a newer event
-  of the conversation, so the wait starts over until the conversation's log stops growing;
+- the runtime-runner has removed the sandbox and the workspace: session-manager forwarded it
+  the deletion (runner_work) before acking it, and the runner acks that work item, which
+  leaves its queue, only once its report (RuntimeStatusChanged `deleted`) is in the log, a
+  newer event of the conversation, so the wait starts over until the log stops growing;
 - the event-store itself has written the tombstone (a batch is acked after its KV write).
 
-A consumer has acked an event at sequence S when its ack floor is at or past S, or when it has
-nothing pending and nothing unacked (a filtered consumer's floor stays at the last event it was
-given). A durable that does not exist has nothing to process. Until the purge the gateway hides
+A consumer has acked an event when `progress.has_acked` says so; a durable that does not exist
+has nothing to process. Until the purge the gateway hides
 the conversation (404 everywhere, never listed); after it, the tombstone answers for it: the
 gateway's create finds the id deleted (409), session-manager's `conversation_exists` finds it
 taken. JetStream cannot refuse an append by subject, so a writer appending after the purge (it
@@ -39,6 +39,7 @@ from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.streams import last_message
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.progress import has_acked
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,14 @@ _RETRY_SECONDS = 2.0
 
 def log_consumers(event_store_consumer: str) -> ConsumersOf:
     """The durable consumers of the log that must see a conversation's deletion before its
-    purge: session-manager's of its partition, the runner's and this event-store's."""
+    purge: session-manager's and the event-store's of its partition. The runner reads its work
+    queue instead (see `Purger._runner_work_done`)."""
 
     def of(conversation_id: str) -> tuple[str, ...]:
         partition = partition_of(conversation_id)
         return (
             subjects.session_manager_events_durable(partition),
-            subjects.RUNTIME_RUNNER_DURABLE,
-            event_store_consumer,
+            subjects.event_store_durable(partition, event_store_consumer),
         )
 
     return of
@@ -116,6 +117,7 @@ class Purger:
         last = await self._last_sequence(conversation_id)
         while last:
             await self._acked_by_all(last, self._consumers_of(conversation_id))
+            await self._runner_work_done(conversation_id)
             newest = await self._last_sequence(conversation_id)
             if newest == last:
                 return
@@ -132,6 +134,20 @@ class Purger:
                 return
             await asyncio.sleep(_POLL_SECONDS)
 
+    async def _runner_work_done(self, conversation_id: str) -> None:
+        """Polled until the runner's work queue holds nothing of the conversation: session-
+        manager forwarded the deletion before acking it, and the runner acks (removes) it once
+        its report is in the log. A runner that never comes back holds the purge until its
+        queue's max age."""
+        while True:
+            try:
+                await self._js.get_last_msg(
+                    subjects.RUNNER_WORK_STREAM, subjects.conversation_work(conversation_id)
+                )
+            except NotFoundError:
+                return
+            await asyncio.sleep(_POLL_SECONDS)
+
     async def _last_sequence(self, conversation_id: str) -> int:
         """The stream sequence of the conversation's last event; 0 if it has none (left)."""
         message = await last_message(self._js, subjects.conversation_events(conversation_id))
@@ -139,8 +155,6 @@ class Purger:
 
     async def _has_acked(self, consumer: str, sequence: int) -> bool:
         try:
-            info = await self._js.consumer_info(subjects.EVENTS_STREAM, consumer)
+            return await has_acked(self._js, consumer, sequence)
         except NotFoundError:
-            return True
-        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-        return bool(floor >= sequence or (info.num_pending == 0 and info.num_ack_pending == 0))
+            return True  # a durable that does not exist has nothing to process

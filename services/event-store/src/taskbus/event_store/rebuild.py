@@ -1,11 +1,11 @@
 """`python -m taskbus.event_store rebuild`: drop every ClickHouse table and replay the whole log.
 
-Run it with the event-store stopped: it refuses while the service's consumer is in use (an
-embedded chDB path has one owner anyway). The durable
-consumer is deleted and created afresh under the same name, so the service, once restarted,
-continues exactly where the replay ended. The KV status projection is written once at the end,
-overwriting each conversation's value with the rebuilt one; events appended during the replay
-are part of it, since the replay runs until the consumer has nothing pending.
+Run it with every event-store instance stopped: it refuses while a partition's durable is in use
+(an embedded chDB path has one owner anyway). The partitions' durables are deleted and created
+afresh under the same names, so the service, once restarted, continues exactly where the replay
+ended. The KV status projection is written once at the end, overwriting each conversation's
+value with the rebuilt one; events appended during the replay are part of it, since the replay
+runs until the durables have nothing pending.
 
 Deleted conversations agree too: a purged one is no longer in the log, so the rebuilt tables
 hold nothing of it, and its KV tombstone stays (only replayed conversations are written). One
@@ -21,10 +21,12 @@ import logging
 import time
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import ServiceBroker, jetstream
+from taskbus.contracts.partitions import PARTITIONS
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.status_kv import ConversationStatusKV
@@ -46,29 +48,46 @@ class EventStoreRunning(RuntimeError):
 
 async def ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None:
     """Refuse to rebuild under a running event-store (with a ClickHouse server nothing else
-    stops it): its consumer has pull requests waiting or events in hand."""
+    stops it): a partition's durable has pull requests waiting or events in hand."""
     deadline = time.monotonic() + _BUSY_GRACE_SECONDS
     idle_since: float | None = None
     while True:
-        try:
-            info = await js.consumer_info(subjects.EVENTS_STREAM, consumer_name)
-        except NotFoundError:
-            return
+        infos = await asyncio.gather(
+            *(_consumer_info(js, durable) for durable in _durables(consumer_name))
+        )
+        busy = [
+            info
+            for info in infos
+            if info is not None and (info.num_waiting or info.num_ack_pending)
+        ]
         now = time.monotonic()
-        if info.num_waiting or info.num_ack_pending:
+        if busy:
             idle_since = None
             if now > deadline:
+                info = busy[0]
                 raise EventStoreRunning(
-                    f"the event-store is consuming as {consumer_name!r} ({info.num_waiting}"
-                    f" pulls waiting, {info.num_ack_pending} events unacked): stop it before a"
-                    " rebuild; if it was killed, its unacked events are released after the"
-                    f" consumer's ack_wait ({info.config.ack_wait} s)"
+                    f"the event-store is consuming as {info.name!r} ({info.num_waiting}"
+                    f" pulls waiting, {info.num_ack_pending} events unacked): stop every"
+                    " instance before a rebuild; if one was killed, its unacked events are"
+                    f" released after the consumer's ack_wait ({info.config.ack_wait} s)"
                 )
         elif idle_since is None:
             idle_since = now
         elif now - idle_since >= _IDLE_PROOF_SECONDS:
             return
         await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
+
+
+def _durables(consumer_name: str) -> list[str]:
+    return [subjects.event_store_durable(p, consumer_name) for p in range(PARTITIONS)]
+
+
+async def _consumer_info(js: JetStreamContext, durable: str) -> ConsumerInfo | None:
+    try:
+        info: ConsumerInfo = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+    except NotFoundError:
+        return None
+    return info
 
 
 async def rebuild(
@@ -86,8 +105,9 @@ async def rebuild(
     js = jetstream(broker)
     await clickhouse.drop_all_tables()
     await clickhouse.migrate()
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(subjects.EVENTS_STREAM, consumer_name)
+    for durable in _durables(consumer_name):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(subjects.EVENTS_STREAM, durable)
     ingester = Ingester(
         broker,
         clickhouse,
@@ -103,14 +123,15 @@ async def rebuild(
             if await ingester.caught_up():
                 break
             await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
+        rebuilt = list(ingester.conversations.values())  # the ingest forgets them as it stops
     finally:
         await ingester.stop()
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
-    await status_kv.overwrite_all(ingester.conversations.values())
+    await status_kv.overwrite_all(rebuilt)
     log.info(
         "rebuilt %d conversations from %s in %.1f s",
-        len(ingester.conversations),
+        len(rebuilt),
         subjects.EVENTS_STREAM,
         time.monotonic() - started,
     )
-    return len(ingester.conversations)
+    return len(rebuilt)

@@ -18,8 +18,12 @@ class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
     # (3 on a 3-node NATS cluster); existing ones keep what they have.
     stream_replicas: int = 1
     clickhouse_dsn: str = DEFAULT_CLICKHOUSE_DSN
-    # Durable consumer name; a fresh name with fresh tables replays the whole log (rebuild).
+    # Names the partitions' durable consumers and their leases; a fresh name with fresh tables
+    # replays the whole log (rebuild).
     consumer_name: str = "event_store"
+    # This instance's name among the event-stores sharing the partitions (their leases); empty:
+    # the host name and process id. Several instances need a ClickHouse server (`http://`).
+    instance_id: str = ""
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
     # ClickHouse connections answering queries, so a slow search does not hold up the others.

@@ -202,6 +202,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "isolation": "How its sandboxes are isolated (`none`: not at all).",
     "warning": "Why the isolation is weak, if it is.",
     "started_at": "When the runner started.",
+    "RunnerInfo.slots": "Sandboxes it takes before new ones are placed elsewhere.",
+    "RunnerInfo.sandboxes": "Sandboxes it holds, as of its last heartbeat (every 2 s).",
+    "RunnerInfo.memory_mb": "Its host's memory, in MiB.",
     # analytics
     "group_by": "The key the buckets are grouped by.",
     "buckets": "One bucket per key, sorted by key.",

@@ -1,5 +1,7 @@
-"""The runtime-runner process: a durable FastStream batch pull consumer on the event log feeding
-`RuntimeRunner`, and the workspace responder, on one broker.
+"""The runtime-runner process: a durable FastStream batch pull consumer on this runner's own work
+subject (the events of the conversations placed on it, forwarded from the log by their
+session-manager: contracts/runner_work.py) feeding `RuntimeRunner`, its registration heartbeat,
+and the workspace responder, on one broker.
 
 Acknowledgement: a message is acked only once its reply is in the log. While it waits in its
 conversation's lane or runs (a command may take up to `command_seconds`), it is kept alive with
@@ -21,7 +23,7 @@ import nats.errors
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import (
@@ -38,14 +40,16 @@ from taskbus.contracts.events import (
     RuntimeRequested,
     UnknownEvent,
 )
-from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
+from taskbus.contracts.inbound import DeadLetters, Refused
+from taskbus.contracts.runner_work import inbound_work
 from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.secret_box import SecretBox
 from taskbus.contracts.streams import ensure_streams
 from taskbus.runtime_runner.backend import (
     Backend,
+    Registration,
     choose_backend,
-    publish_runner_info,
+    runner_info,
     sandbox_user,
 )
 from taskbus.runtime_runner.credentials import UserSecretsReader
@@ -57,13 +61,9 @@ from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.masking import MaskingAppender, SecretMasks
 from taskbus.runtime_runner.mcp_tools import MCPClients, MCPLimits
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
-from taskbus.runtime_runner.replies import is_answered
+from taskbus.runtime_runner.replies import is_answered, is_given_back
 from taskbus.runtime_runner.results import SandboxBuilder, WorkspaceResponder
-from taskbus.runtime_runner.runner import (
-    HANDLED_EVENTS,
-    RuntimeRunner,
-    answer_cut_off_actions,
-)
+from taskbus.runtime_runner.runner import RuntimeRunner, answer_cut_off_actions
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 from taskbus.runtime_runner.usage import UsageSampler
@@ -170,20 +170,16 @@ def in_flight_journal(settings: RuntimeRunnerSettings) -> InFlightJournal:
     return InFlightJournal(Path(settings.workspace_root) / ".runner" / "in-flight")
 
 
-def handled_subjects() -> list[str]:
-    return [subjects.events_of_kind(kind.__name__) for kind in HANDLED_EVENTS]
-
-
 def consumer_config(settings: RuntimeRunnerSettings) -> ConsumerConfig:
+    durable = subjects.runtime_runner_durable(settings.runner_id)
     return ConsumerConfig(
-        durable_name=settings.consumer_name,
-        name=settings.consumer_name,
-        filter_subjects=handled_subjects(),
+        durable_name=durable,
+        name=durable,
+        filter_subject=subjects.runner_work(settings.runner_id),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_seconds,
         max_ack_pending=settings.max_ack_pending,
         max_deliver=settings.max_deliver,
-        deliver_policy=DeliverPolicy.ALL if settings.consume_from == "start" else DeliverPolicy.NEW,
     )
 
 
@@ -193,9 +189,15 @@ class EventDispatcher:
     gives up on an event whose last delivery failed (a dead letter, not a silent drop)."""
 
     def __init__(
-        self, js: JetStreamContext, runner: RuntimeRunner, ack_wait: float, max_deliver: int
+        self,
+        js: JetStreamContext,
+        runner: RuntimeRunner,
+        runner_id: str,
+        ack_wait: float,
+        max_deliver: int,
     ) -> None:
         self._js = js
+        self._runner_id = runner_id
         self._runner = runner
         self._ack_wait = ack_wait
         self._max_deliver = max_deliver
@@ -211,7 +213,7 @@ class EventDispatcher:
 
     async def dispatch(self, message: Msg) -> None:
         try:
-            event = inbound_event(message.subject, message.data)
+            event, event_sequence = inbound_work(self._runner_id, message)
         except Refused as refused:  # never acted on: its id may be a path on this host
             await self._dead_letters.refuse(message, refused)
             return
@@ -228,11 +230,11 @@ class EventDispatcher:
 
         async def process() -> None:
             try:
-                stream_sequence = message.metadata.sequence.stream
-                if await is_answered(self._js, event.conversation_id, event.id, stream_sequence):
-                    logger.info(
-                        "%s %s of %s already answered", event.kind, event.id, event.conversation_id
-                    )
+                cid = event.conversation_id
+                if await is_given_back(self._js, cid, event.id, self._runner_id):
+                    logger.info("%s %s of %s: its runtime was lost here", event.kind, event.id, cid)
+                elif await is_answered(self._js, cid, event.id, event_sequence):
+                    logger.info("%s %s of %s already answered", event.kind, event.id, cid)
                 else:
                     await self._runner.handle(event)
                 await message.ack()
@@ -292,8 +294,7 @@ class RuntimeRunnerService:
         await ensure_streams(js, settings.stream_replicas)
         # Created or updated here: FastStream only binds to an existing durable, whose ack_wait,
         # max_ack_pending and max_deliver must follow the settings across restarts.
-        await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
-        await publish_runner_info(js, settings, backend)
+        await js.add_consumer(subjects.RUNNER_WORK_STREAM, consumer_config(settings))
         masks = SecretMasks()
         appender = MaskingAppender(js, masks)  # no secret value opened here reaches the log
         secrets = UserSecretsReader(
@@ -311,7 +312,9 @@ class RuntimeRunnerService:
             recover=None
             if engine is not None
             else local_recovery(
-                js, with_secrets(local_sandbox_factory(settings, backend.isolation), secrets)
+                js,
+                settings.runner_id,
+                with_secrets(local_sandbox_factory(settings, backend.isolation), secrets),
             ),
             mcp=mcp_clients(settings),
         )
@@ -327,12 +330,14 @@ class RuntimeRunnerService:
         interrupted = await answer_cut_off_actions(js, appender, journal)
         if interrupted:
             logger.info("answered %d actions cut off by the previous runner", interrupted)
-        dispatcher = EventDispatcher(js, runner, settings.ack_wait_seconds, settings.max_deliver)
+        dispatcher = EventDispatcher(
+            js, runner, settings.runner_id, settings.ack_wait_seconds, settings.max_deliver
+        )
         consumer = durable_pull(
             broker,
-            handled_subjects(),
+            subjects.runner_work(settings.runner_id),
             dispatcher.dispatch_batch,
-            stream=subjects.EVENTS_STREAM,
+            stream=subjects.RUNNER_WORK_STREAM,
             config=consumer_config(settings),
             batch_size=_FETCH_BATCH,
             timeout=_FETCH_SECONDS,
@@ -341,16 +346,23 @@ class RuntimeRunnerService:
         results = WorkspaceResponder(broker, new_sandbox)
         await broker.start()  # consumes events and answers workspace requests from here on
         results.start()
+        # Registered once it consumes: session-manager places sandboxes here from now on.
+        registration = Registration(
+            js, runner_info(settings, backend), lambda: len(runner.live_sandboxes())
+        )
+        await registration.publish()
+        registered = asyncio.create_task(registration.keep_alive())
         heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
         sampler = UsageSampler(appender, runner.live_sandboxes, settings.usage_interval_seconds)
         sampling = asyncio.create_task(sampler.run())
-        logger.info("consuming %s as %s", subjects.EVENTS_STREAM, settings.consumer_name)
+        logger.info("consuming %s as runner %s", subjects.RUNNER_WORK_STREAM, settings.runner_id)
         try:
             await stop.wait()
         finally:
             await consumer.stop()  # waits for the batch in hand: dispatching it takes no time
             await results.stop()
             heartbeat.cancel()
+            registered.cancel()
             sampling.cancel()
             await dispatcher.cancel()  # unacked work is redelivered to the next runner
             await runner.close(settings.remove_sandboxes_on_shutdown)

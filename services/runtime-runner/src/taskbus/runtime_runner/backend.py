@@ -2,8 +2,8 @@
 
 `auto` takes the strongest that works here: docker (an engine answers and has the sandbox
 image), then local under bubblewrap, then local unsandboxed only if the operator allows it.
-The choice is logged and published as this runner's `RunnerInfo`, which /api/health and the
-launcher's banner show.
+The choice is logged and published as this runner's `RunnerInfo` (its registration and
+heartbeat), which /api/health and the launcher's banner show and session-manager places by.
 """
 
 from __future__ import annotations
@@ -12,12 +12,20 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, encode_runner_info
+from taskbus.contracts.runners import (
+    HEARTBEAT_SECONDS,
+    RunnerInfo,
+    SandboxIsolation,
+    encode_runner_info,
+)
 from taskbus.runtime_runner import bubblewrap
 from taskbus.runtime_runner.docker_sandbox import DockerEngine, EngineUnavailable
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
@@ -131,12 +139,33 @@ def runner_info(settings: RuntimeRunnerSettings, backend: Backend) -> RunnerInfo
         isolation=backend.isolation,
         warning=backend.warning,
         started_at=datetime.now(UTC),
+        slots=settings.runner_slots,
+        memory_mb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024**2,
     )
 
 
-async def publish_runner_info(
-    js: JetStreamContext, settings: RuntimeRunnerSettings, backend: Backend
-) -> None:
-    """This runner's entry in the runners bucket (key: its id)."""
-    bucket = await js.key_value(subjects.RUNNERS_BUCKET)
-    await bucket.put(settings.runner_id, encode_runner_info(runner_info(settings, backend)))
+class Registration:
+    """This runner's entry in the runners bucket (key: its id), put again every
+    `HEARTBEAT_SECONDS` with its live sandbox count: the heartbeat session-manager watches."""
+
+    def __init__(
+        self, js: JetStreamContext, info: RunnerInfo, sandboxes: Callable[[], int]
+    ) -> None:
+        self._js = js
+        self._info = info
+        self._sandboxes = sandboxes
+
+    async def publish(self) -> None:
+        bucket = await self._js.key_value(subjects.RUNNERS_BUCKET)
+        info = msgspec.structs.replace(self._info, sandboxes=self._sandboxes())
+        await bucket.put(info.runner_id, encode_runner_info(info))
+
+    async def keep_alive(self) -> None:
+        """Until cancelled; a failed put is retried on the next beat (a missed beat or two is
+        within the loss bound)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.publish()
+            except (nats.errors.Error, TimeoutError) as error:
+                logger.warning("heartbeat not sent: %r", error)

@@ -1,5 +1,7 @@
 """Taking sandboxes over after a runner restart, from the log: a conversation's runtime is live
-when its last `RuntimeStatusChanged` is ready or paused.
+here when its last `RuntimeStatusChanged` is ready or paused and its last `RuntimeRequested`
+placed it on this runner. A runner that was declared lost (`RuntimeLost`) and came back finds
+its conversations placed elsewhere, or failed, and gives their sandboxes back.
 
 Docker, at start-up: containers of live runtimes are re-attached; every other container this
 runner owns (its runtime stopped, failed, or never got ready) is removed. Local sandboxes die
@@ -27,16 +29,17 @@ from taskbus.runtime_runner.docker_sandbox import (
     DockerSandbox,
 )
 from taskbus.runtime_runner.local import LocalSandbox
-from taskbus.runtime_runner.replies import last_event
+from taskbus.runtime_runner.replies import is_given_back, last_event
 from taskbus.runtime_runner.runner import RecoveredSandbox, RuntimeRunner, SandboxRecovery
 
 logger = logging.getLogger(__name__)
 
 
 async def live_runtime(
-    js: JetStreamContext, conversation_id: str
+    js: JetStreamContext, conversation_id: str, runner_id: str
 ) -> tuple[RuntimeRequested, RuntimeStatus] | None:
-    """The request behind the conversation's live runtime, and its status (ready or paused)."""
+    """The request behind the conversation's runtime live on this runner, and its status (ready
+    or paused)."""
     status = await last_event(js, conversation_id, RuntimeStatusChanged)
     if not isinstance(status, RuntimeStatusChanged) or status.status not in (
         RuntimeStatus.READY,
@@ -44,7 +47,9 @@ async def live_runtime(
     ):
         return None
     requested = await last_event(js, conversation_id, RuntimeRequested)
-    if not isinstance(requested, RuntimeRequested):
+    if not isinstance(requested, RuntimeRequested) or requested.runner_id not in (None, runner_id):
+        return None
+    if await is_given_back(js, conversation_id, requested.id, runner_id):
         return None
     return requested, status.status
 
@@ -65,7 +70,7 @@ async def reconcile(
     async def settle(container: dict[str, Any]) -> None:
         name = container["Names"][0].lstrip("/")
         conversation_id = container["Labels"].get(LABEL_CONVERSATION, "")
-        live = await live_runtime(js, conversation_id)
+        live = await live_runtime(js, conversation_id, runner_id)
         if live is not None:
             sandbox = new_sandbox(live[0])
             paused = await sandbox.reattach()
@@ -79,13 +84,15 @@ async def reconcile(
 
 
 def local_recovery(
-    js: JetStreamContext, new_sandbox: Callable[[RuntimeRequested], LocalSandbox]
+    js: JetStreamContext,
+    runner_id: str,
+    new_sandbox: Callable[[RuntimeRequested], LocalSandbox],
 ) -> SandboxRecovery:
     """A new local sandbox on the workspace of a conversation's live runtime, if it has one
     and its workspace is still there; paused if the log says so."""
 
     async def recover(conversation_id: str) -> RecoveredSandbox | None:
-        live = await live_runtime(js, conversation_id)
+        live = await live_runtime(js, conversation_id, runner_id)
         if live is None:
             return None
         requested, status = live

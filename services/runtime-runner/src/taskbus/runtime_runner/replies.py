@@ -11,6 +11,7 @@ from taskbus.contracts.events import (
     CmdOutputChunk,
     Event,
     EventSource,
+    RuntimeLost,
     RuntimeStatusChanged,
     UnknownEvent,
     decode_event,
@@ -69,3 +70,13 @@ async def last_event(
         return None
     assert message.data is not None
     return decode_event(message.data)
+
+
+async def is_given_back(
+    js: JetStreamContext, conversation_id: str, event_id: int, runner_id: str
+) -> bool:
+    """Was the conversation's runtime declared lost on this runner after event `event_id`? Then
+    the event was meant for a sandbox this runner no longer owns (it was cut off, and came
+    back): another runner, or nobody, serves the conversation now."""
+    lost = await last_event(js, conversation_id, RuntimeLost)
+    return isinstance(lost, RuntimeLost) and lost.runner_id == runner_id and lost.id > event_id

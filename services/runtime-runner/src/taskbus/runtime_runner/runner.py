@@ -40,18 +40,6 @@ from taskbus.runtime_runner.workspace import remove_conversation_directories
 
 logger = logging.getLogger(__name__)
 
-# Kinds the runner consumes; everything else in the log is not its business.
-HANDLED_EVENTS: tuple[type[Event], ...] = (
-    RuntimeRequested,
-    RuntimeControlRequested,
-    ConversationDeleted,
-    CmdRunAction,
-    FileReadAction,
-    FileWriteAction,
-    FileEditAction,
-    MCPAction,
-)
-
 SandboxFactory = Callable[[RuntimeRequested], Sandbox]
 
 

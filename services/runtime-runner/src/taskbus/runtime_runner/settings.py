@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from taskbus.contracts.runners import RunnerId
 from taskbus.contracts.specs import NetworkMode
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -30,9 +31,10 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # `taskbus`); a runner that is not root runs them as itself.
     sandbox_uid: Annotated[int, msgspec.Meta(ge=1)] = 1000
     sandbox_gid: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    # Reconciliation at start-up only touches containers labelled with this runner's id: give
-    # each runner sharing a Docker engine its own id, and keep it across restarts.
-    runner_id: str = "default"
+    # Unique per runner and kept across restarts: its work subject and durable
+    # (`taskbus.runner.<id>.>`) carry it, conversations are placed on it by it, and reconciliation
+    # at start-up only touches containers labelled with it. Letters, digits, _ and -.
+    runner_id: RunnerId = "default"
     # On SIGTERM docker sandboxes are kept for the next runner to re-attach; True removes them.
     remove_sandboxes_on_shutdown: bool = False
     # Extra container labels, "key=value,key=value" (tests mark their containers with one).
@@ -74,9 +76,8 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_streamed_bytes: Bytes = 1024 * 1024
     # RLIMIT_FSIZE of sandboxed processes on the local backend.
     max_file_bytes: Bytes = 1024 * 1024 * 1024
-    consumer_name: str = "runtime_runner"
-    # "start" replays the whole log on first start (start order does not matter); "new" skips it.
-    consume_from: Literal["start", "new"] = "start"
+    # Sandboxes session-manager places on this runner before it counts as full.
+    runner_slots: Annotated[int, msgspec.Meta(ge=1)] = 16
     ack_wait_seconds: Seconds = 30.0
     max_ack_pending: Annotated[int, msgspec.Meta(ge=1)] = 512
     # Deliveries of one event before the runner gives up on it (it is logged and kept as a dead

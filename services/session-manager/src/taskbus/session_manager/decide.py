@@ -28,6 +28,7 @@ from taskbus.contracts.events import (
     MessageAction,
     RuntimeControl,
     RuntimeControlRequested,
+    RuntimeLost,
     RuntimeRequested,
     TaskTrackingAction,
     TaskTrackingObservation,
@@ -48,6 +49,14 @@ from taskbus.session_manager.tools import event_for_call, render_task_list
 
 # The status reason of a conversation paused because nobody used it for `idle_seconds`.
 IDLE_REASON = "idle"
+# The status reason (and error code) when the runner holding the sandbox is gone.
+RUNTIME_LOST_REASON = "runtime_lost"
+
+
+# Statuses in which the conversation needs its sandbox.
+_RUNTIME_NEEDED = frozenset(
+    {ConversationStatus.STARTING, ConversationStatus.RUNNING, ConversationStatus.PAUSED}
+)
 
 
 class Step(enum.Enum):
@@ -253,20 +262,79 @@ def start_events(state: ConversationState) -> list[Event]:
                 image_urls=state.spec.image_urls,
             )
         )
-    events.append(
-        RuntimeRequested(
+    events.append(runtime_request(state))
+    return events
+
+
+def runtime_request(state: ConversationState) -> RuntimeRequested:
+    """A sandbox as the conversation's spec asks; session-manager places it on a runner as it
+    appends it (`runner_id`)."""
+    return RuntimeRequested(
+        conversation_id=state.conversation_id,
+        source=EventSource.ENVIRONMENT,
+        user_id=state.user_id,
+        repository=state.spec.repository,
+        selected_branch=state.spec.selected_branch,
+        resources=state.spec.resources,
+        timeouts=state.spec.timeouts,
+        git_provider=state.spec.git_provider,
+        mcp_config=state.spec.mcp_config,
+    )
+
+
+def runner_holding_sandbox(state: ConversationState) -> str | None:
+    """The runner a sandbox of the conversation is placed on and may still be alive on."""
+    if state.runtime_status in (RuntimeStatus.STOPPED, RuntimeStatus.ERROR):
+        return None
+    return state.runner_id
+
+
+def runtime_lost_events(
+    state: ConversationState, silent_seconds: float, shared_workspaces: bool
+) -> list[Event]:
+    """The runner holding the sandbox went silent: say so, answer the action it was running
+    (it may or may not have run: it will not be run again), then start a new sandbox on another
+    runner over the same workspace (on shared storage), or fail the conversation. An ended
+    conversation only loses its sandbox: a new message starts another."""
+    runner_id = runner_holding_sandbox(state)
+    assert runner_id is not None
+    cid = state.conversation_id
+    restarts = shared_workspaces and state.status in _RUNTIME_NEEDED
+    what = f"runner {runner_id} sent no heartbeat for {silent_seconds:.0f} s"
+    then = (
+        "restarted on another runner over the same workspace (shared storage)"
+        if restarts
+        else "its workspace is not on shared storage, so the conversation cannot continue"
+    )
+    events: list[Event] = [
+        RuntimeLost(
             conversation_id=cid,
             source=EventSource.ENVIRONMENT,
-            user_id=state.user_id,
-            repository=state.spec.repository,
-            selected_branch=state.spec.selected_branch,
-            resources=state.spec.resources,
-            timeouts=state.spec.timeouts,
-            git_provider=state.spec.git_provider,
-            mcp_config=state.spec.mcp_config,
+            runner_id=runner_id,
+            reason=f"{what}; {then}",
         )
-    )
-    return events
+    ]
+    action = state.open_action
+    if isinstance(action, EXECUTABLE_ACTIONS):
+        events.append(
+            ErrorObservation(
+                conversation_id=cid,
+                source=EventSource.ENVIRONMENT,
+                cause=action.id,
+                content=f"The sandbox was lost while this action ran ({what}); it may not have"
+                " completed and was not run again.",
+                code=RUNTIME_LOST_REASON,
+            )
+        )
+    if state.status not in _RUNTIME_NEEDED:
+        return events
+    if restarts:
+        return [*events, runtime_request(state)]
+    return [
+        *events,
+        agent_state_event(state, _A.ERROR, RUNTIME_LOST_REASON),
+        status_event(state, _S.ERROR, RUNTIME_LOST_REASON),
+    ]
 
 
 def _task_tracking_observation(state: ConversationState, action: TaskTrackingAction) -> Event:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections import defaultdict
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
@@ -51,7 +49,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
-from taskbus.contracts.partitions import PartitionLeases, partition_of
+from taskbus.contracts.partitions import PartitionLeases, default_instance_id, partition_of
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
 from taskbus.session_manager import commands, log
@@ -71,6 +69,7 @@ from taskbus.session_manager.dependency_desk import DependencyDesk
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
 from taskbus.session_manager.partition_consumers import PartitionConsumers
+from taskbus.session_manager.runtime_desk import RuntimeDesk
 from taskbus.session_manager.secrets_store import SecretsStore
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply
@@ -82,10 +81,6 @@ logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
 _RETRY_DRIVER_SECONDS = 1.0
-
-
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def conversation_title(spec: ConversationSpec) -> str:
@@ -160,6 +155,7 @@ class SessionManager:
         self._dependencies = DependencyDesk(
             self._conversations, self._deciding, self._admission, self._append
         )
+        self._runtimes = RuntimeDesk(js, settings, self._conversations, self._deciding)
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._consumers = PartitionConsumers(
@@ -186,6 +182,7 @@ class SessionManager:
     async def start(self) -> None:
         """Take this instance's share of the partitions (each one's conversations recovered
         from the log before its consumers start), then keep it as instances come and go."""
+        await self._runtimes.start()  # the runners known before anything is placed
         await self._consumers.start()
         self._leases = PartitionLeases(
             await self._js.key_value(subjects.PARTITIONS_BUCKET),
@@ -206,6 +203,7 @@ class SessionManager:
         if self._leases is not None:
             await self._leases.stop()
         await self._consumers.stop()
+        await self._runtimes.stop()
         work = [*self._drivers.values(), *self._background, *self._dependencies.tasks]
         for task in work:
             task.cancel()
@@ -244,6 +242,8 @@ class SessionManager:
                 await self._admission.admit_waiting()  # slots freed by other instances
             except Exception:
                 logger.exception("admission sweep failed; retrying")
+            held = [cid for cid in self._conversations.states if self._holds(cid)]
+            await self._runtimes.declare_lost(held, self._append)
             now = datetime.now(UTC)
             for cid, state in list(self._conversations.states.items()):
                 if self._conversations.states.get(cid) is not state:
@@ -286,7 +286,8 @@ class SessionManager:
         """Append, and return once the in-memory state includes the new events."""
         if not events:
             return
-        await self._conversations.include(await self._appender.append_all(events))
+        placed = await self._runtimes.placed(events)
+        await self._conversations.include(await self._appender.append_all(placed))
 
     # --- events consumer ------------------------------------------------------------------
 
@@ -298,6 +299,8 @@ class SessionManager:
                 await self._dead_letters.refuse(msg, refused)
                 continue
             await self._observe(event)
+            if not isinstance(event, UnknownEvent):
+                await self._runtimes.forward(event, msg)
             await msg.ack()
 
     # --- drivers --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from taskbus.contracts.llm_endpoints import DEFAULT_ALLOWED_BASE_URLS
@@ -52,3 +54,11 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # This instance's name among the session-managers sharing the partitions (their leases);
     # empty: the host name and process id.
     instance_id: str = ""
+    # A runner whose heartbeat has not changed for this long is lost: its conversations get a
+    # `RuntimeLost` (a runner restarting within it keeps them).
+    runner_lost_seconds: Annotated[float, msgspec.Meta(gt=0)] = 15.0
+    # Workspaces live on storage every runner mounts at the same path: a lost runner's
+    # conversations restart on another runner instead of failing.
+    shared_workspaces: bool = False
+    # How long placing a sandbox waits for a runner to register before it fails and is retried.
+    placement_wait_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0

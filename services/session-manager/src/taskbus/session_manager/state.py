@@ -39,6 +39,7 @@ from taskbus.contracts.events import (
     ResourceUsage,
     RuntimeControl,
     RuntimeControlRequested,
+    RuntimeLost,
     RuntimeRequested,
     RuntimeStatusChanged,
     TaskItem,
@@ -111,6 +112,8 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     pending_resume_id: int | None = None
     runtime_reason: str = ""
     workspace: str = ""
+    # The runner the latest sandbox was placed on (its RuntimeRequested).
+    runner_id: str | None = None
     # What the LLM sees: messages, the agent's actions and their observations, in log order.
     history: tuple[Event, ...] = ()
     # The agent's latest action still waiting for its answer (an observation or a state change).
@@ -217,6 +220,7 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
             # proposal for the previous one is void.
             return replace(
                 state,
+                runner_id=event.runner_id,
                 runtime_status=None,
                 runtime_reason="",
                 open_action=None,
@@ -226,6 +230,8 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 pending_resume_id=None,
                 mcp_tools=(),
             )
+        case RuntimeLost():
+            return replace(state, runtime_status=RuntimeStatus.ERROR, runtime_reason=event.reason)
         case MCPToolsListed():
             return replace(state, mcp_tools=tuple(event.tools))
         case ToolCallsQueued():

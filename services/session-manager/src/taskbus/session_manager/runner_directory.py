@@ -1,0 +1,127 @@
+"""Where sandboxes go: the runners that registered in KV `taskbus_runners`, which of them still
+send heartbeats, and which has room.
+
+A runner puts its entry again every `HEARTBEAT_SECONDS`; an entry whose revision has not changed
+for `lost_after` seconds, timed by this process's clock (hosts' clocks may disagree), is a lost
+runner. Placement takes the live runner with the most free slots as this instance sees them: its
+last heartbeat's count plus what this instance placed there since. Instances placing at once may
+fill a runner past its slots; admission (the global running limit) bounds by how much.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from taskbus.contracts import subjects
+from taskbus.contracts.runners import HEARTBEAT_SECONDS, RunnerInfo, decode_runner_info
+
+logger = logging.getLogger(__name__)
+
+
+class NoRunner(Exception):
+    """No runner sent a heartbeat within the placement wait."""
+
+
+class _Seen(msgspec.Struct, frozen=True):
+    info: RunnerInfo
+    revision: int
+    changed_at: float  # time.monotonic() when this revision was first seen
+
+
+class RunnerDirectory:
+    def __init__(self, js: JetStreamContext, lost_after: float, placement_wait: float) -> None:
+        self._js = js
+        self._lost_after = lost_after
+        self._placement_wait = placement_wait
+        self._seen: dict[str, _Seen] = {}
+        self._placed: Counter[str] = Counter()  # by this instance since the runner's last beat
+        self._since = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._since = time.monotonic()
+        await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="runner-directory")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS / 2)
+            try:
+                await self.refresh()
+            except (nats.errors.Error, TimeoutError) as error:
+                logger.warning("reading the runners bucket failed: %r", error)
+
+    async def refresh(self) -> None:
+        """Read every entry; a changed revision is a heartbeat."""
+        bucket = await self._js.key_value(subjects.RUNNERS_BUCKET)
+        try:
+            keys = await bucket.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        now = time.monotonic()
+        for key in keys:
+            try:
+                entry = await bucket.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            seen = self._seen.get(key)
+            if entry.revision is None or (seen is not None and seen.revision == entry.revision):
+                continue
+            try:
+                info = decode_runner_info(entry.value or b"")
+            except msgspec.MsgspecError as error:  # only runners may write here; still, skip
+                logger.warning("runner entry %r is not a RunnerInfo: %s", key[:80], error)
+                continue
+            self._seen[key] = _Seen(info, entry.revision, now)
+            self._placed.pop(key, None)  # its own count is fresh again
+
+    def silent_seconds(self, runner_id: str) -> float:
+        """Since the runner's entry last changed (or since this instance started looking)."""
+        seen = self._seen.get(runner_id)
+        return time.monotonic() - (seen.changed_at if seen is not None else self._since)
+
+    def is_lost(self, runner_id: str) -> bool:
+        return self.silent_seconds(runner_id) > self._lost_after
+
+    def live(self) -> list[RunnerInfo]:
+        return [seen.info for rid, seen in self._seen.items() if not self.is_lost(rid)]
+
+    async def place(self) -> str:
+        """The runner a new sandbox goes to: the live one with the most free slots (ties drawn
+        at random, so instances placing at once spread out); waits for one to register."""
+        deadline = time.monotonic() + self._placement_wait
+        while True:
+            live = self.live()
+            if live:
+                free = {info.runner_id: self._free(info) for info in live}
+                most = max(free.values())
+                runner_id = random.choice([rid for rid, slots in free.items() if slots == most])
+                if most <= 0:
+                    logger.warning("every runner is full; placing on %s anyway", runner_id)
+                self._placed[runner_id] += 1
+                return runner_id
+            if time.monotonic() > deadline:
+                raise NoRunner(
+                    f"no runtime-runner sent a heartbeat in {self._placement_wait:.0f} s"
+                )
+            await asyncio.sleep(HEARTBEAT_SECONDS / 4)
+            await self.refresh()
+
+    def _free(self, info: RunnerInfo) -> int:
+        return info.slots - info.sandboxes - self._placed[info.runner_id]
