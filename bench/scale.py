@@ -23,16 +23,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from taskbus.contracts.events import AgentFinishAction, LLMMetrics, UnknownEvent
-from taskbus.devtools.cluster_stack import ClusterSettings, StoredEvents, running_cluster
+from taskbus.devtools.cluster_stack import (
+    Cluster,
+    ClusterSettings,
+    StoredEvents,
+    cpu_seconds,
+    running_cluster,
+)
 
 TASK = "Think, run `true`, and so on, then finish."
 RUN_SECONDS = 900
@@ -43,6 +51,8 @@ class Figures(msgspec.Struct, frozen=True):
     steps_per_second: float
     overhead_p50_ms: float
     overhead_p99_ms: float
+    # CPU cores each kind of process used on average over the run (where the machine's go).
+    cores: dict[str, float] = {}
 
 
 def script(steps: int, latency: float) -> dict[str, Any]:
@@ -132,14 +142,29 @@ async def measure(instances: int, runners: int, options: argparse.Namespace) -> 
         nc = await cluster.admin()
         stored = StoredEvents()
         await stored.follow(nc)
+        before = cpu_by_kind(cluster)
         started = time.monotonic()
         conversation_ids = await cluster.create_conversations(options.conversations, TASK)
         await stored.until_ended(conversation_ids, RUN_SECONDS)
         wall = time.monotonic() - started
+        after = cpu_by_kind(cluster)
         await nc.close()
-    figures = step_figures(stored, conversation_ids)
+    cores = {kind: (after[kind] - before.get(kind, 0.0)) / wall for kind in after}
+    figures = msgspec.structs.replace(step_figures(stored, conversation_ids), cores=cores)
+    used = ", ".join(f"{kind} {share:.2f}" for kind, share in sorted(cores.items()))
     print(f"  {instances} SM, {runners} runner(s): {figures.steps} steps, wall {wall:.1f} s")
+    print(f"    CPU cores used (of {os.cpu_count()}): {used}, total {sum(cores.values()):.2f}")
     return figures
+
+
+def cpu_by_kind(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds so far of each kind of process (all session-managers together, ...)."""
+    used: dict[str, float] = defaultdict(float)
+    for name, process in cluster.processes.items():
+        used[name.rstrip("0123456789")] += cpu_seconds(process.pid)
+    for node in cluster.nodes:
+        used["nats"] += cpu_seconds(node.pid)
+    return used
 
 
 def row(label: str, figures: Figures, reference: Figures) -> str:

@@ -107,6 +107,10 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.alive and self._process is not None else None
+
     def kill(self) -> None:
         """SIGKILL: no graceful stop, no lease given back, no sandbox closed."""
         if self._process is not None:
@@ -384,3 +388,16 @@ async def _start_services(
         port = free_port()
         cluster.gateway_urls.append(f"http://127.0.0.1:{port}")
         service(f"gateway{index}", subjects.GATEWAY, TASKBUS_PORT=str(port))
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time a process has used (user + system, with the children it has waited for: a
+    runner's sandbox commands), from /proc; 0 for none."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
