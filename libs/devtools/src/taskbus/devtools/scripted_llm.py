@@ -277,6 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _ScriptedHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # Connections a burst may open before they are accepted (the default, 5, drops the rest's
+    # SYNs, and each retry costs a second: the model would look slow, not Taskbus).
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], player: ScriptPlayer) -> None:
         super().__init__(address, _Handler)
