@@ -73,8 +73,8 @@ class RuntimeDesk:
         if not isinstance(event, RUNNER_EVENTS):
             return
         runner_id = await self._runner_of(event)
-        if runner_id is None:
-            logger.warning(
+        if runner_id is None:  # e.g. deleted while queued: no sandbox was ever placed
+            logger.info(
                 "%s %s of %s: no runner placed", event.kind, event.id, event.conversation_id
             )
             return
