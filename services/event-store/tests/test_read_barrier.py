@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from faststream.nats import NatsBroker
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from taskbus.contracts.appender import EventAppender
@@ -160,6 +161,7 @@ async def test_a_query_held_at_the_barrier_does_not_hold_up_the_others(
     slow_store: StoreFactory,
     module_js: JetStreamContext,
     queries: QueryClient,
+    module_nc: Client,
     wait_until: WaitUntil,
 ) -> None:
     """Queries on one subject are answered side by side: one waiting for a slow ingest leaves
@@ -172,8 +174,11 @@ async def test_a_query_held_at_the_barrier_does_not_hold_up_the_others(
     await wait_until(ingester.caught_up, "the first conversation to be stored")
     behind = await appender.append_all(conversation(user_id, waiting, 3))
 
+    # It waits for up to two slow batches and a write, which a busy machine can stretch past
+    # the default 5 s of a request: it may wait as long as the barrier does.
+    patient = QueryClient(module_nc, timeout=15.0)
     held = asyncio.create_task(
-        queries.ask(GetConversation(user_id=user_id, conversation_id=waiting), ConversationReply)
+        patient.ask(GetConversation(user_id=user_id, conversation_id=waiting), ConversationReply)
     )
     await asyncio.sleep(0.2)  # the held query is at the barrier before the next one arrives
     started = time.monotonic()

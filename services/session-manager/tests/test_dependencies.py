@@ -375,6 +375,9 @@ class World:
         )
         command = CreateConversation(user_id=USER, conversation_id=runtime.cid, spec=full)
         await send(self.js, command, "CreateConversation")
+        # As the gateway does, a dependent is created only once its dependencies are recorded:
+        # commands of different conversations are handled side by side, in no set order.
+        await runtime.wait_for(lambda events: bool(runtime.of(ConversationCreated)))
 
     def requests_naming(self, cid: str) -> list[dict[str, Any]]:
         """The LLM requests whose system prompt names conversation `cid` as a dependency."""
