@@ -78,6 +78,8 @@ def running_stack(
         # A throwaway stack: its sandboxes go with it.
         TASKBUS_RUNNER_ID=f"e2e-{port}",
         TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN="true",
+        # `up` writes the CLI's config there: never over the developer's own.
+        XDG_CONFIG_HOME=str(data_dir / "config"),
     )
     env.pop("TASKBUS_LLM_MODEL", None)
     env["TASKBUS_USAGE_INTERVAL_SECONDS"] = QUIET_USAGE_SECONDS

@@ -24,7 +24,7 @@ from ..conftest import Stack, running_stack
 pytestmark = pytest.mark.slow
 
 EXCLUDED_CHECKS = "positive_data_acceptance"
-MAX_EXAMPLES = 40  # per operation and phase: about a minute on two cores
+MAX_EXAMPLES = 20  # per operation and phase: about a minute on two cores, for 60 operations
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import msgspec
 import pytest
 
 from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversation
+from taskbus.contracts.observability import RedactApiKeys
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.specs import MAX_MESSAGE_CHARS, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
-from taskbus.gateway.app import RedactApiKeys
 from taskbus.gateway.auth import ApiKeyError, ApiKeys
 from taskbus.gateway.conversations import (
     ConversationView,

@@ -74,6 +74,12 @@ async def test_health_needs_no_key_and_names_each_runners_isolation(
     assert response.json() == {
         "status": "ok",
         "nats": True,
+        # No other service runs here: each is listed, not ready.
+        "ready": False,
+        "services": {
+            service: {"ready": False, "instances": []}
+            for service in ("session_manager", "runtime_runner", "event_store")
+        },
         "runners": [],
         "warnings": ["no runtime-runner has registered: sandbox isolation unknown"],
     }

@@ -26,6 +26,8 @@ from nats.js.errors import APIError, NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.events import Event, encode_event
+from taskbus.contracts.observability import trace_headers
+from taskbus.contracts.observability_metrics import EVENTS_APPENDED
 
 WRONG_LAST_SEQUENCE = 10071
 # JetStream refused to store the message: with DiscardPolicy.NEW, the stream is at its limits.
@@ -110,13 +112,16 @@ class EventAppender:
                 ack = await self._js.publish(
                     subjects.event_subject(cid, candidate.kind),
                     payload,
-                    headers={
-                        "Nats-Msg-Id": f"{cid}:{identity}",
-                        "Nats-Expected-Last-Subject-Sequence": str(last_seq),
-                        "Nats-Expected-Last-Subject-Sequence-Subject": (
-                            subjects.conversation_events(cid)
-                        ),
-                    },
+                    # The trace context too: the event's consumers continue this trace.
+                    headers=trace_headers(
+                        {
+                            "Nats-Msg-Id": f"{cid}:{identity}",
+                            "Nats-Expected-Last-Subject-Sequence": str(last_seq),
+                            "Nats-Expected-Last-Subject-Sequence-Subject": (
+                                subjects.conversation_events(cid)
+                            ),
+                        }
+                    ),
                 )
             except APIError as error:
                 raise_if_full(error, subjects.EVENTS_STREAM)
@@ -133,6 +138,7 @@ class EventAppender:
                     continue
                 return stored
             self._remember(cid, ack.seq, candidate.id)
+            EVENTS_APPENDED.labels(candidate.kind).inc()
             return candidate
         raise AppendConflict(f"could not append to {cid} after {self._max_attempts} attempts")
 

@@ -111,12 +111,12 @@ class AllowList:
 
     def __init__(self, entries: str) -> None:
         """`entries`: comma-separated base URLs (TASKBUS_LLM_ALLOWED_BASE_URLS)."""
-        self._entries = tuple(_location(e) for e in entries.split(",") if e.strip())
+        self.entries = tuple(_location(e) for e in entries.split(",") if e.strip())
 
     def admit(self, url: str) -> _Location:
         """The URL's location if an entry covers it, else EndpointRefused."""
         location = _location(url)
-        if not any(location.under(entry) for entry in self._entries):
+        if not any(location.under(entry) for entry in self.entries):
             raise EndpointRefused(
                 f"{location.scheme}://{location.host}:{location.port} is not an LLM endpoint "
                 "this server allows (TASKBUS_LLM_ALLOWED_BASE_URLS)"
@@ -143,17 +143,40 @@ async def check_destination(url: str, allowed: AllowList) -> None:
     """Raise EndpointRefused unless `url` is allowed and its host resolves, now, only to public
     addresses (an IP literal host is allowed as listed: the operator named that address)."""
     location = allowed.admit(url)
-    if _ip_literal(location.host) is not None:
-        return
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(_RESOLVE_SECONDS):
-            infos = await loop.getaddrinfo(location.host, location.port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError) as error:
-        raise EndpointUnresolved(f"{location.host} does not resolve") from error
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if not is_public(address):
-            raise EndpointRefused(
-                f"{location.host} resolves to a loopback, private or link-local address"
-            )
+    if _ip_literal(location.host) is None:
+        await _public_addresses(location)
+
+
+async def check_open_destination(url: str, listed: AllowList) -> list[IPAddress]:
+    """The addresses to connect to for a URL users choose freely (webhooks): its host must be
+    public now, unless it is an IP literal an entry of `listed` (the operator's) covers. The
+    caller connects to exactly these, so DNS gets no second say between check and connection."""
+    location = _location(url)
+    literal = _ip_literal(location.host)
+    if literal is not None and any(location.under(entry) for entry in listed.entries):
+        return [literal]
+    return await _public_addresses(location)
+
+
+async def _public_addresses(location: _Location) -> list[IPAddress]:
+    """The host's addresses, resolved now, if every one is public; else EndpointRefused."""
+    literal = _ip_literal(location.host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(_RESOLVE_SECONDS):
+                infos = await loop.getaddrinfo(
+                    location.host, location.port, type=socket.SOCK_STREAM
+                )
+        except UnicodeError as error:  # a label IDNA cannot encode (empty, too long)
+            raise EndpointRefused("the URL's host is not a valid host name") from error
+        except (OSError, TimeoutError) as error:
+            raise EndpointUnresolved(f"{location.host} does not resolve") from error
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not all(is_public(address) for address in addresses):
+        raise EndpointRefused(
+            f"{location.host} is or resolves to a loopback, private or link-local address"
+        )
+    return addresses

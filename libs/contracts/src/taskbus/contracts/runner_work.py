@@ -30,6 +30,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import Refused, inbound_event
+from taskbus.contracts.observability import trace_headers
 
 # Kinds a runner acts on; everything else in the log is not its business.
 RUNNER_EVENTS: tuple[type[Event], ...] = (
@@ -53,10 +54,12 @@ async def forward(js: JetStreamContext, runner_id: str, event: Event, message: M
         subjects.runner_work_subject(runner_id, message.subject),
         message.data,
         stream=subjects.RUNNER_WORK_STREAM,
-        headers={
-            "Nats-Msg-Id": f"{event.conversation_id}:{event.id}",
-            EVENT_SEQUENCE_HEADER: str(message.metadata.sequence.stream),
-        },
+        headers=trace_headers(
+            {
+                "Nats-Msg-Id": f"{event.conversation_id}:{event.id}",
+                EVENT_SEQUENCE_HEADER: str(message.metadata.sequence.stream),
+            }
+        ),
     )
 
 

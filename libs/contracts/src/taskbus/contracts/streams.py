@@ -28,6 +28,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect, nats_url_from_env
 from taskbus.contracts.config import settings_from_env
+from taskbus.contracts.observability_health import HEALTH_TTL_SECONDS
 from taskbus.contracts.partitions import LEASE_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ DEDUPE_WINDOW_SECONDS = 120.0
 # How long a command's verdict is kept: longer than the dedupe window, so a retry finds it.
 VERDICT_TTL_SECONDS = 10 * DEDUPE_WINDOW_SECONDS
 RUNNER_WORK_MAX_AGE_SECONDS = 7 * 86400.0
+# The delivery log keeps a webhook's last attempts, for a week at most.
+WEBHOOK_LOG_ATTEMPTS = 200
+WEBHOOK_LOG_MAX_AGE_SECONDS = 7 * 86400.0
 _GIB = 1024**3
 _MIB = 1024**2
 
@@ -100,6 +104,28 @@ def stream_configs(replicas: int = 1, limits: StreamLimits | None = None) -> lis
             max_msgs=_limit(limits.deadletter_max_msgs),
             max_age=_limit(limits.deadletter_max_age_seconds, none=0),
         ),
+        # Webhook deliveries waiting for their next attempt; one past its retries is gone.
+        _work_queue(
+            subjects.WEBHOOK_JOBS_STREAM,
+            subjects.ALL_WEBHOOK_JOBS,
+            replicas,
+            limits,
+            max_age=WEBHOOK_LOG_MAX_AGE_SECONDS,
+        ),
+        # Every delivery attempt, for its webhook's owner to read: a diagnostic, so bounded per
+        # webhook and in age and size, the oldest going first (few subjects: one per webhook).
+        StreamConfig(
+            name=subjects.WEBHOOK_LOG_STREAM,
+            subjects=[subjects.ALL_WEBHOOK_LOGS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            allow_direct=True,
+            discard=DiscardPolicy.OLD,
+            max_msgs_per_subject=WEBHOOK_LOG_ATTEMPTS,
+            max_bytes=_limit(limits.deadletter_max_bytes),
+            max_age=WEBHOOK_LOG_MAX_AGE_SECONDS,
+        ),
     ]
 
 
@@ -133,9 +159,15 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
             bucket=subjects.VERDICTS_BUCKET, history=1, ttl=VERDICT_TTL_SECONDS, replicas=replicas
         ),
         KeyValueConfig(bucket=subjects.ADMISSION_BUCKET, history=1, replicas=replicas),
+        # history=1, as for secrets: a webhook's sealed signing secret goes with its entry.
+        KeyValueConfig(bucket=subjects.WEBHOOKS_BUCKET, history=1, replicas=replicas),
         # A lease lives until LEASE_SECONDS after its last renewal.
         KeyValueConfig(
             bucket=subjects.PARTITIONS_BUCKET, history=1, ttl=LEASE_SECONDS, replicas=replicas
+        ),
+        # A silent (killed) instance stays listed as not ready this long after its last beat.
+        KeyValueConfig(
+            bucket=subjects.HEALTH_BUCKET, history=1, ttl=HEALTH_TTL_SECONDS, replicas=replicas
         ),
     ]
 

@@ -27,6 +27,15 @@ PARTITIONS_BUCKET = "taskbus_partitions"
 # Which conversations hold a slot or wait for one, across every session-manager (one entry,
 # revision-checked: session_manager/admission_ledger.py).
 ADMISSION_BUCKET = "taskbus_admission"
+# Each service instance's readiness heartbeat (key = `<service>.<instance id>`), read by the
+# gateway's /api/health (contracts/observability_health.py).
+HEALTH_BUCKET = "taskbus_health"
+# Users' webhook registrations (key = `webhooks.user_key`), written by the gateway alone.
+WEBHOOKS_BUCKET = "taskbus_webhooks"
+# Webhook deliveries to make (one message per delivery, retried by redelivery) and the log of
+# every attempt (one subject per webhook, bounded): contracts/webhooks.py.
+WEBHOOK_JOBS_STREAM = "TASKBUS_WEBHOOK_JOBS"
+WEBHOOK_LOG_STREAM = "TASKBUS_WEBHOOK_LOG"
 
 EVENTS_PREFIX = "taskbus.events"
 COMMANDS_PREFIX = "taskbus.cmd"
@@ -36,6 +45,8 @@ DEADLETTER_PREFIX = "taskbus.deadletter"
 # that holds the workspace answers (core request-reply, like queries).
 WORKSPACE_PREFIX = "taskbus.workspace"
 RUNNER_WORK_PREFIX = "taskbus.runner"
+WEBHOOK_JOBS_PREFIX = "taskbus.webhooks.job"
+WEBHOOK_LOG_PREFIX = "taskbus.webhooks.log"
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 ALL_COMMANDS = f"{COMMANDS_PREFIX}.>"
@@ -43,6 +54,8 @@ ALL_QUERIES = f"{QUERIES_PREFIX}.>"
 ALL_DEADLETTERS = f"{DEADLETTER_PREFIX}.>"
 ALL_WORKSPACE_REQUESTS = f"{WORKSPACE_PREFIX}.>"
 ALL_RUNNER_WORK = f"{RUNNER_WORK_PREFIX}.>"
+ALL_WEBHOOK_JOBS = f"{WEBHOOK_JOBS_PREFIX}.>"
+ALL_WEBHOOK_LOGS = f"{WEBHOOK_LOG_PREFIX}.>"
 
 # Service names: in command and dead-letter subjects, and as their NATS users.
 GATEWAY = "gateway"
@@ -60,6 +73,10 @@ SESSION_MANAGER_USER_COMMANDS_DURABLE = "session_manager_user_commands"
 # A runner's own durable is this prefix and its id (`runtime_runner_durable`).
 RUNTIME_RUNNER_DURABLE = "runtime_runner"
 EVENT_STORE_DURABLE = "event_store"
+# The gateway's webhook consumers, each shared by every gateway instance: status changes in,
+# deliveries out.
+WEBHOOK_EVENTS_DURABLE = "gateway_webhooks"
+WEBHOOK_JOBS_DURABLE = "gateway_webhook_jobs"
 
 # Conversation ids are subject tokens, so they are restricted to a safe alphabet.
 CONVERSATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -152,6 +169,15 @@ def runtime_runner_durable(runner_id: str) -> str:
     return f"{RUNTIME_RUNNER_DURABLE}_{runner_id}"
 
 
+def webhook_job_subject(webhook_id: str) -> str:
+    return f"{WEBHOOK_JOBS_PREFIX}.{webhook_id}"
+
+
+def webhook_log_subject(webhook_id: str) -> str:
+    """Every attempt to deliver to one webhook (ids are subject tokens: `webhooks.WEBHOOK_ID`)."""
+    return f"{WEBHOOK_LOG_PREFIX}.{webhook_id}"
+
+
 def dead_letter_subject(service: str) -> str:
     """Where `service` puts the messages it refused."""
     return f"{DEADLETTER_PREFIX}.{service}"
@@ -192,6 +218,10 @@ def family(subject: str) -> str:
         tokens[2:4] = ["*", "*"]
     elif subject.startswith(f"{COMMANDS_PREFIX}.") and len(tokens) == 5:
         tokens[3] = "*"
+    elif subject.startswith(f"{RUNNER_WORK_PREFIX}.") and len(tokens) == 6:
+        tokens[3:5] = ["*", "*"]  # partition and conversation; the runner id stays
+    elif subject.startswith((f"{WEBHOOK_JOBS_PREFIX}.", f"{WEBHOOK_LOG_PREFIX}.")):
+        tokens[3:] = ["*"]
     elif subject.startswith(("_INBOX", "$KV.")) or ".zip_next." in subject:
         tokens[2:] = ["*"]
     return ".".join(tokens)

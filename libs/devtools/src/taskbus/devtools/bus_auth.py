@@ -8,7 +8,9 @@ list. What each service may do, and why:
 - gateway: sends commands, queries and workspace requests; reads events (direct gets,
   ephemeral ordered consumers for WebSocket tails, the ConversationCreated notification) and
   the conversations, settings, runners, verdicts and secrets buckets (watching a verdict's key
-  as it is stored). It appends no event and writes no bucket.
+  as it is stored). It appends no event and writes no bucket but its own webhooks one; it
+  delivers webhooks: its durables on status changes and on its delivery jobs, the jobs and
+  the delivery log (its own streams).
 - session-manager: appends events, writes the settings, verdicts and secrets buckets (their
   only writer) and its own partition leases, consumes its partitions' durables and throwaway
   recovery consumers (never another service's durable), reads the conversations bucket
@@ -71,11 +73,14 @@ def _all_stream_info() -> list[str]:
         subjects.SECRETS_BUCKET,
         subjects.PARTITIONS_BUCKET,
         subjects.ADMISSION_BUCKET,
+        subjects.WEBHOOKS_BUCKET,
+        subjects.HEALTH_BUCKET,
     )
     return [
         f"{_API}.INFO",
         f"{_API}.STREAM.NAMES",
         *_stream_info(_EVENTS, _COMMANDS, subjects.DEADLETTER_STREAM, subjects.RUNNER_WORK_STREAM),
+        *_stream_info(subjects.WEBHOOK_JOBS_STREAM, subjects.WEBHOOK_LOG_STREAM),
         *_stream_info(*(_kv_stream(bucket) for bucket in buckets)),
     ]
 
@@ -118,6 +123,12 @@ def _write_leases(group: str) -> list[str]:
     return [f"$KV.{subjects.PARTITIONS_BUCKET}.{group}.>"]
 
 
+def _write_health(service: str) -> list[str]:
+    """A service's own readiness heartbeats (keys `<service>.…`, contracts.observability_health):
+    no service can report another ready or take its entry away."""
+    return [f"$KV.{subjects.HEALTH_BUCKET}.{service}.>"]
+
+
 def _event_store_durables() -> list[str]:
     return [subjects.event_store_durable(p) for p in range(PARTITIONS)]
 
@@ -138,6 +149,7 @@ def _others_durables(own: tuple[str, ...]) -> list[str]:
     durables = (
         *(name for stream, name in subjects.session_manager_durables() if stream == _EVENTS),
         *_event_store_durables(),
+        subjects.WEBHOOK_EVENTS_DURABLE,
     )
     verbs = ("CREATE", "DURABLE.CREATE", "DELETE", "MSG.NEXT")
     return [
@@ -172,6 +184,20 @@ def permissions(user: str) -> dict[str, Any] | None:
             # Asks the runner for a conversation's workspace files (list, read, zip, git,
             # upload), after checking the conversation is the caller's.
             subjects.ALL_WORKSPACE_REQUESTS,
+            # Webhooks: the registrations (their only writer: the gateway takes them and
+            # delivers them); status changes fanned out into delivery jobs, each attempt
+            # logged and read back; refused events dead-lettered.
+            *_read_bucket(subjects.WEBHOOKS_BUCKET),
+            *_write_bucket(subjects.WEBHOOKS_BUCKET),
+            *_durable(_EVENTS, subjects.WEBHOOK_EVENTS_DURABLE),
+            *_durable(subjects.WEBHOOK_JOBS_STREAM, subjects.WEBHOOK_JOBS_DURABLE),
+            subjects.ALL_WEBHOOK_JOBS,
+            subjects.ALL_WEBHOOK_LOGS,
+            f"{_API}.DIRECT.GET.{subjects.WEBHOOK_LOG_STREAM}",
+            f"{_API}.DIRECT.GET.{subjects.WEBHOOK_LOG_STREAM}.>",
+            subjects.dead_letter_subject(user),
+            # Every instance's readiness heartbeat, for /api/health.
+            *_read_bucket(subjects.HEALTH_BUCKET),
         ]
         subscribe += [
             # A create waits for the conversation's first events (created or rejected); the
@@ -209,6 +235,7 @@ def permissions(user: str) -> dict[str, Any] | None:
             # Places sandboxes on runners (their heartbeats) and forwards them their work.
             *_read_bucket(subjects.RUNNERS_BUCKET),
             subjects.ALL_RUNNER_WORK,
+            *_write_health(user),
             # Throwaway recovery consumers have random names; the others' durables stay out.
             *(f"{_API}.CONSUMER.{verb}.{_EVENTS}.*" for verb in recovery),
         ]
@@ -227,6 +254,7 @@ def permissions(user: str) -> dict[str, Any] | None:
             # and a durable name is one subject token, so the grant names any durable of the
             # work stream, which no other user may touch.
             *_durable(subjects.RUNNER_WORK_STREAM, "*"),
+            *_write_health(user),
         ]
         # Answers workspace requests (contracts/workspace.py) to the asker's inbox only.
         subscribe.append(subjects.ALL_WORKSPACE_REQUESTS)
@@ -245,6 +273,7 @@ def permissions(user: str) -> dict[str, Any] | None:
             f"{_API}.STREAM.PURGE.{_EVENTS}",  # a deleted conversation's events (see purge)
             # Whether a deleted conversation's work still waits for its runner (see purge).
             f"{_API}.STREAM.MSG.GET.{subjects.RUNNER_WORK_STREAM}",
+            *_write_health(user),
         ]
         subscribe.append(subjects.ALL_QUERIES)
         allow_responses = True  # replies go to the asker's inbox, and only there

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import msgspec
@@ -33,6 +34,15 @@ from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, decode_runne
 from taskbus.contracts.secret_box import ensure_key_file
 from taskbus.contracts.streams import ensure_streams, stream_limits_from_env
 from taskbus.devtools import bus_auth
+from taskbus.devtools.client import ClientConfig, save_config
+from taskbus.devtools.local_stack import (
+    STATE_FILE,
+    UpState,
+    hold_lock,
+    remove_sandboxes,
+    sandbox_label,
+    write_state,
+)
 from taskbus.devtools.nats_server import NatsServer, die_with_parent, free_port
 from taskbus.devtools.sandbox_policy import (
     ALLOW_UNSANDBOXED_ENV,
@@ -41,14 +51,19 @@ from taskbus.devtools.sandbox_policy import (
 )
 
 log = logging.getLogger("taskbus.launcher")
+T = TypeVar("T")
 
 SERVICES = ("event_store", "session_manager", "runtime_runner", "gateway")
-# The durable consumers the services pull from: the stack is ready when each has a pull waiting
-# (and the runner has registered, which it does once it consumes: `wait_for_runner`).
-DURABLES = (
-    *subjects.session_manager_durables(),
-    *((subjects.EVENTS_STREAM, subjects.event_store_durable(p)) for p in range(PARTITIONS)),
+# The durable consumers the services pull from: each is ready when its durables have a pull
+# waiting (and the runner once it has registered, which it does once it consumes).
+SESSION_MANAGER_DURABLES = tuple(subjects.session_manager_durables())
+EVENT_STORE_DURABLES = tuple(
+    (subjects.EVENTS_STREAM, subjects.event_store_durable(p)) for p in range(PARTITIONS)
 )
+DURABLES = (*SESSION_MANAGER_DURABLES, *EVENT_STORE_DURABLES)
+# The gateway echoes it in /api/health (its `instance_nonce` setting).
+NONCE_ENV = "TASKBUS_INSTANCE_NONCE"
+LOG_TAIL_LINES = 12
 LOCAL_USER = "local"
 # Prices of the scripted model, so cost accounting runs through litellm for real.
 SCRIPTED_INPUT_COST_PER_TOKEN = "0.000003"
@@ -105,21 +120,44 @@ def write_pid_file(pid_file: Path, pid: int) -> None:
     pid_file.write_text(f"{pid}\n")
 
 
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the process group `pid` leads (each child starts its own session), so nothing it
+    started outlives it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log, indented, for an error that says why a child failed."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"    ({path} does not exist)"
+    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+
+
+class StartupFailed(Exception):
+    """The stack could not start: the first line says why, the rest is the failing log's tail."""
+
+
 class Child:
     """One supervised process: restarted with backoff whenever it exits while the stack runs.
-    Each (re)start writes the new pid to `pid_file`."""
+    Each (re)start writes the new pid to `pid_file`; `exited` is set by the first exit, so a
+    start-up can fail fast on a child that cannot run (a port in use, a bad setting)."""
 
     def __init__(
         self, name: str, args: list[str], env: dict[str, str], log_path: Path, pid_file: Path
     ) -> None:
         self.name = name
+        self.log_path = log_path
         self._args = args
         self._env = env
-        self._log_path = log_path
         self._pid_file = pid_file
         self._process: asyncio.subprocess.Process | None = None
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.exited = asyncio.Event()
+        self.exit_code: int | None = None
         self.restarts = 0
 
     @property
@@ -131,46 +169,49 @@ class Child:
 
     async def _supervise(self) -> None:
         backoff = 0.5
-        while not self._stopping:
+        while not self._stopping.is_set():
             started = time.monotonic()
-            with self._log_path.open("ab") as log_file:
+            with self.log_path.open("ab") as log_file:
                 self._process = await asyncio.create_subprocess_exec(
                     *self._args,
                     env=self._env,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
-                    # Out of the terminal's process group: Ctrl-C reaches only the launcher,
-                    # which then stops the children in order.
+                    # Its own process group, out of the terminal's: Ctrl-C reaches only the
+                    # launcher, which then stops the children in order, each with its group.
                     start_new_session=True,
                     preexec_fn=die_with_parent,
                 )
             write_pid_file(self._pid_file, self._process.pid)
+            if self._stopping.is_set():  # stop() came while it was being spawned
+                signal_group(self._process.pid, signal.SIGKILL)
             code = await self._process.wait()
-            if self._stopping:
+            if self._stopping.is_set():
                 return
+            self.exit_code = code
+            self.exited.set()
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10.0)
             self.restarts += 1
             log.warning("%s exited with %s; restarting in %.1fs", self.name, code, backoff)
-            await asyncio.sleep(backoff)
-
-    def stop_restarting(self) -> None:
-        self._stopping = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
 
     async def stop(self) -> None:
-        self._stopping = True
+        """SIGTERM, up to STOP_GRACE_SECONDS to finish, then SIGKILL to its whole group. The
+        supervisor is awaited, never cancelled, so no restart can slip past the stop."""
+        self._stopping.set()
         process = self._process
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        if process is not None:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            signal_group(process.pid, signal.SIGKILL)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
+        if self._process is not None and self._process is not process:
+            signal_group(self._process.pid, signal.SIGKILL)
 
 
 # Secrets in the launcher's environment and the only services that use them: the others never
@@ -214,19 +255,26 @@ def _write_nats_pid_file(server: NatsServer, pid_file: Path) -> None:
         write_pid_file(pid_file, server.pid)
 
 
-async def wait_for_gateway(url: str) -> None:
+async def wait_for_gateway(url: str, nonce: str | None = None) -> None:
+    """Until `url` answers /api/health, with `nonce` as its `instance` when given: another
+    server answering on the same port (another stack) never counts as this one's gateway."""
     async with httpx.AsyncClient() as client:
         while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(f"{url}/api/health", timeout=1)).status_code == 200:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = await client.get(f"{url}/api/health", timeout=1)
+                if response.status_code == 200 and (
+                    nonce is None or response.json().get("instance") == nonce
+                ):
                     return
             await asyncio.sleep(0.2)
 
 
-async def wait_for_consumers(js: JetStreamContext) -> None:
+async def wait_for_consumers(
+    js: JetStreamContext, durables: tuple[tuple[str, str], ...] = DURABLES
+) -> None:
     """Services are ready once each durable consumer has a pull request waiting. A busy or
     still electing JetStream answers late or 503: asked again (the caller bounds the wait)."""
-    pending = set(DURABLES)
+    pending = set(durables)
     while pending:
         for stream, durable in list(pending):
             with contextlib.suppress(NotFoundError, ServiceUnavailableError, TimeoutError):
@@ -275,48 +323,69 @@ async def wait_for_port(port: int) -> None:
         await asyncio.sleep(0.1)
 
 
+Progress = Callable[[str], None]
+
+
 async def run_stack(
     settings: LauncherSettings,
     after_start: Callable[[StackInfo], Awaitable[None]] | None = None,
+    *,
+    keep_sandboxes: bool = False,
+    progress: Progress = print,
 ) -> None:
-    """Run the stack until `after_start` returns (or, without one, until SIGINT/SIGTERM)."""
-    started = time.time()
+    """Run the stack until `after_start` returns (or, without one, until SIGINT/SIGTERM), then
+    stop every child and, unless `keep_sandboxes`, remove the docker sandboxes it started.
+    StackRunning when another `up` holds the data dir; StartupFailed when a child cannot
+    start, with its log's last lines."""
+    stop = _stop_on_signals()
     data_dir = await asyncio.to_thread(Path(settings.data_dir).resolve)
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    pids = data_dir / "pids"
-    api_key = ensure_api_key(data_dir / "api_keys")
-    # Before anything starts: may raise UnsandboxedRefused.
-    unsandboxed = await runner_may_run_unsandboxed(os.environ, data_dir / "api_keys")
-    bus = data_dir / "bus"
-    credentials = bus_auth.new_credentials(bus)
-    write_nats_config(bus / "nats.conf", credentials)
-    nats_server = NatsServer(
-        data_dir / "nats", port=settings.nats_port, config_file=bus / "nats.conf"
-    ).start()
-    _write_nats_pid_file(nats_server, pids / "nats-server.pid")
-    nats_keeper = asyncio.create_task(
-        _restart_nats_when_it_exits(nats_server, pids / "nats-server.pid"), name="nats-keeper"
-    )
+    lock = hold_lock(data_dir)  # before anything in the data dir is touched
     children: list[Child] = []
+    nats_server: NatsServer | None = None
+    nats_keeper: asyncio.Task[None] | None = None
     try:
+        started = time.time()
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        pids = data_dir / "pids"
+        api_key = ensure_api_key(data_dir / "api_keys")
+        # Before anything starts: may raise UnsandboxedRefused.
+        unsandboxed = await runner_may_run_unsandboxed(os.environ, data_dir / "api_keys")
+        bus = data_dir / "bus"
+        credentials = bus_auth.new_credentials(bus)
+        write_nats_config(bus / "nats.conf", credentials)
+        nats_log = data_dir / "nats" / "nats-server.log"
+        nats_server = NatsServer(
+            data_dir / "nats", port=settings.nats_port, config_file=bus / "nats.conf"
+        )
+        progress(f"starting nats-server on port {settings.nats_port}")
+        try:
+            nats_server.start()
+        except (RuntimeError, TimeoutError) as error:
+            raise StartupFailed(
+                f"nats-server did not start ({error}); is port {settings.nats_port} in use? "
+                f"Free it or set TASKBUS_NATS_PORT. The last lines of {nats_log}:\n"
+                + log_tail(nats_log)
+            ) from None
+        _write_nats_pid_file(nats_server, pids / "nats-server.pid")
+        nats_keeper = asyncio.create_task(
+            _restart_nats_when_it_exits(nats_server, pids / "nats-server.pid"), name="nats-keeper"
+        )
         nc = await connect(nats_server.url, "taskbus-launcher", credentials[bus_auth.ADMIN])
         await ensure_streams(nc.jetstream(), limits=stream_limits_from_env())
+        progress(f"ready    nats-server      {nats_server.url}")
 
-        env = dict(os.environ)
-        env.pop(CREDENTIALS_FILE_ENV, None)  # each service gets its own, below
-        env.update(
-            LITELLM_LOCAL_MODEL_COST_MAP="True",
-            TASKBUS_NATS_URL=nats_server.url,
-            TASKBUS_PORT=str(settings.port),
-            TASKBUS_API_KEYS_FILE=str(data_dir / "api_keys"),
+        nonce = secrets.token_hex(16)
+        gateway_url = f"http://127.0.0.1:{settings.port}"
+        starting = UpState(
+            pid=os.getpid(),
+            data_dir=str(data_dir),
+            gateway_url=gateway_url,
+            nats_url=nats_server.url,
+            nonce=nonce,
         )
-        env.setdefault("TASKBUS_CLICKHOUSE_DSN", f"chdb://{data_dir / 'clickhouse'}")
-        env.setdefault("TASKBUS_WORKSPACE_ROOT", str(data_dir / "workspaces"))
-        # The key that seals users' LLM keys in NATS lives outside it (0600, in the data dir).
-        if not env.get("TASKBUS_SECRETS_KEY") and not env.get("TASKBUS_SECRETS_KEY_FILE"):
-            env["TASKBUS_SECRETS_KEY_FILE"] = str(ensure_key_file(data_dir / "secrets.key"))
-
+        write_state(data_dir, starting)
+        env = _services_env(settings, data_dir, nats_server.url, keep_sandboxes)
         scripted = settings.llm_model is None
         if scripted:
             model_port = free_port()
@@ -332,8 +401,8 @@ async def run_stack(
             )
             children.append(model)
             model.start()
-            async with asyncio.timeout(STARTUP_SECONDS):
-                await wait_for_port(model_port)
+            await _starting(wait_for_port(model_port), children, stop)
+            progress(f"ready    scripted model   http://127.0.0.1:{model_port}/v1")
             env.update(scripted_model_env(f"http://127.0.0.1:{model_port}/v1"))
 
         for service in SERVICES:
@@ -344,6 +413,10 @@ async def run_stack(
             }
             if service == "runtime_runner" and unsandboxed:
                 service_env[ALLOW_UNSANDBOXED_ENV] = "1"
+            if service == "gateway":
+                service_env[NONCE_ENV] = nonce
+            else:  # /metrics on a free loopback port each, named in /api/health
+                service_env["TASKBUS_METRICS_PORT"] = "0"
             child = Child(
                 name,
                 [sys.executable, "-m", f"taskbus.{service}"],
@@ -354,38 +427,139 @@ async def run_stack(
             children.append(child)
             child.start()
 
-        gateway_url = f"http://127.0.0.1:{settings.port}"
-        async with asyncio.timeout(STARTUP_SECONDS):
-            await wait_for_gateway(gateway_url)
-            await wait_for_consumers(nc.jetstream())
-            runner = await wait_for_runner(
-                nc.jetstream(), env.get("TASKBUS_RUNNER_ID", "default"), started
-            )
+        js = nc.jetstream()
+        runner_id = env.get("TASKBUS_RUNNER_ID", "default")
+        runner: list[RunnerInfo] = []
+
+        async def runner_ready() -> str:
+            runner.append(await wait_for_runner(js, runner_id, started))
+            return f"{runner[0].backend} backend, {runner[0].isolation.value}"
+
+        async def ready(name: str, wait: Awaitable[object], detail: str = "") -> None:
+            said = await wait
+            progress(f"ready    {name:<16} {said if isinstance(said, str) else detail}")
+
+        await _starting(
+            asyncio.gather(
+                ready("event-store", wait_for_consumers(js, EVENT_STORE_DURABLES)),
+                ready("session-manager", wait_for_consumers(js, SESSION_MANAGER_DURABLES)),
+                ready("runtime-runner", runner_ready()),
+                ready("gateway", wait_for_gateway(gateway_url, nonce), gateway_url),
+            ),
+            children,
+            stop,
+        )
         await nc.drain()
         info = StackInfo(
             gateway_url=gateway_url,
             nats_url=nats_server.url,
             api_key=api_key,
             scripted_model=scripted,
-            runner=runner,
+            runner=runner[0],
         )
+        write_state(data_dir, msgspec.structs.replace(starting, ready=True))
+        config = save_config(ClientConfig(url=gateway_url, api_key=api_key, data_dir=str(data_dir)))
         if after_start is not None:
-            await after_start(info)
+            await _unless_stopped(after_start(info), stop)
         else:
-            _print_banner(info, logs, bus)
-            await _wait_for_signal()
+            _print_banner(info, logs, bus, config)
+            await stop.wait()
+    except Stopped:
+        pass  # Ctrl-C while starting: stop what did start
     finally:
-        nats_keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await nats_keeper
-        for child in children:
-            child.stop_restarting()
+        if stop.is_set():
+            progress("Stopping Taskbus...")
+        if nats_keeper is not None:
+            nats_keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await nats_keeper
         for child in reversed(children):
             await child.stop()
-        nats_server.stop()
+        if nats_server is not None:
+            nats_server.stop()
+        if not keep_sandboxes:
+            removed = await asyncio.to_thread(remove_sandboxes, sandbox_label(data_dir))
+            if removed:
+                progress(f"removed {removed} docker sandbox(es) left by the runner")
+        (data_dir / STATE_FILE).unlink(missing_ok=True)
+        os.close(lock)
 
 
-def _print_banner(info: StackInfo, logs: Path, bus_dir: Path) -> None:
+def _services_env(
+    settings: LauncherSettings, data_dir: Path, nats_url: str, keep_sandboxes: bool
+) -> dict[str, str]:
+    """What every child gets (each service then loses the secrets it does not need)."""
+    env = dict(os.environ)
+    env.pop(CREDENTIALS_FILE_ENV, None)  # each service gets its own
+    labels = [env.get("TASKBUS_SANDBOX_LABELS", ""), sandbox_label(data_dir)]
+    env.update(
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        TASKBUS_NATS_URL=nats_url,
+        TASKBUS_PORT=str(settings.port),
+        TASKBUS_API_KEYS_FILE=str(data_dir / "api_keys"),
+        TASKBUS_SANDBOX_LABELS=",".join(label for label in labels if label),
+        # On SIGTERM the runner removes its docker sandboxes, or keeps them to re-attach.
+        TASKBUS_REMOVE_SANDBOXES_ON_SHUTDOWN="false" if keep_sandboxes else "true",
+    )
+    env.setdefault("TASKBUS_CLICKHOUSE_DSN", f"chdb://{data_dir / 'clickhouse'}")
+    env.setdefault("TASKBUS_WORKSPACE_ROOT", str(data_dir / "workspaces"))
+    # The key that seals users' LLM keys in NATS lives outside it (0600, in the data dir).
+    if not env.get("TASKBUS_SECRETS_KEY") and not env.get("TASKBUS_SECRETS_KEY_FILE"):
+        env["TASKBUS_SECRETS_KEY_FILE"] = str(ensure_key_file(data_dir / "secrets.key"))
+    return env
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGINT (Ctrl-C) and SIGTERM (`taskbus down`) ask for an orderly stop, at any point."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+class Stopped(Exception):
+    """A signal asked the stack to stop before it was up."""
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
+    return await _starting(work, [], stop)
+
+
+async def _starting(work: Awaitable[T], children: list[Child], stop: asyncio.Event) -> T:
+    """`work`'s result within STARTUP_SECONDS, unless a signal stops the stack (Stopped) or a
+    child exits first (StartupFailed with its log's last lines)."""
+    task = asyncio.ensure_future(work)
+    watchers = {
+        asyncio.ensure_future(stop.wait()): None,
+        **{asyncio.ensure_future(child.exited.wait()): child for child in children},
+    }
+    try:
+        done, _ = await asyncio.wait(
+            {task, *watchers},
+            timeout=STARTUP_SECONDS if children else None,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if task in done:
+            return task.result()
+        if stop.is_set():
+            raise Stopped
+        for watcher, child in watchers.items():
+            if watcher in done and child is not None:
+                raise StartupFailed(
+                    f"{child.name} exited with code {child.exit_code} while starting; the last "
+                    f"lines of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+        raise StartupFailed(
+            f"the stack was not ready after {STARTUP_SECONDS} s; see the logs in "
+            f"{children[0].log_path.parent}"
+        )
+    finally:
+        for pending in (task, *watchers):
+            pending.cancel()
+
+
+def _print_banner(info: StackInfo, logs: Path, bus_dir: Path, config: Path) -> None:
     model = "scripted model (offline, plays a fixed script)" if info.scripted_model else "LLM"
     print(
         f"Taskbus is up.\n"
@@ -395,9 +569,10 @@ def _print_banner(info: StackInfo, logs: Path, bus_dir: Path) -> None:
         f"  model     {model}\n"
         f"  sandboxes {_isolation(info.runner)}\n"
         f"  logs      {logs}\n"
+        f'  CLI       {config}   (`taskbus ls`, `taskbus run "<task>"` find the stack there)\n'
         f"Try: curl -H 'Authorization: Bearer {info.api_key}' \\\n"
         f"       {info.gateway_url}/api/conversations\n"
-        f"Ctrl-C stops everything.",
+        f"Ctrl-C (or `taskbus down`) stops everything and removes its docker sandboxes.",
         flush=True,
     )
 
@@ -415,15 +590,6 @@ def _isolation(runner: RunnerInfo) -> str:
         f"  {runner.warning or ''}\n"
         f"  Isolate them with bubblewrap:  {INSTALL_BWRAP}\n{bar}"
     )
-
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("Stopping Taskbus...", flush=True)
 
 
 def load_settings() -> LauncherSettings:

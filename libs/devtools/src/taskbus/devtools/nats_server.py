@@ -52,6 +52,7 @@ class NatsServer:
         log_file: Path | None = None,
         extra_args: Sequence[str] = (),
         config_file: Path | None = None,
+        monitor_port: int | None = None,
     ):
         self.store_dir = store_dir
         self.port = port if port is not None else free_port()
@@ -60,11 +61,18 @@ class NatsServer:
         # A nats-server config (e.g. the users and permissions of `taskbus up`); the options
         # given here on the command line take precedence over it.
         self.config_file = config_file
+        # nats-server's HTTP monitoring (/varz, /jsz, /connz, /healthz) on loopback: a free
+        # port unless given. It needs no login and shows no message, only counters and names.
+        self.monitor_port = monitor_port if monitor_port is not None else free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     @property
     def pid(self) -> int | None:
@@ -83,6 +91,8 @@ class NatsServer:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--http_port",
+            str(self.monitor_port),
             "--jetstream",
             "--store_dir",
             str(self.store_dir),

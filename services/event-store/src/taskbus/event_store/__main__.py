@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from taskbus.contracts import observability, subjects
 from taskbus.contracts.config import settings_from_env
 from taskbus.event_store.app import run, run_rebuild
 from taskbus.event_store.rebuild import EventStoreRunning
@@ -25,9 +25,7 @@ def main() -> None:
         "(stop the event-store first)",
     )
     command = parser.parse_args().command
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    observability.setup(subjects.EVENT_STORE)
     settings = settings_from_env(EventStoreSettings)
     if command == "rebuild":
         try:

@@ -13,6 +13,7 @@ import signal
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import ServiceBroker, jetstream, service_broker
+from taskbus.contracts.observability_health import Vitals
 from taskbus.contracts.partitions import PartitionLeases, default_instance_id
 from taskbus.contracts.streams import ensure_streams
 from taskbus.event_store.clickhouse import ClickHouse
@@ -44,6 +45,7 @@ class EventStore:
         self._leases: PartitionLeases | None = None
         self._purger: Purger | None = None
         self._responder: QueryResponder | None = None
+        self._vitals: Vitals | None = None
 
     async def start(self) -> None:
         settings = self._settings
@@ -78,9 +80,21 @@ class EventStore:
         barrier = ReadBarrier(js, self._ingester, settings.read_wait_ms / 1000)
         self._responder = QueryResponder(self._broker, self._clickhouse, barrier)
         await self._responder.start()
+        ingester = self._ingester
+        self._vitals = Vitals(
+            js,
+            subjects.EVENT_STORE,
+            instance=settings.instance_id or default_instance_id(),
+            metrics_host=settings.metrics_host,
+            metrics_port=settings.metrics_port,
+            durables=lambda: [(subjects.EVENTS_STREAM, ingester.durable(p)) for p in ingester.held],
+        )
+        await self._vitals.ready()
         log.info("event-store ready (nats %s)", settings.nats_url)
 
     async def stop(self) -> None:
+        if self._vitals is not None:
+            await self._vitals.stop()
         if self._responder is not None:
             await self._responder.stop()
         if self._leases is not None:

@@ -42,6 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import BatchMessage, ServiceBroker, durable_pull, jetstream
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
+from taskbus.contracts.observability import conversation
 from taskbus.contracts.partitions import PARTITIONS, partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.status import ConversationStatus
@@ -260,7 +261,8 @@ class Ingester:
                     if msg.metadata.num_delivered < _MAX_DEFERRALS:
                         deferred.append(msg)
                         continue
-                    log.warning("event %d of %s: earlier events never came", event.id, cid)
+                    with conversation(cid):
+                        log.warning("event %d: earlier events never came", event.id)
                 after = summarize(before, event)
                 user_id = after.user_id if after is not None else ""
                 row = event_row(msg.data, event, user_id, msg.metadata.timestamp, ingested_at)

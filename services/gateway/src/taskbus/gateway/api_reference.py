@@ -14,6 +14,7 @@ from taskbus.contracts.openhands import OpenHandsStatus
 from taskbus.contracts.queries import ResourceUsageInfo
 from taskbus.contracts.specs import ConversationSpec, GitProvider, Timeouts, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
+from taskbus.contracts.webhooks import AttemptOutcome, AttemptView, Delivery, WebhookEvent
 from taskbus.gateway.conversations import ConversationList, ConversationView, CreatedConversation
 from taskbus.gateway.inputs import MessageBody, StartBody
 from taskbus.gateway.openhands_inputs import AddEventBody, RenameBody
@@ -27,6 +28,14 @@ from taskbus.gateway.secrets_routes import (
     SecretView,
 )
 from taskbus.gateway.user_settings import SettingsView
+from taskbus.gateway.webhooks_routes import (
+    CreatedWebhook,
+    DeliveryList,
+    WebhookBody,
+    WebhookDeleted,
+    WebhookList,
+    WebhookView,
+)
 
 API_DESCRIPTION = """\
 Each conversation runs one AI coding agent in its own sandbox. Create one with a task, follow
@@ -196,6 +205,18 @@ _DESCRIPTIONS: dict[str, str] = {
     "nats": "Whether the gateway is connected to NATS.",
     "runners": "The registered runtime-runners and their sandbox isolation.",
     "warnings": "Loud lines, e.g. a runner running untrusted code unsandboxed.",
+    "HealthDocument.ready": "Whether every other service has a ready instance (see `services`).",
+    "HealthDocument.services": "Each other service's readiness, by service name.",
+    "ServiceReadiness.ready": "Whether at least one of its instances is ready.",
+    "instances": "Its instances, as their last heartbeats tell (one every 2 s).",
+    "service": "The service the instance belongs to.",
+    "instance_id": "The instance's name (`TASKBUS_INSTANCE_ID`, a runner's id, or host-pid).",
+    "InstanceHealth.host": "Host the instance runs on.",
+    "pid": "The instance's process id on its host.",
+    "InstanceHealth.ready": "Consuming, and heard from within the last 10 s.",
+    "InstanceHealth.started_at": "When the instance started.",
+    "beat_at": "When its last heartbeat was sent.",
+    "metrics_port": "Port of its Prometheus `/metrics` on its host (0: not served).",
     "runner_id": "The runner's id.",
     "host": "Host the runner runs on.",
     "backend": "Sandbox backend: `docker` or `local`.",
@@ -250,6 +271,38 @@ _DESCRIPTIONS: dict[str, str] = {
     "`http://name[:port]`); required for `generic` with an `owner/name` repository.",
     "ProviderTokenBody.user_id": "OpenHands' provider-side user id; accepted, unused.",
     "SecretsMessage.message": "What was done (OpenHands' answer).",
+    # webhooks
+    "WebhookBody.url": "Where to POST: http(s), no credentials, query or fragment; its host "
+    "must be public (a loopback, private or link-local address is a 422).",
+    "WebhookBody.events": "Which changes to send: `conversation.finished` (a change to "
+    "FINISHED), `conversation.status_changed` (every other change); both by default.",
+    **{
+        f"{view}.{field}": text
+        for view in ("WebhookView", "CreatedWebhook")
+        for field, text in {
+            "id": "The webhook's id.",
+            "url": "Where deliveries are POSTed.",
+            "events": "The changes it is sent.",
+            "created_at": "When it was registered.",
+        }.items()
+    },
+    "CreatedWebhook.secret": "The HMAC-SHA256 key of `X-Taskbus-Signature`: shown only now.",
+    "WebhookList.webhooks": "Your webhooks, oldest first, without their secrets.",
+    "WebhookDeleted.message": "What was done.",
+    "DeliveryList.deliveries": "Deliveries, newest first.",
+    "Delivery.delivery_id": "The `X-Taskbus-Delivery` id, the same on every attempt.",
+    "Delivery.event": "What was delivered.",
+    "Delivery.conversation_id": "The conversation whose status changed.",
+    "Delivery.event_id": "The status change's event id in the conversation.",
+    "Delivery.status": "The status it changed to.",
+    "Delivery.outcome": "Its latest attempt's outcome: delivered, retrying or failed.",
+    "Delivery.attempts": "Every attempt, oldest first.",
+    "AttemptView.attempt": "The attempt's number, from 1.",
+    "AttemptView.at": "When it ended.",
+    "AttemptView.status_code": "The receiver's HTTP status; null when none came.",
+    "AttemptView.error": "Why no status came (timeout, refused connection, refused address).",
+    "AttemptView.outcome": "delivered (2xx), retrying (no answer, 408, 429, 5xx) or failed.",
+    "AttemptView.duration_ms": "How long the attempt took.",
     # problems
     "ProblemDocument.type": "URI of the problem type (`urn:taskbus:problem:<kind>`).",
     "ProblemDocument.title": "Short summary of the problem type.",
@@ -336,6 +389,12 @@ _ACCEPTED = {
 _SETTINGS = UserSettings(llm_model="openai/gpt-4o", max_iterations=100, confirmation_mode=True)
 
 _FILES = "/api/conversations/{conversation_id}"
+_WEBHOOK = WebhookView(
+    id="wh_9c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f",
+    url="https://ci.example.com/taskbus",
+    events=[WebhookEvent.FINISHED],
+    created_at=_WHEN,
+)
 # (path, method) -> (request example or None, example of the main success answer)
 EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
     ("/api/conversations", "post"): (
@@ -411,11 +470,71 @@ EXAMPLES: dict[tuple[str, str], tuple[Any, Any]] = {
         None,
         SecretsMessage(message="Unset Git provider tokens"),
     ),
+    ("/api/webhooks", "post"): (
+        WebhookBody(url="https://ci.example.com/taskbus", events=[WebhookEvent.FINISHED]),
+        CreatedWebhook(
+            **msgspec.structs.asdict(_WEBHOOK), secret="whsec_3q2-7wXkPZp0c1YbLrXhq9eQ0nV3m4"
+        ),
+    ),
+    ("/api/webhooks", "get"): (None, WebhookList(webhooks=[_WEBHOOK])),
+    ("/api/webhooks/{webhook_id}", "delete"): (None, WebhookDeleted(message="Webhook deleted")),
+    ("/api/webhooks/{webhook_id}/deliveries", "get"): (
+        None,
+        DeliveryList(
+            deliveries=[
+                Delivery(
+                    delivery_id="dl_0f6b2e4c7d8e1f2a3b4c5d6e7f5d3c9a",
+                    event=WebhookEvent.FINISHED,
+                    conversation_id=_CID,
+                    event_id=12,
+                    status=ConversationStatus.FINISHED,
+                    outcome=AttemptOutcome.DELIVERED,
+                    attempts=[
+                        AttemptView(
+                            attempt=1,
+                            at=_WHEN,
+                            status_code=503,
+                            error="",
+                            outcome=AttemptOutcome.RETRYING,
+                            duration_ms=41.0,
+                        ),
+                        AttemptView(
+                            attempt=2,
+                            at=_WHEN,
+                            status_code=200,
+                            error="",
+                            outcome=AttemptOutcome.DELIVERED,
+                            duration_ms=12.5,
+                        ),
+                    ],
+                )
+            ]
+        ),
+    ),
     ("/api/health", "get"): (
         None,
         {
             "status": "ok",
             "nats": True,
+            "ready": True,
+            "services": {
+                service: {
+                    "ready": True,
+                    "instances": [
+                        {
+                            "service": service,
+                            "instance_id": f"{service}-1",
+                            "host": "worker-1",
+                            "pid": 7,
+                            "ready": True,
+                            "started_at": "2025-01-02T03:04:05Z",
+                            "beat_at": "2025-01-02T03:09:05Z",
+                            "metrics_port": 9464,
+                        }
+                    ],
+                }
+                for service in ("session_manager", "runtime_runner", "event_store")
+            },
             "runners": [
                 {
                     "runner_id": "runner-1",

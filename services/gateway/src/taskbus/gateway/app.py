@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import unquote
 
+import msgspec
 import uvicorn
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from taskbus.contracts import observability, subjects
 from taskbus.contracts.config import settings_from_env
-from taskbus.contracts.redaction import redact
-from taskbus.gateway import analytics, rest, secrets_routes, websocket, workspace_routes
+from taskbus.contracts.llm_endpoints import AllowList
+from taskbus.gateway import (
+    analytics,
+    metrics,
+    rest,
+    secrets_routes,
+    webhooks_routes,
+    websocket,
+    workspace_routes,
+)
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
@@ -23,6 +32,9 @@ from taskbus.gateway.parameters import reject_unknown_query_parameters
 from taskbus.gateway.problems import install_problem_handlers
 from taskbus.gateway.settings import GatewaySettings
 from taskbus.gateway.user_settings import SettingsPolicy
+from taskbus.gateway.web_ui import install_web_ui
+from taskbus.gateway.webhooks_delivery import WebhookDelivery
+from taskbus.gateway.webhooks_store import WebhookStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +54,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         app.state.bus = bus
         logger.info("gateway connected to NATS at %s", settings.nats_url)
+        app.state.webhook_store = await WebhookStore.open(bus.js)
+        webhooks = await WebhookDelivery.start(
+            settings, app.state.webhook_private_urls, app.state.settings_policy.box
+        )
         try:
             yield
         finally:
+            await webhooks.stop()
             await bus.close()
 
     # /docs and /redoc load Swagger UI and ReDoc from the gateway itself, never from a CDN:
@@ -60,42 +77,45 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = api_keys
     app.state.settings_policy = SettingsPolicy.of(settings)
+    app.state.webhook_private_urls = AllowList(settings.webhook_allowed_private_urls)
     app.state.create_rate = RateLimiter(settings.create_rate_per_minute, settings.create_burst)
     app.state.websocket_limit = ConnectionLimiter(settings.ws_max_per_user)
+    metrics.count_websockets(app.state.websocket_limit)
     install_problem_handlers(app)
     checked = [Depends(reject_unknown_query_parameters)]
     app.include_router(rest.router, dependencies=checked)
     app.include_router(analytics.router, dependencies=checked)
     app.include_router(workspace_routes.router, dependencies=checked)
     app.include_router(secrets_routes.router, dependencies=checked)
+    app.include_router(webhooks_routes.router, dependencies=checked)
     app.include_router(websocket.router)
+    app.include_router(metrics.router)
     install_msgspec_schemas(app)
+    install_web_ui(app)
+    cors_origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if cors_origins:
+        # Bearer keys, never cookies: no credentialed requests; the headers clients send and read.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
     return app
-
-
-class RedactApiKeys(logging.Filter):
-    """Masks `api_key=` query values (WebSocket URLs) and every other credential `redact` knows
-    (e.g. a repository URL with a token in a query string) in uvicorn's request lines, which
-    are percent-encoded: they are decoded first so an encoded credential is seen."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact(unquote(message))
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
 
 
 def run(settings: GatewaySettings | None = None) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then runs the lifespan shutdown (NATS drain)."""
     settings = settings or settings_from_env(GatewaySettings)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # JSON lines with credentials masked (uvicorn's request lines too: its loggers propagate).
+    observability.setup(
+        subjects.GATEWAY,
+        msgspec.structs.replace(
+            settings_from_env(observability.ObservabilitySettings), log_level=settings.log_level
+        ),
     )
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(RedactApiKeys())
     uvicorn.run(
         create_app(settings),
         host=settings.host,

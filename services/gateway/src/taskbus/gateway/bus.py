@@ -42,6 +42,8 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import Refused, inbound_event
+from taskbus.contracts.observability import trace_headers
+from taskbus.contracts.observability_health import InstanceHealth, decode_health
 from taskbus.contracts.openhands import OPENHANDS_STATUS
 from taskbus.contracts.queries import ConversationInfo, Query, QueryError, Reply
 from taskbus.contracts.runners import RunnerInfo, decode_runner_info
@@ -186,7 +188,7 @@ class Bus:
                 command_subject(command),
                 encode_command(command),
                 stream=subjects.COMMANDS_STREAM,
-                headers={"Nats-Msg-Id": msg_id},
+                headers=trace_headers({"Nats-Msg-Id": msg_id}),  # session-manager continues it
                 timeout=self._timeout,
             )
         except nats.errors.MaxPayloadError as error:
@@ -477,24 +479,33 @@ class Bus:
 
     async def runners(self) -> list[RunnerInfo]:
         """What each runtime-runner says of itself (KV `taskbus_runners`): the isolation its
-        sandboxes run under. Keys come from the bucket's stream info and values from direct
-        gets, so no consumer is needed. Raises a 503 Problem if the bucket cannot be read."""
-        stream = f"KV_{subjects.RUNNERS_BUCKET}"
-        prefix = f"$KV.{subjects.RUNNERS_BUCKET}."
+        sandboxes run under. Raises a 503 Problem if the bucket cannot be read."""
+        return await self._entries(subjects.RUNNERS_BUCKET, decode_runner_info, "runner registry")
+
+    async def service_health(self) -> list[InstanceHealth]:
+        """Each service instance's last readiness heartbeat (KV `taskbus_health`)."""
+        return await self._entries(subjects.HEALTH_BUCKET, decode_health, "health registry")
+
+    async def _entries(self, bucket_name: str, decode: Callable[[bytes], T], what: str) -> list[T]:
+        """Every entry of a small bucket, decoded. Keys come from the bucket's stream info and
+        values from direct gets, so no consumer is needed. Raises a 503 Problem if the bucket
+        cannot be read; an undecodable entry is skipped (and logged)."""
+        stream = f"KV_{bucket_name}"
+        prefix = f"$KV.{bucket_name}."
         entries = []
         try:
             async with asyncio.timeout(self._timeout):
                 info = await self.js.stream_info(stream, subjects_filter=f"{prefix}>")
-                bucket = await self.js.key_value(subjects.RUNNERS_BUCKET)
+                bucket = await self.js.key_value(bucket_name)
                 for subject in sorted(info.state.subjects or {}):
                     with contextlib.suppress(KeyNotFoundError):  # deleted since it was listed
                         entries.append(await bucket.get(subject.removeprefix(prefix)))
         except (nats.errors.Error, TimeoutError) as error:
-            raise unavailable("the runner registry") from error
-        runners = []
+            raise unavailable(f"the {what}") from error
+        decoded = []
         for entry in entries:
             try:
-                runners.append(decode_runner_info(entry.value or b""))
+                decoded.append(decode(entry.value or b""))
             except msgspec.DecodeError:
-                logger.warning("undecodable entry of runner %s in the registry", entry.key)
-        return runners
+                logger.warning("undecodable entry %s in the %s", entry.key, what)
+        return decoded

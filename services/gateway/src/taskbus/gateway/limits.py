@@ -49,6 +49,11 @@ class ConnectionLimiter:
         self._open[user_id] = count + 1
         return True
 
+    @property
+    def total(self) -> int:
+        """Open connections of every user (the gateway's WebSocket clients gauge)."""
+        return sum(self._open.values())
+
     def release(self, user_id: str) -> None:
         count = self._open.get(user_id, 0) - 1
         if count > 0:

@@ -10,6 +10,7 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from taskbus.contracts.observability_health import ServiceReadiness
 from taskbus.contracts.queries import (
     CostReport,
     DurationReport,
@@ -34,6 +35,13 @@ from taskbus.gateway.secrets_routes import (
     SecretUpdateBody,
 )
 from taskbus.gateway.user_settings import SettingsView
+from taskbus.gateway.webhooks_routes import (
+    CreatedWebhook,
+    DeliveryList,
+    WebhookBody,
+    WebhookDeleted,
+    WebhookList,
+)
 
 _CONVERSATIONS = "/api/conversations"
 _CONVERSATION = "/api/conversations/{conversation_id}"
@@ -41,6 +49,7 @@ _SETTINGS = "/api/settings"
 _SECRETS = "/api/secrets"
 _EVENTS = f"{_CONVERSATION}/events"
 _ANALYTICS = "/api/analytics"
+_WEBHOOKS = "/api/webhooks"
 
 
 class ProblemDocument(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +67,9 @@ class HealthDocument(msgspec.Struct, frozen=True, kw_only=True):
 
     status: str
     nats: bool
+    # Whether every service has a ready instance; `services` has each one's instances.
+    ready: bool
+    services: dict[str, ServiceReadiness]
     runners: list[RunnerInfo]
     warnings: list[str]
 
@@ -75,6 +87,7 @@ _REQUEST_BODIES: dict[tuple[str, str], tuple[type[msgspec.Struct], bool]] = {
     (_SECRETS, "post"): (SecretBody, True),
     (f"{_SECRETS}/{{secret_id}}", "put"): (SecretUpdateBody, True),
     ("/api/add-git-providers", "post"): (ProviderTokensBody, False),
+    (_WEBHOOKS, "post"): (WebhookBody, True),
     **{
         (f"{_CONVERSATION}/{action}", "post"): (body_type, False)
         for action, (_, body_type, _) in CONTROL_COMMANDS.items()
@@ -101,6 +114,10 @@ _RESPONSE_BODIES: dict[tuple[str, str, str], type[msgspec.Struct]] = {
     (f"{_SECRETS}/{{secret_id}}", "delete", "200"): SecretsMessage,
     ("/api/add-git-providers", "post", "200"): SecretsMessage,
     ("/api/unset-provider-tokens", "post", "200"): SecretsMessage,
+    (_WEBHOOKS, "post", "201"): CreatedWebhook,
+    (_WEBHOOKS, "get", "200"): WebhookList,
+    (f"{_WEBHOOKS}/{{webhook_id}}", "delete", "200"): WebhookDeleted,
+    (f"{_WEBHOOKS}/{{webhook_id}}/deliveries", "get", "200"): DeliveryList,
     (f"{_ANALYTICS}/cost", "get", "200"): CostReport,
     (f"{_ANALYTICS}/durations", "get", "200"): DurationReport,
     (f"{_ANALYTICS}/event-kinds", "get", "200"): EventKindReport,
@@ -162,6 +179,7 @@ _PROBLEMS: list[tuple[Any, str, str]] = [
     (lambda path, method, op: "security" in op, "401", "No valid API key"),
     (lambda path, method, op: "{conversation_id}" in path, "404", "No such conversation of yours"),
     (lambda path, method, op: "{secret_id}" in path, "404", "No such secret of yours"),
+    (lambda path, method, op: "{webhook_id}" in path, "404", "No such webhook of yours"),
     (
         lambda path, method, op: path.startswith(_SECRETS) and method in ("post", "put"),
         "409",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +26,7 @@ from taskbus.contracts.commands import (
     UpdateSettings,
 )
 from taskbus.contracts.events import EventSource, RuntimeStatusChanged
+from taskbus.contracts.observability_health import InstanceHealth, readiness
 from taskbus.contracts.openhands import OPENHANDS_STATUS, ConversationTrigger, OpenHandsStatus
 from taskbus.contracts.queries import (
     ConversationPage,
@@ -594,29 +596,43 @@ def _isolation_warnings(runners: list[RunnerInfo]) -> list[str]:
     ]
 
 
+def _instance(nonce: str | None) -> dict[str, str]:
+    return {} if nonce is None else {"instance": nonce}
+
+
 @router.get(
     "/health",
     summary="Liveness: the gateway, its NATS connection, sandbox isolation",
     responses={503: {"description": "NATS is unreachable (`status: degraded`)"}},
 )
-async def health(bus: BusDep) -> Response:
+async def health(request: Request, bus: BusDep) -> Response:
     """`runners` names each runtime-runner's sandbox backend and isolation; `warnings` says
-    loudly when a runner runs untrusted code unsandboxed (isolation `none`)."""
+    loudly when a runner runs untrusted code unsandboxed (isolation `none`). `services` is each
+    other service's readiness (its instances' heartbeats), `ready` whether all are: the status
+    code stays the gateway's own liveness, so a probe does not pull gateways from service for
+    another service's outage."""
     connected = bus.connected
     runners: list[RunnerInfo] = []
     warnings: list[str] = []
+    instances: list[InstanceHealth] = []
     if connected:
         try:
             runners = await bus.runners()
             warnings = _isolation_warnings(runners)
+            instances = await bus.service_health()
         except Problem as problem:
             warnings = [problem.detail]
+    services = readiness(instances, datetime.now(UTC))
     return json_response(
         {
             "status": "ok" if connected else "degraded",
             "nats": connected,
+            "ready": connected and all(service.ready for service in services.values()),
+            "services": services,
             "runners": runners,
             "warnings": warnings,
+            # Only under `taskbus up`, which waits for its own nonce here.
+            **_instance(request.app.state.settings.instance_nonce),
         },
         status_code=200 if connected else 503,
     )

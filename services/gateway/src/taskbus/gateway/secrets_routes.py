@@ -38,7 +38,7 @@ from taskbus.contracts.user_secrets import (
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.dependencies import BusDep, UserId
 from taskbus.gateway.problems import Problem
-from taskbus.gateway.rest import typed_body
+from taskbus.gateway.rest import json_response, typed_body
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ class SecretsMessage(msgspec.Struct, frozen=True, kw_only=True):
     message: str
 
 
-def _json(content: msgspec.Struct, status_code: int = 200) -> Response:
-    return Response(msgspec.json.encode(content), status_code, media_type="application/json")
-
-
 def _invalid(detail: str) -> Problem:
     return Problem(422, detail, kind="validation-error", title="Invalid secret")
 
@@ -169,7 +165,7 @@ async def list_secrets(user: UserId, bus: BusDep) -> Response:
         )
         for name, secret in sorted(stored.custom_secrets.items())
     ]
-    return _json(SecretList(custom_secrets=views))
+    return json_response(SecretList(custom_secrets=views))
 
 
 @router.post("/secrets", status_code=201, summary="Create a custom secret")
@@ -192,7 +188,7 @@ async def create_secret(request: Request, user: UserId, bus: BusDep) -> Response
         expose_in_sandbox=body.expose_in_sandbox,
     )
     await _store(bus, StoreSecret(user_id=user, secret_name=name, secret=secret))
-    return _json(SecretsMessage(message="Secret created successfully"), 201)
+    return json_response(SecretsMessage(message="Secret created successfully"), 201)
 
 
 @router.put("/secrets/{secret_id}", summary="Rename or change a custom secret")
@@ -230,7 +226,7 @@ async def update_secret(
     )
     command = StoreSecret(user_id=user, secret_name=name, secret=secret, replaces=secret_id)
     await _store(bus, command)
-    return _json(SecretsMessage(message="Secret updated successfully"))
+    return json_response(SecretsMessage(message="Secret updated successfully"))
 
 
 @router.delete("/secrets/{secret_id}", summary="Delete a custom secret")
@@ -239,7 +235,7 @@ async def delete_secret(secret_id: SecretId, user: UserId, bus: BusDep) -> Respo
     if secret_id not in (await bus.user_secrets(user)).custom_secrets:
         raise Problem(404, f"secret {secret_id} not found", kind="not-found")
     await _store(bus, DeleteSecret(user_id=user, secret_name=secret_id))
-    return _json(SecretsMessage(message="Secret deleted successfully"))
+    return json_response(SecretsMessage(message="Secret deleted successfully"))
 
 
 # --- git provider tokens ----------------------------------------------------------------------
@@ -265,11 +261,11 @@ async def add_git_providers(request: Request, user: UserId, bus: BusDep) -> Resp
         for provider, entry in body.provider_tokens.items()
     }
     await _store(bus, StoreProviderTokens(user_id=user, provider_tokens=updates))
-    return _json(SecretsMessage(message="Git providers stored"))
+    return json_response(SecretsMessage(message="Git providers stored"))
 
 
 @router.post("/unset-provider-tokens", summary="Remove every git provider token")
 async def unset_provider_tokens(user: UserId, bus: BusDep) -> Response:
     """Clones that need a token fail from now on (`clone_failed`); custom secrets stay."""
     await _store(bus, UnsetProviderTokens(user_id=user))
-    return _json(SecretsMessage(message="Unset Git provider tokens"))
+    return json_response(SecretsMessage(message="Unset Git provider tokens"))

@@ -43,4 +43,19 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     # Largest trajectory (GET …/trajectory) answered in one reply (the sum of its stored
     # events); a longer one is a 413, to be read in pages from /events.
     trajectory_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 16 * 1024 * 1024
+    # Browser origins (comma-separated, e.g. "https://ops.example.com") whose pages may call
+    # the API from another origin (CORS); none by default: the UI at / is same-origin.
+    cors_origins: str = ""
+    # Webhooks (gateway/webhooks_delivery.py): private addresses a webhook URL may name anyway,
+    # listed by IP as for LLM base URLs (e.g. `http://10.0.0.7:8080`); attempts per delivery,
+    # the wait before the first retry (doubling up to webhook_max_retry_seconds), and how long
+    # one attempt may take.
+    webhook_allowed_private_urls: str = ""
+    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 6
+    webhook_retry_seconds: PositiveSeconds = 10.0
+    webhook_max_retry_seconds: PositiveSeconds = 600.0
+    webhook_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
     log_level: str = "INFO"
+    # Set by `taskbus up` and echoed by /api/health as `instance`: the launcher counts a gateway
+    # as ready only when it is its own, not another stack answering on the same port.
+    instance_nonce: str | None = None

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from taskbus.contracts import observability, subjects
 from taskbus.contracts.config import settings_from_env
 from taskbus.runtime_runner.app import RuntimeRunnerService
 from taskbus.runtime_runner.backend import SandboxUnavailable
@@ -23,9 +24,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    observability.setup(subjects.RUNTIME_RUNNER)
     try:
         asyncio.run(main())
     except SandboxUnavailable as refusal:  # one line that says what to do, not a traceback

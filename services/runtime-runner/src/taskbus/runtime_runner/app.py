@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -41,10 +42,13 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import DeadLetters, Refused
+from taskbus.contracts.observability import consuming, span
+from taskbus.contracts.observability_health import Vitals
 from taskbus.contracts.runner_work import inbound_work
 from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.secret_box import SecretBox
 from taskbus.contracts.streams import ensure_streams
+from taskbus.runtime_runner import metrics
 from taskbus.runtime_runner.backend import (
     Backend,
     Registration,
@@ -229,19 +233,27 @@ class EventDispatcher:
         self._in_flight[id(message)] = message
 
         async def process() -> None:
+            cid = event.conversation_id
+            started = time.perf_counter()
+            outcome = "skipped"
             try:
-                cid = event.conversation_id
-                if await is_given_back(self._js, cid, event.id, self._runner_id):
-                    logger.info("%s %s of %s: its runtime was lost here", event.kind, event.id, cid)
-                elif await is_answered(self._js, cid, event.id, event_sequence):
-                    logger.info("%s %s of %s already answered", event.kind, event.id, cid)
-                else:
-                    await self._runner.handle(event)
+                # In the action's trace: the observation appended continues it.
+                with consuming(message.subject, message.headers, cid):
+                    if await is_given_back(self._js, cid, event.id, self._runner_id):
+                        logger.info("%s %s: its runtime was lost here", event.kind, event.id)
+                    elif await is_answered(self._js, cid, event.id, event_sequence):
+                        logger.info("%s %s already answered", event.kind, event.id)
+                    else:
+                        outcome = "failed"
+                        with span(f"sandbox {event.kind}", event_id=event.id):
+                            await self._runner.handle(event)
+                        outcome = "done"
                 await message.ack()
             except Exception as error:
                 await self._failed(message, event, error)
             finally:
                 del self._in_flight[id(message)]
+                metrics.ACTIONS.labels(event.kind, outcome).observe(time.perf_counter() - started)
 
         self._lanes.submit((event.conversation_id, lane), process)
 
@@ -351,6 +363,18 @@ class RuntimeRunnerService:
             js, runner_info(settings, backend), lambda: len(runner.live_sandboxes())
         )
         await registration.publish()
+        metrics.SANDBOXES_LIVE.set_function(lambda: len(runner.live_sandboxes()))
+        vitals = Vitals(
+            js,
+            subjects.RUNTIME_RUNNER,
+            instance=settings.runner_id,
+            metrics_host=settings.metrics_host,
+            metrics_port=settings.metrics_port,
+            durables=lambda: [
+                (subjects.RUNNER_WORK_STREAM, subjects.runtime_runner_durable(settings.runner_id))
+            ],
+        )
+        await vitals.ready()
         registered = asyncio.create_task(registration.keep_alive())
         heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
         sampler = UsageSampler(appender, runner.live_sandboxes, settings.usage_interval_seconds)
@@ -359,6 +383,7 @@ class RuntimeRunnerService:
         try:
             await stop.wait()
         finally:
+            await vitals.stop()
             await consumer.stop()  # waits for the batch in hand: dispatching it takes no time
             await results.stop()
             heartbeat.cancel()

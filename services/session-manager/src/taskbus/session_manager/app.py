@@ -8,9 +8,13 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from taskbus.contracts import observability, subjects
 from taskbus.contracts.broker import jetstream, service_broker
 from taskbus.contracts.config import settings_from_env
+from taskbus.contracts.observability_health import Vitals
+from taskbus.contracts.partitions import default_instance_id
 from taskbus.contracts.streams import ensure_streams
+from taskbus.session_manager import metrics
 from taskbus.session_manager.llm import LLM
 from taskbus.session_manager.service import SessionManager
 from taskbus.session_manager.settings import SessionManagerSettings
@@ -27,13 +31,25 @@ async def running_session_manager(
     broker = service_broker(settings.nats_url, "session-manager")
     await broker.connect()
     try:
-        await ensure_streams(jetstream(broker), settings.stream_replicas)
+        js = jetstream(broker)
+        await ensure_streams(js, settings.stream_replicas)
         manager = SessionManager(settings, broker, LLM(settings))
+        metrics.ADMISSION_QUEUE.set_function(lambda: manager.queued)
+        vitals = Vitals(
+            js,
+            subjects.SESSION_MANAGER,
+            instance=settings.instance_id or default_instance_id(),
+            metrics_host=settings.metrics_host,
+            metrics_port=settings.metrics_port,
+            durables=lambda: metrics.durables(manager.held_partitions),
+        )
         await broker.start()  # the consumers' durables exist before `start` reads the log
         try:
             await manager.start()
+            await vitals.ready()
             yield manager
         finally:
+            await vitals.stop()
             await manager.stop()
     finally:
         await broker.stop()
@@ -53,7 +69,5 @@ async def run(settings: SessionManagerSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    observability.setup(subjects.SESSION_MANAGER)
     asyncio.run(run(settings_from_env(SessionManagerSettings)))

@@ -36,12 +36,15 @@ from taskbus.contracts.llm_endpoints import (
     check_destination,
     user_base_url,
 )
+from taskbus.contracts.observability import LITELLM_LOGGERS, route_to_root, span
 from taskbus.contracts.secret_box import SecretBox, SecretError, llm_key_context
 from taskbus.contracts.specs import UserSettings
+from taskbus.session_manager import metrics
 from taskbus.session_manager.settings import SessionManagerSettings
 
 logger = logging.getLogger(__name__)
 litellm.suppress_debug_info = True  # its "Give Feedback" banners go to stdout on every error
+route_to_root(*LITELLM_LOGGERS)  # its lines once, as JSON, at WARNING unless asked for more
 
 
 # Sent as the key of a user's endpoint when they set none: an explicit key keeps litellm from
@@ -177,14 +180,20 @@ class LLM:
         """One completion; rate limits and unavailability are retried with backoff. A user's
         endpoint is checked first, its name resolved anew. Error messages never carry the API
         key, even when the provider echoes it."""
+        endpoint = metrics.endpoint(config.users)
         try:
-            if config.users:
-                await self._check_endpoint(config)
-            return await self._complete(config, messages, tools, on_retry)
+            with span("llm completion", endpoint=endpoint):
+                if config.users:
+                    await self._check_endpoint(config)
+                completion = await self._complete(config, messages, tools, on_retry)
         except LLMError as error:
+            metrics.LLM_FAILURES.labels(endpoint, error.code).inc()
             if config.api_key and config.api_key in str(error):
                 raise LLMError(error.code, redact(str(error), config.api_key)) from None
             raise
+        metrics.LLM_LATENCY.labels(endpoint).observe(completion.latency_ms / 1000)
+        metrics.LLM_COST.labels(endpoint).inc(completion.cost)
+        return completion
 
     async def _check_endpoint(self, config: LLMConfig) -> None:
         assert config.base_url is not None  # a user's config always names its endpoint

@@ -49,6 +49,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_command, inbound_event
+from taskbus.contracts.observability import consuming, conversation
 from taskbus.contracts.partitions import PartitionLeases, default_instance_id, partition_of
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
@@ -171,6 +172,17 @@ class SessionManager:
     def held_partitions(self) -> frozenset[int]:
         """The partitions whose conversations this instance drives now."""
         return self._consumers.partitions
+
+    @property
+    def queued(self) -> int:
+        """QUEUED conversations of the partitions held here (the admission queue gauge)."""
+        return sum(
+            1
+            for state in self._conversations.states.values()
+            if state.status == ConversationStatus.QUEUED
+            and not state.deleted
+            and self._holds(state.conversation_id)
+        )
 
     @property
     def held_conversations(self) -> frozenset[str]:
@@ -298,9 +310,11 @@ class SessionManager:
             except Refused as refused:
                 await self._dead_letters.refuse(msg, refused)
                 continue
-            await self._observe(event)
-            if not isinstance(event, UnknownEvent):
-                await self._runtimes.forward(event, msg)
+            # In the event's trace: the driver it kicks (and its LLM call) continues it.
+            with consuming(msg.subject, msg.headers, event.conversation_id):
+                await self._observe(event)
+                if not isinstance(event, UnknownEvent):
+                    await self._runtimes.forward(event, msg)
             await msg.ack()
 
     # --- drivers --------------------------------------------------------------------------
@@ -319,9 +333,10 @@ class SessionManager:
     def _kick(self, conversation_id: str) -> None:
         """Make sure a driver looks at the conversation's (new) state."""
         if conversation_id not in self._drivers:
-            self._drivers[conversation_id] = asyncio.create_task(
-                self._drive(conversation_id), name=f"drive-{conversation_id}"
-            )
+            with conversation(conversation_id):  # the task's log lines name it
+                self._drivers[conversation_id] = asyncio.create_task(
+                    self._drive(conversation_id), name=f"drive-{conversation_id}"
+                )
 
     async def _drive(self, conversation_id: str) -> None:
         try:
@@ -440,7 +455,8 @@ class SessionManager:
     async def _handle_in_order(self, group: list[tuple[Msg, AnyCommand]]) -> None:
         for msg, command in group:
             try:
-                await self._handle(command)
+                with consuming(msg.subject, msg.headers, getattr(command, "conversation_id", None)):
+                    await self._handle(command)
             except Exception:
                 logger.exception("command %s failed; it will be redelivered", command.name())
                 await msg.nak(delay=_RETRY_DRIVER_SECONDS)

@@ -12,6 +12,10 @@ from taskbus.contracts.specs import ConcurrencyPolicy
 
 class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # Prometheus `/metrics` on this port (0: any free one, named in /api/health); unset: none.
+    # Unauthenticated: keep the host where only the scraper reaches.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # Replicas of the streams and KV buckets, if this service is the first to create them
     # (3 on a 3-node NATS cluster); existing ones keep what they have.
     stream_replicas: int = 1
