@@ -129,7 +129,9 @@ async def test_the_gateway_cannot_append_an_event(stack: Stack) -> None:
     assert stored and encode_event(forged) not in stored
 
 
-async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Stack) -> None:
+async def test_the_gateway_writes_no_bucket_but_its_webhooks_and_administers_no_stream(
+    stack: Stack,
+) -> None:
     async with bus_as(stack, bus_auth.ADMIN) as admin:
         settings = await admin.jetstream().key_value(subjects.SETTINGS_BUCKET)
         await settings.put("victim", b'{"llm_model": "theirs"}')
@@ -141,6 +143,7 @@ async def test_the_gateway_writes_no_bucket_and_administers_no_stream(stack: Sta
             subjects.SETTINGS_BUCKET,
             subjects.CONVERSATIONS_BUCKET,
             subjects.RUNNERS_BUCKET,
+            subjects.HEALTH_BUCKET,  # a forged heartbeat would hide a dead service
         ):
             kv = await js.key_value(bucket)  # reading is allowed
             with pytest.raises(TimeoutError):
