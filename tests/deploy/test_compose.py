@@ -248,3 +248,25 @@ def test_operator_secrets_reach_only_their_users(resolved: dict[str, Any]) -> No
             if canary in yaml.safe_dump(service)
         }
         assert holders == allowed, f"{variable} reaches {holders}"
+
+
+def test_every_service_is_health_checked_and_only_the_runner_runs_as_root(
+    resolved: dict[str, Any],
+) -> None:
+    for name, (program, service) in taskbus_services(resolved).items():
+        if program == "streams":  # a one-shot job
+            continue
+        assert "test" in service.get("healthcheck", {}), f"{name} has no healthcheck"
+        assert (service.get("user") == "root") == (program == "runtime-runner"), name
+
+
+def test_the_image_caches_dependencies_apart_from_the_source_and_drops_root() -> None:
+    """A source change reuses the dependency layer: it is built from the lock and every
+    workspace package's manifest alone, before any source is copied."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    source_copied = dockerfile.index("COPY libs ./libs")
+    assert dockerfile.index("--no-install-workspace") < source_copied
+    for manifest in sorted(DEPLOY.parent.glob("*/*/pyproject.toml")):
+        package = manifest.parent.relative_to(DEPLOY.parent)
+        assert dockerfile.index(f"COPY {package}/pyproject.toml {package}/") < source_copied
+    assert "\nUSER taskbus\n" in dockerfile

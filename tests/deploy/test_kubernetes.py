@@ -244,3 +244,18 @@ def test_nats_chart_values_cluster_jetstream_tls_and_users() -> None:
     assert volume["secret"]["secretName"] == "taskbus-nats-auth"
     assert include.name == "auth.conf"
     assert values["natsBox"]["enabled"] is False
+
+
+def test_only_the_runner_runs_as_root_and_the_others_are_probed_on_their_metrics() -> None:
+    for program, container, _ in containers():
+        security = container.get("securityContext", {})
+        if program == "runtime-runner":
+            assert security == {"runAsUser": 0}
+        else:
+            assert security["runAsNonRoot"] and security["runAsUser"] != 0, program
+        if program in ("gateway", "streams"):  # the gateway's probes: test_probes_hit_...
+            continue
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        probe = container["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/metrics"
+        assert ports[probe["port"]] == int(env(container)["TASKBUS_METRICS_PORT"]["value"])
