@@ -4,6 +4,7 @@ runner killed with SIGKILL mid-command, then restarted (real `python -m` process
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -240,9 +241,12 @@ async def test_a_runner_killed_mid_command_restarts_reattached_without_orphans(
         assert not [e for e in await read_log(js, moved_cid) if e.cause == stale.id]
         runner_processes[1].kill(signal.SIGTERM)
         assert runner_processes[1].process.returncode == 0, log.read_text()
-        assert (
-            f"CmdRunAction {stale.id} of {moved_cid}: its runtime was lost here" in log.read_text()
-        )
+        # JSON log lines: the conversation is a field of the line, not words of the message.
+        given_back = {
+            (line["message"], line.get("conversation_id"))
+            for line in map(json.loads, log.read_text().splitlines())
+        }
+        assert (f"CmdRunAction {stale.id}: its runtime was lost here", moved_cid) in given_back
         assert containers_of(docker_client, runner_id) == []  # the orphan too
         assert f"removed {container_name(orphan_cid)}" in log.read_text()
     await js.delete_consumer(
