@@ -206,10 +206,32 @@ async def test_killing_a_session_manager_and_a_runner_mid_run_loses_and_repeats_
     victim = cluster.session_managers[1]
     theirs = {p for p, holder in (await partition_holders(leases)).items() if holder == victim}
     assert theirs, f"{victim} held no partition"
-    # Its conversations mid-run: the others must finish them.
+
+    def in_flight(runner: str) -> list[CmdRunAction]:
+        """Commands not answered yet of sandboxes placed on `runner`."""
+        return [
+            c
+            for c in commands(stored, conversation_ids)
+            if not answers(stored, c) and placed_on(stored, c.conversation_id) == runner
+        ]
+
+    # Both die at once, mid-run: the runner with commands in flight, and the session-manager
+    # with conversations to finish (waiting for the hand-over first could let the wave end
+    # before a command is in flight on the runner).
+    await until(
+        lambda: any(in_flight(r) for r in cluster.runners), "a command in flight", WAVE_SECONDS
+    )
+    runner = max(cluster.runners, key=lambda r: len(in_flight(r)))
     orphaned = [c for c in conversation_ids if partition_of(c) in theirs and not stored.ended(c)]
     assert orphaned, f"{victim} drove none of the running conversations"
     killed_at = cluster.kill(victim)
+    cluster.kill(runner)
+    await asyncio.sleep(0.5)  # answers the runner published before it died reach `stored`
+    cut_off = in_flight(runner)
+    print(f"kill -9 of {runner} with {len(cut_off)} commands in flight")
+    if RUNNERS == 1:  # nowhere else to run: the same runner comes back and reconciles
+        await asyncio.sleep(1)
+        cluster.restart(runner)
     while True:
         holders = await partition_holders(leases)
         if all(holders.get(p) not in (None, victim) for p in theirs):
@@ -220,25 +242,6 @@ async def test_killing_a_session_manager_and_a_runner_mid_run_loses_and_repeats_
         f"partition hand-over after kill -9 of {victim}: {time.monotonic() - killed_at:.2f} s "
         f"({len(theirs)} partitions, {len(orphaned)} conversations mid-run)"
     )
-
-    # The runner dies with commands in flight: those of the conversations waiting on one.
-    runner = cluster.runners[-1]
-
-    def in_flight() -> list[CmdRunAction]:
-        """Commands not answered yet of sandboxes placed on the runner."""
-        return [
-            c
-            for c in commands(stored, conversation_ids)
-            if not answers(stored, c) and placed_on(stored, c.conversation_id) == runner
-        ]
-
-    await until(lambda: bool(in_flight()), "a command in flight", WAVE_SECONDS)
-    cluster.kill(runner)
-    cut_off = in_flight()
-    print(f"kill -9 of {runner} with {len(cut_off)} commands in flight")
-    if RUNNERS == 1:  # nowhere else to run: the same runner comes back and reconciles
-        await asyncio.sleep(1)
-        cluster.restart(runner)
 
     await stored.until_ended(conversation_ids, WAVE_SECONDS)
     print(f"second wave: all {SECOND_WAVE} ended after {time.monotonic() - started:.1f} s")

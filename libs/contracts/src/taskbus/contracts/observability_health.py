@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from taskbus.contracts import subjects
 from taskbus.contracts.observability_metrics import Durables, MetricsListener, sample_consumer_lag
 from taskbus.contracts.partitions import default_instance_id
+from taskbus.contracts.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ class Vitals:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self._heartbeat.stopped()
         if self._listener is not None:
             self._listener.close()

@@ -31,6 +31,8 @@ import nats.errors
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from taskbus.contracts.tasks import cancel_and_wait
+
 logger = logging.getLogger(__name__)
 
 PARTITIONS = 16
@@ -118,9 +120,7 @@ class PartitionLeases:
     async def stop(self) -> None:
         """Give every partition back at once (no wait for a TTL) and leave."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._hand_back(sorted(self._held))
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._kv.delete(self._member_key(self._instance))

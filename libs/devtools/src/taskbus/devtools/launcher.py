@@ -33,6 +33,7 @@ from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.runners import RunnerInfo, SandboxIsolation, decode_runner_info
 from taskbus.contracts.secret_box import ensure_key_file
 from taskbus.contracts.streams import ensure_streams, stream_limits_from_env
+from taskbus.contracts.tasks import cancel_and_wait
 from taskbus.devtools import bus_auth
 from taskbus.devtools.client import ClientConfig, save_config
 from taskbus.devtools.local_stack import (
@@ -470,11 +471,10 @@ async def run_stack(
         if stop.is_set():
             progress("Stopping Taskbus...")
         if nats_keeper is not None:
-            nats_keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await nats_keeper
-        for child in reversed(children):
-            await child.stop()
+            await cancel_and_wait(nats_keeper)
+        # Side by side: each service stops on its own (unfinished work stays in its stream),
+        # so the stack is down in the slowest one's time, not in the sum of them.
+        await asyncio.gather(*(child.stop() for child in children))
         if nats_server is not None:
             nats_server.stop()
         if not keep_sandboxes:

@@ -38,6 +38,7 @@ from taskbus.contracts import subjects
 from taskbus.contracts.partitions import partition_of
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.streams import last_message
+from taskbus.contracts.tasks import cancel_and_wait
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.progress import has_acked
 
@@ -88,10 +89,7 @@ class Purger:
 
     async def stop(self) -> None:
         """Unfinished purges resume at the next start (their ClickHouse row is still there)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks.values())
 
     async def _purge(self, deleted: ConversationInfo) -> None:
         cid = deleted.conversation_id

@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.streams import last_message
+from taskbus.contracts.tasks import cancel_and_wait
 from taskbus.gateway.reconnects import Reconnects
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,7 @@ class EventTail:
         traceback: TracebackType | None,
     ) -> None:
         if self._resuming is not None:
-            self._resuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resuming
+            await cancel_and_wait(self._resuming)
             self._resuming = None
         await self._unsubscribe()
 

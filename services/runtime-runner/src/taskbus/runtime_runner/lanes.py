@@ -8,6 +8,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
+from taskbus.contracts.tasks import cancel_and_wait
+
 logger = logging.getLogger(__name__)
 
 Job = Callable[[], Awaitable[None]]
@@ -38,7 +40,5 @@ class Lanes:
 
     async def cancel(self) -> None:
         """Abandon queued and running jobs (their messages are redelivered later)."""
-        for worker in list(self._workers):
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(*self._workers)
         self._queues.clear()

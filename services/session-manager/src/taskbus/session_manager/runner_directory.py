@@ -11,7 +11,6 @@ fill a runner past its slots; admission (the global running limit) bounds by how
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -24,6 +23,7 @@ from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.runners import HEARTBEAT_SECONDS, RunnerInfo, decode_runner_info
+from taskbus.contracts.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ class RunnerDirectory:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -53,6 +53,7 @@ from taskbus.contracts.observability import consuming, conversation
 from taskbus.contracts.partitions import PartitionLeases, default_instance_id, partition_of
 from taskbus.contracts.specs import ConversationSpec, UserSettings
 from taskbus.contracts.status import SETTLED_STATUSES, AgentState, ConversationStatus
+from taskbus.contracts.tasks import cancel_and_wait
 from taskbus.session_manager import commands, log
 from taskbus.session_manager.admission_desk import AdmissionDesk
 from taskbus.session_manager.admission_ledger import AdmissionLedger
@@ -216,10 +217,7 @@ class SessionManager:
             await self._leases.stop()
         await self._consumers.stop()
         await self._runtimes.stop()
-        work = [*self._drivers.values(), *self._background, *self._dependencies.tasks]
-        for task in work:
-            task.cancel()
-        await asyncio.gather(*work, return_exceptions=True)
+        await cancel_and_wait(*self._drivers.values(), *self._background, *self._dependencies.tasks)
 
     async def _recover(self, partitions: frozenset[int]) -> None:
         """Load the conversations of newly held partitions that may need work."""
