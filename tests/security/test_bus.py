@@ -138,7 +138,7 @@ async def test_the_gateway_writes_no_bucket_but_its_webhooks_and_administers_no_
     runner_id = await the_runner(stack)
     runner_durable = subjects.runtime_runner_durable(runner_id)
     async with bus_as(stack, bus_auth.GATEWAY) as nc:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=2)  # a denied request is never answered: wait 2 s, not 5
         for bucket in (
             subjects.SETTINGS_BUCKET,
             subjects.CONVERSATIONS_BUCKET,
@@ -197,7 +197,8 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
     """A forged lease would make session-manager give its partitions up; a forged admission
     ledger would admit past every limit; a taken partition durable would starve its holder."""
     lease_key = "session_manager.p0"
-    for user in (bus_auth.GATEWAY, bus_auth.RUNTIME_RUNNER, bus_auth.EVENT_STORE):
+
+    async def attempt(user: str) -> None:
         async with bus_as(stack, user) as nc:
             js = nc.jetstream()
             for bucket, key in (
@@ -214,6 +215,11 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
                         durable_name=subjects.session_manager_events_durable(0), name=None
                     ),
                 )
+
+    # Each user's denials wait out their timeouts: side by side, not one user after another.
+    await asyncio.gather(
+        *map(attempt, (bus_auth.GATEWAY, bus_auth.RUNTIME_RUNNER, bus_auth.EVENT_STORE))
+    )
     async with bus_as(stack, bus_auth.ADMIN) as admin:
         js = admin.jetstream()
         lease = await (await js.key_value(subjects.PARTITIONS_BUCKET)).get(lease_key)
@@ -266,7 +272,8 @@ async def test_no_other_service_can_take_the_event_stores_leases_or_durables(
     pulled from) partition durable would leave events out of ClickHouse for good."""
     lease_key = f"{subjects.EVENT_STORE_DURABLE}.p0"
     durable = subjects.event_store_durable(0)
-    for user in (bus_auth.GATEWAY, bus_auth.SESSION_MANAGER, bus_auth.RUNTIME_RUNNER):
+
+    async def attempt(user: str) -> None:
         async with bus_as(stack, user) as nc:
             js = nc.jetstream()
             kv = await js.key_value(subjects.PARTITIONS_BUCKET)
@@ -289,6 +296,10 @@ async def test_no_other_service_can_take_the_event_stores_leases_or_durables(
                     json.dumps({"batch": 1, "no_wait": True}).encode(),
                     timeout=DENIED_SECONDS,
                 )
+
+    await asyncio.gather(
+        *map(attempt, (bus_auth.GATEWAY, bus_auth.SESSION_MANAGER, bus_auth.RUNTIME_RUNNER))
+    )
     async with bus_as(stack, bus_auth.ADMIN) as admin:
         js = admin.jetstream()
         lease = await (await js.key_value(subjects.PARTITIONS_BUCKET)).get(lease_key)
