@@ -107,17 +107,22 @@ def _invalid(detail: str) -> Problem:
     return Problem(422, detail, kind="validation-error", title="Invalid secret")
 
 
-def _box(request: Request) -> SecretBox:
+def sealing_box(request: Request, cannot: str, title: str) -> SecretBox:
+    """The box that seals what users entrust to the server (secrets, webhook signing keys), or
+    a 422 saying the server `cannot` do it without a secrets key."""
     box: SecretBox | None = request.app.state.settings_policy.box
     if box is None:
         raise Problem(
             422,
-            "this server stores no secrets: it has no secrets key to encrypt them with "
-            "(TASKBUS_SECRETS_KEY_FILE)",
+            f"this server {cannot}: it has no secrets key (TASKBUS_SECRETS_KEY_FILE)",
             kind="secrets-unavailable",
-            title="Secrets cannot be stored",
+            title=title,
         )
     return box
+
+
+def _box(request: Request) -> SecretBox:
+    return sealing_box(request, "stores no secrets", "Secrets cannot be stored")
 
 
 def _checked_name(name: str) -> str:

@@ -22,7 +22,6 @@ from taskbus.contracts.llm_endpoints import (
     EndpointUnresolved,
     check_open_destination,
 )
-from taskbus.contracts.secret_box import SecretBox
 from taskbus.contracts.webhooks import (
     MAX_URL_CHARS,
     MAX_WEBHOOKS_PER_USER,
@@ -40,6 +39,7 @@ from taskbus.gateway.bus import unavailable
 from taskbus.gateway.dependencies import BusDep, UserId
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.rest import json_response, typed_body
+from taskbus.gateway.secrets_routes import sealing_box
 from taskbus.gateway.webhooks_store import WebhookStore
 
 router = APIRouter(prefix="/api")
@@ -107,19 +107,6 @@ def _store(request: Request) -> WebhookStore:
     return store
 
 
-def _box(request: Request) -> SecretBox:
-    box: SecretBox | None = request.app.state.settings_policy.box
-    if box is None:
-        raise Problem(
-            422,
-            "this server cannot sign webhooks: it has no secrets key to keep their secrets "
-            "with (TASKBUS_SECRETS_KEY_FILE)",
-            kind="secrets-unavailable",
-            title="Webhooks unavailable",
-        )
-    return box
-
-
 async def _owned(request: Request, user: str, webhook_id: str) -> Webhook:
     try:
         hook = (await _store(request).of_user(user)).find(webhook_id)
@@ -146,7 +133,7 @@ async def create_webhook(request: Request, user: UserId, bus: BusDep) -> Respons
         pass  # checked again before every attempt, when it may resolve
     except EndpointRefused as error:
         raise _invalid(str(error)) from None
-    box = _box(request)
+    box = sealing_box(request, "cannot sign webhooks", "Webhooks unavailable")
     secret = new_secret()
     hook_id = new_webhook_id()
     hook = Webhook(
