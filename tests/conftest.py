@@ -56,6 +56,8 @@ def _local_api_key(data_dir: Path) -> str:
 # (tests/test_resource_usage.py): tests that count a conversation's events, or compare the log
 # before and after a request that must append nothing, see no sample land in between.
 QUIET_USAGE_SECONDS = "3600"
+READ_WAIT_MS = "15000"
+REQUEST_TIMEOUT_SECONDS = "20"
 
 
 @contextlib.contextmanager
@@ -83,6 +85,11 @@ def running_stack(
     )
     env.pop("TASKBUS_LLM_MODEL", None)
     env["TASKBUS_USAGE_INTERVAL_SECONDS"] = QUIET_USAGE_SECONDS
+    # Two stacks share two cores in a test run, and an ingest can then lag its log by more
+    # than the 4 s a read waits at the event store's barrier by default: a read waits longer
+    # here (and the gateway's requests with it) rather than answer a retryable 503.
+    env["TASKBUS_READ_WAIT_MS"] = READ_WAIT_MS
+    env["TASKBUS_REQUEST_TIMEOUT_SECONDS"] = REQUEST_TIMEOUT_SECONDS
     env.update(settings)
     launcher_log = data_dir / "launcher.log"
     log = launcher_log.open("wb")

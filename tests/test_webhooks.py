@@ -327,6 +327,28 @@ async def test_another_user_can_neither_see_nor_delete_your_webhook(
     assert (await api.get("/api/webhooks/not-an-id/deliveries")).status_code == 422
 
 
+async def test_a_user_registers_at_most_ten_webhooks_and_others_are_not_held_to_theirs(
+    stack: Stack, api: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """Each registered webhook is work for every status change: the cap bounds what one user
+    makes the gateway deliver, and it is per user."""
+    async with stack.client(MALLORY_KEY) as mallory:
+        hooks = [await register(mallory, f"{receiver.url}/cap/{n}") for n in range(10)]
+        refused = await mallory.post("/api/webhooks", json={"url": f"{receiver.url}/cap/10"})
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == PROBLEM
+        assert "at most 10 webhooks" in refused.json()["detail"]
+        listed = (await mallory.get("/api/webhooks")).json()["webhooks"]
+        assert sorted(h["id"] for h in listed) == sorted(h["id"] for h in hooks)
+        mine = await register(api, f"{receiver.url}/cap/other-user")  # not held to mallory's
+        assert (await api.delete(f"/api/webhooks/{mine['id']}")).status_code == 200
+        # One given back makes room for one more.
+        assert (await mallory.delete(f"/api/webhooks/{hooks[0]['id']}")).status_code == 200
+        await register(mallory, f"{receiver.url}/cap/10")
+        for hook in (await mallory.get("/api/webhooks")).json()["webhooks"]:
+            assert (await mallory.delete(f"/api/webhooks/{hook['id']}")).status_code == 200
+
+
 def test_which_answers_are_retried_and_how_long_the_waits_grow() -> None:
     assert outcome_of(204, 1, 4) is AttemptOutcome.DELIVERED
     for retried in (None, 408, 429, 500, 503):

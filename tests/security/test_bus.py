@@ -32,6 +32,7 @@ from taskbus.contracts.events import (
     encode_event,
 )
 from taskbus.contracts.inbound import REASON_HEADER, SUBJECT_HEADER
+from taskbus.contracts.observability_health import health_key
 from taskbus.contracts.runner_work import EVENT_SEQUENCE_HEADER
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools import bus_auth
@@ -230,6 +231,25 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
         durable = subjects.session_manager_events_durable(0)
         consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
         assert consumer.config.filter_subject == subjects.partition_events(0)
+
+
+async def test_no_service_can_forge_another_services_health(stack: Stack) -> None:
+    """A forged heartbeat would show a dead service as ready in /api/health (or a live one as
+    not ready): each service writes its own entries and nobody else's."""
+    services = (bus_auth.SESSION_MANAGER, bus_auth.RUNTIME_RUNNER, bus_auth.EVENT_STORE)
+
+    async def attempt(user: str) -> None:
+        async with bus_as(stack, user) as nc:
+            kv = await nc.jetstream().key_value(subjects.HEALTH_BUCKET)
+            for other in (s for s in (*services, bus_auth.GATEWAY) if s != user):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(kv.put(health_key(other, "forged"), b"{}"), 2)
+
+    await asyncio.gather(*map(attempt, services))
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        kv = await admin.jetstream().key_value(subjects.HEALTH_BUCKET)
+        keys = await kv.keys()
+        assert keys and not [key for key in keys if key.endswith(".forged")]
 
 
 async def test_no_other_service_can_give_a_runner_work_or_fake_a_runners_heartbeat(

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -45,6 +46,10 @@ from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.sql import Statement
 from taskbus.event_store.synthetic import users_history
+
+# How long a (re)started service may take to answer with what the log holds: a restart on a
+# busy two-core machine imports chDB and loads every partition first.
+SETTLE_SECONDS = 90.0
 
 _reply_decoder = msgspec.json.Decoder(ConversationReply | EventPage | QueryError)
 
@@ -107,7 +112,8 @@ def is_deleted(events: list[Event]) -> bool:
 async def purged(nc: Client, js: JetStreamContext, user_id: str, cid: str) -> None:
     """Poll until a deleted conversation is gone from the service's answers and from the log
     (here no other consumer of the log has to see the deletion first)."""
-    for _ in range(600):
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
         with contextlib.suppress(nats.errors.NoRespondersError):
             reply = await ask(nc, GetConversation(user_id=user_id, conversation_id=cid))
             if isinstance(reply, QueryError) and reply.status == 404:
@@ -124,7 +130,8 @@ async def conversation_once_at(
 ) -> ConversationReply:
     """Poll until the service answers with the conversation projected up to `last_event_id`."""
     query = GetConversation(user_id=user_id, conversation_id=cid)
-    for _ in range(600):
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
         try:
             reply = await ask(nc, query)
         except nats.errors.NoRespondersError:
