@@ -1,5 +1,6 @@
-"""Fault tests (ARCHITECTURE.md §7): kill -9 services mid-task, restart NATS, drop WebSocket
-clients; the log keeps every event exactly once and in order, and the task still finishes.
+"""Fault tests (ARCHITECTURE.md §7): kill -9 or SIGSTOP services mid-task, restart NATS, drop
+WebSocket clients; the log keeps every event exactly once and in order, and the task still
+finishes.
 
 They share one stack of their own (a killed service must not disturb the end-to-end tests),
 playing `fault_script.json`: a plan, a 3 s command that appends a line to `runs.txt`, a `cat
@@ -329,3 +330,66 @@ async def test_nats_server_restarted_mid_command_services_reconnect_and_finish(
     await _restarted(fault_stack, "nats-server", stopped[0])
     await assert_log_intact(fault_stack, api, conversation_id, events)
     assert _runs_recorded(events) == 1
+
+
+# Services whose instances beat into the health bucket: launcher name -> health name.
+BEATING = {
+    "session-manager": "session_manager",
+    "runtime-runner": "runtime_runner",
+    "event-store": "event_store",
+}
+STALE_WAIT_SECONDS = 60  # heartbeats count as stale after observability_health.STALE_SECONDS
+
+
+async def _until_health(api: httpx.AsyncClient, ready: bool) -> None:
+    """Until /api/health reads every beating service as `ready` (or as not ready)."""
+    deadline = time.monotonic() + STALE_WAIT_SECONDS
+    while True:
+        response = await api.get("/api/health")
+        assert response.status_code == 200, response.text
+        services = response.json()["services"]
+        if all(services[name]["ready"] is ready for name in BEATING.values()):
+            return
+        assert time.monotonic() < deadline, (ready, services)
+        await asyncio.sleep(0.5)
+
+
+async def test_hung_services_read_not_ready_and_the_task_finishes_after_sigcont(
+    fault_stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """Issue 13: SIGSTOP of session-manager, runtime-runner and event-store while the slow
+    command runs. Stopped, they are reported not ready (their heartbeats go stale) and nothing
+    moves; continued (not restarted), the task finishes with nothing lost or repeated."""
+    pids = {name: _pid(fault_stack, name) for name in BEATING}
+    await _until_health(api, ready=True)
+    conversation_id = await _start_task(api)
+
+    async def hang_them() -> None:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await _until_health(api, ready=False)
+        finally:
+            for pid in pids.values():
+                os.kill(pid, signal.SIGCONT)
+
+    followed = await follow(fault_stack, conversation_id, once_at("CmdRunAction", hang_them))
+    await _until_health(api, ready=True)
+    assert {name: _pid(fault_stack, name) for name in BEATING} == pids  # continued, not restarted
+    await assert_log_intact(fault_stack, api, conversation_id, followed)
+
+
+async def test_a_hung_gateway_answers_nothing_and_answers_again_after_sigcont(
+    fault_stack: Stack,
+) -> None:
+    gateway = _pid(fault_stack, "gateway")
+    async with fault_stack.client(timeout=3) as hung:
+        os.kill(gateway, signal.SIGSTOP)
+        try:
+            with pytest.raises(httpx.TimeoutException):
+                await hung.get("/api/health")
+        finally:
+            os.kill(gateway, signal.SIGCONT)
+    async with fault_stack.client(timeout=30) as api:
+        assert (await api.get("/api/health")).status_code == 200
+    assert _pid(fault_stack, "gateway") == gateway  # the launcher did not restart it

@@ -25,6 +25,7 @@ from taskbus.contracts.runners import encode_runner_info
 from taskbus.contracts.status import ConversationStatus
 from taskbus.session_manager.app import running_session_manager
 from taskbus.session_manager.decide import RUNTIME_LOST_REASON
+from taskbus.session_manager.runner_directory import RunnerDirectory
 
 from .conftest import runner_info
 from .test_agent_loop import status_reached
@@ -141,3 +142,26 @@ async def test_with_shared_workspaces_a_silent_runners_conversation_restarts_els
             (action,) = runtime.of(CmdRunAction)  # answered as lost, never sent again
             (answer,) = [e for e in runtime.of(ErrorObservation) if e.cause == action.id]
             assert isinstance(answer, ErrorObservation) and answer.code == RUNTIME_LOST_REASON
+
+
+async def test_silence_a_held_up_session_manager_did_not_watch_is_no_runner_lost(
+    tmp_path: Path,
+) -> None:
+    """A session-manager held up (SIGSTOP, starvation) for longer than `lost_after` has seen
+    no silence: on waking it gives every runner a fresh `lost_after` rather than fail the
+    conversations of runners that beat all along. Silence it watches still counts."""
+    async with world(tmp_path) as w:
+        now = 1000.0
+        directory = RunnerDirectory(w.js, lost_after=15, placement_wait=1, clock=lambda: now)
+        async with beating(w.js, "alive"), beating(w.js, "quiet") as quiet:
+            await directory.refresh()
+            quiet.cancel()  # a runner that really goes silent
+            now += 60  # this process is held up for a minute
+            await directory.refresh()
+            assert not directory.is_lost("alive") and not directory.is_lost("quiet")
+            for _ in range(8):  # then it watches, reading every 2 s
+                await asyncio.sleep(2 * BEAT_SECONDS)  # "alive" beats in between
+                now += 2
+                await directory.refresh()
+            assert not directory.is_lost("alive")
+            assert directory.is_lost("quiet")  # silent for the 16 s it watched

@@ -3,7 +3,10 @@ send heartbeats, and which has room.
 
 A runner puts its entry again every `HEARTBEAT_SECONDS`; an entry whose revision has not changed
 for `lost_after` seconds, timed by this process's clock (hosts' clocks may disagree), is a lost
-runner. Placement takes the live runner with the most free slots as this instance sees them: its
+runner. Only silence this process watched counts: after a gap in its own reading (it was hung,
+say SIGSTOPped, or starved), every runner gets a fresh `lost_after` to be heard from, or a
+session-manager continued after a pause would fail every conversation of runners that beat all
+along. Placement takes the live runner with the most free slots as this instance sees them: its
 last heartbeat's count plus what this instance placed there since. Instances placing at once may
 fill a runner past its slots; admission (the global running limit) bounds by how much.
 """
@@ -15,6 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import msgspec
 import nats.errors
@@ -35,21 +39,32 @@ class NoRunner(Exception):
 class _Seen(msgspec.Struct, frozen=True):
     info: RunnerInfo
     revision: int
-    changed_at: float  # time.monotonic() when this revision was first seen
+    changed_at: float  # the directory's clock when this revision was first seen
 
 
 class RunnerDirectory:
-    def __init__(self, js: JetStreamContext, lost_after: float, placement_wait: float) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        lost_after: float,
+        placement_wait: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._js = js
         self._lost_after = lost_after
         self._placement_wait = placement_wait
+        self._clock = clock
+        # Longer between two readings than the reading loop ever takes: this process was not
+        # watching, so no silence was seen.
+        self._unwatched_after = max(lost_after / 2, 3 * HEARTBEAT_SECONDS)
         self._seen: dict[str, _Seen] = {}
         self._placed: Counter[str] = Counter()  # by this instance since the runner's last beat
-        self._since = time.monotonic()
+        self._since = clock()
+        self._read_at: float | None = None  # when the bucket was last read
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._since = time.monotonic()
+        self._since = self._clock()
         await self.refresh()
         self._task = asyncio.create_task(self._run(), name="runner-directory")
 
@@ -72,7 +87,20 @@ class RunnerDirectory:
             keys = await bucket.keys()
         except nats.js.errors.NoKeysError:
             return
-        now = time.monotonic()
+        now = self._clock()
+        if self._read_at is not None and now - self._read_at > self._unwatched_after:
+            logger.warning(
+                "runners not read for %.0f s (this process was held up): each gets a fresh %.0f s"
+                " to be heard from",
+                now - self._read_at,
+                self._lost_after,
+            )
+            self._since = now
+            self._seen = {
+                rid: msgspec.structs.replace(seen, changed_at=now)
+                for rid, seen in self._seen.items()
+            }
+        self._read_at = now
         for key in keys:
             try:
                 entry = await bucket.get(key)
@@ -92,7 +120,7 @@ class RunnerDirectory:
     def silent_seconds(self, runner_id: str) -> float:
         """Since the runner's entry last changed (or since this instance started looking)."""
         seen = self._seen.get(runner_id)
-        return time.monotonic() - (seen.changed_at if seen is not None else self._since)
+        return self._clock() - (seen.changed_at if seen is not None else self._since)
 
     def is_lost(self, runner_id: str) -> bool:
         return self.silent_seconds(runner_id) > self._lost_after
