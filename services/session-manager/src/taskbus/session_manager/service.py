@@ -76,7 +76,7 @@ from taskbus.session_manager.secrets_store import SecretsStore
 from taskbus.session_manager.settings import SessionManagerSettings
 from taskbus.session_manager.state import ConversationState, apply
 from taskbus.session_manager.stuck import is_stuck, stuck_events
-from taskbus.session_manager.time_limits import time_limit_events
+from taskbus.session_manager.time_limits import LocalClock, time_limit_events
 from taskbus.session_manager.tools import event_for_call, offered_tools
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class SessionManager:
         self._verdicts = log.VerdictStore(js)
         self._conversations = Conversations(js, self._on_change)
         self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._clock = LocalClock()  # the time limits count on it, not on events' timestamps
         self._admission = AdmissionDesk(
             settings,
             self._conversations.states,
@@ -261,11 +262,12 @@ class SessionManager:
                 if is_settled(state) or not state.created or not self._holds(cid):
                     self._forget(cid)  # another instance's: folded afresh when needed
                     continue
-                if not time_limit_events(state, now):
+                if not time_limit_events(self._clock.local(state, now), now):
                     continue
                 try:
                     async with self._deciding[cid]:
-                        events = time_limit_events(self._conversations[cid], now)
+                        current = self._clock.local(self._conversations[cid], now)
+                        events = time_limit_events(current, now)
                         logger.info("%s reached a time limit: %s", cid, events[:1])
                         await self._append(events)
                 except Exception:
@@ -276,6 +278,7 @@ class SessionManager:
         in_use = conversation_id in self._drivers or self._deciding[conversation_id].locked()
         if self._conversations.forget(conversation_id, in_use=in_use):
             self._deciding.pop(conversation_id, None)
+            self._clock.forget(conversation_id)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -320,6 +323,7 @@ class SessionManager:
     def _on_change(self, state: ConversationState) -> None:
         """Drive a conversation of a held partition; another's state is here only as a
         dependency (its owner drives it)."""
+        self._clock.saw(state)
         held = self._holds(state.conversation_id)
         if held:
             self._kick(state.conversation_id)

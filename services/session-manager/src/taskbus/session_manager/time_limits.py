@@ -11,11 +11,22 @@ clock. Pure: the service asks every conversation it holds once a second.
   - a failed one is cleaned up: STOPPED with reason `cleanup`, its sandbox given back (the
     seed's Error -> cleanup -> Stopped).
 Idle never interrupts work: a running command or an LLM call keeps the conversation busy.
+
+The limits count on this service's own monotonic clock (`LocalClock`), never from another
+service's timestamps: an event's timestamp is the wall clock of whichever host appended it, and
+a runner's clock an hour behind would pause every conversation at once, one ahead would keep
+them forever. A conversation's latest activity and start are timed when this service first sees
+them, so after a restart a limit counts from the recovery: it may run longer, never shorter.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+import msgspec
 
 from taskbus.contracts.events import Event, RuntimeControl
 from taskbus.contracts.status import (
@@ -69,3 +80,58 @@ def time_limit_events(state: ConversationState, now: datetime) -> list[Event]:
         # after another idle period.
         return [runtime_control_event(state, RuntimeControl.STOP, IDLE_REASON)]
     return []
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A conversation's latest activity and start as its log gives them, and when this service
+    first saw each (on its monotonic clock)."""
+
+    activity: datetime | None
+    activity_seen: float
+    started: datetime | None
+    started_seen: float
+
+
+class LocalClock:
+    """Times each conversation's latest activity and start on this service's monotonic clock
+    (see the module): `saw` when a state changes, `local` before the limits are decided."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._seen: dict[str, _Seen] = {}
+
+    def saw(self, state: ConversationState) -> _Seen:
+        """Note the state's activity and start, timing the ones not seen before."""
+        now = self._monotonic()
+        before = self._seen.get(state.conversation_id)
+        seen = _Seen(
+            activity=state.last_activity,
+            activity_seen=now
+            if before is None or before.activity != state.last_activity
+            else before.activity_seen,
+            started=state.started_at,
+            started_seen=now
+            if before is None or before.started != state.started_at
+            else before.started_seen,
+        )
+        self._seen[state.conversation_id] = seen
+        return seen
+
+    def local(self, state: ConversationState, now: datetime) -> ConversationState:
+        """`state` with its activity and start moved to when this service saw them, expressed
+        against `now` (this service's wall clock): what `time_limit_events(..., now)` takes."""
+        seen = self.saw(state)
+        elapsed = self._monotonic()
+
+        def at(moment: datetime | None, seen_at: float) -> datetime | None:
+            return None if moment is None else now - timedelta(seconds=elapsed - seen_at)
+
+        return msgspec.structs.replace(
+            state,
+            last_activity=at(state.last_activity, seen.activity_seen),
+            started_at=at(state.started_at, seen.started_seen),
+        )
+
+    def forget(self, conversation_id: str) -> None:
+        self._seen.pop(conversation_id, None)
