@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -225,6 +226,9 @@ async def forwarding(js: JetStreamContext, runner_id: str) -> AsyncIterator[None
         await sub.unsubscribe()
 
 
+CONSUMER_WAIT_SECONDS = 60.0
+
+
 def fresh_runner_id() -> str:
     """A runner of its own per test: its durable and work subject skip the other tests'."""
     return f"test-{uuid.uuid4().hex[:12]}"
@@ -233,7 +237,10 @@ def fresh_runner_id() -> str:
 async def wait_for_runner_consumer(js: JetStreamContext, runner_id: str) -> None:
     """Until the runner's durable exists: work forwarded before it is kept for it anyway."""
     name = subjects.runtime_runner_durable(runner_id)
-    for _ in range(200):
+    # A (re)started runner process imports, re-attaches and registers first: on a loaded
+    # two-core machine that took longer than 10 s.
+    deadline = time.monotonic() + CONSUMER_WAIT_SECONDS
+    while time.monotonic() < deadline:
         with contextlib.suppress(NotFoundError):
             await js.consumer_info(subjects.RUNNER_WORK_STREAM, name)
             return
