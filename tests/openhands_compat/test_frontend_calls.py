@@ -11,14 +11,14 @@ built, so the count cannot silently drift.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
-from ..conftest import Stack, running_stack
+from ..conftest import Stack
 from .event_from_dict import event_from_dict
 
 pytestmark = pytest.mark.slow
@@ -241,12 +241,6 @@ CALLS = [
 ]
 # Served by no Taskbus endpoint yet (docs/openhands-compat.md says why).
 NOT_SERVED: set[str] = set()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("openhands")) as running:
-        yield running
 
 
 @pytest.fixture
