@@ -126,9 +126,16 @@ def running_stack(
         log.close()
 
 
+# A second user of the session stack, for the tests where one user attacks another's data.
+MALLORY_KEY = "tb_mallory_session_stack_key"
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+    """The stack with default settings, shared by every module that does not need its own."""
+    with running_stack(
+        tmp_path_factory.mktemp("stack"), TASKBUS_API_KEYS=f"{MALLORY_KEY}=mallory"
+    ) as running:
         yield running
 
 

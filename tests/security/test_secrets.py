@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,20 +24,11 @@ from taskbus.contracts.user_secrets import (
 )
 from taskbus.devtools import bus_auth
 
-from ..conftest import Stack, running_stack
+from ..conftest import MALLORY_KEY, Stack
 
 pytestmark = pytest.mark.slow
 
 PROBLEM = "application/problem+json"
-MALLORY_KEY = "tb_mallory_secrets_test_key"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("secrets"), TASKBUS_API_KEYS=f"{MALLORY_KEY}=mallory"
-    ) as running:
-        yield running
 
 
 async def stored(stack: Stack, user: str) -> UserSecrets:
