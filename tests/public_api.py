@@ -70,3 +70,17 @@ async def rest_events_when_projected(
         if len(events) >= expected or time.monotonic() > deadline:
             return events
         await asyncio.sleep(0.2)
+
+
+async def metrics_texts(client: httpx.AsyncClient) -> dict[str, str]:
+    """Every process's /metrics as Prometheus text: the gateway's route and each service's
+    listener (its port from /api/health)."""
+    scraped = {"gateway": (await client.get("/metrics")).text}
+    health = await client.get("/api/health")
+    assert health.status_code == 200, health.text
+    for service, readiness in health.json()["services"].items():
+        ports = [i["metrics_port"] for i in readiness["instances"] if i["ready"]]
+        assert ports and ports[0] > 0, (service, readiness)
+        async with httpx.AsyncClient() as plain:
+            scraped[service] = (await plain.get(f"http://127.0.0.1:{ports[0]}/metrics")).text
+    return scraped

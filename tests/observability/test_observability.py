@@ -35,7 +35,7 @@ from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 
 from ..conftest import Stack, running_stack
-from ..public_api import events_until_final, open_events_ws
+from ..public_api import events_until_final, metrics_texts, open_events_ws
 
 pytestmark = pytest.mark.slow
 
@@ -75,16 +75,7 @@ async def health(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 async def scrape_all(client: httpx.AsyncClient) -> dict[str, dict[str, float]]:
-    """Every process's /metrics: the gateway's route and each service's listener (its port
-    from /api/health)."""
-    scraped = {"gateway": samples((await client.get("/metrics")).text)}
-    for service, readiness in (await health(client))["services"].items():
-        ports = [i["metrics_port"] for i in readiness["instances"] if i["ready"]]
-        assert ports and ports[0] > 0, (service, readiness)
-        async with httpx.AsyncClient() as plain:
-            text = (await plain.get(f"http://127.0.0.1:{ports[0]}/metrics")).text
-        scraped[service] = samples(text)
-    return scraped
+    return {process: samples(text) for process, text in (await metrics_texts(client)).items()}
 
 
 async def until(check: Any) -> None:

@@ -25,6 +25,7 @@ from taskbus.contracts.user_secrets import (
 from taskbus.devtools import bus_auth
 
 from ..conftest import MALLORY_KEY, Stack
+from ..public_api import events_until_final, metrics_texts, open_events_ws
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +166,34 @@ async def test_concurrent_writes_lose_nothing(api: httpx.AsyncClient) -> None:
     listed = {s["name"] for s in (await api.get("/api/secrets")).json()["custom_secrets"]}
     assert set(names) <= listed
     await asyncio.gather(*(api.delete(f"/api/secrets/{name}") for name in names))
+
+
+async def test_no_secret_reaches_a_metric(stack: Stack, api: httpx.AsyncClient) -> None:
+    """An attacker who can scrape /metrics (often less guarded than the API) learns no secret:
+    not from a label, even where labels could come from the request (paths, names, a task that
+    runs with the secret in its sandbox)."""
+    value, token = "tbsecret" + uuid.uuid4().hex, "ghp_" + uuid.uuid4().hex
+    created = await api.post("/api/secrets", json={"name": "METRIC_BAIT", "value": value})
+    assert created.status_code == 201, created.text
+    added = await api.post(
+        "/api/add-git-providers", json={"provider_tokens": {"github": {"token": token}}}
+    )
+    assert added.status_code == 200, added.text
+    for path in (f"/api/secrets/{value}", f"/api/conversations/{value}", f"/{token}"):
+        assert (await api.get(path)).status_code in (404, 405, 422)
+    task = await api.post(
+        "/api/conversations", json={"initial_user_msg": f"echo $METRIC_BAIT {value}"}
+    )
+    assert task.status_code in (200, 201), task.text
+    async with open_events_ws(stack, task.json()["conversation_id"], -1) as ws:
+        await events_until_final(ws)
+    scraped = await metrics_texts(api)
+    assert set(scraped) == {"gateway", "session_manager", "runtime_runner", "event_store"}
+    for process, text in scraped.items():
+        assert "taskbus_" in text, process
+        assert value not in text and token not in text, process
+    assert (await api.delete("/api/secrets/METRIC_BAIT")).status_code == 200
+    assert (await api.post("/api/unset-provider-tokens")).status_code == 200
 
 
 MARK = "zz-value-zz"  # never echoed in a problem
