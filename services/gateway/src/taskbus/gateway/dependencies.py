@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the caller's identity and the process-wide NATS bus."""
+"""FastAPI dependencies: the caller's identity, the process-wide NATS bus and the box that
+seals what users entrust to the server."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from typing import Annotated, cast
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
+from taskbus.contracts.secret_box import SecretBox
 from taskbus.gateway.auth import ApiKeys
 from taskbus.gateway.bus import Bus
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
-from taskbus.gateway.problems import unauthorized
+from taskbus.gateway.problems import Problem, unauthorized
 from taskbus.gateway.settings import GatewaySettings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
@@ -53,3 +55,17 @@ BusDep = Annotated[Bus, Depends(get_bus)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 CreateRateDep = Annotated[RateLimiter, Depends(get_create_rate)]
 WebSocketLimitDep = Annotated[ConnectionLimiter, Depends(get_websocket_limit)]
+
+
+def sealing_box(request: Request, cannot: str, title: str) -> SecretBox:
+    """The box that seals what users entrust to the server (secrets, webhook signing keys), or
+    a 422 saying the server `cannot` do it without a secrets key."""
+    box: SecretBox | None = request.app.state.settings_policy.box
+    if box is None:
+        raise Problem(
+            422,
+            f"this server {cannot}: it has no secrets key (TASKBUS_SECRETS_KEY_FILE)",
+            kind="secrets-unavailable",
+            title=title,
+        )
+    return box

@@ -36,7 +36,7 @@ from taskbus.contracts.user_secrets import (
     provider_token_context,
 )
 from taskbus.gateway.bus import Bus
-from taskbus.gateway.dependencies import BusDep, UserId
+from taskbus.gateway.dependencies import BusDep, UserId, sealing_box
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.rest import json_response, typed_body
 
@@ -105,20 +105,6 @@ class SecretsMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 def _invalid(detail: str) -> Problem:
     return Problem(422, detail, kind="validation-error", title="Invalid secret")
-
-
-def sealing_box(request: Request, cannot: str, title: str) -> SecretBox:
-    """The box that seals what users entrust to the server (secrets, webhook signing keys), or
-    a 422 saying the server `cannot` do it without a secrets key."""
-    box: SecretBox | None = request.app.state.settings_policy.box
-    if box is None:
-        raise Problem(
-            422,
-            f"this server {cannot}: it has no secrets key (TASKBUS_SECRETS_KEY_FILE)",
-            kind="secrets-unavailable",
-            title=title,
-        )
-    return box
 
 
 def _box(request: Request) -> SecretBox:

@@ -36,10 +36,9 @@ from taskbus.contracts.webhooks import (
     secret_context,
 )
 from taskbus.gateway.bus import unavailable
-from taskbus.gateway.dependencies import BusDep, UserId
+from taskbus.gateway.dependencies import BusDep, UserId, sealing_box
 from taskbus.gateway.problems import Problem
 from taskbus.gateway.rest import json_response, typed_body
-from taskbus.gateway.secrets_routes import sealing_box
 from taskbus.gateway.webhooks_store import WebhookStore
 
 router = APIRouter(prefix="/api")
