@@ -131,3 +131,7 @@ def test_the_live_view_follows_the_plan_and_who_is_at_work() -> None:
     assert activity({"kind": "AgentStateChanged", "agent_state": "awaiting_user_input"}) is None
     finished = {"kind": "ConversationStatusChanged", "status": "FINISHED"}
     assert activity(finished) is None
+    waiting = {"kind": "LLMWaiting", "elapsed_seconds": 45.2, "attempt": 2, "attempts": 4}
+    assert activity(waiting | {"timeout_seconds": 120.0}) == (
+        "waiting on the LLM for 45s (attempt 2 of 4, 120s each)"
+    )

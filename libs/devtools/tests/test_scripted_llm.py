@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -224,3 +225,25 @@ async def test_an_auth_failure_echoes_the_key_it_got_like_a_careless_provider() 
                 max_retries=0,
             )
         assert [r.status for r in server.player.requests] == [401]
+
+
+def test_a_delayed_step_hangs_its_first_attempts_until_released() -> None:
+    """`delay` holds the first `times` attempts of a request (a model that accepts and hangs);
+    later attempts are answered at once, and stopping the server lets held ones go."""
+    player = ScriptPlayer(
+        load_script({"steps": [{"content": "late", "delay": {"seconds": 3600, "times": 1}}]})
+    )
+    request = {"messages": [{"role": "user", "content": "hi"}]}
+    answers: list[tuple[int, dict[str, Any]]] = []
+    held = threading.Thread(target=lambda: answers.append(player.answer(request)))
+    held.start()
+    held.join(timeout=0.5)
+    assert held.is_alive() and not answers  # still waiting on its hour
+    second = threading.Thread(target=lambda: answers.append(player.answer(request)))
+    second.start()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    assert answers[0][1]["choices"][0]["message"]["content"] == "late"
+    player.release()
+    held.join(timeout=30)
+    assert not held.is_alive() and len(answers) == 2

@@ -312,6 +312,17 @@ class LLMMetrics(Event):
     response_id: str = ""
 
 
+class LLMWaiting(Event):
+    """The agent's LLM call is still unanswered: appended every `llm_heartbeat_seconds` while
+    an attempt waits, so a slow or hung model is visible. The attempt ends at `timeout_seconds`;
+    after the last of `attempts` the conversation is in ERROR with reason `llm_timeout`."""
+
+    elapsed_seconds: float  # since this attempt began
+    attempt: int  # 1-based
+    attempts: int  # the most that will be made
+    timeout_seconds: float
+
+
 class ActionProposed(Event):
     """A risky action chosen in confirmation mode: recorded, but not executable until the user
     confirms it (then the action itself is appended with `cause` = this event's id)."""
@@ -443,6 +454,7 @@ AnyEvent = (
     | TaskTrackingObservation
     | ErrorObservation
     | LLMMetrics
+    | LLMWaiting
     | ConfirmationRequested
     | ConfirmationGiven
     | ActionProposed

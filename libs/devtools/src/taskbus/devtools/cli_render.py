@@ -92,6 +92,12 @@ def activity(event: dict[str, Any]) -> str | None:
         return f"running {kind}"
     if kind in ("CmdOutputChunk", "ResourceUsage"):
         return "running the command"
+    if kind == "LLMWaiting":
+        return (
+            f"waiting on the LLM for {event.get('elapsed_seconds', 0):.0f}s"
+            f" (attempt {event.get('attempt')} of {event.get('attempts')},"
+            f" {event.get('timeout_seconds', 0):g}s each)"
+        )
     return "agent thinking (waiting on the LLM)"
 
 

@@ -12,8 +12,11 @@ A step is `{"content": ..., "tool_calls": [{"name": ..., "arguments": {...}}]}`,
 `"usage": {"prompt_tokens": P, "completion_tokens": C}` (pinned token counts, so a test can make
 every call cost an exact amount; otherwise about four characters per token) and
 `"error": {"status": 429|503|401, "times": N}`: the first N attempts of that exact request fail
-with that status (N omitted = always), later attempts get the step's answer. A 401 echoes the
-bearer token it got, as careless providers do, so tests can prove the caller never repeats it.
+with that status (N omitted = always), later attempts get the step's answer; and
+`"delay": {"seconds": S, "times": N}`: the first N attempts (N omitted = all) are answered only
+after S seconds (at once if the server stops first): a model that accepts and hangs. A 401
+echoes the bearer token it got, as careless providers do, so tests can prove the caller never
+repeats it.
 Every request is logged in `ScriptPlayer.requests` for tests. Every answer says it comes from a
 scripted model (`model`, `system_fingerprint` and the `X-Taskbus-Scripted-Model` header).
 """
@@ -58,6 +61,11 @@ class ScriptedError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     message: str = ""
 
 
+class ScriptedDelay(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    seconds: float
+    times: int | None = None  # None: every attempt waits
+
+
 class ScriptedUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prompt_tokens: int
     completion_tokens: int
@@ -67,6 +75,7 @@ class ScriptStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     content: str | None = None
     tool_calls: list[ScriptedToolCall] = []
     error: ScriptedError | None = None
+    delay: ScriptedDelay | None = None
     usage: ScriptedUsage | None = None
 
 
@@ -134,7 +143,13 @@ class ScriptPlayer:
         self.script = script
         self.requests: list[ScriptedRequest] = []
         self._attempts: dict[str, int] = {}
+        self._delays: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._released = threading.Event()  # set on stop: delayed answers go out at once
+
+    def release(self) -> None:
+        """Stop holding delayed answers (the server is stopping)."""
+        self._released.set()
 
     def answer(
         self, request: Mapping[str, Any], authorization: str | None = None
@@ -170,6 +185,12 @@ class ScriptPlayer:
     ) -> tuple[int, dict[str, Any]]:
         request_key = hashlib.sha256(_canonical(messages).encode()).hexdigest()
         step = self.script.steps[step_index] if step_index < len(self.script.steps) else None
+        if step is not None and step.delay is not None:
+            with self._lock:
+                attempt = self._delays.get(request_key, 0)
+                self._delays[request_key] = attempt + 1
+            if step.delay.times is None or attempt < step.delay.times:
+                self._released.wait(step.delay.seconds)  # the handler's own thread
         if step is not None and step.error is not None:
             with self._lock:
                 attempt = self._attempts.get(request_key, 0)
@@ -315,6 +336,7 @@ class ScriptedLLM:
         return self
 
     def stop(self) -> None:
+        self.player.release()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()

@@ -1,5 +1,10 @@
 """The LLM adapter: one litellm `acompletion` per agent step, with typed errors and real cost.
 
+Every attempt has a deadline of its own (`llm_timeout_seconds`, kept here, not only passed to
+litellm, so a model that accepts the request and never answers cannot hold a conversation), and
+while it waits the caller hears of it every `llm_heartbeat_seconds` (`WaitListener`): a slow or
+hung model is a visible state, never a silent RUNNING.
+
 litellm is imported once, here (it takes seconds); `LITELLM_LOCAL_MODEL_COST_MAP` keeps it from
 fetching its price map from the internet.
 """
@@ -39,6 +44,7 @@ from taskbus.contracts.llm_endpoints import (
 from taskbus.contracts.observability import LITELLM_LOGGERS, route_to_root, span
 from taskbus.contracts.secret_box import SecretBox, SecretError, llm_key_context
 from taskbus.contracts.specs import UserSettings
+from taskbus.contracts.tasks import cancel_and_wait
 from taskbus.session_manager import metrics
 from taskbus.session_manager.settings import SessionManagerSettings
 
@@ -114,6 +120,13 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 
 # Called before each backoff with the error code and the delay in seconds.
 RetryListener = Callable[[str, float], Awaitable[None]]
+# Called while an attempt waits: the seconds it has waited, its number (1-based), and how many
+# attempts there will be at most.
+WaitListener = Callable[[float, int, int], Awaitable[None]]
+
+
+class _Deadline(Exception):
+    """An attempt passed `llm_timeout_seconds` without an answer."""
 
 
 _RETRYABLE: dict[type[Exception], str] = {
@@ -123,6 +136,7 @@ _RETRYABLE: dict[type[Exception], str] = {
     BadGatewayError: "llm_unavailable",
     APIConnectionError: "llm_unavailable",
     Timeout: "llm_timeout",
+    _Deadline: "llm_timeout",
 }
 
 
@@ -176,16 +190,17 @@ class LLM:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         on_retry: RetryListener | None = None,
+        on_wait: WaitListener | None = None,
     ) -> Completion:
-        """One completion; rate limits and unavailability are retried with backoff. A user's
-        endpoint is checked first, its name resolved anew. Error messages never carry the API
-        key, even when the provider echoes it."""
+        """One completion; rate limits, unavailability and timeouts are retried with backoff.
+        A user's endpoint is checked first, its name resolved anew. Error messages never carry
+        the API key, even when the provider echoes it."""
         endpoint = metrics.endpoint(config.users)
         try:
             with span("llm completion", endpoint=endpoint):
                 if config.users:
                     await self._check_endpoint(config)
-                completion = await self._complete(config, messages, tools, on_retry)
+                completion = await self._complete(config, messages, tools, on_retry, on_wait)
         except LLMError as error:
             metrics.LLM_FAILURES.labels(endpoint, error.code).inc()
             if config.api_key and config.api_key in str(error):
@@ -208,12 +223,13 @@ class LLM:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         on_retry: RetryListener | None,
+        on_wait: WaitListener | None,
     ) -> Completion:
         retries = self._settings.llm_num_retries
         for attempt in range(retries + 1):
             started = time.perf_counter()
             try:
-                response = await litellm.acompletion(
+                call = litellm.acompletion(
                     model=config.model,
                     api_base=config.base_url,
                     api_key=config.api_key,
@@ -222,6 +238,7 @@ class LLM:
                     timeout=self._settings.llm_timeout_seconds,
                     max_retries=0,  # retries are ours, so they are counted and logged
                 )
+                response = await self._answer(call, attempt + 1, retries + 1, on_wait)
             except AuthenticationError as error:
                 # The provider's message may echo part of the key: it is not passed on.
                 raise LLMError(
@@ -230,8 +247,9 @@ class LLM:
             except tuple(_RETRYABLE) as error:
                 code = next(c for t, c in _RETRYABLE.items() if isinstance(error, t))
                 if attempt == retries:
+                    what = str(error) if isinstance(error, _Deadline) else type(error).__name__
                     raise LLMError(
-                        code, f"{config.model}: {type(error).__name__} after {retries + 1} attempts"
+                        code, f"{config.model}: {what} after {retries + 1} attempts"
                     ) from error
                 delay = self._settings.llm_retry_backoff_seconds * 2**attempt
                 logger.warning("%s from %s; retry in %.1fs", code, config.model, delay)
@@ -246,6 +264,30 @@ class LLM:
                 raise LLMError("llm_error", f"{config.model}: {type(error).__name__}") from error
             return _completion(response, config.model, (time.perf_counter() - started) * 1000)
         raise AssertionError("unreachable")
+
+    async def _answer(
+        self, call: Awaitable[Any], attempt: int, attempts: int, on_wait: WaitListener | None
+    ) -> Any:
+        """The answer of one attempt, heard of every `llm_heartbeat_seconds` while it waits,
+        abandoned (`_Deadline`) at `llm_timeout_seconds` on this service's own clock: litellm's
+        `timeout` is httpx's, per read, so a model trickling bytes would never reach it."""
+        deadline = self._settings.llm_timeout_seconds
+        answer = asyncio.ensure_future(call)
+        started = time.monotonic()
+        try:
+            while True:
+                waited = time.monotonic() - started
+                if waited >= deadline:
+                    raise _Deadline(f"no answer within {deadline:g}s")
+                heartbeat = min(self._settings.llm_heartbeat_seconds, deadline - waited)
+                done, _ = await asyncio.wait({answer}, timeout=heartbeat)
+                if done:
+                    return answer.result()
+                waited = time.monotonic() - started
+                if on_wait is not None and waited < deadline:
+                    await on_wait(waited, attempt, attempts)
+        finally:
+            await cancel_and_wait(answer)  # an abandoned call holds no connection
 
 
 def redact(text: str, secret: str) -> str:

@@ -44,6 +44,7 @@ from taskbus.contracts.events import (
     Event,
     EventSource,
     LLMMetrics,
+    LLMWaiting,
     MessageAction,
     ToolCallsQueued,
     UnknownEvent,
@@ -407,9 +408,28 @@ class SessionManager:
                     events = [agent_state_event(current, AgentState.RATE_LIMITED, code)]
                     await self._append(events)
 
+        async def waiting(elapsed: float, attempt: int, attempts: int) -> None:
+            """The heartbeat of a call still unanswered; a failed one is only logged, the call
+            goes on (and its deadline holds)."""
+            try:
+                async with self._deciding[cid]:
+                    if next_step(self._conversations[cid]) is not Step.CALL_LLM:
+                        return  # stopped or paused meanwhile: nothing waits on the answer
+                    heartbeat = LLMWaiting(
+                        conversation_id=cid,
+                        source=EventSource.AGENT,
+                        elapsed_seconds=round(elapsed, 3),
+                        attempt=attempt,
+                        attempts=attempts,
+                        timeout_seconds=self._settings.llm_timeout_seconds,
+                    )
+                    await self._append([heartbeat])
+            except Exception:
+                logger.exception("heartbeat of %s's LLM call not appended", cid)
+
         try:
             completion = await self._llm.complete(
-                config, to_messages(state), offered_tools(state.mcp_tools), rate_limited
+                config, to_messages(state), offered_tools(state.mcp_tools), rate_limited, waiting
             )
         except LLMError as error:
             await self._fail_llm_step(cid, error)

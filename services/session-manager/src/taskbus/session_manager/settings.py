@@ -35,7 +35,11 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     llm_output_cost_per_token: float | None = None
     llm_num_retries: int = 3  # retries of rate-limited / unavailable calls
     llm_retry_backoff_seconds: float = 2.0  # first backoff; doubles on each retry
-    llm_timeout_seconds: float = 300.0
+    # One attempt's deadline: past it the attempt is abandoned (and retried like an unavailable
+    # model); after the last, the conversation is in ERROR with reason `llm_timeout`.
+    llm_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    # While an attempt waits, an `LLMWaiting` event this often, so a slow model is visible.
+    llm_heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     # Prompt size that triggers condensation; None: the model's context as litellm knows it.
     llm_max_input_tokens: int | None = None
     condensation_keep_recent_events: int = 6  # never condensed away

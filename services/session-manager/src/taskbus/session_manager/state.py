@@ -32,6 +32,7 @@ from taskbus.contracts.events import (
     FileReadObservation,
     FileWriteObservation,
     LLMMetrics,
+    LLMWaiting,
     MCPObservation,
     MCPTool,
     MCPToolsListed,
@@ -75,9 +76,10 @@ OBSERVATIONS: tuple[type[Event], ...] = (
     ErrorObservation,
 )
 
-# Reports on the sandbox that nothing here acts on: they move only the log position, so they are
-# no activity for the time limits, never in the LLM's history, and wake no driver.
-MEASUREMENTS: tuple[type[Event], ...] = (ResourceUsage,)
+# Reports that nothing here acts on (the sandbox's use of the host, an LLM call still waiting):
+# they move only the log position, so they are no activity for the time limits, never in the
+# LLM's history, and wake no driver.
+MEASUREMENTS: tuple[type[Event], ...] = (ResourceUsage, LLMWaiting)
 
 # Agent states in which queued tool calls still run; any other drops them (stop, finish, error,
 # a rejected confirmation, a question to the user).
