@@ -45,6 +45,14 @@ PartitionsHandler = Callable[[frozenset[int]], Awaitable[None]]
 IDLE_POLL_SECONDS = 2.0
 EVENTS_ACK_WAIT_SECONDS = 5.0
 COMMANDS_ACK_WAIT_SECONDS = 15.0
+# Deliveries of a command before JetStream stops redelivering it: on the last, a failing one is
+# given up (dead letter, error event: `SessionManager._give_up`).
+COMMANDS_MAX_DELIVER = 5
+# Deliveries after which an event whose handling keeps failing, for any reason but the bus, is
+# given up the same way. The events durables have no max_deliver: an event the server stopped
+# redelivering because the bus was down (disk full, a lost connection) would be missing from the
+# fold and never forwarded to its runner; such failures are retried until the bus is back.
+EVENTS_POISON_DELIVERIES = 5
 _RETRY_SECONDS = 1.0
 
 
@@ -65,7 +73,7 @@ def commands_config(partition: int) -> ConsumerConfig:
         durable_name=subjects.session_manager_commands_durable(partition),
         filter_subject=subjects.partition_commands(partition),
         ack_policy=AckPolicy.EXPLICIT,
-        max_deliver=5,
+        max_deliver=COMMANDS_MAX_DELIVER,
         ack_wait=COMMANDS_ACK_WAIT_SECONDS,
     )
 
@@ -75,7 +83,7 @@ def user_commands_config() -> ConsumerConfig:
         durable_name=subjects.SESSION_MANAGER_USER_COMMANDS_DURABLE,
         filter_subject=subjects.SESSION_MANAGER_USER_COMMANDS,
         ack_policy=AckPolicy.EXPLICIT,
-        max_deliver=5,
+        max_deliver=COMMANDS_MAX_DELIVER,
         ack_wait=COMMANDS_ACK_WAIT_SECONDS,
     )
 

@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.appender import EventAppender, StreamFull
 from taskbus.contracts.broker import ServiceBroker, jetstream
 from taskbus.contracts.commands import (
     QUEUE_FULL,
@@ -71,7 +72,11 @@ from taskbus.session_manager.decide import (
 from taskbus.session_manager.dependency_desk import DependencyDesk
 from taskbus.session_manager.history import to_messages
 from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
-from taskbus.session_manager.partition_consumers import PartitionConsumers
+from taskbus.session_manager.partition_consumers import (
+    COMMANDS_MAX_DELIVER,
+    EVENTS_POISON_DELIVERIES,
+    PartitionConsumers,
+)
 from taskbus.session_manager.runtime_desk import RuntimeDesk
 from taskbus.session_manager.secrets_store import SecretsStore
 from taskbus.session_manager.settings import SessionManagerSettings
@@ -83,6 +88,8 @@ from taskbus.session_manager.tools import event_for_call, offered_tools
 logger = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
+# The code of the error event telling a conversation that a message about it was given up.
+GIVEN_UP = "message_given_up"
 _RETRY_DRIVER_SECONDS = 1.0
 
 
@@ -312,12 +319,45 @@ class SessionManager:
             except Refused as refused:
                 await self._dead_letters.refuse(msg, refused)
                 continue
-            # In the event's trace: the driver it kicks (and its LLM call) continues it.
-            with consuming(msg.subject, msg.headers, event.conversation_id):
-                await self._observe(event)
-                if not isinstance(event, UnknownEvent):
-                    await self._runtimes.forward(event, msg)
+            try:
+                # In the event's trace: the driver it kicks (and its LLM call) continues it.
+                with consuming(msg.subject, msg.headers, event.conversation_id):
+                    await self._observe(event)
+                    if not isinstance(event, UnknownEvent):
+                        await self._runtimes.forward(event, msg)
+            except Exception as error:
+                poisoned = (
+                    not isinstance(error, (nats.errors.Error, TimeoutError, StreamFull))
+                    and msg.metadata.num_delivered >= EVENTS_POISON_DELIVERIES
+                )
+                if not poisoned:
+                    raise  # nak'd: redelivered in a second
+                # Never an error event about an error event, and so on.
+                told = None if _is_give_up(event) else event.conversation_id
+                await self._give_up(msg, told, error)
+                continue
             await msg.ack()
+
+    async def _give_up(self, msg: Msg, conversation_id: str | None, error: Exception) -> None:
+        """A message that failed on its last delivery: logged, kept as a dead letter (acked),
+        and told on its conversation if it names one, so nothing is dropped silently. The
+        error's name only: its text may quote what the message carried."""
+        deliveries = msg.metadata.num_delivered
+        logger.error("%s failed on all %d deliveries; given up", msg.subject[:200], deliveries)
+        reason = f"failed on all {deliveries} deliveries: {type(error).__name__}"
+        await self._dead_letters.refuse(msg, Refused(reason))
+        if conversation_id is None:
+            return
+        told = ErrorObservation(
+            conversation_id=conversation_id,
+            source=EventSource.ENVIRONMENT,
+            code=GIVEN_UP,
+            content=f"session-manager gave up on a message on {msg.subject[:200]}: {reason}",
+        )
+        try:
+            await self._appender.append_all([told])
+        except Exception:
+            logger.exception("no error event on %s for its given-up message", conversation_id)
 
     # --- drivers --------------------------------------------------------------------------
 
@@ -479,7 +519,10 @@ class SessionManager:
             try:
                 with consuming(msg.subject, msg.headers, getattr(command, "conversation_id", None)):
                     await self._handle(command)
-            except Exception:
+            except Exception as error:
+                if msg.metadata.num_delivered >= COMMANDS_MAX_DELIVER:
+                    await self._give_up(msg, getattr(command, "conversation_id", None), error)
+                    continue
                 logger.exception("command %s failed; it will be redelivered", command.name())
                 await msg.nak(delay=_RETRY_DRIVER_SECONDS)
                 return
@@ -617,3 +660,7 @@ def _llm_failure_events(state: ConversationState, error: LLMError) -> list[Event
         agent_state_event(state, AgentState.ERROR, error.code),
         status_event(state, ConversationStatus.ERROR, error.code),
     ]
+
+
+def _is_give_up(event: AnyEvent | UnknownEvent) -> bool:
+    return isinstance(event, ErrorObservation) and event.code == GIVEN_UP
