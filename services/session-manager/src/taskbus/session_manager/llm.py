@@ -5,34 +5,25 @@ litellm, so a model that accepts the request and never answers cannot hold a con
 while it waits the caller hears of it every `llm_heartbeat_seconds` (`WaitListener`): a slow or
 hung model is a visible state, never a silent RUNNING.
 
-litellm is imported once, here (it takes seconds); `LITELLM_LOCAL_MODEL_COST_MAP` keeps it from
-fetching its price map from the internet.
+litellm is imported here alone, on the first call and in a worker thread (`_litellm`): the
+import takes seconds of CPU and a few hundred MB, which a starting or idle session-manager need
+not pay, and which would stall every conversation if it ran on the event loop.
+`LITELLM_LOCAL_MODEL_COST_MAP` keeps it from fetching its price map from the internet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import msgspec
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-import litellm
-from litellm.exceptions import (
-    APIConnectionError,
-    AuthenticationError,
-    BadGatewayError,
-    BadRequestError,
-    InternalServerError,
-    RateLimitError,
-    ServiceUnavailableError,
-    Timeout,
-)
 
 from taskbus.contracts.events import ToolCall
 from taskbus.contracts.llm_endpoints import (
@@ -49,8 +40,40 @@ from taskbus.session_manager import metrics
 from taskbus.session_manager.settings import SessionManagerSettings
 
 logger = logging.getLogger(__name__)
-litellm.suppress_debug_info = True  # its "Give Feedback" banners go to stdout on every error
-route_to_root(*LITELLM_LOGGERS)  # its lines once, as JSON, at WARNING unless asked for more
+
+
+@functools.cache
+def _litellm() -> ModuleType:
+    """litellm, imported and set up once per process; call it off the event loop."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True  # its "Give Feedback" banners go to stdout on every error
+    route_to_root(*LITELLM_LOGGERS)  # its lines once, as JSON, at WARNING unless asked for more
+    return litellm
+
+
+@functools.cache
+def _retryable() -> dict[type[Exception], str]:
+    """The litellm errors retried with backoff, and the code each fails with at last."""
+    from litellm.exceptions import (
+        APIConnectionError,
+        BadGatewayError,
+        InternalServerError,
+        RateLimitError,
+        ServiceUnavailableError,
+        Timeout,
+    )
+
+    return {
+        RateLimitError: "llm_rate_limited",
+        ServiceUnavailableError: "llm_unavailable",
+        InternalServerError: "llm_unavailable",
+        BadGatewayError: "llm_unavailable",
+        APIConnectionError: "llm_unavailable",
+        Timeout: "llm_timeout",
+        _Deadline: "llm_timeout",
+    }
 
 
 # Sent as the key of a user's endpoint when they set none: an explicit key keeps litellm from
@@ -129,18 +152,7 @@ class _Deadline(Exception):
     """An attempt passed `llm_timeout_seconds` without an answer."""
 
 
-_RETRYABLE: dict[type[Exception], str] = {
-    RateLimitError: "llm_rate_limited",
-    ServiceUnavailableError: "llm_unavailable",
-    InternalServerError: "llm_unavailable",
-    BadGatewayError: "llm_unavailable",
-    APIConnectionError: "llm_unavailable",
-    Timeout: "llm_timeout",
-    _Deadline: "llm_timeout",
-}
-
-
-def register_prices(settings: SessionManagerSettings) -> None:
+def register_prices(litellm: ModuleType, settings: SessionManagerSettings) -> None:
     """Make litellm price the operator's model, so LLMMetrics carry a real cost."""
     if settings.llm_input_cost_per_token is None or settings.llm_output_cost_per_token is None:
         return
@@ -164,7 +176,13 @@ class LLM:
         self._settings = settings
         self._allowed = AllowList(settings.llm_allowed_base_urls)
         self._box = SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file)
-        register_prices(settings)
+
+    @functools.cached_property
+    def _library(self) -> ModuleType:
+        """litellm with the operator's prices registered (blocking: the first time it imports)."""
+        litellm = _litellm()
+        register_prices(litellm, self._settings)
+        return litellm
 
     def config_for(self, user_id: str, user: UserSettings | None) -> LLMConfig:
         return resolve_llm_config(self._settings, user_id, user, self._box)
@@ -174,7 +192,7 @@ class LLM:
         if self._settings.llm_max_input_tokens is not None:
             return self._settings.llm_max_input_tokens
         try:
-            known = litellm.get_model_info(config.model).get("max_input_tokens")
+            known = self._library.get_model_info(config.model).get("max_input_tokens")
         except Exception:  # litellm raises plain exceptions for models it does not know
             return None
         return int(known) if known else None
@@ -182,7 +200,7 @@ class LLM:
     def count_tokens(
         self, config: LLMConfig, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> int:
-        return int(litellm.token_counter(model=config.model, messages=messages, tools=tools))  # type: ignore[arg-type]
+        return int(self._library.token_counter(model=config.model, messages=messages, tools=tools))
 
     async def complete(
         self,
@@ -225,6 +243,10 @@ class LLM:
         on_retry: RetryListener | None,
         on_wait: WaitListener | None,
     ) -> Completion:
+        litellm = await asyncio.to_thread(lambda: self._library)
+        from litellm.exceptions import AuthenticationError, BadRequestError
+
+        retryable = _retryable()
         retries = self._settings.llm_num_retries
         for attempt in range(retries + 1):
             started = time.perf_counter()
@@ -244,8 +266,8 @@ class LLM:
                 raise LLMError(
                     "llm_auth", f"the LLM rejected the credentials for {config.model}"
                 ) from error
-            except tuple(_RETRYABLE) as error:
-                code = next(c for t, c in _RETRYABLE.items() if isinstance(error, t))
+            except tuple(retryable) as error:
+                code = next(c for t, c in retryable.items() if isinstance(error, t))
                 if attempt == retries:
                     what = str(error) if isinstance(error, _Deadline) else type(error).__name__
                     raise LLMError(
@@ -262,7 +284,8 @@ class LLM:
                 raise LLMError("llm_bad_request", message) from error
             except Exception as error:  # any other failure becomes a typed error event
                 raise LLMError("llm_error", f"{config.model}: {type(error).__name__}") from error
-            return _completion(response, config.model, (time.perf_counter() - started) * 1000)
+            latency_ms = (time.perf_counter() - started) * 1000
+            return _completion(litellm, response, config.model, latency_ms)
         raise AssertionError("unreachable")
 
     async def _answer(
@@ -294,7 +317,7 @@ def redact(text: str, secret: str) -> str:
     return text.replace(secret, "[redacted]")
 
 
-def _completion(response: Any, model: str, latency_ms: float) -> Completion:
+def _completion(litellm: ModuleType, response: Any, model: str, latency_ms: float) -> Completion:
     message = response.choices[0].message
     usage = response.usage
     return Completion(
@@ -306,13 +329,13 @@ def _completion(response: Any, model: str, latency_ms: float) -> Completion:
         ],
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        cost=_cost(response),
+        cost=_cost(litellm, response),
         latency_ms=latency_ms,
         response_id=response.id or "",
     )
 
 
-def _cost(response: Any) -> float:
+def _cost(litellm: ModuleType, response: Any) -> float:
     """litellm's own price of the completion; 0 for a model it has no price for."""
     cost = response._hidden_params.get("response_cost")
     if cost is None:
