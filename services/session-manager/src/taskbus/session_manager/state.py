@@ -3,12 +3,17 @@
 Events carry dense ids, so applying is idempotent: an event at or below `last_event_id` changes
 nothing. The state is therefore always exactly the fold of a prefix of the log, whether it was
 built by replaying the log, by the durable consumer, or by applying our own appends.
+
+Applying an event costs O(1) whatever the history's length: the history is a `History`, an
+append-only list shared by successive states (see there), never copied per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import overload
 
 import msgspec
 
@@ -93,6 +98,70 @@ _WORKING = frozenset(
 )
 
 
+class History(Sequence[Event]):
+    """What the LLM sees, in log order: an immutable sequence that appends in O(1).
+
+    Successive states share one list; each owns its first `len(self)` items. Appending to a
+    history whose end is the list's end extends the list in place: no older state sees it, as
+    each reads only its own prefix. Appending to any other (a branch, e.g. two events applied
+    to one state) copies its prefix first, as does a condensation. So `apply` stays pure to
+    every caller (old states never change), at the price of a mutable list inside frozen
+    states: nothing but `appended` may touch `_items`.
+    """
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self._items: list[Event] = list(events)
+        self._length = len(self._items)
+
+    def appended(self, event: Event) -> History:
+        # The empty history is every new state's default: never extend its list in place.
+        if self._length == 0 or self._length != len(self._items):
+            return History((*self, event))
+        self._items.append(event)
+        grown = History.__new__(History)
+        grown._items, grown._length = self._items, self._length + 1
+        return grown
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Event, ...]: ...
+    def __getitem__(self, index: int | slice) -> Event | tuple[Event, ...]:
+        if isinstance(index, slice):
+            return tuple(self._items[: self._length][index])
+        if not -self._length <= index < self._length:
+            raise IndexError("history index out of range")
+        return self._items[index % self._length]
+
+    def __iter__(self) -> Iterator[Event]:
+        return itertools.islice(self._items, self._length)
+
+    def __reversed__(self) -> Iterator[Event]:
+        return (self._items[i] for i in range(self._length - 1, -1, -1))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, History):
+            if other._items is self._items:  # one list: equal iff the same prefix
+                return other._length == self._length
+            return other._length == self._length and all(
+                a == b for a, b in zip(self, other, strict=True)
+            )
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"History({list(self)!r})"
+
+
 class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     conversation_id: str
     last_event_id: int = -1
@@ -117,7 +186,7 @@ class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     # The runner the latest sandbox was placed on (its RuntimeRequested).
     runner_id: str | None = None
     # What the LLM sees: messages, the agent's actions and their observations, in log order.
-    history: tuple[Event, ...] = ()
+    history: History = History()
     # The agent's latest action still waiting for its answer (an observation or a state change).
     open_action: Event | None = None
     # Confirmation mode: a risky action waiting for the user, and the user's answer once given.
@@ -271,14 +340,14 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
             task_list = tuple(event.task_list) if applies else state.task_list
             return replace(
                 state,
-                history=(*state.history, event),
+                history=state.history.appended(event),
                 open_action=event,
                 task_list=task_list,
             )
         case ThinkAction():
-            return replace(state, history=(*state.history, event))
+            return replace(state, history=state.history.appended(event))
         case _ if isinstance(event, AGENT_ACTIONS):
-            return replace(state, history=(*state.history, event), open_action=event)
+            return replace(state, history=state.history.appended(event), open_action=event)
         case _ if isinstance(event, OBSERVATIONS):
             open_action = state.open_action
             if open_action is not None and event.cause == open_action.id:
@@ -288,7 +357,7 @@ def _apply_payload(state: ConversationState, event: Event) -> ConversationState:
                 pending_resume_id = None  # the runner could not resume the sandbox
             return replace(
                 state,
-                history=(*state.history, event),
+                history=state.history.appended(event),
                 open_action=open_action,
                 pending_resume_id=pending_resume_id,
             )
@@ -302,10 +371,12 @@ def _apply_confirmation(state: ConversationState, event: ConfirmationGiven) -> C
     if event.confirmed:
         return msgspec.structs.replace(state, confirmation=True)
     # A rejected proposal stays in the LLM's history, answered by the rejection's observation.
-    return msgspec.structs.replace(state, confirmation=False, history=(*state.history, pending))
+    return msgspec.structs.replace(
+        state, confirmation=False, history=state.history.appended(pending)
+    )
 
 
-def condensed(history: tuple[Event, ...], condensation: CondensationAction) -> tuple[Event, ...]:
+def condensed(history: History, condensation: CondensationAction) -> History:
     """`history` without the events whose ids lie in the condensation's range (earlier
     condensations included), with the condensation standing in their place."""
     start, end = condensation.forgotten_start_id, condensation.forgotten_end_id
@@ -321,11 +392,11 @@ def condensed(history: tuple[Event, ...], condensation: CondensationAction) -> t
             kept.append(event)
         elif condensation not in kept:
             kept.append(condensation)
-    return tuple(kept) if condensation in kept else history
+    return History(kept) if condensation in kept else history
 
 
 def _apply_message(state: ConversationState, event: MessageAction) -> ConversationState:
-    history = (*state.history, event)
+    history = state.history.appended(event)
     if event.source != EventSource.USER:
         return msgspec.structs.replace(state, history=history, open_action=event)
     # A user message after a limit was hit extends that limit by its initial amount.

@@ -1,0 +1,177 @@
+"""History-length benchmark: session-manager's fold and reload of a long conversation against a
+short one.
+
+    uv run python bench/history_bench.py [--events 100000] [--runs 5]
+
+1. Fold: `state.fold` per event at 1,000 and at N events (in memory): flat if applying an event
+   costs O(1) whatever the history behind it.
+2. Reload: session-manager's load path (`Conversations.load`: the whole log read and folded) of
+   an N-event and a 100-event conversation, in-process against a real nats-server. Reference:
+   the same read without the fold (`log.read_conversation`), the floor of this path.
+Target (issue 13): the N-event figures within 1.2x of the short ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from taskbus.contracts import subjects
+from taskbus.contracts.events import (
+    CmdOutputObservation,
+    CmdRunAction,
+    CondensationAction,
+    ConversationCreated,
+    ConversationStatusChanged,
+    Event,
+    EventSource,
+    LLMMetrics,
+    MessageAction,
+    ResourceUsage,
+    encode_event,
+)
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.contracts.status import ConversationStatus
+from taskbus.contracts.streams import ensure_streams, last_message
+from taskbus.devtools.nats_server import NatsServer
+from taskbus.session_manager import log
+from taskbus.session_manager.conversations import Conversations
+from taskbus.session_manager.state import fold
+
+SMALL = 100
+TARGET = 1.2
+
+
+def agent_events(cid: str, count: int) -> list[Event]:
+    """A working agent's log: commands and their output, metrics, measurements, and a
+    condensation every 300 events (as a real model's context forces)."""
+    env, agent = EventSource.ENVIRONMENT, EventSource.AGENT
+    events: list[Event] = [
+        ConversationCreated(
+            conversation_id=cid, source=EventSource.USER, user_id="bench", title="t",
+            spec=ConversationSpec(),
+        ),
+        ConversationStatusChanged(
+            conversation_id=cid, source=env, status=ConversationStatus.RUNNING
+        ),
+        MessageAction(conversation_id=cid, source=EventSource.USER, content="the task"),
+    ]  # fmt: skip
+    while len(events) < count:
+        i = len(events)
+        if i % 300 == 0:
+            events.append(
+                CondensationAction(
+                    conversation_id=cid, source=agent, forgotten_start_id=3,
+                    forgotten_end_id=i - 40, summary=f"what happened up to {i - 40}",
+                )
+            )  # fmt: skip
+        elif i % 4 == 1:
+            events.append(CmdRunAction(conversation_id=cid, source=agent, command=f"make {i}"))
+        elif i % 4 == 2:
+            events.append(
+                CmdOutputObservation(
+                    conversation_id=cid, source=env, cause=i - 1, command="make",
+                    content=f"built target {i}\n" * 4, exit_code=0,
+                )
+            )  # fmt: skip
+        elif i % 4 == 3:
+            events.append(LLMMetrics(conversation_id=cid, source=agent, model="m", cost=0.001))
+        else:
+            events.append(ResourceUsage(conversation_id=cid, source=env, pids=i % 50))
+    return [msgspec.structs.replace(e, id=i) for i, e in enumerate(events[:count])]
+
+
+class _Id(msgspec.Struct):
+    id: int
+
+
+async def publish(js: JetStreamContext, nc: Client, events: list[Event]) -> None:
+    """Into the log at full speed (core publishes the stream captures), then wait for all."""
+    cid = events[0].conversation_id
+    for event in events:
+        await nc.publish(subjects.event_subject(cid, event.kind), encode_event(event))
+    await nc.flush()
+    while True:
+        last = await last_message(js, subjects.conversation_events(cid))
+        data = last.data if last is not None else None
+        if data is not None and msgspec.json.decode(data, type=_Id).id == events[-1].id:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def timed(runs: int, action: Callable[[], Awaitable[object]]) -> float:
+    """Median seconds of `runs` calls, after one warm-up."""
+    await action()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def fold_rate(events: list[Event]) -> float:
+    """Microseconds per event folding `events` (best of 3)."""
+    best = min(_fold_time(events) for _ in range(3))
+    return best / len(events) * 1e6
+
+
+def _fold_time(events: list[Event]) -> float:
+    started = time.perf_counter()
+    fold(events[0].conversation_id, events)
+    return time.perf_counter() - started
+
+
+async def main(total: int, runs: int) -> None:
+    big, small = agent_events("bench-big", total), agent_events("bench-small", SMALL)
+    per_1k, per_n = fold_rate(big[:1000]), fold_rate(big)
+    rows = [
+        ("fold, µs per event", f"{per_1k:.2f} (1,000 events)", f"{per_n:.2f}",
+         f"{per_n / per_1k:.2f}x")
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await ensure_streams(js)
+        print(f"publishing {total:,} + {SMALL} events ...", flush=True)
+        await publish(js, nc, big)
+        await publish(js, nc, small)
+
+        async def reload(cid: str) -> None:
+            await Conversations(js, lambda _: None).load(cid)
+
+        print(f"reloading, {runs} runs each ...", flush=True)
+        small_load = await timed(runs, lambda: reload("bench-small"))
+        big_load = await timed(runs, lambda: reload("bench-big"))
+        big_read = await timed(runs, lambda: log.read_conversation(js, "bench-big"))
+        rows.append(("reload (whole log)", f"{small_load * 1e3:.2f} ms",
+                     f"{big_load * 1e3:.0f} ms", f"{big_load / small_load:.0f}x"))  # fmt: skip
+        rows.append(("  reference: the read alone", "", f"{big_read * 1e3:.0f} ms",
+                     f"{big_read / small_load:.0f}x"))  # fmt: skip
+        await nc.drain()
+
+    header = ("", f"{SMALL} events", f"{total:,} events", f"ratio (target ≤ {TARGET}x)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = "-+-".join("-" * w for w in widths)
+    print(line)
+    for row in [header, *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print(line)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=5)
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.events, arguments.runs))
