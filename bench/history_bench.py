@@ -28,21 +28,11 @@ from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.events import (
-    CmdOutputObservation,
-    CmdRunAction,
-    CondensationAction,
-    ConversationCreated,
-    ConversationStatusChanged,
     Event,
-    EventSource,
-    LLMMetrics,
-    MessageAction,
-    ResourceUsage,
     encode_event,
 )
-from taskbus.contracts.specs import ConversationSpec
-from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.streams import ensure_streams, last_message
+from taskbus.devtools.agent_log import agent_events
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.session_manager import log
 from taskbus.session_manager.conversations import Conversations
@@ -50,45 +40,6 @@ from taskbus.session_manager.state import fold
 
 SMALL = 100
 TARGET = 1.2
-
-
-def agent_events(cid: str, count: int) -> list[Event]:
-    """A working agent's log: commands and their output, metrics, measurements, and a
-    condensation every 300 events (as a real model's context forces)."""
-    env, agent = EventSource.ENVIRONMENT, EventSource.AGENT
-    events: list[Event] = [
-        ConversationCreated(
-            conversation_id=cid, source=EventSource.USER, user_id="bench", title="t",
-            spec=ConversationSpec(),
-        ),
-        ConversationStatusChanged(
-            conversation_id=cid, source=env, status=ConversationStatus.RUNNING
-        ),
-        MessageAction(conversation_id=cid, source=EventSource.USER, content="the task"),
-    ]  # fmt: skip
-    while len(events) < count:
-        i = len(events)
-        if i % 300 == 0:
-            events.append(
-                CondensationAction(
-                    conversation_id=cid, source=agent, forgotten_start_id=3,
-                    forgotten_end_id=i - 40, summary=f"what happened up to {i - 40}",
-                )
-            )  # fmt: skip
-        elif i % 4 == 1:
-            events.append(CmdRunAction(conversation_id=cid, source=agent, command=f"make {i}"))
-        elif i % 4 == 2:
-            events.append(
-                CmdOutputObservation(
-                    conversation_id=cid, source=env, cause=i - 1, command="make",
-                    content=f"built target {i}\n" * 4, exit_code=0,
-                )
-            )  # fmt: skip
-        elif i % 4 == 3:
-            events.append(LLMMetrics(conversation_id=cid, source=agent, model="m", cost=0.001))
-        else:
-            events.append(ResourceUsage(conversation_id=cid, source=env, pids=i % 50))
-    return [msgspec.structs.replace(e, id=i) for i, e in enumerate(events[:count])]
 
 
 class _Id(msgspec.Struct):

@@ -27,7 +27,6 @@ from taskbus.contracts.events import (
     FileReadAction,
     LLMMetrics,
     MessageAction,
-    ResourceUsage,
     RuntimeRequested,
     RuntimeStatusChanged,
     TaskItem,
@@ -39,6 +38,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStatus
+from taskbus.devtools.agent_log import agent_events
 from taskbus.session_manager.condensation import plan_condensation
 from taskbus.session_manager.decide import Step, as_proposal, next_step, start_events
 from taskbus.session_manager.history import to_messages
@@ -642,44 +642,6 @@ def test_condensation_event_round_trip_in_the_fold_is_idempotent(fold_events: Fo
     state = fold_events(*events, forget)
     assert [e.id for e in state.history] == [2, 13, 11, 12]
     assert apply(state, msgspec.structs.replace(forget, id=13)) == state
-
-
-def agent_events(cid: str, count: int) -> list[Event]:
-    """`count` events of a working agent, ids as the appender gives them (0, 1, …): commands,
-    their output, metrics, measurements, and a condensation every 150 events."""
-    env, agent = EventSource.ENVIRONMENT, EventSource.AGENT
-    events: list[Event] = [
-        ConversationCreated(
-            conversation_id=cid, source=EventSource.USER, user_id="u", title="t",
-            spec=ConversationSpec(max_iterations=10_000),
-        ),
-        ConversationStatusChanged(
-            conversation_id=cid, source=env, status=ConversationStatus.RUNNING
-        ),
-        MessageAction(conversation_id=cid, source=EventSource.USER, content="the task"),
-    ]  # fmt: skip
-    while len(events) < count:
-        i = len(events)
-        if i % 150 < 4 and i > 150:
-            events.append(
-                CondensationAction(
-                    conversation_id=cid, source=agent, forgotten_start_id=3,
-                    forgotten_end_id=i - 20, summary=f"summary up to {i - 20}",
-                )
-            )  # fmt: skip
-        elif i % 4 == 0:
-            events.append(CmdRunAction(conversation_id=cid, source=agent, command=f"echo {i}"))
-        elif i % 4 == 1:
-            events.append(
-                CmdOutputObservation(
-                    conversation_id=cid, source=env, cause=i - 1, content=str(i), command="echo"
-                )
-            )
-        elif i % 4 == 2:
-            events.append(LLMMetrics(conversation_id=cid, source=agent, model="m", cost=0.001))
-        else:
-            events.append(ResourceUsage(conversation_id=cid, source=env, pids=i))
-    return [msgspec.structs.replace(e, id=i) for i, e in enumerate(events[:count])]
 
 
 def test_old_states_never_change_as_later_ones_append() -> None:
