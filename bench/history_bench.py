@@ -5,9 +5,12 @@ short one.
 
 1. Fold: `state.fold` per event at 1,000 and at N events (in memory): flat if applying an event
    costs O(1) whatever the history behind it.
-2. Reload: session-manager's load path (`Conversations.load`: the whole log read and folded) of
-   an N-event and a 100-event conversation, in-process against a real nats-server. Reference:
-   the same read without the fold (`log.read_conversation`), the floor of this path.
+2. Reload: session-manager's load path (`Conversations.load`: snapshot + the log's tail, or
+   the whole log) of an N-event and a 100-event conversation, in-process against a real
+   nats-server. The N-event log is consumed first as the events consumer does
+   (`Conversations.observe`), which writes the snapshots every `snapshot_every_events`; the
+   tail a load reads is printed, first right after a snapshot, then with the longest tail
+   (`snapshot_every_events` - 1 events appended since). Reference: the whole log read and folded.
 Target (issue 13): the N-event figures within 1.2x of the short ones.
 """
 
@@ -34,11 +37,14 @@ from taskbus.contracts.events import (
 from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.devtools.agent_log import agent_events
 from taskbus.devtools.nats_server import NatsServer
-from taskbus.session_manager import log
+from taskbus.session_manager import log, snapshots
 from taskbus.session_manager.conversations import Conversations
+from taskbus.session_manager.settings import SessionManagerSettings
+from taskbus.session_manager.snapshots import SnapshotStore
 from taskbus.session_manager.state import fold
 
 SMALL = 100
+EVERY = SessionManagerSettings().snapshot_every_events
 TARGET = 1.2
 
 
@@ -84,7 +90,10 @@ def _fold_time(events: list[Event]) -> float:
 
 
 async def main(total: int, runs: int) -> None:
-    big, small = agent_events("bench-big", total), agent_events("bench-small", SMALL)
+    # The last `EVERY - 1` events come after the long log was consumed: the longest tail.
+    longest = agent_events("bench-big", total + EVERY - 1)
+    big, late = longest[:total], longest[total:]
+    small = agent_events("bench-small", SMALL)
     per_1k, per_n = fold_rate(big[:1000]), fold_rate(big)
     rows = [
         ("fold, µs per event", f"{per_1k:.2f} (1,000 events)", f"{per_n:.2f}",
@@ -98,17 +107,35 @@ async def main(total: int, runs: int) -> None:
         await publish(js, nc, big)
         await publish(js, nc, small)
 
+        print("consuming the long log as session-manager does (snapshots) ...", flush=True)
+        live = Conversations(js, lambda _: None, snapshot_every=EVERY)
+        end = await last_message(js, subjects.conversation_events("bench-big"))
+        assert end is not None and end.seq is not None
+        started = time.perf_counter()
+        for sequence, event in await log.read_events(js, "bench-big", 1, end.seq):
+            await live.observe(event, sequence)
+        consumed = time.perf_counter() - started
+
         async def reload(cid: str) -> None:
-            await Conversations(js, lambda _: None).load(cid)
+            await Conversations(js, lambda _: None, snapshot_every=EVERY).load(cid)
 
         print(f"reloading, {runs} runs each ...", flush=True)
         small_load = await timed(runs, lambda: reload("bench-small"))
-        big_load = await timed(runs, lambda: reload("bench-big"))
-        big_read = await timed(runs, lambda: log.read_conversation(js, "bench-big"))
-        rows.append(("reload (whole log)", f"{small_load * 1e3:.2f} ms",
-                     f"{big_load * 1e3:.0f} ms", f"{big_load / small_load:.0f}x"))  # fmt: skip
-        rows.append(("  reference: the read alone", "", f"{big_read * 1e3:.0f} ms",
-                     f"{big_read / small_load:.0f}x"))  # fmt: skip
+        for _ in range(2):
+            big_load = await timed(runs, lambda: reload("bench-big"))
+            loaded = await snapshots.load(js, SnapshotStore(js), "bench-big", EVERY)
+            whole = fold("bench-big", await log.read_conversation(js, "bench-big"))
+            assert loaded.state == whole, "a reload from the snapshot differs from the full fold"
+            rows.append(("reload (snapshot + tail)", f"{small_load * 1e3:.2f} ms",
+                         f"{big_load * 1e3:.2f} ms (tail {loaded.read - 1})",
+                         f"{big_load / small_load:.2f}x"))  # fmt: skip
+            await publish(js, nc, late)  # then the longest tail
+        started = time.perf_counter()
+        fold("bench-big", await log.read_conversation(js, "bench-big"))
+        full = time.perf_counter() - started
+        rows.append(("  reference: whole log read + folded", "", f"{full * 1e3:.0f} ms",
+                     f"{full / small_load:.0f}x"))  # fmt: skip
+        rows.append(("  consume + snapshot, µs per event", "", f"{consumed / total * 1e6:.1f}", ""))
         await nc.drain()
 
     header = ("", f"{SMALL} events", f"{total:,} events", f"ratio (target ≤ {TARGET}x)")

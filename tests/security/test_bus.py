@@ -196,8 +196,11 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
     stack: Stack,
 ) -> None:
     """A forged lease would make session-manager give its partitions up; a forged admission
-    ledger would admit past every limit; a taken partition durable would starve its holder."""
+    ledger would admit past every limit; a forged snapshot (a state matching the log's position
+    but not its content) would lift a budget or put words in the agent's history; a taken
+    partition durable would starve its holder."""
     lease_key = "session_manager.p0"
+    snapshot_key = "0123456789abcdef0123456789abcdef"
 
     async def attempt(user: str) -> None:
         async with bus_as(stack, user) as nc:
@@ -205,6 +208,7 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
             for bucket, key in (
                 (subjects.PARTITIONS_BUCKET, lease_key),
                 (subjects.ADMISSION_BUCKET, "ledger"),
+                (subjects.SNAPSHOTS_BUCKET, snapshot_key),
             ):
                 kv = await js.key_value(bucket)
                 with pytest.raises(TimeoutError):
@@ -228,6 +232,8 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
         with contextlib.suppress(KeyNotFoundError):
             ledger = await (await js.key_value(subjects.ADMISSION_BUCKET)).get("ledger")
             assert ledger.value != b"forged"
+        with pytest.raises(KeyNotFoundError):
+            await (await js.key_value(subjects.SNAPSHOTS_BUCKET)).get(snapshot_key)
         durable = subjects.session_manager_events_durable(0)
         consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
         assert consumer.config.filter_subject == subjects.partition_events(0)

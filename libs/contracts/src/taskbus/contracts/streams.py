@@ -161,6 +161,8 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.ADMISSION_BUCKET, history=1, replicas=replicas),
         # history=1, as for secrets: a webhook's sealed signing secret goes with its entry.
         KeyValueConfig(bucket=subjects.WEBHOOKS_BUCKET, history=1, replicas=replicas),
+        # history=1: only the latest snapshot is of use, and a purge leaves nothing behind.
+        KeyValueConfig(bucket=subjects.SNAPSHOTS_BUCKET, history=1, replicas=replicas),
         # A lease lives until LEASE_SECONDS after its last renewal.
         KeyValueConfig(
             bucket=subjects.PARTITIONS_BUCKET, history=1, ttl=LEASE_SECONDS, replicas=replicas

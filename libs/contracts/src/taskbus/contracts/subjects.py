@@ -30,6 +30,9 @@ ADMISSION_BUCKET = "taskbus_admission"
 # Each service instance's readiness heartbeat (key = `<service>.<instance id>`), read by the
 # gateway's /api/health (contracts/observability_health.py).
 HEALTH_BUCKET = "taskbus_health"
+# Session-manager's snapshots of folded conversation states (key = conversation id), so a load
+# reads a snapshot and the log's tail: a cache, checked against the log (session_manager.snapshots).
+SNAPSHOTS_BUCKET = "taskbus_snapshots"
 # Users' webhook registrations (key = `webhooks.user_key`), written by the gateway alone.
 WEBHOOKS_BUCKET = "taskbus_webhooks"
 # Webhook deliveries to make (one message per delivery, retried by redelivery) and the log of

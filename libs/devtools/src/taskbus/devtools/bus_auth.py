@@ -75,6 +75,7 @@ def _all_stream_info() -> list[str]:
         subjects.ADMISSION_BUCKET,
         subjects.WEBHOOKS_BUCKET,
         subjects.HEALTH_BUCKET,
+        subjects.SNAPSHOTS_BUCKET,
     )
     return [
         f"{_API}.INFO",
@@ -232,6 +233,10 @@ def permissions(user: str) -> dict[str, Any] | None:
             # The admission ledger all instances share (its only reader and writer).
             *_read_bucket(subjects.ADMISSION_BUCKET),
             *_write_bucket(subjects.ADMISSION_BUCKET),
+            # Its snapshots of folded conversations (their only reader and writer): a load
+            # reads one and the log's tail; a deleted conversation's is purged.
+            *_read_bucket(subjects.SNAPSHOTS_BUCKET),
+            *_write_bucket(subjects.SNAPSHOTS_BUCKET),
             # Places sandboxes on runners (their heartbeats) and forwards them their work.
             *_read_bucket(subjects.RUNNERS_BUCKET),
             subjects.ALL_RUNNER_WORK,

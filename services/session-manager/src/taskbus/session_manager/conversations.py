@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -10,9 +11,12 @@ from types import MappingProxyType
 import msgspec
 from nats.js import JetStreamContext
 
-from taskbus.contracts.events import AnyEvent, Event, UnknownEvent
-from taskbus.session_manager import log
-from taskbus.session_manager.state import ConversationState, apply, fold
+from taskbus.contracts.events import AnyEvent, ConversationDeleted, Event, UnknownEvent
+from taskbus.session_manager import snapshots
+from taskbus.session_manager.snapshots import SnapshotStore
+from taskbus.session_manager.state import ConversationState, apply
+
+logger = logging.getLogger(__name__)
 
 OnChange = Callable[[ConversationState], None]
 
@@ -21,11 +25,27 @@ class Conversations:
     """A cache of `fold(log)` per conversation, out of `SessionManager` so that class keeps one
     job less and the fold stays pure: it folds a conversation from the log on a miss, applies
     each event in order (refolding after a gap), forgets a state nobody uses, and calls
-    `on_change(state)` whenever a conversation's state changes beyond its log position."""
+    `on_change(state)` whenever a conversation's state changes beyond its log position.
 
-    def __init__(self, js: JetStreamContext, on_change: OnChange) -> None:
+    A load reads the conversation's snapshot and the log after it (`snapshots`); a snapshot is
+    written once `snapshot_every` events have come since the last, when the state is exactly
+    the fold up to an event whose stream sequence is known (one the consumer delivered), or
+    after a load that read that many."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        on_change: OnChange,
+        *,
+        snapshot_every: int = 500,
+        snapshots: SnapshotStore | None = None,
+    ) -> None:
         self._js = js
         self._on_change = on_change
+        self._snapshot_every = snapshot_every
+        self._snapshots = snapshots or SnapshotStore(js)
+        # The last event id of each held conversation's latest snapshot (read or written).
+        self._snapshot_ids: dict[str, int] = {}
         self._states: dict[str, ConversationState] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._loading: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -40,14 +60,29 @@ class Conversations:
         async with self._loading[conversation_id]:
             state = self._states.get(conversation_id)
             if state is None:
-                events = await log.read_conversation(self._js, conversation_id)
-                self._advance(fold(conversation_id, events))
+                loaded = await snapshots.load(
+                    self._js, self._snapshots, conversation_id, self._snapshot_every
+                )
+                self._snapshot_ids[conversation_id] = loaded.snapshot_id
+                if loaded.sequence is not None:
+                    await self._snapshot(loaded.state, loaded.sequence)
+                self._advance(loaded.state)
                 state = self._states[conversation_id]
             return state
 
-    async def observe(self, event: AnyEvent | UnknownEvent) -> None:
-        """Apply an event read from the log: the next one is applied, a later one means some
-        were missed (the state is folded again), an earlier one is already in."""
+    async def observe(self, event: AnyEvent | UnknownEvent, sequence: int | None = None) -> None:
+        """Apply an event read from the log (at stream `sequence`): the next one is applied, a
+        later one means some were missed (the state is folded again), an earlier one is
+        already in. A deletion purges the snapshot, also when delivered again."""
+        cid = event.conversation_id
+        if isinstance(event, ConversationDeleted):
+            await self._snapshots.purge(cid)
+        await self._apply_observed(event)
+        state = self._states.get(cid)
+        if sequence is not None and state is not None and state.last_event_id == event.id:
+            await self._snapshot(state, sequence)
+
+    async def _apply_observed(self, event: AnyEvent | UnknownEvent) -> None:
         cid = event.conversation_id
         state = self._states.get(cid)
         if state is None:
@@ -82,7 +117,22 @@ class Conversations:
             return False
         del self._states[conversation_id]
         self._loading.pop(conversation_id, None)
+        self._snapshot_ids.pop(conversation_id, None)
         return True
+
+    async def _snapshot(self, state: ConversationState, sequence: int) -> None:
+        """Store `state` (the fold up to the event at stream `sequence`) if `snapshot_every`
+        events have come since the last snapshot. A failed write only leaves a longer tail."""
+        cid = state.conversation_id
+        if state.deleted or state.last_event_id - self._snapshot_ids.get(cid, -1) < (
+            self._snapshot_every
+        ):
+            return
+        self._snapshot_ids[cid] = state.last_event_id
+        try:
+            await self._snapshots.put(state, sequence)
+        except Exception:
+            logger.exception("snapshot of %s not stored", cid)
 
     def _advance(self, state: ConversationState) -> None:
         """Keep the newer of two states of a conversation (both are folds of a log prefix)."""

@@ -39,20 +39,33 @@ _RECOVERY_BATCH = 1000
 async def read_conversation(
     js: JetStreamContext, conversation_id: str
 ) -> list[AnyEvent | UnknownEvent]:
-    """Every event of one conversation, in order, as stored at the time of reading: a one-shot
-    read up to the last message, so nats-py's ordered consumer, not a FastStream one."""
+    """Every event of one conversation, in order, as stored at the time of reading."""
     tail = await last_message(js, subjects.conversation_events(conversation_id))
     if tail is None:
         return []
-    end = tail.seq
-    assert end is not None  # a direct get always carries the stream sequence
-    sub = await js.subscribe(subjects.conversation_events(conversation_id), ordered_consumer=True)
-    events: list[AnyEvent | UnknownEvent] = []
+    assert tail.seq is not None  # a direct get always carries the stream sequence
+    return [event for _, event in await read_events(js, conversation_id, 1, tail.seq)]
+
+
+async def read_events(
+    js: JetStreamContext, conversation_id: str, first: int, last: int
+) -> list[tuple[int, AnyEvent | UnknownEvent]]:
+    """The conversation's events stored from stream sequence `first` to `last` (one of its
+    events), each with its sequence: a one-shot bounded read, so nats-py's ordered consumer,
+    not a FastStream one."""
+    sub = await js.subscribe(
+        subjects.conversation_events(conversation_id),
+        stream=subjects.EVENTS_STREAM,  # named: no lookup of the stream by subject
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first),
+    )
+    events: list[tuple[int, AnyEvent | UnknownEvent]] = []
     try:
         while True:
             msg = await sub.next_msg(timeout=5)
-            events.append(decode_event(msg.data))
-            if msg.metadata.sequence.stream >= end:
+            sequence = msg.metadata.sequence.stream
+            events.append((sequence, decode_event(msg.data)))
+            if sequence >= last:
                 return events
     finally:
         await sub.unsubscribe()
@@ -136,7 +149,7 @@ async def _last_per_subject(js: JetStreamContext, filters: list[str]) -> list[Ms
     return messages
 
 
-class _Bucket:
+class Bucket:
     """A KV bucket, looked up on first use (not on every read and write)."""
 
     def __init__(self, js: JetStreamContext, name: str) -> None:
@@ -157,7 +170,7 @@ class _Bucket:
         return entry.value
 
 
-class SettingsStore(_Bucket):
+class SettingsStore(Bucket):
     """Per-user settings in KV `taskbus_settings` (key = user id)."""
 
     def __init__(self, js: JetStreamContext) -> None:
@@ -182,7 +195,7 @@ class SettingsStore(_Bucket):
         await (await self._bucket()).put(user_id, msgspec.json.encode(update))
 
 
-class VerdictStore(_Bucket):
+class VerdictStore(Bucket):
     """Verdicts on conversation commands in KV `taskbus_verdicts` (key = command id): the put
     itself tells the waiting gateway, and a retried command finds the first one's verdict."""
 

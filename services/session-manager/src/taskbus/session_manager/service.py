@@ -148,7 +148,9 @@ class SessionManager:
         self._settings_store = log.SettingsStore(js)
         self._secrets_store = SecretsStore(js)
         self._verdicts = log.VerdictStore(js)
-        self._conversations = Conversations(js, self._on_change)
+        self._conversations = Conversations(
+            js, self._on_change, snapshot_every=settings.snapshot_every_events
+        )
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._clock = LocalClock()  # the time limits count on it, not on events' timestamps
         self._admission = AdmissionDesk(
@@ -290,8 +292,8 @@ class SessionManager:
 
     # --- state ----------------------------------------------------------------------------
 
-    async def _observe(self, event: AnyEvent | UnknownEvent) -> None:
-        await self._conversations.observe(event)
+    async def _observe(self, event: AnyEvent | UnknownEvent, sequence: int) -> None:
+        await self._conversations.observe(event, sequence)
         cid = event.conversation_id
         if isinstance(event, ConversationStatusChanged) and cid in self._conversations.states:
             await self._admission.settle(self._conversations[cid])  # the ledger follows
@@ -322,7 +324,7 @@ class SessionManager:
             try:
                 # In the event's trace: the driver it kicks (and its LLM call) continues it.
                 with consuming(msg.subject, msg.headers, event.conversation_id):
-                    await self._observe(event)
+                    await self._observe(event, msg.metadata.sequence.stream)
                     if not isinstance(event, UnknownEvent):
                         await self._runtimes.forward(event, msg)
             except Exception as error:

@@ -70,3 +70,6 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     shared_workspaces: bool = False
     # How long placing a sandbox waits for a runner to register before it fails and is retried.
     placement_wait_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # A snapshot of a conversation's folded state once this many events have come since the
+    # last (KV taskbus_snapshots): a load reads it and the log's tail (session_manager.snapshots).
+    snapshot_every_events: Annotated[int, msgspec.Meta(ge=1)] = 500

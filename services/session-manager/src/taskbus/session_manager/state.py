@@ -2,7 +2,8 @@
 
 Events carry dense ids, so applying is idempotent: an event at or below `last_event_id` changes
 nothing. The state is therefore always exactly the fold of a prefix of the log, whether it was
-built by replaying the log, by the durable consumer, or by applying our own appends.
+built by replaying the log, by the durable consumer, or by applying our own appends (or started
+from a snapshot of such a state: session_manager.snapshots).
 
 Applying an event costs O(1) whatever the history's length: the history is a `History`, an
 append-only list shared by successive states (see there), never copied per event.
@@ -96,6 +97,11 @@ _WORKING = frozenset(
         AgentState.USER_CONFIRMED,
     }
 )
+
+
+# Bump when `apply` folds the same events into a different state: snapshots of another version
+# are ignored (folded again from the log).
+FOLD_VERSION = 1
 
 
 class History(Sequence[Event]):
