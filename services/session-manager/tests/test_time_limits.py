@@ -170,3 +170,28 @@ def test_an_idle_finished_conversation_gives_its_sandbox_back(fold_events: FoldE
     # A later message needs a sandbox again, on the same workspace.
     assert next_step(fold_events(*gone, user("One more thing."))) is Step.READMIT
     assert not is_settled(fold_events(*gone, user("One more thing.")))
+
+
+def test_the_operators_release_gives_back_finished_and_failed_sandboxes_sooner(
+    fold_events: FoldEvents,
+) -> None:
+    """`sandbox_release_seconds` bounds how long an ended conversation holds its sandbox, even
+    with no idle limit; it never ends a running one, nor changes an ended one's status."""
+    finish = AgentFinishAction(conversation_id="c1", source=EventSource.AGENT, final_thought="ok")
+    ends = {
+        S.FINISHED: [metrics(), finish, agent(A.FINISHED), status(S.FINISHED)],
+        S.ERROR: [metrics(), agent(A.ERROR, "llm_error"), status(S.ERROR, "llm_error")],
+    }
+    for idle in (None, 1800.0):
+        for ended, events in ends.items():
+            done = fold_events(*limited(idle=idle), *timed(events))
+            assert time_limit_events(done, at(59.9), release_seconds=60) == []
+            released = time_limit_events(done, at(60), release_seconds=60)
+            assert runtime_control(released) == [(RuntimeControl.STOP, "idle")]
+            assert fold_events(*limited(idle=idle), *timed(events), *released).status == ended
+    # A shorter idle limit of the conversation's own comes first.
+    finished = fold_events(*limited(idle=30), *timed(ends[S.FINISHED]))
+    assert runtime_control(time_limit_events(finished, at(30), release_seconds=60))
+    # A conversation waiting for its user is no ended one: it keeps its sandbox.
+    waiting = fold_events(*limited(), *timed(question()))
+    assert time_limit_events(waiting, at(5000), release_seconds=60) == []

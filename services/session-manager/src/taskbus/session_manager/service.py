@@ -272,12 +272,13 @@ class SessionManager:
                 if is_settled(state) or not state.created or not self._holds(cid):
                     self._forget(cid)  # another instance's: folded afresh when needed
                     continue
-                if not time_limit_events(self._clock.local(state, now), now):
+                release = self._settings.sandbox_release_seconds
+                if not time_limit_events(self._clock.local(state, now), now, release):
                     continue
                 try:
                     async with self._deciding[cid]:
                         current = self._clock.local(self._conversations[cid], now)
-                        events = time_limit_events(current, now)
+                        events = time_limit_events(current, now, release)
                         logger.info("%s reached a time limit: %s", cid, events[:1])
                         await self._append(events)
                 except Exception:

@@ -56,6 +56,9 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_iterations: int = 50
     # Conversation time limits unless the request sets them (see time_limits.py); None: none.
     idle_seconds: float | None = 1800.0
+    # A finished or failed conversation gives its sandbox back after this long without events
+    # (the workspace stays; a later message gets a new sandbox on it); None: at `idle_seconds`.
+    sandbox_release_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = 60.0
     max_duration_seconds: float | None = None
     time_limit_check_seconds: float = 1.0
     max_budget_per_task: float | None = None

@@ -7,7 +7,8 @@ clock. Pure: the service asks every conversation it holds once a second.
   - a running conversation whose agent waits for the user is PAUSED with reason `idle`, and its
     sandbox paused; the user's next message or confirmation wakes it;
   - a finished conversation gives its sandbox back (the workspace stays), so sandboxes are not
-    held by conversations nobody uses; a later message starts a new one;
+    held by conversations nobody uses; a later message starts a new one (the operator's
+    `sandbox_release_seconds`, 60 s, makes finished and failed ones do so sooner);
   - a failed one is cleaned up: STOPPED with reason `cleanup`, its sandbox given back (the
     seed's Error -> cleanup -> Stopped).
 Idle never interrupts work: a running command or an LLM call keeps the conversation busy.
@@ -53,8 +54,14 @@ _WAITING_FOR_USER = frozenset(
 )
 
 
-def time_limit_events(state: ConversationState, now: datetime) -> list[Event]:
-    """The events a time limit calls for at `now`; none while every limit holds."""
+def time_limit_events(
+    state: ConversationState, now: datetime, release_seconds: float | None = None
+) -> list[Event]:
+    """The events a time limit calls for at `now`; none while every limit holds.
+
+    `release_seconds` is the operator's (`sandbox_release_seconds`): a finished or failed
+    conversation gives its sandbox back after that long without events, if its idle limit
+    has not made it do so sooner."""
     if state.deleted or state.status is None:
         return []
     timeouts = state.spec.timeouts
@@ -65,19 +72,23 @@ def time_limit_events(state: ConversationState, now: datetime) -> list[Event]:
         and now - state.started_at >= timedelta(seconds=timeouts.max_duration_seconds)
     ):
         return stop_events(state, TIMEOUT_REASON)
-    if (
-        timeouts.idle_seconds is None
-        or state.last_activity is None
-        or now - state.last_activity < timedelta(seconds=timeouts.idle_seconds)
-    ):
+    if state.last_activity is None:
         return []
-    if state.status == _S.RUNNING and state.agent_state in _WAITING_FOR_USER:
-        return pause_events(state, IDLE_REASON)
-    if awaits_cleanup(state):
-        return stop_events(state, CLEANUP_REASON)
-    if state.status == _S.FINISHED and state.runtime_status in LIVE_RUNTIME_STATUSES:
+    idle = now - state.last_activity
+    if timeouts.idle_seconds is not None and idle >= timedelta(seconds=timeouts.idle_seconds):
+        if state.status == _S.RUNNING and state.agent_state in _WAITING_FOR_USER:
+            return pause_events(state, IDLE_REASON)
+        if awaits_cleanup(state):
+            return stop_events(state, CLEANUP_REASON)
+    held = [s for s in (timeouts.idle_seconds, release_seconds) if s is not None]
+    if (
+        held
+        and idle >= timedelta(seconds=min(held))
+        and state.status in (_S.FINISHED, _S.ERROR)
+        and state.runtime_status in LIVE_RUNTIME_STATUSES
+    ):
         # The request is an event too, so a runner that never answers is asked again only
-        # after another idle period.
+        # after another such period.
         return [runtime_control_event(state, RuntimeControl.STOP, IDLE_REASON)]
     return []
 
