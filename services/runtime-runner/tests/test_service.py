@@ -42,7 +42,7 @@ from taskbus.runtime_runner.app import (
 )
 from taskbus.runtime_runner.backend import Backend
 from taskbus.runtime_runner.replies import is_answered
-from taskbus.runtime_runner.runner import RuntimeRunner
+from taskbus.runtime_runner.runner import RuntimeRunner, SandboxCapacity
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 
 from .conftest import forwarding, fresh_runner_id, wait_for_runner_consumer
@@ -329,3 +329,46 @@ async def test_a_redelivered_action_does_not_run_twice(
         await dispatcher.cancel()
         await runner.close()
         await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable)
+
+
+async def test_a_full_runner_makes_a_start_wait_for_a_given_back_sandbox_or_refuses_it(
+    js: JetStreamContext, settings: RuntimeRunnerSettings
+) -> None:
+    """At its maximum of sandboxes a start waits for one to be given back; none within the
+    wait is a typed `runner_full` error, never a sandbox over the bound."""
+    appender = EventAppender(js)
+    runner = RuntimeRunner(
+        appender,
+        sandbox_factory(settings, Backend(SandboxIsolation.BUBBLEWRAP)),
+        settings.max_output_bytes,
+        in_flight_journal(settings),
+        Path(settings.workspace_root),
+        capacity=SandboxCapacity(max_sandboxes=1, wait_seconds=1.0),
+    )
+    first, refused, waiting = (uuid.uuid4().hex for _ in range(3))
+    try:
+        await runner.handle(await appender.append(request_runtime(first)))
+        assert list(runner.live_sandboxes()) == [first]
+        await runner.handle(refused_request := await appender.append(request_runtime(refused)))
+        error = await wait_for(js, refused, reply_to(refused_request, ErrorObservation))
+        assert isinstance(error, ErrorObservation) and error.code == "runner_full"
+        failed = await wait_for(js, refused, status(refused_request, RuntimeStatus.ERROR))
+        assert isinstance(failed, RuntimeStatusChanged) and failed.reason.startswith("runner_full")
+        assert list(runner.live_sandboxes()) == [first]
+        # A start that waits gets the sandbox the first conversation gives back.
+        waiting_request = await appender.append(request_runtime(waiting))
+        start = asyncio.create_task(runner.handle(waiting_request))
+        await asyncio.sleep(0.2)
+        assert not start.done() and runner.room() == 0
+        stop = RuntimeControlRequested(
+            conversation_id=first,
+            source=EventSource.ENVIRONMENT,
+            action=RuntimeControl.STOP,
+            reason="idle",
+        )
+        await runner.handle(await appender.append(stop))
+        await start
+        await wait_for(js, waiting, status(waiting_request, RuntimeStatus.READY))
+        assert list(runner.live_sandboxes()) == [waiting]
+    finally:
+        await runner.close(remove_sandboxes=True)

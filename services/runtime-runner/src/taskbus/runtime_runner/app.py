@@ -47,6 +47,7 @@ from taskbus.contracts.observability_health import Vitals
 from taskbus.contracts.runner_work import inbound_work
 from taskbus.contracts.runners import SandboxIsolation
 from taskbus.contracts.secret_box import SecretBox
+from taskbus.contracts.specs import Resources
 from taskbus.contracts.streams import ensure_streams
 from taskbus.runtime_runner import metrics
 from taskbus.runtime_runner.backend import (
@@ -64,10 +65,15 @@ from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.masking import MaskingAppender, SecretMasks
 from taskbus.runtime_runner.mcp_tools import MCPClients, MCPLimits
+from taskbus.runtime_runner.pool import WarmPool
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered, is_given_back
 from taskbus.runtime_runner.results import SandboxBuilder, WorkspaceResponder
-from taskbus.runtime_runner.runner import RuntimeRunner, answer_cut_off_actions
+from taskbus.runtime_runner.runner import (
+    RuntimeRunner,
+    SandboxCapacity,
+    answer_cut_off_actions,
+)
 from taskbus.runtime_runner.settings import RuntimeRunnerSettings
 from taskbus.runtime_runner.shell import ShellLimits
 from taskbus.runtime_runner.usage import UsageSampler
@@ -95,10 +101,8 @@ def shell_limits(settings: RuntimeRunnerSettings, request: RuntimeRequested) -> 
     )
 
 
-def docker_sandbox_factory(
-    settings: RuntimeRunnerSettings, engine: DockerEngine
-) -> Callable[[RuntimeRequested], DockerSandbox]:
-    config = DockerSandboxConfig(
+def docker_config(settings: RuntimeRunnerSettings, engine: DockerEngine) -> DockerSandboxConfig:
+    return DockerSandboxConfig(
         engine,
         settings.sandbox_image,
         settings.runner_id,
@@ -107,6 +111,10 @@ def docker_sandbox_factory(
         runtime=settings.docker_runtime,
     )
 
+
+def docker_sandbox_factory(
+    settings: RuntimeRunnerSettings, config: DockerSandboxConfig
+) -> Callable[[RuntimeRequested], DockerSandbox]:
     def new_sandbox(request: RuntimeRequested) -> DockerSandbox:
         return DockerSandbox(
             config,
@@ -143,11 +151,46 @@ def local_sandbox_factory(
     return new_sandbox
 
 
-def sandbox_factory(settings: RuntimeRunnerSettings, backend: Backend) -> SandboxBuilder:
-    """Sandboxes of the backend `choose_backend` chose."""
+def sandbox_factory(
+    settings: RuntimeRunnerSettings, backend: Backend, docker: DockerSandboxConfig | None = None
+) -> SandboxBuilder:
+    """Sandboxes of the backend `choose_backend` chose; on docker, made with `docker` when
+    given (the config the warm pool fills, see `warm_pool`)."""
     if backend.engine is not None:
-        return docker_sandbox_factory(settings, backend.engine)
+        return docker_sandbox_factory(settings, docker or docker_config(settings, backend.engine))
     return local_sandbox_factory(settings, backend.isolation)
+
+
+def warm_pool(
+    settings: RuntimeRunnerSettings,
+    backend: Backend,
+    config: DockerSandboxConfig,
+    room: Callable[[], float],
+) -> WarmPool | None:
+    """The runner's warm pool, set as where its docker sandboxes take containers from; None
+    when the operator keeps none, or under gVisor: its gofer loses a bind mount whose host
+    directory was renamed (stat and ls of the workspace fail with EINVAL after the hand-over),
+    so there every sandbox starts cold."""
+    if not settings.runner_warm_pool:
+        return None
+    if backend.isolation == SandboxIsolation.GVISOR:
+        logger.warning("no warm pool under gVisor (runsc): every sandbox starts cold")
+        return None
+    pool = WarmPool(
+        config,
+        Path(settings.workspace_root),
+        settings.runner_warm_pool,
+        effective_resources(Resources(), settings),
+        room,
+    )
+    config.warm = pool
+    return pool
+
+
+def sandbox_capacity(settings: RuntimeRunnerSettings) -> SandboxCapacity:
+    return SandboxCapacity(
+        max_sandboxes=settings.runner_max_sandboxes, wait_seconds=settings.sandbox_wait_seconds
+    )
 
 
 def mcp_clients(settings: RuntimeRunnerSettings) -> MCPClients:
@@ -313,7 +356,8 @@ class RuntimeRunnerService:
             js, SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file), masks
         )
         journal = in_flight_journal(settings)
-        new_sandbox = with_secrets(sandbox_factory(settings, backend), secrets)
+        docker = docker_config(settings, engine) if engine is not None else None
+        new_sandbox = with_secrets(sandbox_factory(settings, backend, docker), secrets)
         runner = RuntimeRunner(
             appender,
             new_sandbox,
@@ -329,15 +373,21 @@ class RuntimeRunnerService:
                 with_secrets(local_sandbox_factory(settings, backend.isolation), secrets),
             ),
             mcp=mcp_clients(settings),
+            capacity=sandbox_capacity(settings),
         )
-        if engine is not None:  # before consuming: redelivered actions find their sandbox
+        pool = None
+        if docker is not None:  # before consuming: redelivered actions find their sandbox
             await reconcile(
-                engine,
+                docker.engine,
                 settings.runner_id,
                 js,
-                with_secrets(docker_sandbox_factory(settings, engine), secrets),
+                with_secrets(docker_sandbox_factory(settings, docker), secrets),
                 runner,
             )
+            # After reconcile, so the pool fills in the room the re-attached sandboxes leave.
+            pool = warm_pool(settings, backend, docker, runner.room)
+            if pool is not None:
+                await pool.start()
         # After reconcile, so the agent's next action finds its sandbox re-attached.
         interrupted = await answer_cut_off_actions(js, appender, journal)
         if interrupted:
@@ -390,6 +440,8 @@ class RuntimeRunnerService:
             registered.cancel()
             sampling.cancel()
             await dispatcher.cancel()  # unacked work is redelivered to the next runner
+            if pool is not None:
+                await pool.close()
             await runner.close(settings.remove_sandboxes_on_shutdown)
             if engine is not None:
                 engine.close()

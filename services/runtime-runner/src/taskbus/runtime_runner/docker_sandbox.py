@@ -11,6 +11,12 @@ to that user), with every capability dropped, no-new-privileges, a read-only roo
 and home, the workspace as the only writable mount, and memory, pids and CPU limits always set.
 The `docker_runtime` setting picks the OCI runtime: runc, or runsc for gVisor.
 
+A conversation may get a warm container (pool.py) instead of a new one: started before any
+conversation asked, bound to an empty directory of its own, it becomes the conversation's by two
+renames, its directory to the conversation's workspace and the container to its name (the bind
+mount follows the directory, which is never shared). Only a conversation without a workspace yet
+takes one; a later sandbox on a kept workspace is started cold, bound to that workspace.
+
 The docker SDK blocks, so its calls run on a thread pool of the engine's own; the shell's
 stream is the exec's hijacked socket read with asyncio.
 """
@@ -30,7 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import docker
 import docker.errors
@@ -38,6 +44,7 @@ import msgspec
 import requests
 from docker.utils import kwargs_from_env
 
+from taskbus.contracts import subjects
 from taskbus.contracts.specs import NetworkMode
 from taskbus.runtime_runner.docker_frames import FrameDecoder
 from taskbus.runtime_runner.limits import SandboxResources, docker_host_limits
@@ -75,6 +82,13 @@ LABEL_RUNNER = "taskbus.runner_id"
 # A one-shot container (`run_once`) of this conversation: not managed, as reconcile would take
 # it for the conversation's sandbox; it is removed as soon as its program ends.
 LABEL_ONE_SHOT = "taskbus.one_shot"
+# A warm container (pool.py): its conversation is unknown when it is made, and labels cannot
+# change, so once handed over its name (`container_name`) tells whose it is.
+LABEL_WARM = "taskbus.warm"
+_NAME_PREFIX = "taskbus-"
+# The names of warm containers in the pool: the "." keeps them apart from every
+# `container_name`, as no conversation id has one.
+WARM_NAME_PREFIX = f"{_NAME_PREFIX}warm."
 WORKSPACE = "/workspace"
 HOME = "/home/taskbus"
 # exec: a sandbox may build and run programs in /tmp; nosuid, nodev: nothing there gains rights.
@@ -352,6 +366,19 @@ def _read_capped(chunks: Iterator[bytes], max_bytes: int) -> tuple[bytes, bool]:
     return output[:max_bytes], len(output) > max_bytes
 
 
+class WarmContainer(msgspec.Struct, frozen=True):
+    """A started container of the warm pool and the empty directory bound as its workspace."""
+
+    name: str
+    workspace: Path
+
+
+class WarmSource(Protocol):
+    def take(self, resources: SandboxResources) -> WarmContainer | None:
+        """A warm container made with exactly `resources`, now the caller's; None: none."""
+        ...
+
+
 class DockerSandboxConfig:
     """What every container of this runner shares."""
 
@@ -372,10 +399,75 @@ class DockerSandboxConfig:
         # The (uid, gid) containers run as; None: the runner's own (as `sandbox_user`).
         self.user = user
         self.runtime = runtime
+        # Where sandboxes of new conversations take a started container from (the warm pool).
+        self.warm: WarmSource | None = None
+
+    def container_user(self) -> tuple[int, int]:
+        return self.user or (os.getuid(), os.getgid())
+
+    def host_config(self, workspace: Path, resources: SandboxResources) -> Any:
+        """The hardening and limits every container runs under, `workspace` bound rw."""
+        uid, gid = self.container_user()
+        megabytes = resources.memory_mb
+        tmpfs = {
+            "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),
+            HOME: _TMPFS_OPTIONS.format(megabytes=megabytes, mode="0700") + f",uid={uid},gid={gid}",
+        }
+        return self.engine.api.create_host_config(
+            init=True,  # reaps orphans, which would otherwise count against the pids limit
+            binds={str(workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            read_only=True,
+            tmpfs=tmpfs,  # in the memory limit, whatever their size
+            # None added back: the shell, its commands and the signalling scripts all run as
+            # the one unprivileged user, which needs no capability to signal its own processes.
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            runtime=self.runtime,
+            **docker_host_limits(resources, self.engine.cpus),
+        )
+
+    async def start_container(
+        self, name: str, labels: dict[str, str], workspace: Path, resources: SandboxResources
+    ) -> None:
+        """Create and start a sandbox container; raises APIError 409 if `name` is taken."""
+        api = self.engine.api
+        uid, gid = self.container_user()
+        try:
+            await self.engine.call(
+                api.create_container,
+                self.image,
+                command=["sleep", "infinity"],
+                name=name,
+                labels={
+                    **self.labels,
+                    LABEL_MANAGED: "true",
+                    LABEL_RUNNER: self.runner_id,
+                    **labels,
+                },
+                user=f"{uid}:{gid}",
+                working_dir=WORKSPACE,
+                host_config=self.host_config(workspace, resources),
+            )
+        except docker.errors.ImageNotFound:
+            raise ActionError(
+                "sandbox_image_missing",
+                f"the sandbox image {self.image} is missing (build it: just sandbox-image)",
+            ) from None
+        await self.engine.call(api.start, name)
 
 
 def container_name(conversation_id: str) -> str:
-    return f"taskbus-{conversation_id}"
+    return f"{_NAME_PREFIX}{conversation_id}"
+
+
+def conversation_of(container: dict[str, Any]) -> str | None:
+    """The conversation a managed container (as `containers()` lists it) serves: its label, or
+    for a handed-over warm one its name; None for a warm one still in the pool."""
+    labelled = container["Labels"].get(LABEL_CONVERSATION)
+    if labelled is not None:
+        return str(labelled)
+    name = str(container["Names"][0]).lstrip("/").removeprefix(_NAME_PREFIX)
+    return name if subjects.is_valid_conversation_id(name) else None
 
 
 class DockerSandbox(HostWorkspaceSandbox):
@@ -418,76 +510,75 @@ class DockerSandbox(HostWorkspaceSandbox):
         )
 
     async def start(self, repository_url: str | None, branch: str | None) -> None:
+        warm = await self._take_warm()
+        # After a warm hand-over too: the clone lands in the directory the container sees.
         await self._prepare_workspace(self._host_home, repository_url, branch, self._clone_seconds)
-        await self._create_container()
+        if not warm:
+            await self._create_container()
         await self.shell.start()
 
-    def _user(self) -> tuple[int, int]:
-        return self._config.user or (os.getuid(), os.getgid())
+    async def _take_warm(self) -> bool:
+        """Make a warm container this conversation's, if the pool has one that fits and the
+        conversation has no workspace yet (an existing one must be bound by a new container)."""
+        pool = self._config.warm
+        if pool is None or await asyncio.to_thread(self._host_workspace.exists):
+            return False
+        warm = pool.take(self._resources)
+        if warm is None:
+            return False
+        try:
+            # The workspace is made by this rename: the container's mount follows the directory.
+            await asyncio.to_thread(self._host_workspace.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_rename_directory, warm.workspace, self._host_workspace)
+            await self._rename_container(warm.name)
+        except (OSError, docker.errors.APIError) as error:
+            logger.warning("warm container %s not handed over: %s", warm.name, error)
+            with contextlib.suppress(docker.errors.NotFound):
+                await self._engine.call(self._engine.api.remove_container, warm.name, force=True)
+            await asyncio.to_thread(_remove_empty, warm.workspace)
+            return False
+        return True
 
-    def _host_config(self, resources: SandboxResources) -> Any:
-        """The hardening and limits every container of this conversation runs under."""
-        uid, gid = self._user()
-        megabytes = resources.memory_mb
-        tmpfs = {
-            "/tmp": _TMPFS_OPTIONS.format(megabytes=megabytes, mode="1777"),
-            HOME: _TMPFS_OPTIONS.format(megabytes=megabytes, mode="0700") + f",uid={uid},gid={gid}",
-        }
-        return self._engine.api.create_host_config(
-            init=True,  # reaps orphans, which would otherwise count against the pids limit
-            binds={str(self._host_workspace): {"bind": WORKSPACE, "mode": "rw"}},
-            read_only=True,
-            tmpfs=tmpfs,  # in the memory limit, whatever their size
-            # None added back: the shell, its commands and the signalling scripts all run as
-            # the one unprivileged user, which needs no capability to signal its own processes.
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            runtime=self._config.runtime,
-            **docker_host_limits(resources, self._engine.cpus),
-        )
+    async def _rename_container(self, name: str) -> None:
+        api = self._engine.api
+        try:
+            await self._engine.call(api.rename, name, self.sandbox_id)
+        except docker.errors.APIError as error:
+            if error.status_code != 409:
+                raise
+            await self._remove_container()  # of an earlier, failed start of this conversation
+            await self._engine.call(api.rename, name, self.sandbox_id)
 
     async def _create_container(self) -> None:
-        api = self._engine.api
-        labels = {
-            **self._config.labels,
-            LABEL_MANAGED: "true",
-            LABEL_CONVERSATION: self._conversation_id,
-            LABEL_USER: self._user_id,
-            LABEL_RUNNER: self._config.runner_id,
-        }
-        uid, gid = self._user()
-        create = partial(
-            api.create_container,
-            self._config.image,
-            command=["sleep", "infinity"],
-            name=self.sandbox_id,
-            labels=labels,
-            user=f"{uid}:{gid}",
-            working_dir=WORKSPACE,
-            host_config=self._host_config(self._resources),
+        labels = {LABEL_CONVERSATION: self._conversation_id, LABEL_USER: self._user_id}
+        start = partial(
+            self._config.start_container,
+            self.sandbox_id,
+            labels,
+            self._host_workspace,
+            self._resources,
         )
         try:
-            try:
-                await self._engine.call(create)
-            except docker.errors.APIError as error:
-                if error.status_code != 409:
-                    raise
-                # A container of an earlier, failed start of this conversation.
-                await self._remove_container()
-                await self._engine.call(create)
-            await self._engine.call(api.start, self.sandbox_id)
-        except docker.errors.ImageNotFound:
-            raise ActionError(
-                "sandbox_image_missing",
-                f"the sandbox image {self._config.image} is missing (build it: just sandbox-image)",
-            ) from None
+            await start()
+        except docker.errors.APIError as error:
+            if error.status_code != 409:
+                raise
+            # A container of an earlier, failed start of this conversation.
+            await self._remove_container()
+            await start()
 
     async def reattach(self) -> bool:
         """Take over this conversation's existing container after a runner restart: stop what
         the previous runner's shell left running; the next command starts a new shell.
         Returns whether the container is paused."""
         api = self._engine.api
-        state = (await self._engine.call(api.inspect_container, self.sandbox_id))["State"]
+        container = await self._engine.call(api.inspect_container, self.sandbox_id)
+        state = container["State"]
+        if not state["Running"] and not self._binds_workspace(container):
+            # A stopped warm container: started again it would bind its pool directory, which
+            # is gone (docker would make an empty one), not the workspace it was renamed to.
+            await self._create_container()
+            return False
         if state["Paused"]:
             await self._engine.call(api.unpause, self.sandbox_id)
         elif not state["Running"]:
@@ -496,6 +587,13 @@ class DockerSandbox(HostWorkspaceSandbox):
         if state["Paused"]:
             await self._engine.call(api.pause, self.sandbox_id)
         return bool(state["Paused"])
+
+    def _binds_workspace(self, container: dict[str, Any]) -> bool:
+        return any(
+            mount.get("Destination") == WORKSPACE
+            and mount.get("Source") == str(self._host_workspace)
+            for mount in container.get("Mounts") or []
+        )
 
     async def usage(self) -> Usage:
         """The engine's stats of the container (its cgroup's figures) and the workspace's size."""
@@ -550,7 +648,7 @@ class DockerSandbox(HostWorkspaceSandbox):
         self, argv: list[str], seconds: float, max_output_bytes: int
     ) -> OneShotResult:
         api = self._engine.api
-        uid, gid = self._user()
+        uid, gid = self._config.container_user()
         name = f"{self.sandbox_id}-once-{secrets.token_hex(4)}"
         offline = msgspec.structs.replace(self._resources, network=NetworkMode.NONE)
         api.create_container(
@@ -561,7 +659,7 @@ class DockerSandbox(HostWorkspaceSandbox):
             user=f"{uid}:{gid}",
             working_dir=WORKSPACE,
             environment=sandbox_environment(HOME),
-            host_config=self._host_config(offline),
+            host_config=self._config.host_config(self._host_workspace, offline),
         )
         try:
             api.start(name)
@@ -593,3 +691,16 @@ class DockerSandbox(HostWorkspaceSandbox):
     async def _remove_container(self) -> None:
         with contextlib.suppress(docker.errors.NotFound):
             await self._engine.call(self._engine.api.remove_container, self.sandbox_id, force=True)
+
+
+def _rename_directory(source: Path, target: Path) -> None:
+    """rename(2), but never onto an existing directory (which it would silently replace when
+    empty): a workspace is the conversation's own from its first file on."""
+    if target.exists():
+        raise FileExistsError(f"{target} exists")
+    os.rename(source, target)
+
+
+def _remove_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()

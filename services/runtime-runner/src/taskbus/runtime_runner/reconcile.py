@@ -4,7 +4,8 @@ placed it on this runner. A runner that was declared lost (`RuntimeLost`) and ca
 its conversations placed elsewhere, or failed, and gives their sandboxes back.
 
 Docker, at start-up: containers of live runtimes are re-attached; every other container this
-runner owns (its runtime stopped, failed, or never got ready) is removed. Local sandboxes die
+runner owns (its runtime stopped, failed, or never got ready) is removed, but for warm ones
+never handed over, which the pool removes. Local sandboxes die
 with the runner, leaving their workspace: a live runtime gets a new sandbox on it, lazily, on the
 conversation's first event after the restart (start-up cannot tell live workspaces from the many
 of stopped conversations without a log read each).
@@ -22,11 +23,11 @@ from nats.js import JetStreamContext
 from taskbus.contracts.events import RuntimeRequested, RuntimeStatusChanged
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.docker_sandbox import (
-    LABEL_CONVERSATION,
     LABEL_MANAGED,
     LABEL_RUNNER,
     DockerEngine,
     DockerSandbox,
+    conversation_of,
 )
 from taskbus.runtime_runner.local import LocalSandbox
 from taskbus.runtime_runner.replies import is_given_back, last_event
@@ -69,7 +70,9 @@ async def reconcile(
 
     async def settle(container: dict[str, Any]) -> None:
         name = container["Names"][0].lstrip("/")
-        conversation_id = container["Labels"].get(LABEL_CONVERSATION, "")
+        conversation_id = conversation_of(container)
+        if conversation_id is None:
+            return  # a warm container never handed over: the pool removes it (pool.py)
         live = await live_runtime(js, conversation_id, runner_id)
         if live is not None:
             sandbox = new_sandbox(live[0])

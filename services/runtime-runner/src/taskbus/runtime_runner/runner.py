@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from itertools import count
 from pathlib import Path
 
+import msgspec
 from nats.js import JetStreamContext
 
 from taskbus.contracts.appender import EventAppender
@@ -41,6 +43,15 @@ from taskbus.runtime_runner.workspace import remove_conversation_directories
 logger = logging.getLogger(__name__)
 
 SandboxFactory = Callable[[RuntimeRequested], Sandbox]
+
+
+class SandboxCapacity(msgspec.Struct, frozen=True, kw_only=True):
+    """The operator's bound on the sandboxes (on docker: containers) one runner holds at once,
+    given-back ones not counted; a start beyond it waits `wait_seconds` for one to be given
+    back, then fails with `runner_full`. None: no bound."""
+
+    max_sandboxes: int | None = None
+    wait_seconds: float = 30.0
 
 
 class RecoveredSandbox:
@@ -88,8 +99,13 @@ class RuntimeRunner:
         workspace_root: Path,
         recover: SandboxRecovery | None = None,
         mcp: MCPClients | None = None,
+        capacity: SandboxCapacity | None = None,
     ) -> None:
         self._appender = appender
+        self._capacity = capacity or SandboxCapacity()
+        # Sandboxes being started or removed: they count against the capacity as held ones do.
+        self._in_transit = 0
+        self._freed = asyncio.Condition()
         self._mcp = mcp
         self._workspace_root = workspace_root
         self._new_sandbox = new_sandbox
@@ -131,6 +147,29 @@ class RuntimeRunner:
     def _new_runtime(self, requested: RuntimeRequested, sandbox: Sandbox) -> _Runtime:
         mcp = self._mcp.for_sandbox(requested, sandbox) if self._mcp is not None else None
         return _Runtime(sandbox, FileActions(sandbox, self._max_output_bytes), mcp)
+
+    def room(self) -> float:
+        """How many more sandboxes this runner may start now (inf: no bound)."""
+        bound = self._capacity.max_sandboxes
+        if bound is None:
+            return math.inf
+        return bound - len(self._runtimes) - self._in_transit
+
+    async def _claim_room(self) -> bool:
+        """Count a start against the capacity, waiting for a sandbox to be given back if it
+        is full; False if none was within `wait_seconds`."""
+        async with self._freed:
+            try:
+                async with asyncio.timeout(self._capacity.wait_seconds):
+                    await self._freed.wait_for(lambda: self.room() > 0)
+            except TimeoutError:
+                return False
+            self._in_transit += 1
+            return True
+
+    async def _release_room(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
 
     def live_sandboxes(self) -> dict[str, Sandbox]:
         """The ready, unpaused sandboxes by conversation: what `UsageSampler` measures."""
@@ -190,25 +229,20 @@ class RuntimeRunner:
         cid = request.conversation_id
         await self._appender.append(self._status(request, RuntimeStatus.STARTING))
         if cid not in self._runtimes:
-            sandbox = self._new_sandbox(request)
+            if not await self._claim_room():
+                await self._refuse_start(request, "runner_full", self._full_message())
+                return
             try:
-                await sandbox.start(request.repository, request.selected_branch)
-            except Exception as error:
-                await sandbox.close()
-                code = error.code if isinstance(error, ActionError) else "runtime_start_failed"
-                message = redact(str(error))
-                logger.warning("sandbox for %s failed to start: %s", cid, message)
-                await self._appender.append_all(
-                    [
-                        ErrorObservation(**reply_to(request), code=code, content=message),
-                        self._status(request, RuntimeStatus.ERROR, f"{code}: {message}"),
-                    ]
-                )
+                sandbox = await self._start_sandbox(request)
+                if sandbox is not None:  # held from here on, without a moment uncounted
+                    self._runtimes[cid] = self._new_runtime(request, sandbox)
+            finally:
+                self._in_transit -= 1
+                if cid not in self._runtimes:
+                    await self._release_room()
+            runtime = self._runtimes.get(cid)
+            if runtime is None:
                 return
-            if self._stopped_at.get(cid, -1) > request.id:
-                await sandbox.close()  # stopped while it was starting; "stopped" is in the log
-                return
-            runtime = self._runtimes[cid] = self._new_runtime(request, sandbox)
             if runtime.mcp is not None:
                 # Before READY, so the agent's first LLM call already offers the tools.
                 listed = await runtime.mcp.start(request)
@@ -216,6 +250,39 @@ class RuntimeRunner:
                     return  # stopped while its MCP servers started; "stopped" is in the log
                 await self._appender.append_all(listed)
         await self._appender.append(self._status(request, RuntimeStatus.READY))
+
+    async def _start_sandbox(self, request: RuntimeRequested) -> Sandbox | None:
+        """A started sandbox for `request`; None if it failed (the error is in the log) or a
+        stop came meanwhile ("stopped" is in the log)."""
+        sandbox = self._new_sandbox(request)
+        try:
+            await sandbox.start(request.repository, request.selected_branch)
+        except Exception as error:
+            await sandbox.close()
+            code = error.code if isinstance(error, ActionError) else "runtime_start_failed"
+            message = redact(str(error))
+            logger.warning("sandbox for %s failed to start: %s", request.conversation_id, message)
+            await self._refuse_start(request, code, message)
+            return None
+        if self._stopped_at.get(request.conversation_id, -1) > request.id:
+            await sandbox.close()
+            return None
+        return sandbox
+
+    async def _refuse_start(self, request: RuntimeRequested, code: str, message: str) -> None:
+        await self._appender.append_all(
+            [
+                ErrorObservation(**reply_to(request), code=code, content=message),
+                self._status(request, RuntimeStatus.ERROR, f"{code}: {message}"),
+            ]
+        )
+
+    def _full_message(self) -> str:
+        capacity = self._capacity
+        return (
+            f"This runner holds its maximum of {capacity.max_sandboxes} sandboxes and none was "
+            f"given back within {capacity.wait_seconds:g} s; try again later."
+        )
 
     async def _control(self, request: RuntimeControlRequested) -> None:
         cid = request.conversation_id
@@ -246,7 +313,12 @@ class RuntimeRunner:
         self._stopped_at[cid] = max(self._stopped_at.get(cid, -1), cause.id)
         runtime = self._runtimes.pop(cid, None)
         if runtime is not None:
-            await runtime.close()
+            self._in_transit += 1  # its container counts until it is gone
+            try:
+                await runtime.close()
+            finally:
+                self._in_transit -= 1
+                await self._release_room()
 
     async def _delete(self, deleted: ConversationDeleted) -> None:
         """A deleted conversation leaves nothing on this host: its sandbox, if any, and its

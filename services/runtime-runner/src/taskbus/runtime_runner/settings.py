@@ -82,6 +82,15 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_file_bytes: Bytes = 1024 * 1024 * 1024
     # Sandboxes session-manager places on this runner before it counts as full.
     runner_slots: Annotated[int, msgspec.Meta(ge=1)] = 16
+    # Docker containers kept started for new conversations (pool.py), made with the default
+    # sandbox resources; 0: every sandbox starts cold (as under gVisor, see app.warm_pool).
+    runner_warm_pool: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # The most conversations' sandboxes (containers on docker) this runner holds at once; a
+    # start beyond it waits `sandbox_wait_seconds` for one to be given back, then fails with
+    # `runner_full`. The warm pool fills only while held and warm ones together are below it,
+    # so containers never exceed it by more than `runner_warm_pool`. None: no bound.
+    runner_max_sandboxes: Annotated[int, msgspec.Meta(ge=1)] | None = 32
+    sandbox_wait_seconds: Seconds = 30.0
     ack_wait_seconds: Seconds = 30.0
     max_ack_pending: Annotated[int, msgspec.Meta(ge=1)] = 512
     # Deliveries of one event before the runner gives up on it (it is logged and kept as a dead
