@@ -228,3 +228,39 @@ def test_gvisor_keeps_no_warm_pool(docker_config: DockerSandboxConfig) -> None:
     hardened = Backend(SandboxIsolation.DOCKER_HARDENED)
     made = warm_pool(settings, hardened, docker_config, lambda: 1)
     assert isinstance(made, WarmPool) and docker_config.warm is made
+
+
+class _Secrets:
+    """A conversation's sandbox secrets (credentials.ConversationSecrets)."""
+
+    async def environment(self) -> dict[str, str]:
+        return {"API_TOKEN": "t0ken-of-second"}
+
+
+async def test_the_warm_shell_serves_only_a_conversation_without_secrets(
+    docker_config: DockerSandboxConfig,
+    pool: WarmPool,
+    tmp_path: Path,
+    sandboxes: list[DockerSandbox],
+) -> None:
+    """The pool's shell was started with no secret: a conversation that has some gets a shell
+    of its own that exports them, and the pool's, cut off, exits; one with none keeps the
+    pool's shell (containers of the pool start alike, so its pid is the same in each)."""
+    root = tmp_path / "workspaces"
+    shell_pid = "echo pid=$$"
+    plain = new_sandbox(docker_config, root, sandboxes)
+    await plain.start(None, None)
+    assert (await run(plain, "echo ${API_TOKEN:-none}")).content.strip().endswith("none")
+    pool_shell = (await run(plain, shell_pid)).content.split()[-1]
+    with_secrets = new_sandbox(docker_config, root, sandboxes)
+    with_secrets.secrets = _Secrets()  # type: ignore[assignment]
+    await with_secrets.start(None, None)
+    assert (await run(with_secrets, "echo $API_TOKEN")).content.strip().endswith("t0ken-of-second")
+    assert (await run(with_secrets, shell_pid)).content.split()[-1] != pool_shell
+    count = "pgrep -c -x bash"
+    for _ in range(300):
+        if (await run(with_secrets, count)).content.split()[-1] == "1":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the pool's cut-off shell is still running")

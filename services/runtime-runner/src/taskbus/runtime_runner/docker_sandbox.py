@@ -202,6 +202,11 @@ class DockerShellProcess:
         line, _, self._pending = self._pending.partition(b"\n")
         self.pid = int(line)
 
+    def disconnect(self) -> None:
+        """Close its stream: the shell reads the end of its input and exits (one nobody will
+        use, as a warm container's shell with the wrong environment)."""
+        self._writer.close()
+
     async def write(self, data: bytes) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             self._writer.write(data)
@@ -367,10 +372,13 @@ def _read_capped(chunks: Iterator[bytes], max_bytes: int) -> tuple[bytes, bool]:
 
 
 class WarmContainer(msgspec.Struct, frozen=True):
-    """A started container of the warm pool and the empty directory bound as its workspace."""
+    """A started container of the warm pool, the empty directory bound as its workspace, and
+    a shell already started in it without any secret (addressed by the container's id, which
+    a rename keeps): an exec costs ~90 ms, most of a warm start."""
 
     name: str
     workspace: Path
+    shell: DockerShellProcess
 
 
 class WarmSource(Protocol):
@@ -428,12 +436,13 @@ class DockerSandboxConfig:
 
     async def start_container(
         self, name: str, labels: dict[str, str], workspace: Path, resources: SandboxResources
-    ) -> None:
-        """Create and start a sandbox container; raises APIError 409 if `name` is taken."""
+    ) -> str:
+        """Create and start a sandbox container, returning its id; raises APIError 409 if
+        `name` is taken."""
         api = self.engine.api
         uid, gid = self.container_user()
         try:
-            await self.engine.call(
+            created = await self.engine.call(
                 api.create_container,
                 self.image,
                 command=["sleep", "infinity"],
@@ -454,6 +463,14 @@ class DockerSandboxConfig:
                 f"the sandbox image {self.image} is missing (build it: just sandbox-image)",
             ) from None
         await self.engine.call(api.start, name)
+        return str(created["Id"])
+
+    async def spawn_shell(
+        self, container: str, secrets: dict[str, str] | None = None
+    ) -> DockerShellProcess:
+        """The persistent shell's process in `container`, exporting `secrets`."""
+        environment = {**sandbox_environment(HOME), **secrets_carrier(secrets or {})}
+        return await DockerShellProcess.spawn(self.engine, container, environment)
 
 
 def container_name(conversation_id: str) -> str:
@@ -497,12 +514,17 @@ class DockerSandbox(HostWorkspaceSandbox):
         self.files = HostWorkspace(self._host_workspace, WORKSPACE, config.user)
         self._disk = DiskGauge(self._host_workspace)
         self.shell = PersistentShell(self._spawn_shell, shell_limits, WORKSPACE)
+        # The warm container's shell, until the first `_spawn_shell` takes it.
+        self._warm_shell: DockerShellProcess | None = None
 
     async def _spawn_shell(self) -> ShellProcess:
-        carrier = secrets_carrier(await self._sandbox_secrets())
-        return await DockerShellProcess.spawn(
-            self._engine, self.sandbox_id, {**sandbox_environment(HOME), **carrier}
-        )
+        secrets = await self._sandbox_secrets()
+        warm, self._warm_shell = self._warm_shell, None
+        if warm is not None:
+            if not secrets:
+                return warm  # started by the pool, with the same environment
+            warm.disconnect()  # started without the secrets this conversation has
+        return await self._config.spawn_shell(self.sandbox_id, secrets)
 
     async def spawn_process(self, argv: list[str], environment: dict[str, str]) -> SandboxProcess:
         return await DockerProgram.spawn(
@@ -533,10 +555,12 @@ class DockerSandbox(HostWorkspaceSandbox):
             await self._rename_container(warm.name)
         except (OSError, docker.errors.APIError) as error:
             logger.warning("warm container %s not handed over: %s", warm.name, error)
+            warm.shell.disconnect()
             with contextlib.suppress(docker.errors.NotFound):
                 await self._engine.call(self._engine.api.remove_container, warm.name, force=True)
             await asyncio.to_thread(_remove_empty, warm.workspace)
             return False
+        self._warm_shell = warm.shell
         return True
 
     async def _rename_container(self, name: str) -> None:

@@ -126,14 +126,15 @@ class WarmPool:
         try:
             await asyncio.to_thread(_new_directory, workspace)
             try:
-                await self._config.start_container(
+                container = await self._config.start_container(
                     name, {LABEL_WARM: "true"}, workspace, self._resources
                 )
+                shell = await self._config.spawn_shell(container)
             except BaseException:
                 await self._remove(name)
                 await asyncio.to_thread(shutil.rmtree, workspace, True)
                 raise
-            self._ready.append(WarmContainer(name, workspace))
+            self._ready.append(WarmContainer(name, workspace, shell))
             if len(self._ready) >= self._size:
                 self._full.set()
         finally:
@@ -156,6 +157,8 @@ class WarmPool:
         await asyncio.gather(
             *(self._remove(name) for name in names if name.startswith(WARM_NAME_PREFIX))
         )
+        for warm in self._ready:
+            warm.shell.disconnect()
         self._ready.clear()
         self._full.clear()
         await asyncio.to_thread(shutil.rmtree, self._directory, True)
