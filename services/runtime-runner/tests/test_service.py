@@ -278,19 +278,30 @@ async def test_is_answered_only_by_a_final_reply(js: JetStreamContext) -> None:
     assert not await is_answered(js, cid, action.id + 1, last.seq)
 
 
+def local_runner(
+    appender: EventAppender,
+    settings: RuntimeRunnerSettings,
+    capacity: SandboxCapacity | None = None,
+) -> RuntimeRunner:
+    """A runner of local sandboxes under bubblewrap, consuming nothing: the test hands it
+    events."""
+    return RuntimeRunner(
+        appender,
+        sandbox_factory(settings, Backend(SandboxIsolation.BUBBLEWRAP)),
+        settings.max_output_bytes,
+        in_flight_journal(settings),
+        Path(settings.workspace_root),
+        capacity=capacity,
+    )
+
+
 async def test_a_redelivered_action_does_not_run_twice(
     js: JetStreamContext, settings: RuntimeRunnerSettings
 ) -> None:
     """The same stored action dispatched twice (as after a crash before the ack) runs once."""
     cid = uuid.uuid4().hex
     appender = EventAppender(js)
-    runner = RuntimeRunner(
-        appender,
-        sandbox_factory(settings, Backend(SandboxIsolation.BUBBLEWRAP)),
-        settings.max_output_bytes,
-        in_flight_journal(settings),
-        Path(settings.workspace_root),
-    )
+    runner = local_runner(appender, settings)
     rid = settings.runner_id
     dispatcher = EventDispatcher(js, runner, rid, settings.ack_wait_seconds, settings.max_deliver)
     await runner.handle(await appender.append(request_runtime(cid)))
@@ -337,14 +348,7 @@ async def test_a_full_runner_makes_a_start_wait_for_a_given_back_sandbox_or_refu
     """At its maximum of sandboxes a start waits for one to be given back; none within the
     wait is a typed `runner_full` error, never a sandbox over the bound."""
     appender = EventAppender(js)
-    runner = RuntimeRunner(
-        appender,
-        sandbox_factory(settings, Backend(SandboxIsolation.BUBBLEWRAP)),
-        settings.max_output_bytes,
-        in_flight_journal(settings),
-        Path(settings.workspace_root),
-        capacity=SandboxCapacity(max_sandboxes=1, wait_seconds=1.0),
-    )
+    runner = local_runner(appender, settings, SandboxCapacity(max_sandboxes=1, wait_seconds=1.0))
     first, refused, waiting = (uuid.uuid4().hex for _ in range(3))
     try:
         await runner.handle(await appender.append(request_runtime(first)))
