@@ -14,8 +14,10 @@ The `docker_runtime` setting picks the OCI runtime: runc, or runsc for gVisor.
 A conversation may get a warm container (pool.py) instead of a new one: started before any
 conversation asked, bound to an empty directory of its own, it becomes the conversation's by two
 renames, its directory to the conversation's workspace and the container to its name (the bind
-mount follows the directory, which is never shared). Only a conversation without a workspace yet
-takes one; a later sandbox on a kept workspace is started cold, bound to that workspace.
+mount follows the directory, which is never shared), and its idle shell becomes the
+conversation's unless the conversation has sandbox secrets. Only a conversation without a
+workspace yet takes one; a later sandbox on a kept workspace is started cold, bound to that
+workspace. Not under gVisor, whose gofer loses a mount whose host directory was renamed.
 
 The docker SDK blocks, so its calls run on a thread pool of the engine's own; the shell's
 stream is the exec's hijacked socket read with asyncio.

@@ -1,14 +1,16 @@
 """The warm pool: docker containers started before any conversation asks for one, so a new
-conversation's sandbox is ready after two renames and an exec rather than a container start
-(~250 ms here, more under load, as the engine starts containers one after another).
+conversation's sandbox is ready after two renames rather than a container start and an exec
+(~250 + ~90 ms here, more under load, as the engine starts containers one after another).
 
 A warm container is made as a conversation's is (image, user, hardening), with the operator's
 default resources (a conversation asking for other limits starts cold), bound to an empty
 directory of its own, `<workspace root>/.warm/<runner id>/<token>`. Nothing runs in it but
-`sleep` until it is handed over (`DockerSandbox._take_warm`); from then on it is that
-conversation's and never comes back (a given-back sandbox is removed), so no container and no
-directory ever serves two conversations. A take wakes the filler, which replaces the container
-in the background while the runner has room (`room`: sandboxes it may still start).
+`sleep` and an idle shell, started without secrets, until it is handed over
+(`DockerSandbox._take_warm`; a conversation with sandbox secrets starts its own shell); from
+then on it is that conversation's and never comes back (a given-back sandbox is removed), so no
+container, shell or directory ever serves two conversations. A take wakes the filler, which
+replaces the container in the background while the runner has room (`room`: sandboxes it may
+still start).
 
 Warm containers still in the pool are removed when the runner stops; those a killed runner left
 are removed when the next one starts (reconcile skips them: they serve no conversation).
