@@ -17,8 +17,10 @@ from nats.js.kv import KeyValue
 from taskbus.contracts.partitions import (
     PARTITIONS,
     PartitionLeases,
+    member_key,
     partition_of,
     rendezvous_owner,
+    renewing_members,
 )
 from taskbus.devtools.nats_server import NatsServer
 
@@ -191,3 +193,22 @@ async def test_partitions_whose_take_over_failed_are_handed_back_and_taken_again
     await settled([flaky], within=3 * RENEW + 1)
     assert sorted(flaky.leases.held) == list(range(PARTITIONS))
     await flaky.leases.stop()
+
+
+async def test_renewing_members_names_the_live_instances_never_a_dead_ones_key(
+    kv: KeyValue,
+) -> None:
+    """What a rebuild asks before it replaces a group's consumers: no member returns at once, a
+    live one is named within a renewal, a dead one's last heartbeat is not taken for life."""
+    assert await renewing_members(kv, "group", lease_seconds=LEASE) == []
+    await kv.put(member_key("group", "dead"), b"")  # a heartbeat never renewed
+    await kv.put(member_key("other", "live-elsewhere"), b"")
+    live = Instance(kv, "live")
+    await live.leases.start()
+    try:
+        assert await renewing_members(kv, "group", lease_seconds=LEASE) == ["live"]
+    finally:
+        await live.leases.stop()
+    started = time.monotonic()
+    assert await renewing_members(kv, "group", lease_seconds=LEASE) == []  # "dead" ages out
+    assert time.monotonic() - started < 2 * LEASE + 5

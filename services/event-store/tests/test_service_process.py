@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.config import settings_from_env
 from taskbus.contracts.events import (
     ConversationCreated,
     ConversationDeleted,
@@ -43,7 +44,10 @@ from taskbus.contracts.queries import (
 )
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus
+from taskbus.event_store.app import run_rebuild
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.rebuild import EventStoreRunning
+from taskbus.event_store.settings import EventStoreSettings
 from taskbus.event_store.sql import Statement
 from taskbus.event_store.synthetic import users_history
 
@@ -175,6 +179,13 @@ async def test_service_process_answers_queries_and_survives_a_restart(
     assert isinstance(page, EventPage) and len(page.events) == 1
     foreign = await ask(nc, GetConversation(user_id="mallory", conversation_id=cid))
     assert isinstance(foreign, QueryError) and foreign.status == 404
+    # A rebuild under another consumer name sees no leases or durables of this service: the
+    # chDB path's lock alone refuses it, before chDB would have died on it.
+    assert service.process is not None
+    other = {**service.env, "TASKBUS_CONSUMER_NAME": "other_name"}
+    with pytest.raises(EventStoreRunning) as refused:
+        await run_rebuild(settings_from_env(EventStoreSettings, other))
+    assert f"its chDB data path is held open (PID: {service.process.pid})" in str(refused.value)
     assert service.stop() == 0
 
     # Restarted on the same data: the projection is still there and the consumer resumes.

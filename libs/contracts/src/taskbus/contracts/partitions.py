@@ -69,6 +69,51 @@ def rendezvous_owner(partition: int, members: Iterable[str]) -> str | None:
     return max(members, key=weight, default=None)
 
 
+def member_key(group: str, instance: str) -> str:
+    """The KV key an instance of `group` heartbeats while it runs."""
+    return f"{group}.members.{instance}"
+
+
+async def renewing_members(
+    kv: KeyValue, group: str, *, lease_seconds: float = LEASE_SECONDS, poll_seconds: float = 0.1
+) -> list[str]:
+    """The instances of `group` still running: those whose heartbeat is put again while we
+    watch. A dead instance's key only ages out (the bucket's TTL, enforced with some lag), so
+    this waits up to two leases, and returns at once when the group has no member key at all."""
+    first = await _member_revisions(kv, group)
+    deadline = time.monotonic() + 2 * lease_seconds
+    while first:
+        current = await _member_revisions(kv, group)
+        renewed = [m for m, revision in current.items() if revision != first.get(m)]
+        if renewed:
+            return sorted(renewed)
+        if not current:
+            return []
+        if time.monotonic() > deadline:
+            return sorted(current)  # outlived its TTL: not ours to call dead
+        await asyncio.sleep(poll_seconds)
+    return []
+
+
+async def _members(kv: KeyValue, group: str) -> set[str]:
+    prefix = member_key(group, "")
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return set()
+    return {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
+
+
+async def _member_revisions(kv: KeyValue, group: str) -> dict[str, int]:
+    revisions: dict[str, int] = {}
+    for member in await _members(kv, group):
+        with contextlib.suppress(KeyNotFoundError):  # aged out meanwhile
+            entry = await kv.get(member_key(group, member))
+            if entry.revision is not None:
+                revisions[member] = entry.revision
+    return revisions
+
+
 def default_instance_id() -> str:
     """An instance's name when the operator gives none: unique on the host and over time."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -106,9 +151,6 @@ class PartitionLeases:
     def held(self) -> frozenset[int]:
         return frozenset(self._held)
 
-    def _member_key(self, instance: str) -> str:
-        return f"{self._group}.members.{instance}"
-
     def _lease_key(self, partition: int) -> str:
         return f"{self._group}.p{partition}"
 
@@ -123,7 +165,7 @@ class PartitionLeases:
             await cancel_and_wait(self._task)
         await self._hand_back(sorted(self._held))
         with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await self._kv.delete(self._member_key(self._instance))
+            await self._kv.delete(member_key(self._group, self._instance))
 
     async def _run(self) -> None:
         while True:
@@ -147,7 +189,7 @@ class PartitionLeases:
     async def rebalance(self) -> None:
         """One round: heartbeat, renew what we keep, hand back what another member should own,
         take what is ours and free."""
-        await self._kv.put(self._member_key(self._instance), b"")
+        await self._kv.put(member_key(self._group, self._instance), b"")
         members = await self._members()
         lost: list[int] = []
         handed_back: list[int] = []
@@ -175,13 +217,7 @@ class PartitionLeases:
                 raise
 
     async def _members(self) -> list[str]:
-        prefix = self._member_key("")
-        try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        members = {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
-        return sorted(members | {self._instance})
+        return sorted(await _members(self._kv, self._group) | {self._instance})
 
     async def _renew(self, partition: int) -> bool:
         """Whether the lease is still ours (renewed); False: it expired, or was taken."""

@@ -20,7 +20,7 @@ from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.purge import Purger, log_consumers
-from taskbus.event_store.rebuild import ensure_not_consuming, rebuild
+from taskbus.event_store.rebuild import ensure_not_running, rebuild
 from taskbus.event_store.responder import QueryResponder
 from taskbus.event_store.settings import EventStoreSettings
 from taskbus.event_store.status_kv import ConversationStatusKV
@@ -129,8 +129,7 @@ async def run_rebuild(settings: EventStoreSettings) -> int:
     try:
         js = jetstream(broker)
         await ensure_streams(js, settings.stream_replicas)
-        # Before opening ClickHouse: a running service may own the embedded data path.
-        await ensure_not_consuming(js, settings.consumer_name)
+        await ensure_not_running(js, settings.consumer_name, settings.clickhouse_dsn)
         clickhouse = await ClickHouse.connect(settings.clickhouse_dsn, query_connections=1)
         try:
             return await rebuild(

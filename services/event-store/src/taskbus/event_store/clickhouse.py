@@ -10,11 +10,14 @@ behind an insert and vice versa.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -124,6 +127,26 @@ class ClickHouse:
             yield client
         finally:
             self._readers.put_nowait(client)
+
+
+def chdb_lock_holder(dsn: str) -> str | None:
+    """Who holds an embedded chDB data path open ("PID: 123", from ClickHouse's `status` file,
+    which the owner keeps flock-ed); None when the path is free, or `dsn` is a server's.
+    Asked before opening the path, where chDB would fail with an opaque error."""
+    parsed = urlsplit(dsn)
+    if parsed.scheme != "chdb" or parsed.netloc:
+        return None
+    status = Path(parsed.path) / "status"
+    try:
+        with status.open("rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return file.readline().decode(errors="replace").strip() or "another process"
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def _open(dsn: str) -> Client:

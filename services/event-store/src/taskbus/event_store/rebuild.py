@@ -1,11 +1,12 @@
 """`python -m taskbus.event_store rebuild`: drop every ClickHouse table and replay the whole log.
 
-Run it with every event-store instance stopped: it refuses while a partition's durable is in use
-(an embedded chDB path has one owner anyway). The partitions' durables are deleted and created
-afresh under the same names, so the service, once restarted, continues exactly where the replay
-ended. The KV status projection is written once at the end, overwriting each conversation's
-value with the rebuilt one; events appended during the replay are part of it, since the replay
-runs until the durables have nothing pending.
+Run it with every event-store instance stopped: it refuses while an instance renews its
+membership of the partition leases, while a partition's durable is in use, or while another
+process holds the embedded chDB path (`ensure_not_running`). The partitions' durables are
+deleted and created afresh under the same names, so the service, once restarted, continues
+exactly where the replay ended. The KV status projection is written once at the end,
+overwriting each conversation's value with the rebuilt one; events appended during the replay
+are part of it, since the replay runs until the durables have nothing pending.
 
 Deleted conversations agree too: a purged one is no longer in the log, so the rebuilt tables
 hold nothing of it, and its KV tombstone stays (only replayed conversations are written). One
@@ -26,8 +27,8 @@ from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import ServiceBroker, jetstream
-from taskbus.contracts.partitions import PARTITIONS
-from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.contracts.partitions import PARTITIONS, renewing_members
+from taskbus.event_store.clickhouse import ClickHouse, chdb_lock_holder
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.status_kv import ConversationStatusKV
 
@@ -46,9 +47,30 @@ class EventStoreRunning(RuntimeError):
     """The event-store still consumes under the name the rebuild would replace."""
 
 
-async def ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None:
-    """Refuse to rebuild under a running event-store (with a ClickHouse server nothing else
-    stops it): a partition's durable has pull requests waiting or events in hand."""
+async def ensure_not_running(js: JetStreamContext, consumer_name: str, clickhouse_dsn: str) -> None:
+    """Refuse to rebuild under a running event-store, by every sign one gives. Its heartbeat in
+    the partition leases comes first: the durables alone miss an instance that has just
+    started (no pull waiting yet while it loads its partitions), and the chDB lock is the last
+    word on an embedded path, asked before the rebuild opens it."""
+    leases = await js.key_value(subjects.PARTITIONS_BUCKET)
+    running = await renewing_members(leases, consumer_name)
+    if running:
+        raise EventStoreRunning(
+            f"the event-store is consuming as {', '.join(map(repr, running))} (its partition"
+            " leases are renewed): stop every instance before a rebuild"
+        )
+    await _ensure_not_consuming(js, consumer_name)
+    holder = chdb_lock_holder(clickhouse_dsn)
+    if holder is not None:
+        raise EventStoreRunning(
+            f"the event-store is running: its chDB data path is held open ({holder}): stop"
+            " it before a rebuild"
+        )
+
+
+async def _ensure_not_consuming(js: JetStreamContext, consumer_name: str) -> None:
+    """A partition's durable has no pull requests waiting and no events in hand (with a
+    ClickHouse server, the leases and this are all that stop a rebuild)."""
     deadline = time.monotonic() + _BUSY_GRACE_SECONDS
     idle_since: float | None = None
     while True:
@@ -99,7 +121,7 @@ async def rebuild(
     flush_interval: float,
 ) -> int:
     """Rebuild every read model from the log; returns the number of conversations projected.
-    Call `ensure_not_consuming` first (`run_rebuild` does, before it opens ClickHouse); `broker`
+    Call `ensure_not_running` first (`run_rebuild` does, before it opens ClickHouse); `broker`
     is connected."""
     started = time.monotonic()
     js = jetstream(broker)
