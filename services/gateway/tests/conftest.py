@@ -138,6 +138,18 @@ async def server_url(settings: GatewaySettings) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def default_buffer_server_url(settings: GatewaySettings) -> AsyncIterator[str]:
+    """The gateway served as by `server_url`, with the default WebSocket buffer (1000 events)
+    rather than the tests' 50, for a burst that readers which keep up must ride out."""
+    fields = msgspec.structs.fields(GatewaySettings)
+    default = next(f.default for f in fields if f.name == "ws_max_buffered_events")
+    async with served_gateway(
+        msgspec.structs.replace(settings, ws_max_buffered_events=default)
+    ) as url:
+        yield url
+
+
+@pytest.fixture
 def restartable_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of one test alone, so the test may stop and start it (same port, same
     store) without disturbing the session's server."""

@@ -30,6 +30,12 @@ class _EventId(msgspec.Struct):
 
 _id_decoder = msgspec.json.Decoder(_EventId)
 
+# How long a live event may wait for room in a full buffer before the reader counts as slow.
+# Not zero: nats-py hands a subscription everything it read in one go without yielding, so a
+# burst fills the buffer of a reader that keeps up before its sender even runs; the wait lets
+# it drain. While the callback waits, JetStream's flow control holds the consumer back, so the
+# wait costs no memory beyond the buffer and the messages already in flight.
+SLOW_READER_SECONDS = 3.0
 # Pauses between attempts to re-create the consumer while JetStream does not answer.
 _RESUBSCRIBE_FIRST_PAUSE_SECONDS = 0.25
 _RESUBSCRIBE_MAX_PAUSE_SECONDS = 5.0
@@ -44,8 +50,9 @@ class EventTail:
     after `after_id` (found by binary search over the stream, not by scanning from the start).
 
     History (events already in the log when the tail opens) waits for the reader, so a long
-    replay never counts as slowness; live events that find the buffer full mark the reader
-    slow, and `overflowed` is set for the owner to disconnect it.
+    replay never counts as slowness; a live event that finds the buffer full for
+    SLOW_READER_SECONDS marks the reader slow, and `overflowed` is set for the owner to
+    disconnect it.
 
     A restarted nats-server has forgotten the (in-memory, ephemeral) consumer, and nats-py's
     ordered consumer would only notice after two missed idle heartbeats (10-20 s). So on every
@@ -151,8 +158,9 @@ class EventTail:
                 await self._buffer.put((event_id, msg.data))
             else:
                 try:
-                    self._buffer.put_nowait((event_id, msg.data))
-                except asyncio.QueueFull:
+                    async with asyncio.timeout(SLOW_READER_SECONDS):
+                        await self._buffer.put((event_id, msg.data))
+                except TimeoutError:
                     self.overflowed.set()
                     return
             # Only now, after the (cancellable) wait to buffer, is the event taken.

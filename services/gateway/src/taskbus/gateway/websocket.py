@@ -6,8 +6,11 @@ JSON; `{"kind": "heartbeat"}` when idle; `{"kind": "error", "code", "detail"}` f
 client message or a refused command (`"code": "command_refused"` with `conversation_status`
 and `reason`, as the REST 409). Client → server: `{"action": "message", "message": "..."}`, or
 `{"action": "pause" | "resume" | "stop" | "confirm" | "reject"}`; an accepted one shows as its
-events. A client that falls more than
-`ws_max_buffered_events` behind the live log is closed with code 4008 ("slow consumer").
+events. A client that falls more than `ws_max_buffered_events` behind the live
+log and stays there for 3 s (`event_tail.SLOW_READER_SECONDS`) is closed with code 4008
+("slow consumer"): it reconnects with `after_id` = the last id it got and
+resumes gap-free; the other clients are not held up. Its close frame comes after what was
+already sent to it; a client that reads nothing for `CLOSE_SECONDS` more is cut off.
 After a ConversationDeleted the socket is closed (1000); a deleted conversation's socket is
 refused with 404 like its other reads. A user holding `ws_max_per_user` open WebSockets (per
 gateway process) is refused the next handshake with a 429 problem (or close code 1008 where the
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api")
 
 SLOW_CONSUMER_CLOSE_CODE = 4008
+# How long a close may wait for a client to read what is ahead of the close frame.
+CLOSE_SECONDS = 10.0
 _HEARTBEAT = msgspec.json.encode({"kind": "heartbeat"}).decode()
 
 
@@ -196,8 +201,14 @@ async def _serve(
             await asyncio.gather(*tasks.values(), return_exceptions=True)
     if tail.overflowed.is_set():
         logger.info("closing a slow WebSocket client of conversation %s", conversation_id)
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code=SLOW_CONSUMER_CLOSE_CODE, reason="slow consumer")
+        await _close(websocket, SLOW_CONSUMER_CLOSE_CODE, "slow consumer")
     elif deleted:
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code=1000, reason="conversation deleted")
+        await _close(websocket, 1000, "conversation deleted")
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close, waiting at most CLOSE_SECONDS: a client that does not read holds the close frame
+    back (the server sends nothing past a full socket) and must not hold the handler too."""
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await websocket.close(code=code, reason=reason)
