@@ -68,6 +68,7 @@ class EventStore:
             flush_interval=settings.flush_interval_ms / 1000,
             delay=settings.ingest_delay_ms / 1000,
             purger=self._purger,
+            cache_size=settings.conversation_cache_size,
         )
         self._leases = PartitionLeases(
             await js.key_value(subjects.PARTITIONS_BUCKET),

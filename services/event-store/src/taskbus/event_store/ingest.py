@@ -25,6 +25,9 @@ partition at the default 100 ms: a few hundred bytes each, against a read-your-w
 longer than that). Writes go one at a time (`_writing`), each taking every batch waiting. The
 consumers have no max_deliver: an event the server gave up redelivering would be missing from
 the store for good, and a deferred one relies on up to _MAX_DEFERRALS redeliveries.
+
+Memory is bounded: the fold holds the most recently ingested conversations (`cache_size`) and
+looks the others up in ClickHouse when their events come (conversation_cache).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from taskbus.contracts.status import ConversationStatus
 from taskbus.contracts.summary import summarize
 from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.conversation_cache import ConversationCache
 from taskbus.event_store.progress import IngestProgress
 from taskbus.event_store.projection import in_log_order
 from taskbus.event_store.purge import Purger
@@ -84,11 +88,13 @@ class Ingester:
         flush_interval: float,
         delay: float = 0.0,
         purger: Purger | None = None,
+        cache_size: int = 10_000,
     ) -> None:
         """`broker` is connected; a partition's durable is created (or updated) and consumed
         once the partition is acquired. `consumer_name` names the durables (see
         `subjects.event_store_durable`). `delay` (seconds before each batch) is a test hook
-        that makes the ingest slow."""
+        that makes the ingest slow. `cache_size` bounds the conversations held in memory
+        (`ConversationCache`)."""
         self._broker = broker
         self._js = jetstream(broker)
         self._dead_letters = DeadLetters(self._js, subjects.EVENT_STORE)
@@ -100,7 +106,8 @@ class Ingester:
         self._flush_interval = flush_interval
         self._delay = delay
         self.progress = IngestProgress()
-        self._conversations: dict[str, ConversationInfo] = {}
+        self._cache_size = cache_size
+        self._conversations = ConversationCache(clickhouse, cache_size)
         # Declared on a partition's first acquisition, started and stopped with its lease.
         self._consumers: dict[int, BatchPullStreamSubscriber] = {}
         self._held: frozenset[int] = frozenset()
@@ -112,7 +119,8 @@ class Ingester:
 
     @property
     def conversations(self) -> Mapping[str, ConversationInfo]:
-        """The status projection of the held partitions' conversations ingested so far."""
+        """The status projection of the held partitions' most recently ingested conversations
+        (at most `cache_size`; the others are in ClickHouse)."""
         return self._conversations
 
     @property
@@ -155,25 +163,28 @@ class Ingester:
         await self.lost(self._held)
 
     async def acquired(self, partitions: frozenset[int]) -> None:
-        """Load the partitions' projection from ClickHouse, then consume them: the fold goes
-        on from what is stored. With a ClickHouse server that is what the previous holder
-        stored before it acked; with an instance's own chDB it is what this one stored."""
+        """Load the partitions' recent conversations from ClickHouse (the others on a miss),
+        then consume them: the fold goes on from what is stored. With a ClickHouse server that
+        is what the previous holder stored before it acked; with an instance's own chDB it is
+        what this one stored."""
         for partition in sorted(partitions):
             await self._js.add_consumer(subjects.EVENTS_STREAM, self._config(partition))
-        loaded = [
+        recent = await self._clickhouse.conversations(sql.recent_conversations(self._cache_size))
+        loaded = [info for info in recent if partition_of(info.conversation_id) in partitions]
+        self._conversations.update(reversed(loaded))  # the most recent last: dropped last
+        deleted = [
             info
-            for info in await self._clickhouse.conversations(sql.ALL_CONVERSATIONS)
+            for info in await self._clickhouse.conversations(sql.DELETED_CONVERSATIONS)
             if partition_of(info.conversation_id) in partitions
         ]
-        self._conversations.update((info.conversation_id, info) for info in loaded)
         self._held |= partitions
         for partition in sorted(partitions):
             if partition not in self._consumers:
                 self._consumers[partition] = self._declare(partition)
             await self._consumers[partition].start()
-        self._purge_deleted(loaded)  # those a stop left unpurged
+        self._purge_deleted(deleted)  # those a stop left unpurged
         log.info(
-            "ingesting partitions %s of %s as %s (%d conversations known)",
+            "ingesting partitions %s of %s as %s (%d recent conversations loaded)",
             sorted(partitions),
             subjects.EVENTS_STREAM,
             self._consumer_name,
@@ -186,8 +197,9 @@ class Ingester:
         mine = partitions & self._held
         self._held -= mine
         await asyncio.gather(*(self._consumers[p].stop() for p in mine if p in self._consumers))
-        for cid in [cid for cid in self._conversations if partition_of(cid) in mine]:
-            del self._conversations[cid]
+        self._conversations.discard(
+            [cid for cid in self._conversations if partition_of(cid) in mine]
+        )
 
     def _declare(self, partition: int) -> BatchPullStreamSubscriber:
         async def on_batch(message: BatchMessage) -> None:
@@ -252,11 +264,12 @@ class Ingester:
         poison: list[Msg] = []
         refused: list[tuple[Msg, Refused]] = []
         deleted: dict[str, ConversationInfo] = {}
+        known = await self._conversations.lookup(_conversations_of(batch))
         for msg in batch:
             try:
                 event = inbound_event(msg.subject, msg.data)
                 cid = event.conversation_id
-                before = changed.get(cid) or self._conversations.get(cid)
+                before = changed.get(cid) or known.get(cid)
                 if not in_log_order(before, event):
                     if msg.metadata.num_delivered < _MAX_DEFERRALS:
                         deferred.append(msg)
@@ -283,7 +296,7 @@ class Ingester:
         await self._clickhouse.upsert_conversations(list(changed.values()))
         if self._status_kv is not None:
             await self._status_kv.publish_all(changed.values())
-        self._conversations.update(changed)
+        self._conversations.update(changed.values())
         # Settle each message once: a retried batch may have settled some before it failed.
         for msg in _unsettled(poison):
             await msg.term()
@@ -304,6 +317,14 @@ class Ingester:
             for info in conversations:
                 if info.status is ConversationStatus.ARCHIVED:
                     self._purger.schedule(info)
+
+
+def _conversations_of(batch: list[Msg]) -> set[str]:
+    """The conversations of `batch` whose projection so far the fold needs. A conversation
+    whose `ConversationCreated` is in the batch is no exception: a fresh consumer (a rebuild, a
+    replay) delivers it for the first time although it was stored long ago."""
+    conversations = {subjects.conversation_id_of(msg.subject) for msg in batch}
+    return {cid for cid in conversations if subjects.is_valid_conversation_id(cid)}
 
 
 def _unsettled(messages: list[Msg]) -> list[Msg]:

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from taskbus.contracts import subjects
 from taskbus.contracts.broker import ServiceBroker, jetstream
 from taskbus.contracts.partitions import PARTITIONS, renewing_members
+from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse, chdb_lock_holder
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.status_kv import ConversationStatusKV
@@ -145,7 +146,8 @@ async def rebuild(
             if await ingester.caught_up():
                 break
             await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
-        rebuilt = list(ingester.conversations.values())  # the ingest forgets them as it stops
+        # All of them: the ingest holds only its most recent ones in memory.
+        rebuilt = await clickhouse.conversations(sql.ALL_CONVERSATIONS)
     finally:
         await ingester.stop()
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))

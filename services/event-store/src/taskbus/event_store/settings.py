@@ -32,6 +32,9 @@ class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
     # ClickHouse connections answering queries, so a slow search does not hold up the others.
     query_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # Conversations whose status projection the ingest holds in memory (the most recently
+    # ingested); an event of another looks its projection up in ClickHouse.
+    conversation_cache_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     # Read-your-writes: how long a query waits for the ingest to reach the log as it was when
     # the query arrived (see `consistency`) before answering 503; keep it below the gateway's
     # request timeout (5 s by default) so the gateway hears the 503 rather than timing out.

@@ -147,6 +147,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS resource_usage Nullable(String)",
         ),
     ),
+    # The ingest looks a conversation up by id alone when it is not in its bounded cache
+    # (conversation_cache): without an index on the id, that read the whole table, ~90 ms a
+    # batch at 200k conversations; with it ~10 ms. Existing parts are indexed in the background.
+    Migration(
+        version=6,
+        description="a bloom filter index on conversations' id",
+        statements=(
+            "ALTER TABLE conversations ADD INDEX IF NOT EXISTS conversation_id_bloom"
+            " conversation_id TYPE bloom_filter GRANULARITY 1",
+            "ALTER TABLE conversations MATERIALIZE INDEX conversation_id_bloom",
+        ),
+    ),
 )
 
 
@@ -164,6 +176,32 @@ DROP_TABLES = tuple(f"DROP TABLE IF EXISTS {table} SYNC" for table in TABLES)
 _CONVERSATION_SELECT = f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations FINAL"
 
 ALL_CONVERSATIONS = Statement(_CONVERSATION_SELECT, {})
+
+
+# The ingest's cache of conversations (event_store.conversation_cache): a miss, the recent ones
+# to start warm, and the deleted ones a stop left unpurged. Without the user, they read the
+# whole (one row per conversation) table: on a miss or a start, never per event.
+def conversations_by_id(conversation_ids: list[str]) -> Statement:
+    """The latest row of each (the most events, as FINAL would keep), by the id's index."""
+    return Statement(
+        f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations"
+        " WHERE conversation_id IN {ids:Array(String)}"
+        " ORDER BY event_count DESC LIMIT 1 BY conversation_id",
+        {"ids": conversation_ids},
+    )
+
+
+def recent_conversations(limit: int) -> Statement:
+    return Statement(
+        f"{_CONVERSATION_SELECT} ORDER BY updated_at DESC LIMIT {{limit:UInt64}}",
+        {"limit": limit},
+    )
+
+
+DELETED_CONVERSATIONS = Statement(
+    f"{_CONVERSATION_SELECT} WHERE status = {{status:String}}",
+    {"status": ConversationStatus.ARCHIVED.value},
+)
 
 
 # (condition, parameter name, value): the condition applies when the value is not None.
