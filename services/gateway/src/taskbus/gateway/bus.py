@@ -99,6 +99,20 @@ def unavailable(what: str) -> Problem:
     )
 
 
+def unconfirmed_write() -> Problem:
+    """JetStream did not acknowledge a command: it is down, or it cannot store (a full or
+    failing disk makes nats-server stop the stream without an error reply, until restarted)."""
+    return Problem(
+        503,
+        "the command log did not confirm the write in time: NATS JetStream is unreachable, or"
+        " its storage is full or failing; retry with the same Idempotency-Key (a retry is never"
+        " applied twice)",
+        kind="service-unavailable",
+        reason="log_write_unconfirmed",
+        headers={"Retry-After": "5"},
+    )
+
+
 def refusal(verdict: CommandVerdict) -> Problem:
     """The problem a refused command answers with: 409 with the current status (OpenHands'
     word and Taskbus' own) and why."""
@@ -195,7 +209,7 @@ class Bus:
             raise too_large_for_the_bus(error) from error
         except (nats.errors.Error, TimeoutError) as error:
             logger.warning("publishing %s failed: %r", command.name(), error)
-            raise unavailable("the command stream") from error
+            raise unconfirmed_write() from error
 
     async def send_command(self, command: ConversationCommand, command_id: str) -> CommandVerdict:
         """Send a conversation command and wait (bounded) for session-manager's verdict: an
