@@ -97,3 +97,23 @@ async def test_two_processes_append_500_each_without_gap_or_duplicate(
         thoughts.append(msgspec.json.decode(msg.data)["thought"])
     await sub.unsubscribe()
     assert sorted(thoughts) == sorted(f"{t}-{i}" for t in "ab" for i in range(500))
+
+
+async def test_many_conversations_at_once_on_one_connection_keep_dense_ids(
+    js: JetStreamContext,
+) -> None:
+    """Appends of 30 conversations are in flight together, from two appenders sharing one
+    connection (each with its own acks): every ack reaches its own append, so every
+    conversation ends with ids 0..39, each event stored once."""
+    cids = [uuid.uuid4().hex for _ in range(30)]
+    a, b = EventAppender(js), EventAppender(js)
+
+    async def write(appender: EventAppender, cid: str, tag: str) -> list[int]:
+        return [(await appender.append(_think(cid, f"{tag}{i}"))).id for i in range(20)]
+
+    results = await asyncio.gather(
+        *(write(appender, cid, tag) for cid in cids for appender, tag in ((a, "a"), (b, "b")))
+    )
+    for n, cid in enumerate(cids):
+        assert sorted(results[2 * n] + results[2 * n + 1]) == list(range(40))
+        assert await _ids_in_log(js, cid) == list(range(40))

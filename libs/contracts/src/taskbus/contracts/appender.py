@@ -10,19 +10,33 @@ stored copy, instead of storing the event again under the next id. The partition
 three-node cluster (tests/cluster) caught the slot-named id doing exactly that. So the same
 event, every field and its microsecond timestamp alike, appended again within the dedupe window
 is stored once; two equal events in one `append_all` are both kept.
+
+The common case is one round trip: the tail (sequence, id) of each conversation appended here
+is cached, so an append publishes at once against the cached sequence and re-reads only after
+losing a race. Appends of different conversations run side by side on one connection: their
+publishes go out without waiting for each other's acks (one reply subscription for all, futures
+keyed by reply subject), and the ack is decoded by msgspec. That lean publish, not nats-py's
+`js.publish` (a request with `asyncio.wait_for` and a `json` decode per ack), is what keeps the
+appender near raw publish speed (bench/hot_path.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.events import Event, encode_event
@@ -36,9 +50,29 @@ _MAX_CACHED_CONVERSATIONS = 10_000
 
 E = TypeVar("E", bound=Event)
 
+# Subjects of the conversations being appended to (the partition hash is pure Python).
+_event_subject = functools.lru_cache(maxsize=4 * _MAX_CACHED_CONVERSATIONS)(subjects.event_subject)
+_conversation_events = functools.lru_cache(maxsize=_MAX_CACHED_CONVERSATIONS)(
+    subjects.conversation_events
+)
+
+# The counter's child per kind: `labels()` costs as much as hashing the event.
+_appended = functools.lru_cache(maxsize=None)(EVENTS_APPENDED.labels)
+
 
 class _Envelope(msgspec.Struct):
     id: int
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: a stored message's place, or an error."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
 class AppendConflict(RuntimeError):
@@ -73,10 +107,20 @@ class EventAppender:
 
     def __init__(self, js: JetStreamContext, max_attempts: int = 200) -> None:
         self._js = js
+        # nats-py's JetStreamContext exposes neither its connection nor its timeout: the lean
+        # publish below needs both, and takes them from there so every caller's `js` (its
+        # connection, its timeout) keeps meaning what it did.
+        self._nc: Client = js._nc
+        self._timeout: float = js._timeout
         self._max_attempts = max_attempts
         # conversation_id -> (stream sequence, event id) of its last event, as last seen here.
         self._tails: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
+        self._replies: Subscription | None = None
+        self._reply_prefix = ""
+        self._reply_numbers = itertools.count()
+        self._subscribing = asyncio.Lock()
 
     async def append(self, event: E) -> E:
         """Append one event and return it with its assigned id."""
@@ -109,16 +153,16 @@ class EventAppender:
             candidate = msgspec.structs.replace(event, id=last_id + 1)
             payload = encode_event(candidate)
             try:
-                ack = await self._js.publish(
-                    subjects.event_subject(cid, candidate.kind),
+                ack = await self._publish(
+                    _event_subject(cid, candidate.kind),
                     payload,
                     # The trace context too: the event's consumers continue this trace.
-                    headers=trace_headers(
+                    trace_headers(
                         {
                             "Nats-Msg-Id": f"{cid}:{identity}",
                             "Nats-Expected-Last-Subject-Sequence": str(last_seq),
                             "Nats-Expected-Last-Subject-Sequence-Subject": (
-                                subjects.conversation_events(cid)
+                                _conversation_events(cid)
                             ),
                         }
                     ),
@@ -138,15 +182,52 @@ class EventAppender:
                     continue
                 return stored
             self._remember(cid, ack.seq, candidate.id)
-            EVENTS_APPENDED.labels(candidate.kind).inc()
+            _appended(candidate.kind).inc()
             return candidate
         raise AppendConflict(f"could not append to {cid} after {self._max_attempts} attempts")
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> _PubAck:
+        """Publish to JetStream and wait for its ack, raising as `js.publish` does (APIError,
+        NoStreamResponseError, nats.errors.TimeoutError)."""
+        if self._replies is None:
+            await self._subscribe_replies()
+        reply = f"{self._reply_prefix}{next(self._reply_numbers)}"
+        answered: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._acks[reply] = answered
+        timer = asyncio.get_running_loop().call_later(
+            self._timeout, _time_out, answered, self._timeout
+        )
+        try:
+            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            msg = await answered
+        finally:
+            timer.cancel()
+            self._acks.pop(reply, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise NoStreamResponseError
+        ack = _ack_decoder.decode(msg.data)
+        if ack.error is not None:
+            APIError.from_error(ack.error)  # raises the error's own class, as js.publish does
+        return ack
+
+    async def _subscribe_replies(self) -> None:
+        """One subscription on this connection's inboxes takes the acks of every append."""
+        async with self._subscribing:
+            if self._replies is None:
+                prefix = f"{self._nc.new_inbox()}."
+                self._replies = await self._nc.subscribe(f"{prefix}*", cb=self._on_reply)
+                self._reply_prefix = prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        answered = self._acks.get(msg.subject)
+        if answered is not None and not answered.done():
+            answered.set_result(msg)
 
     async def _read_tail(self, conversation_id: str, from_leader: bool) -> tuple[int, int]:
         try:
             message = await self._js.get_last_msg(
                 subjects.EVENTS_STREAM,
-                subjects.conversation_events(conversation_id),
+                _conversation_events(conversation_id),
                 direct=not from_leader,
             )
         except NotFoundError:
@@ -175,3 +256,8 @@ class EventAppender:
             lock = self._locks.get(evicted)
             if lock is not None and not lock.locked():
                 del self._locks[evicted]
+
+
+def _time_out(answered: asyncio.Future[Msg], timeout: float) -> None:
+    if not answered.done():
+        answered.set_exception(nats.errors.TimeoutError(f"no ack within {timeout} s"))
