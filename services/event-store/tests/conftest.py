@@ -125,18 +125,32 @@ IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
 
 
 @pytest.fixture(scope="module")
-def start_ingester(module_broker: NatsBroker, clickhouse: ClickHouse) -> IngesterFactory:
+def ingest_options() -> dict[str, Any]:
+    """More `Ingester` settings for a module's ingesters (a module overrides it)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def start_ingester(
+    module_broker: NatsBroker, clickhouse: ClickHouse, ingest_options: dict[str, Any]
+) -> IngesterFactory:
     """Starts an ingester on the named durable consumer, by default a fresh one (which replays
     the whole log), pausing `delay` seconds before each batch (a slow ingest)."""
 
     async def start(consumer_name: str | None, delay: float = 0.0) -> Ingester:
-        return await _start_ingester(module_broker, clickhouse, consumer_name, delay)
+        return await _start_ingester(
+            module_broker, clickhouse, consumer_name, delay, **ingest_options
+        )
 
     return start
 
 
 async def _start_ingester(
-    broker: NatsBroker, clickhouse: ClickHouse, consumer_name: str | None, delay: float = 0.0
+    broker: NatsBroker,
+    clickhouse: ClickHouse,
+    consumer_name: str | None,
+    delay: float = 0.0,
+    **options: Any,
 ) -> Ingester:
     js = jetstream(broker)
     status_kv = ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET))
@@ -148,6 +162,7 @@ async def _start_ingester(
         batch_size=200,
         flush_interval=0.02,
         delay=delay,
+        **options,
     )
     await ingester.start()
     return ingester

@@ -5,15 +5,12 @@ if they had stayed in memory."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 
-from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
-from taskbus.contracts.broker import jetstream
 from taskbus.contracts.events import (
     ConversationCreated,
     ConversationStatusChanged,
@@ -24,12 +21,9 @@ from taskbus.contracts.queries import ConversationReply, GetConversation
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus
 from taskbus.event_store.clickhouse import ClickHouse
-from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
-from taskbus.event_store.responder import QueryResponder
 from taskbus.event_store.sql import Statement
-from taskbus.event_store.status_kv import ConversationStatusKV
 
 from .conftest import WaitUntil
 
@@ -37,24 +31,8 @@ CACHE_SIZE = 3
 
 
 @pytest.fixture(scope="module")
-async def small_cache(module_broker: NatsBroker, clickhouse: ClickHouse) -> AsyncIterator[Ingester]:
-    js = jetstream(module_broker)
-    ingester = Ingester(
-        module_broker,
-        clickhouse,
-        ConversationStatusKV(await js.key_value(subjects.CONVERSATIONS_BUCKET)),
-        consumer_name=f"event_store_lru_{uuid.uuid4().hex[:10]}",
-        batch_size=200,
-        flush_interval=0.02,
-        cache_size=CACHE_SIZE,
-    )
-    await ingester.start()
-    barrier = ReadBarrier(js, ingester, wait_seconds=4.0)
-    responder = QueryResponder(module_broker, clickhouse, barrier)
-    await responder.start()
-    yield ingester
-    await responder.stop()
-    await ingester.stop()
+def ingest_options() -> dict[str, Any]:
+    return {"cache_size": CACHE_SIZE}
 
 
 def _created(cid: str) -> ConversationCreated:
@@ -71,7 +49,7 @@ def _cost(cid: str, total: float) -> LLMMetrics:
 
 
 async def test_an_evicted_conversation_folds_on_from_clickhouse(
-    small_cache: Ingester,
+    event_store: Ingester,
     clickhouse: ClickHouse,
     module_js: JetStreamContext,
     queries: QueryClient,
@@ -79,31 +57,31 @@ async def test_an_evicted_conversation_folds_on_from_clickhouse(
 ) -> None:
     # The log so far first (other modules' conversations): replayed after `first`, they would
     # push it out before the test looks.
-    await wait_until(small_cache.caught_up, "the replay of the log so far")
+    await wait_until(event_store.caught_up, "the replay of the log so far")
     appender = EventAppender(module_js)
     first = f"lru-first-{uuid.uuid4().hex[:6]}"
     # Two batches, so ClickHouse holds two rows of it (merges stopped): the lookup must take
     # the one that has seen the most events.
     await clickhouse.select(Statement("SYSTEM STOP MERGES conversations", {}))
     await appender.append_all([_created(first)])
-    await wait_until(small_cache.caught_up, "the first conversation")
+    await wait_until(event_store.caught_up, "the first conversation")
     await appender.append_all([_cost(first, 0.25)])
-    await wait_until(small_cache.caught_up, "the first conversation's cost")
-    assert small_cache.conversations[first].event_count == 2
+    await wait_until(event_store.caught_up, "the first conversation's cost")
+    assert event_store.conversations[first].event_count == 2
     others = [f"lru-{i}-{uuid.uuid4().hex[:6]}" for i in range(CACHE_SIZE + 2)]
     for cid in others:  # one after another: `first` becomes the least recently ingested
         await appender.append_all([_created(cid)])
-        await wait_until(small_cache.caught_up, cid)
-    assert first not in small_cache.conversations  # dropped from memory
-    assert len(small_cache.conversations) <= CACHE_SIZE
+        await wait_until(event_store.caught_up, cid)
+    assert first not in event_store.conversations  # dropped from memory
+    assert len(event_store.conversations) <= CACHE_SIZE
 
     running = ConversationStatusChanged(
         conversation_id=first, source=EventSource.ENVIRONMENT, status=ConversationStatus.RUNNING
     )
     await appender.append_all([_cost(first, 0.5), running])
-    await wait_until(small_cache.caught_up, "the evicted conversation's new events")
+    await wait_until(event_store.caught_up, "the evicted conversation's new events")
 
-    folded = small_cache.conversations[first]  # looked up on the miss, then folded on
+    folded = event_store.conversations[first]  # looked up on the miss, then folded on
     assert folded.event_count == 4 and folded.last_event_id == 3
     assert folded.accumulated_cost == pytest.approx(0.5)
     assert folded.status is ConversationStatus.RUNNING and folded.title == first
