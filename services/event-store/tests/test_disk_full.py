@@ -1,0 +1,113 @@
+"""A full disk under the embedded ClickHouse: the ingest cannot store, reads of what it has not
+stored answer 503 (never a short page), and once space returns it catches up with nothing lost
+or doubled."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+
+from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.events import ConversationCreated, EventSource, ThinkAction, encode_event
+from taskbus.contracts.queries import (
+    ConversationReply,
+    EventPage,
+    GetConversation,
+    QueryError,
+    SearchEvents,
+)
+from taskbus.contracts.specs import ConversationSpec
+from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.ingest import Ingester
+from taskbus.event_store.query_client import QueryClient
+
+from .conftest import WaitUntil
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    disk = tmp_path_factory.mktemp("small-disk")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture(scope="module")
+async def clickhouse(small_disk: Path) -> AsyncIterator[ClickHouse]:
+    """This module's chDB lives on the small disk."""
+    database = await ClickHouse.connect(f"chdb://{small_disk}/clickhouse", query_connections=2)
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+async def test_a_full_chdb_disk_holds_reads_at_503_then_catches_up_exactly(
+    event_store: Ingester,
+    small_disk: Path,
+    module_js: JetStreamContext,
+    queries: QueryClient,
+    wait_until: WaitUntil,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cid, user = uuid.uuid4().hex, "disk"
+    appender = EventAppender(module_js)
+    created = ConversationCreated(
+        conversation_id=cid,
+        source=EventSource.USER,
+        user_id=user,
+        title="full",
+        spec=ConversationSpec(),
+    )
+    created = await appender.append(created)
+    await wait_until(event_store.caught_up, "the conversation's creation")
+
+    filler = fill(small_disk)
+    try:
+        thoughts = [
+            ThinkAction(conversation_id=cid, source=EventSource.AGENT, thought=f"t{n}" * 2000)
+            for n in range(20)
+        ]
+        thoughts = await appender.append_all(thoughts)  # the log has room; ClickHouse none
+        behind = await queries.ask(
+            GetConversation(user_id=user, conversation_id=cid), ConversationReply
+        )
+        assert isinstance(behind, QueryError) and behind.status == 503, behind
+        assert not await event_store.caught_up()
+        assert "NOT_ENOUGH_SPACE" in caplog.text  # the ingest's insert, refused and retried
+    finally:
+        filler.unlink()
+
+    await wait_until(event_store.caught_up, "the ingest to store what waited")
+    page = await queries.ask(SearchEvents(user_id=user, conversation_id=cid, limit=100), EventPage)
+    assert isinstance(page, EventPage), page
+    # Every event once, in order, and each as appended.
+    assert [bytes(raw) for raw in page.events] == [encode_event(e) for e in [created, *thoughts]], [
+        msgspec.json.decode(raw)["id"] for raw in page.events
+    ]
