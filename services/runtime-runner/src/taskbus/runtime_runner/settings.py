@@ -88,8 +88,12 @@ class RuntimeRunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The most conversations' sandboxes (containers on docker) this runner holds at once; a
     # start beyond it waits `sandbox_wait_seconds` for one to be given back, then fails with
     # `runner_full`. The warm pool fills only while held and warm ones together are below it,
-    # so containers never exceed it by more than `runner_warm_pool`. None: no bound.
-    runner_max_sandboxes: Annotated[int, msgspec.Meta(ge=1)] | None = 32
+    # so containers never exceed it by more than `runner_warm_pool`. None (the default): no
+    # bound. It counts finished conversations' sandboxes until they are given back
+    # (`sandbox_release_seconds`, 60 s) while session-manager places by `runner_slots`, which
+    # frees at FINISHED: a bound near `runner_slots` fails a busy runner's new work with
+    # `runner_full` (a 200-conversation wave did, at 32), so set it well above.
+    runner_max_sandboxes: Annotated[int, msgspec.Meta(ge=1)] | None = None
     sandbox_wait_seconds: Seconds = 30.0
     ack_wait_seconds: Seconds = 30.0
     max_ack_pending: Annotated[int, msgspec.Meta(ge=1)] = 512
