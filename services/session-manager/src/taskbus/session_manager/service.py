@@ -244,12 +244,13 @@ class SessionManager:
     async def _release(self, partitions: frozenset[int]) -> None:
         """Stop driving the conversations of partitions no longer held, and drop their states:
         their new holder folds them from the log."""
-        for cid in list(self._conversations.states):
-            if partition_of(cid) in partitions:
-                driver = self._drivers.pop(cid, None)
-                if driver is not None:
-                    driver.cancel()
-                self._forget(cid)
+        released = [cid for cid in self._conversations.states if partition_of(cid) in partitions]
+        drivers = [d for cid in released if (d := self._drivers.pop(cid, None)) is not None]
+        # Each driver has ended before its state goes: one that lost its cancel (cancel_and_wait
+        # says how) went on driving a forgotten conversation, failing on it in a loop.
+        await cancel_and_wait(*drivers)
+        for cid in released:
+            self._forget(cid)
 
     async def _sweep(self) -> None:
         """Every `time_limit_check_seconds` until `stop` cancels it: apply the time limits, and
