@@ -15,16 +15,14 @@ import argparse
 import asyncio
 import functools
 import random
-import statistics
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import msgspec
 
 from taskbus.contracts.events import Event, decode_event, encode_event
 from taskbus.contracts.queries import SearchEvents
+from taskbus.devtools.bench_report import median_seconds, print_table
 from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.rows import event_row
@@ -42,17 +40,6 @@ def history(cid: str, count: int) -> list[Event]:
     )
     assert len(events) >= count, len(events)
     return [msgspec.structs.replace(e, id=i) for i, e in enumerate(events[:count])]
-
-
-async def timed(runs: int, action: Callable[[], Awaitable[object]]) -> float:
-    """Median seconds of `runs` calls, after one warm-up."""
-    await action()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 async def main(total: int, runs: int) -> None:
@@ -79,19 +66,14 @@ async def main(total: int, runs: int) -> None:
             assert len(found) >= 100, len(found)
 
         for name, reverse in (("last page of 100", True), ("first page of 100", False)):
-            small_time = await timed(runs, functools.partial(page, small, reverse))
-            big_time = await timed(runs, functools.partial(page, big, reverse))
+            small_time = await median_seconds(runs, functools.partial(page, small, reverse))
+            big_time = await median_seconds(runs, functools.partial(page, big, reverse))
             rows.append((f"search: {name} (chDB)", f"{small_time * 1e3:.2f} ms",
                          f"{big_time * 1e3:.2f} ms", f"{big_time / small_time:.2f}x"))  # fmt: skip
         await clickhouse.close()
 
     header = ("", f"{SMALL} events", f"{total:,} events", f"ratio (target ≤ {TARGET}x)")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = "-+-".join("-" * w for w in widths)
-    print(line)
-    for row in [header, *rows]:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(line)
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from taskbus.contracts.queries import (
 )
 from taskbus.contracts.streams import ensure_streams
 from taskbus.contracts.summary import summarize
+from taskbus.devtools.bench_report import print_table
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.event_store import sql
 from taskbus.event_store.clickhouse import ClickHouse
@@ -301,14 +302,7 @@ async def main(total: int, jetstream_total: int, requests: int) -> None:
             for name, samples in analytics.items()
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    header = ("measure", "size", "result")
-    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
-    line = "+".join("-" * (w + 2) for w in widths)
-    print(line)
-    for row in [header, *rows]:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(line)
+    print_table(("measure", "size", "result"), rows)
 
 
 if __name__ == "__main__":

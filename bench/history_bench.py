@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -36,6 +34,7 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.devtools.agent_log import agent_events
+from taskbus.devtools.bench_report import median_seconds, print_table
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.session_manager import log, snapshots
 from taskbus.session_manager.conversations import Conversations
@@ -64,17 +63,6 @@ async def publish(js: JetStreamContext, nc: Client, events: list[Event]) -> None
         if data is not None and msgspec.json.decode(data, type=_Id).id == events[-1].id:
             return
         await asyncio.sleep(0.05)
-
-
-async def timed(runs: int, action: Callable[[], Awaitable[object]]) -> float:
-    """Median seconds of `runs` calls, after one warm-up."""
-    await action()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def fold_rate(events: list[Event]) -> float:
@@ -120,9 +108,9 @@ async def main(total: int, runs: int) -> None:
             await Conversations(js, lambda _: None, snapshot_every=EVERY).load(cid)
 
         print(f"reloading, {runs} runs each ...", flush=True)
-        small_load = await timed(runs, lambda: reload("bench-small"))
+        small_load = await median_seconds(runs, lambda: reload("bench-small"))
         for _ in range(2):
-            big_load = await timed(runs, lambda: reload("bench-big"))
+            big_load = await median_seconds(runs, lambda: reload("bench-big"))
             loaded = await snapshots.load(js, SnapshotStore(js), "bench-big", EVERY)
             whole = fold("bench-big", await log.read_conversation(js, "bench-big"))
             assert loaded.state == whole, "a reload from the snapshot differs from the full fold"
@@ -139,12 +127,7 @@ async def main(total: int, runs: int) -> None:
         await nc.drain()
 
     header = ("", f"{SMALL} events", f"{total:,} events", f"ratio (target ≤ {TARGET}x)")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = "-+-".join("-" * w for w in widths)
-    print(line)
-    for row in [header, *rows]:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(line)
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ or doubled."""
 
 from __future__ import annotations
 
-import errno
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from taskbus.contracts.queries import (
     SearchEvents,
 )
 from taskbus.contracts.specs import ConversationSpec
+from taskbus.devtools.small_disk import SmallDiskUnavailable, fill, small_disk
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.query_client import QueryClient
@@ -32,45 +31,26 @@ from .conftest import WaitUntil
 
 
 @pytest.fixture(scope="module")
-def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    disk = tmp_path_factory.mktemp("small-disk")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        with small_disk(tmp_path_factory.mktemp("small-disk"), "64m") as mounted:
+            yield mounted
+    except SmallDiskUnavailable as unavailable:
+        pytest.skip(f"{unavailable} (root needed)")
 
 
 @pytest.fixture(scope="module")
-async def clickhouse(small_disk: Path) -> AsyncIterator[ClickHouse]:
+async def clickhouse(disk: Path) -> AsyncIterator[ClickHouse]:
     """This module's chDB lives on the small disk."""
-    database = await ClickHouse.connect(f"chdb://{small_disk}/clickhouse", query_connections=2)
+    database = await ClickHouse.connect(f"chdb://{disk}/clickhouse", query_connections=2)
     await database.migrate()
     yield database
     await database.close()
 
 
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with filler.open("wb") as file:
-        try:
-            while True:
-                file.write(b"\0" * 65536)
-                file.flush()
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
-    return filler
-
-
 async def test_a_full_chdb_disk_holds_reads_at_503_then_catches_up_exactly(
     event_store: Ingester,
-    small_disk: Path,
+    disk: Path,
     module_js: JetStreamContext,
     queries: QueryClient,
     wait_until: WaitUntil,
@@ -88,7 +68,7 @@ async def test_a_full_chdb_disk_holds_reads_at_503_then_catches_up_exactly(
     created = await appender.append(created)
     await wait_until(event_store.caught_up, "the conversation's creation")
 
-    filler = fill(small_disk)
+    filler = fill(disk)
     try:
         thoughts = [
             ThinkAction(conversation_id=cid, source=EventSource.AGENT, thought=f"t{n}" * 2000)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +25,7 @@ from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import EventSource, MessageAction
 from taskbus.devtools.nats_server import NatsServer
+from taskbus.devtools.small_disk import SmallDiskUnavailable, fill, small_disk
 from taskbus.gateway.app import create_app
 from taskbus.gateway.settings import GatewaySettings
 
@@ -37,30 +36,23 @@ DISK = "8m"
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK, mounted for this test alone."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(disk)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root needed): {mounted.stderr.strip()}")
+    (tmp_path / "disk").mkdir()
     try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        with small_disk(tmp_path / "disk", DISK) as mounted:
+            yield mounted
+    except SmallDiskUnavailable as unavailable:
+        pytest.skip(f"{unavailable} (root needed)")
 
 
 @pytest.fixture
-def nats_on_small_disk(small_disk: Path, tmp_path: Path) -> Iterator[NatsServer]:
+def nats_on_small_disk(disk: Path, tmp_path: Path) -> Iterator[NatsServer]:
     """JetStream told it has far more room than the disk (as when other files share the disk):
     the disk, not JetStream's own accounting, is what runs out."""
     config = tmp_path / "nats.conf"
     config.write_text("jetstream { max_file_store: 100GB }\n")
-    with NatsServer(small_disk / "nats", log_file=tmp_path / "nats.log", config_file=config) as s:
+    with NatsServer(disk / "nats", log_file=tmp_path / "nats.log", config_file=config) as s:
         yield s
 
 
@@ -81,18 +73,6 @@ async def gateway_with_session_manager(
     await nc.close()
 
 
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with filler.open("wb") as file:
-        try:
-            while True:
-                file.write(b"\0" * 65536)
-                file.flush()
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
-    return filler
-
-
 async def create(client: httpx.AsyncClient, alice: dict[str, str]) -> httpx.Response:
     return await client.post(
         "/api/conversations",
@@ -109,7 +89,7 @@ async def log_state(nc: Client) -> tuple[int, int]:
 async def test_a_full_disk_answers_503_with_its_reason_damages_nothing_and_then_resumes(
     settings: GatewaySettings,
     nats_on_small_disk: NatsServer,
-    small_disk: Path,
+    disk: Path,
     alice: dict[str, str],
 ) -> None:
     server = nats_on_small_disk
@@ -118,7 +98,7 @@ async def test_a_full_disk_answers_503_with_its_reason_damages_nothing_and_then_
         assert before.status_code == 201, before.text
         accepted = [before.json()["conversation_id"]]  # every conversation confirmed
         nc = await nats.connect(server.url)
-        filler = fill(small_disk)
+        filler = fill(disk)
         # Small writes may still fit the last page of a block, so the disk refuses one soon
         # rather than at once; a command stored whose events were not is a 504 (not visible).
         for _ in range(20):
