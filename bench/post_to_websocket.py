@@ -1,0 +1,161 @@
+"""POST message -> WebSocket at 50 clients (issue 13, item 4), beside the core NATS request
+floor of the same run.
+
+    uv run python bench/post_to_websocket.py [--clients 50] [--messages 20]
+
+`taskbus up` (local backend) in a temp dir; `--clients` conversations, each waiting for its user
+with a WebSocket open on it; every client POSTs `/message` once a second (the clients spread
+over the second) and times each POST until its MessageAction arrives on its WebSocket. The
+reference is a core NATS request-reply round trip on the stack's server in the same run.
+Target: p50 <= 3 ms, p99 <= 25 ms. (The appender's half of the hot path: appender_bench.py.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from nats.aio.msg import Msg
+from websockets.asyncio.client import ClientConnection, connect
+
+from taskbus.contracts.bus import connect as bus_connect
+from taskbus.contracts.bus import inbox_prefix
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stack the tests start
+from tests.conftest import Stack, running_stack
+
+TARGET_P50_MS, TARGET_P99_MS = 3.0, 25.0
+# The model answers the first message, then never again: the conversations wait for their user
+# and every later message only travels gateway -> session-manager -> log -> WebSocket.
+SILENT_MODEL_SCRIPT = {
+    "steps": [
+        {"content": "Noted. What next?"},
+        {"content": "(never said)", "delay": {"seconds": 3600}},
+    ]
+}
+POST_PERIOD_SECONDS = 1.0  # each client posts once a second: 50 messages/s at 50 clients
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return statistics.median(ordered) * 1000, p99 * 1000
+
+
+async def frame_saying(ws: ClientConnection, text: str, wait_seconds: float = 60) -> None:
+    """Read the WebSocket until a user MessageAction saying `text` arrives."""
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), wait_seconds))
+        if event.get("source") == "user" and event.get("message") == text:
+            return
+
+
+async def waiting_for_input(api: httpx.AsyncClient, cid: str) -> None:
+    """Until the agent has answered the first message and waits for the user."""
+    info = {}
+    for _ in range(600):
+        info = (await api.get(f"/api/conversations/{cid}")).json()
+        if info.get("agent_state") == "awaiting_user_input":
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{cid} never waited for input: {info}")
+
+
+async def post_to_websocket(stack: Stack, clients: int, messages: int) -> list[float]:
+    """Seconds from each POST /message until its MessageAction reaches the client's socket,
+    each client posting every POST_PERIOD_SECONDS, the clients spread over the period."""
+    async with stack.client() as api:
+        settings = {"max_concurrent_conversations": clients}
+        assert (await api.put("/api/settings", json=settings)).status_code == 200
+        cids = []
+        for n in range(clients):
+            answer = await api.post("/api/conversations", json={"initial_user_msg": f"{n}"})
+            assert answer.status_code in (200, 201), answer.text
+            cids.append(answer.json()["conversation_id"])
+        await asyncio.gather(*(waiting_for_input(api, cid) for cid in cids))
+        latencies: list[float] = []
+
+        async def client(n: int, cid: str) -> None:
+            url = f"{stack.ws_url}/api/conversations/{cid}/events?after_id=-1"
+            async with connect(url, additional_headers=stack.headers) as ws:
+                await frame_saying(ws, f"{n}")  # the history is replayed
+                await asyncio.sleep(n * POST_PERIOD_SECONDS / clients)
+                for m in range(messages):
+                    text = f"message {m}"
+                    started = time.perf_counter()
+                    posted = asyncio.create_task(
+                        api.post(f"/api/conversations/{cid}/message", json={"message": text})
+                    )
+                    await frame_saying(ws, text)
+                    latencies.append(time.perf_counter() - started)
+                    answer = await posted
+                    assert answer.status_code == 202, answer.text
+                    await asyncio.sleep(max(0, started + POST_PERIOD_SECONDS - time.perf_counter()))
+
+        await asyncio.gather(*(client(n, cid) for n, cid in enumerate(cids)))
+        return latencies
+
+
+async def request_floor(stack: Stack, count: int = 1000) -> list[float]:
+    """Core NATS request-reply round trips on the stack's server, one after another."""
+    nc = await bus_connect(stack.nats_url, "bench", stack.bus_credential("admin"))
+    subject = f"{inbox_prefix('admin')}.bench.echo"
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(subject, cb=echo)
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await nc.request(subject, b"ping", timeout=5)
+        samples.append(time.perf_counter() - started)
+    await nc.drain()
+    return samples
+
+
+async def websocket_latency(clients: int, messages: int) -> None:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_stack(
+            Path(tmp),
+            SILENT_MODEL_SCRIPT,
+            TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT=str(clients),
+            TASKBUS_MAX_RUNNING=str(clients),
+            TASKBUS_RUNNER_SLOTS=str(clients),
+            TASKBUS_RUNNER_MAX_SANDBOXES=str(clients),
+            TASKBUS_CREATE_BURST=str(clients),
+            TASKBUS_WS_MAX_PER_USER=str(clients),
+            TASKBUS_BACKEND="local",
+        ) as stack,
+    ):
+        latencies = await post_to_websocket(stack, clients, messages)
+        floor = await request_floor(stack)
+    p50, p99 = percentiles(latencies)
+    floor_p50, floor_p99 = percentiles(floor)
+    print(f"\nPOST message -> WebSocket, {clients} clients x {messages} messages")
+    print(f"{'':32}{'p50 ms':>9}{'p99 ms':>9}{'target':>13}")
+    print(f"{'core NATS request (reference)':32}{floor_p50:>9.2f}{floor_p99:>9.2f}")
+    print(
+        f"{'POST -> WS':32}{p50:>9.2f}{p99:>9.2f}{f'<= {TARGET_P50_MS:g} / {TARGET_P99_MS:g}':>13}"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=20)
+    options = parser.parse_args()
+    await websocket_latency(options.clients, options.messages)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
