@@ -110,8 +110,11 @@ class Writers:
 
 async def stored_events(js: JetStreamContext) -> dict[str, list[ThinkAction]]:
     """Every event in the log, per conversation in log order."""
-    last = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
-    reader = await eventually(  # the meta leader may still be settling after the rejoin
+    # The meta, stream and consumer leaders may still be settling after the rejoin: each read
+    # is retried through "no responders" (a CI run met one on a fetch).
+    info = await eventually(lambda: js.stream_info(subjects.EVENTS_STREAM), "the log's info", 30)
+    last = info.state.last_seq
+    reader = await eventually(
         lambda: js.pull_subscribe(
             subjects.ALL_EVENTS,
             stream=subjects.EVENTS_STREAM,
@@ -123,7 +126,7 @@ async def stored_events(js: JetStreamContext) -> dict[str, list[ThinkAction]]:
     stored: dict[str, list[ThinkAction]] = {}
     seen = 0
     while seen < last:
-        for message in await reader.fetch(500, timeout=5):
+        for message in await eventually(lambda: reader.fetch(500, timeout=5), "a page", 30):
             event = msgspec.json.decode(message.data, type=ThinkAction)
             stored.setdefault(event.conversation_id, []).append(event)
             seen = message.metadata.sequence.stream
