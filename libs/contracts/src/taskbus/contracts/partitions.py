@@ -170,16 +170,17 @@ class PartitionLeases:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._renew_seconds)
+            await self._round()
+
+    async def _round(self) -> None:
+        """A rebalance; one that fails is retried by the next round. Nothing a round raises
+        ends the loop: an instance whose lease loop died would hold no partition for good."""
+        try:
             if time.monotonic() - self._renewed_at > self._lease_seconds - self._renew_seconds:
                 # Too late to be sure our leases still stand: stop acting on them first.
                 if self._held:
                     logger.warning("%s: leases not renewed in time: %s", self, sorted(self._held))
                 await self._lose(sorted(self._held))
-            await self._round()
-
-    async def _round(self) -> None:
-        """A rebalance; one that fails is retried by the next round."""
-        try:
             await self.rebalance()
         except (nats.errors.Error, TimeoutError) as error:
             logger.warning("%s: lease round failed: %r", self, error)
@@ -230,12 +231,23 @@ class PartitionLeases:
         return True
 
     async def _acquire(self, partition: int) -> bool:
+        key = self._lease_key(partition)
         try:
-            self._held[partition] = await self._kv.create(
-                self._lease_key(partition), self._instance.encode()
-            )
+            self._held[partition] = await self._kv.create(key, self._instance.encode())
         except KeyWrongLastSequenceError:
-            return False  # still held by its previous owner until it hands it back or expires
+            # Still held by its previous owner until it hands it back or expires, unless that
+            # owner is this instance: after a stall it gave its leases up without knowing if they
+            # still stood, and one that still names it is taken back at once (revision-checked,
+            # so not if another instance wrote it meanwhile), not after the TTL.
+            try:
+                entry = await self._kv.get(key)
+                if entry.value != self._instance.encode() or entry.revision is None:
+                    return False
+                self._held[partition] = await self._kv.update(
+                    key, self._instance.encode(), last=entry.revision
+                )
+            except (KeyNotFoundError, KeyWrongLastSequenceError):
+                return False
         return True
 
     async def _hand_back(self, partitions: list[int]) -> None:

@@ -244,12 +244,12 @@ class SessionManager:
     async def _release(self, partitions: frozenset[int]) -> None:
         """Stop driving the conversations of partitions no longer held, and drop their states:
         their new holder folds them from the log."""
-        released = [cid for cid in self._conversations.states if partition_of(cid) in partitions]
-        drivers = [d for cid in released if (d := self._drivers.pop(cid, None)) is not None]
+        leaving = [cid for cid in self._drivers if partition_of(cid) in partitions]
         # Each driver has ended before its state goes: one that lost its cancel (cancel_and_wait
-        # says how) went on driving a forgotten conversation, failing on it in a loop.
-        await cancel_and_wait(*drivers)
-        for cid in released:
+        # says how) went on driving a forgotten conversation, failing on it in a loop. What is
+        # in memory is read after the wait: the sweep may have forgotten some meanwhile.
+        await cancel_and_wait(*(self._drivers.pop(cid) for cid in leaving))
+        for cid in [cid for cid in self._conversations.states if partition_of(cid) in partitions]:
             self._forget(cid)
 
     async def _sweep(self) -> None:
