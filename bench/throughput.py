@@ -1,0 +1,153 @@
+"""Tasks per second with the scripted model on the local backend (issue 13, acceptance 1),
+beside the same run's JetStream ceiling.
+
+    uv run python bench/throughput.py [--tasks 300] [--slots 8] [--in-flight 32]
+
+`taskbus up` (local backend, bubblewrap) in a temp dir, the packaged demo task (plan, a command,
+a file written, the plan updated, finish: the one `just up` shows). `--tasks` are POSTed with
+at most `--in-flight` requests at once, `--slots` of them run at once; tasks/s is the tasks
+divided by the time from the first POST to the last FINISHED (the status events, seen on the
+bus as they are appended), after `--slots` warm-up tasks: a fresh session-manager imports
+litellm on its first LLM call, seconds of CPU no steady state pays. The reference: raw
+awaited `js.publish` of events on the same server in the same run (appender_bench.py's
+writers), divided by the events a task wrote, is the rate the log alone would allow. Each
+process's CPU share tells where the rest goes.
+Target: >= 30 tasks/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+
+from taskbus.contracts import subjects
+from taskbus.contracts.bus import connect as bus_connect
+from taskbus.contracts.status import ConversationStatus
+from taskbus.devtools.cluster_stack import cpu_seconds
+from taskbus.devtools.local_stack import read_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # appender_bench, idle_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stack the tests start
+from appender_bench import raw_rate
+from idle_memory import descendants, label
+
+from tests.conftest import Stack, running_stack
+
+TARGET = 30.0
+RUN_SECONDS = 900
+
+
+class _Status(msgspec.Struct):
+    conversation_id: str
+    status: str
+
+
+async def run_tasks(stack: Stack, tasks: int, in_flight: int) -> tuple[float, float]:
+    """(tasks/s, events per task) of `tasks` demo tasks run to FINISHED."""
+    nc = await bus_connect(stack.nats_url, "bench", stack.bus_credential("admin"))
+    events: Counter[str] = Counter()
+    finished: set[str] = set()
+    all_done = asyncio.Event()
+
+    async def seen(msg: Msg) -> None:
+        events[subjects.conversation_id_of(msg.subject)] += 1
+        if msg.subject.endswith(".ConversationStatusChanged"):
+            status = msgspec.json.decode(msg.data, type=_Status)
+            if status.status == ConversationStatus.FINISHED:
+                finished.add(status.conversation_id)
+                if len(finished) == tasks:
+                    all_done.set()
+
+    await nc.subscribe(subjects.ALL_EVENTS, cb=seen)
+    gate = asyncio.Semaphore(in_flight)
+    async with stack.client(timeout=60) as api:
+
+        async def create(n: int) -> str:
+            async with gate:
+                answer = await api.post("/api/conversations", json={"initial_user_msg": f"{n}"})
+            assert answer.status_code in (200, 201), answer.text
+            return str(answer.json()["conversation_id"])
+
+        started = time.monotonic()
+        created = await asyncio.gather(*(create(n) for n in range(tasks)))
+        await asyncio.wait_for(all_done.wait(), RUN_SECONDS)
+        took = time.monotonic() - started
+    await nc.drain()
+    assert finished == set(created)
+    return tasks / took, sum(events[cid] for cid in created) / tasks
+
+
+async def ceiling(stack: Stack) -> float:
+    """Events/s of raw awaited publishes on the stack's own server (50 writers)."""
+    nc = await bus_connect(stack.nats_url, "bench", stack.bus_credential("admin"))
+    rate = await raw_rate(nc.jetstream(), 50, 100)
+    await nc.drain()
+    return rate
+
+
+def cpu_by_process(stack_pid: int) -> dict[str, float]:
+    used: dict[str, float] = {}
+    """CPU seconds so far of each kind of process under the launcher (its sandboxes' commands
+    count to the runner that waited for them)."""
+    for pid in descendants(stack_pid):
+        try:
+            name = label(pid)
+        except OSError:
+            continue
+        used[name] = used.get(name, 0.0) + cpu_seconds(pid)
+    return used
+
+
+async def main(tasks: int, slots: int, in_flight: int) -> None:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_stack(
+            Path(tmp),
+            TASKBUS_BACKEND="local",
+            TASKBUS_RUNNER_SLOTS=str(slots),
+            TASKBUS_MAX_RUNNING=str(slots),
+            TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT=str(tasks),
+            TASKBUS_CONCURRENCY_POLICY="queue",
+            TASKBUS_MAX_QUEUED_CONVERSATIONS=str(tasks),
+            TASKBUS_CREATE_BURST=str(tasks),
+            TASKBUS_CREATE_RATE_PER_MINUTE="1000000",
+        ) as stack,
+    ):
+        async with stack.client() as api:
+            settings = {"max_concurrent_conversations": tasks}
+            assert (await api.put("/api/settings", json=settings)).status_code == 200
+        state = read_state(stack.data_dir)
+        assert state is not None, "taskbus up wrote no state"
+        pid = state.pid
+        await run_tasks(stack, slots, in_flight)  # the warm-up
+        before, started = cpu_by_process(pid), time.monotonic()
+        rate, per_task = await run_tasks(stack, tasks, in_flight)
+        after, wall = cpu_by_process(pid), time.monotonic() - started
+        raw = await ceiling(stack)
+    print(f"\n{tasks} demo tasks, {slots} slots, {in_flight} POSTs in flight, local backend")
+    print(f"{'':40}{'tasks/s':>9}{'target':>9}")
+    print(f"{'log ceiling: raw publish / events':40}{raw / per_task:>9.1f}")
+    print(f"{'  (raw publish events/s, events/task)':40}{raw:>9.0f}{per_task:>9.1f}")
+    print(f"{'demo tasks to FINISHED':40}{rate:>9.1f}{f'>= {TARGET:g}':>9}")
+    print("CPU cores used during the tasks (of 2):")
+    for name, seconds in sorted(after.items(), key=lambda item: -item[1]):
+        share = (seconds - before.get(name, 0.0)) / wall
+        if share >= 0.01:
+            print(f"  {name:38}{share:>6.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--in-flight", type=int, default=32)
+    options = parser.parse_args()
+    asyncio.run(main(options.tasks, options.slots, options.in_flight))
