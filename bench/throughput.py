@@ -73,7 +73,8 @@ async def run_tasks(stack: Stack, tasks: int, in_flight: int) -> tuple[float, fl
         async def create(n: int) -> str:
             async with gate:
                 answer = await api.post("/api/conversations", json={"initial_user_msg": f"{n}"})
-            assert answer.status_code in (200, 201), answer.text
+            # 504 not-visible-yet: accepted, but the read model lagged past the gateway's wait.
+            assert answer.status_code in (200, 201, 504), answer.text
             return str(answer.json()["conversation_id"])
 
         started = time.monotonic()
