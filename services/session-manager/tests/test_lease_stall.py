@@ -1,6 +1,7 @@
-"""A session-manager whose event loop stalls past its leases (as its first import of litellm did
-on a loaded CI run) gives its partitions up, cutting off the LLM call in flight; when it takes
-them back, the conversation goes on from the log: the call is made again, the task finishes."""
+"""A session-manager whose event loop stalls until its leases lapse (as its first import of
+litellm did on a loaded CI run) finds its renewals refused and gives its partitions up, cutting
+off the LLM call in flight; when it takes them back, the conversation goes on from the log: the
+call is made again, the task finishes. (A shorter stall keeps them: test_partitions.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 from taskbus.contracts.events import LLMWaiting
-from taskbus.contracts.partitions import LEASE_SECONDS
+from taskbus.contracts.partitions import LEASE_SECONDS, RENEW_SECONDS
 from taskbus.contracts.specs import ConversationSpec
 from taskbus.contracts.status import ConversationStatus
 
@@ -25,5 +26,5 @@ async def test_a_step_cut_off_by_lost_leases_is_taken_again_once_they_are_back(
         stack.conversation("stella", ConversationSpec(initial_user_msg="Hi.")) as runtime,
     ):
         await runtime.wait_for(lambda events: any(isinstance(e, LLMWaiting) for e in events))
-        time.sleep(LEASE_SECONDS)  # noqa: ASYNC251 (the stall under test: the loop is blocked)
+        time.sleep(LEASE_SECONDS + RENEW_SECONDS)  # noqa: ASYNC251 (the stall under test: the loop is blocked)
         await runtime.wait_for(status_reached(ConversationStatus.FINISHED))

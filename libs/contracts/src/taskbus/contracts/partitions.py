@@ -11,7 +11,10 @@ or goes, and needs no coordinator. Ownership is a KV entry written with a revisi
 (`create` for a free partition, `update(last=…)` to renew), so two instances never hold the same
 lease; the bucket's TTL removes the lease of an instance that stopped renewing, so a dead
 instance's partitions move within `LEASE_SECONDS` plus one renewal. An instance that cannot
-renew in time gives its partitions up itself (`on_lost`) before its lease can expire; and even
+reach the bucket to renew in time gives its partitions up itself (`on_lost`) before its lease
+can expire. One that was merely late (its event loop starved of CPU, or paused) renews first: a
+revision-checked renewal that succeeds proves nobody took the lease meanwhile, so it goes on
+without dropping its conversations' work in flight; one that fails gives the partition up. Even
 if a paused instance acted late on a partition it lost, the log's expected-sequence appends
 (contracts.appender) refuse its write, so a conversation's history never forks.
 """
@@ -144,7 +147,7 @@ class PartitionLeases:
         self._renew_seconds = renew_seconds
         self._lease_seconds = lease_seconds
         self._held: dict[int, int] = {}  # partition -> revision of our lease
-        self._renewed_at = 0.0  # monotonic time of the last successful round
+        self._renewed_at = 0.0  # monotonic start of the last successful round
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -176,20 +179,25 @@ class PartitionLeases:
         """A rebalance; one that fails is retried by the next round. Nothing a round raises
         ends the loop: an instance whose lease loop died would hold no partition for good."""
         try:
-            if time.monotonic() - self._renewed_at > self._lease_seconds - self._renew_seconds:
-                # Too late to be sure our leases still stand: stop acting on them first.
-                if self._held:
-                    logger.warning("%s: leases not renewed in time: %s", self, sorted(self._held))
-                await self._lose(sorted(self._held))
             await self.rebalance()
         except (nats.errors.Error, TimeoutError) as error:
             logger.warning("%s: lease round failed: %r", self, error)
         except Exception:
             logger.exception("%s: lease round failed", self)
+        try:
+            if time.monotonic() - self._renewed_at > self._lease_seconds - self._renew_seconds:
+                # Not renewed, and too late to be sure the leases still stand: stop acting on
+                # them before they can expire and another instance takes them.
+                if self._held:
+                    logger.warning("%s: leases not renewed in time: %s", self, sorted(self._held))
+                await self._lose(sorted(self._held))
+        except Exception:
+            logger.exception("%s: giving up stale leases failed", self)
 
     async def rebalance(self) -> None:
         """One round: heartbeat, renew what we keep, hand back what another member should own,
         take what is ours and free."""
+        started = time.monotonic()  # no lease renewed below can expire before started + TTL
         await self._kv.put(member_key(self._group, self._instance), b"")
         members = await self._members()
         lost: list[int] = []
@@ -204,7 +212,7 @@ class PartitionLeases:
                     lost.append(partition)
             elif owner == self._instance and await self._acquire(partition):
                 acquired.append(partition)
-        self._renewed_at = time.monotonic()
+        self._renewed_at = started
         await self._lose(lost)
         await self._hand_back(handed_back)  # the member that should own them takes them now
         if acquired:
