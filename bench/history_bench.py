@@ -1,7 +1,7 @@
 """History-length benchmark: session-manager's fold and reload of a long conversation against a
 short one.
 
-    uv run python bench/history_bench.py [--events 100000] [--runs 5]
+    uv run python bench/history_bench.py [--events 100000] [--runs 21] [--every N]
 
 1. Fold: `state.fold` per event at 1,000 and at N events (in memory): flat if applying an event
    costs O(1) whatever the history behind it.
@@ -10,8 +10,11 @@ short one.
    nats-server. The N-event log is consumed first as the events consumer does
    (`Conversations.observe`), which writes the snapshots every `snapshot_every_events`; the
    tail a load reads is printed, first right after a snapshot, then with the longest tail
-   (`snapshot_every_events` - 1 events appended since). Reference: the whole log read and folded.
-Target (issue 13): the N-event figures within 1.2x of the short ones.
+   (`snapshot_every_events` - 1 events appended since; N is rounded down to a multiple of the
+   interval so the log ends on a snapshot). Reference: the whole log read and folded.
+3. What the snapshots cost: consuming the log with them against without (same run), and one
+   snapshot's size and KV put.
+Target (issue 13): the N-event reload within 1.2x of the short one.
 """
 
 from __future__ import annotations
@@ -34,16 +37,19 @@ from taskbus.contracts.events import (
 )
 from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.devtools.agent_log import agent_events
-from taskbus.devtools.bench_report import median_seconds, print_table
+from taskbus.devtools.bench_report import (
+    interleaved_median_seconds,
+    median_seconds,
+    print_table,
+)
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.session_manager import log, snapshots
 from taskbus.session_manager.conversations import Conversations
 from taskbus.session_manager.settings import SessionManagerSettings
-from taskbus.session_manager.snapshots import SnapshotStore
+from taskbus.session_manager.snapshots import SnapshotStore, encode_snapshot
 from taskbus.session_manager.state import fold
 
 SMALL = 100
-EVERY = SessionManagerSettings().snapshot_every_events
 TARGET = 1.2
 
 
@@ -77,9 +83,21 @@ def _fold_time(events: list[Event]) -> float:
     return time.perf_counter() - started
 
 
-async def main(total: int, runs: int) -> None:
-    # The last `EVERY - 1` events come after the long log was consumed: the longest tail.
-    longest = agent_events("bench-big", total + EVERY - 1)
+async def consume(js: JetStreamContext, cid: str, every: int) -> float:
+    """Seconds to deliver the log to a fresh `Conversations` as the events consumer does,
+    writing a snapshot every `every` events."""
+    live = Conversations(js, lambda _: None, snapshot_every=every)
+    events = await log.read_events(js, cid)
+    started = time.perf_counter()
+    for sequence, event in events:
+        await live.observe(event, sequence)
+    return time.perf_counter() - started
+
+
+async def main(total: int, runs: int, every: int) -> None:
+    # The long log ends on a snapshot; `every - 1` more events after it: the longest tail.
+    total -= total % every
+    longest = agent_events("bench-big", total + every - 1)
     big, late = longest[:total], longest[total:]
     small = agent_events("bench-small", SMALL)
     per_1k, per_n = fold_rate(big[:1000]), fold_rate(big)
@@ -95,23 +113,25 @@ async def main(total: int, runs: int) -> None:
         await publish(js, nc, big)
         await publish(js, nc, small)
 
-        print("consuming the long log as session-manager does (snapshots) ...", flush=True)
-        live = Conversations(js, lambda _: None, snapshot_every=EVERY)
-        end = await last_message(js, subjects.conversation_events("bench-big"))
-        assert end is not None and end.seq is not None
-        started = time.perf_counter()
-        for sequence, event in await log.read_events(js, "bench-big", 1, end.seq):
-            await live.observe(event, sequence)
-        consumed = time.perf_counter() - started
+        print("consuming the long log as session-manager does, then without snapshots ...",
+              flush=True)  # fmt: skip
+        unsnapshotted = await consume(js, "bench-big", total + 1)
+        consumed = await consume(js, "bench-big", every)
+        store = SnapshotStore(js)
+        found = await store.get("bench-big")
+        assert found is not None and found[0].last_event_id == total - 1
+        size = len(encode_snapshot(*found))
+        put = await median_seconds(runs, lambda: store.put(*found))
 
         async def reload(cid: str) -> None:
-            await Conversations(js, lambda _: None, snapshot_every=EVERY).load(cid)
+            await Conversations(js, lambda _: None, snapshot_every=every).load(cid)
 
         print(f"reloading, {runs} runs each ...", flush=True)
-        small_load = await median_seconds(runs, lambda: reload("bench-small"))
         for _ in range(2):
-            big_load = await median_seconds(runs, lambda: reload("bench-big"))
-            loaded = await snapshots.load(js, SnapshotStore(js), "bench-big", EVERY)
+            small_load, big_load = await interleaved_median_seconds(
+                runs, lambda: reload("bench-small"), lambda: reload("bench-big")
+            )
+            loaded = await snapshots.load(js, store, "bench-big")
             whole = fold("bench-big", await log.read_conversation(js, "bench-big"))
             assert loaded.state == whole, "a reload from the snapshot differs from the full fold"
             rows.append(("reload (snapshot + tail)", f"{small_load * 1e3:.2f} ms",
@@ -123,7 +143,12 @@ async def main(total: int, runs: int) -> None:
         full = time.perf_counter() - started
         rows.append(("  reference: whole log read + folded", "", f"{full * 1e3:.0f} ms",
                      f"{full / small_load:.0f}x"))  # fmt: skip
-        rows.append(("  consume + snapshot, µs per event", "", f"{consumed / total * 1e6:.1f}", ""))
+        rows.append((f"consume, µs per event (snapshot every {every})", "",
+                     f"{consumed / total * 1e6:.1f}",
+                     f"{consumed / unsnapshotted:.2f}x"))  # fmt: skip
+        rows.append(("  reference: consume without snapshots", "",
+                     f"{unsnapshotted / total * 1e6:.1f}", ""))  # fmt: skip
+        rows.append(("snapshot: bytes, put", "", f"{size:,} B, {put * 1e3:.2f} ms", ""))
         await nc.drain()
 
     header = ("", f"{SMALL} events", f"{total:,} events", f"ratio (target ≤ {TARGET}x)")
@@ -133,6 +158,12 @@ async def main(total: int, runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=SessionManagerSettings().snapshot_every_events,
+        help="snapshot interval (default: session-manager's TASKBUS_SNAPSHOT_EVERY_EVENTS)",
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.events, arguments.runs))
+    asyncio.run(main(arguments.events, arguments.runs, arguments.every))

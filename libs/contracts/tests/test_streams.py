@@ -1,5 +1,6 @@
 """`ensure_streams` creates what is missing, never undoes what an operator tuned, and on a
-cluster makes the log survive the loss of a node."""
+cluster makes the log survive the loss of a node; `read_batch` reads one subject's messages
+in one request."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender, StreamFull
 from taskbus.contracts.events import Event, EventSource, ThinkAction, decode_event
-from taskbus.contracts.streams import DEDUPE_WINDOW_SECONDS, StreamLimits, ensure_streams
+from taskbus.contracts.streams import (
+    DEDUPE_WINDOW_SECONDS,
+    BatchReadError,
+    StreamLimits,
+    ensure_streams,
+    read_batch,
+)
 from taskbus.devtools.nats_server import NatsServer, free_port
 
 
@@ -162,3 +170,31 @@ async def test_the_command_queue_is_bounded_and_dead_letters_age_out(js: JetStre
     dead = (await js.stream_info(subjects.DEADLETTER_STREAM)).config
     assert dead.subjects == [subjects.ALL_DEADLETTERS]
     assert dead.max_age and dead.max_bytes and dead.max_bytes > 0
+
+
+async def test_a_batch_read_gives_one_subjects_messages_from_a_sequence_and_what_is_left(
+    js: JetStreamContext,
+) -> None:
+    await ensure_streams(js)
+    sequences: dict[str, list[int]] = {"a": [], "b": []}
+    for n in range(12):  # two conversations' events interleaved in the stream
+        cid = "ab"[n % 2]
+        ack = await js.publish(subjects.event_subject(cid, "ThinkAction"), f"{cid}{n}".encode())
+        sequences[cid].append(ack.seq)
+    a = subjects.conversation_events("a")
+
+    page, left = await read_batch(js, a, 1, 4)
+    assert page == [(s, f"a{2 * i}".encode()) for i, s in enumerate(sequences["a"][:4])]
+    assert left == 2
+    rest, left = await read_batch(js, a, page[-1][0] + 1, 100)
+    assert [s for s, _ in rest] == sequences["a"][4:] and left == 0
+    assert await read_batch(js, a, sequences["b"][-1] + 1, 100) == ([], 0)  # past its last
+    assert await read_batch(js, subjects.conversation_events("nobody"), 1, 100) == ([], 0)
+
+
+async def test_a_batch_read_nobody_answers_fails_at_once(js: JetStreamContext) -> None:
+    """A stream without direct gets has no responder: an error, not a wait or an empty read."""
+    await js.add_stream(StreamConfig(name="PLAIN", subjects=["plain.>"]))
+    await js.publish("plain.x", b"1")
+    with pytest.raises(BatchReadError, match="503"):
+        await asyncio.wait_for(read_batch(js, "plain.>", 1, 10, stream="PLAIN"), 10)

@@ -21,7 +21,6 @@ from taskbus.contracts.events import (
     EventSource,
 )
 from taskbus.contracts.status import ConversationStatus
-from taskbus.contracts.streams import last_message
 from taskbus.devtools import agent_log
 from taskbus.session_manager import log, snapshots
 from taskbus.session_manager.conversations import Conversations
@@ -37,9 +36,7 @@ def agent_events(cid: str, count: int) -> list[Event]:
 
 async def consume(conversations: Conversations, bus: JetStreamContext, cid: str) -> None:
     """Deliver the conversation's log to `conversations` as the events consumer does."""
-    tail = await last_message(bus, subjects.conversation_events(cid))
-    assert tail is not None and tail.seq is not None
-    for sequence, event in await log.read_events(bus, cid, 1, tail.seq):
+    for sequence, event in await log.read_events(bus, cid):
         await conversations.observe(event, sequence)
 
 
@@ -80,7 +77,7 @@ async def test_a_load_from_snapshot_and_tail_equals_the_full_fold(
     assert found is not None and 500 <= found[0].last_event_id < 640
     assert found[0] == fold(cid, events[: found[0].last_event_id + 1])
 
-    loaded = await snapshots.load(bus, store, cid, EVERY)
+    loaded = await snapshots.load(bus, store, cid)
     assert loaded.snapshot_id == found[0].last_event_id
     assert loaded.read == 640 - loaded.snapshot_id  # the snapshot's own event, then the tail
     assert loaded.state == fold(cid, await log.read_conversation(bus, cid))
@@ -92,6 +89,21 @@ async def test_a_load_from_snapshot_and_tail_equals_the_full_fold(
     assert await fresh.load(cid) == fold(cid, [*events, *more])
 
 
+async def test_a_log_longer_than_a_read_page_is_read_whole_in_order(
+    bus: JetStreamContext, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log, "_READ_PAGE", 7)
+    cid, events = await logged(bus, 30)
+    read = await log.read_events(bus, cid)
+    assert [event for _, event in read] == events
+    sequences = [sequence for sequence, _ in read]
+    assert sequences == sorted(set(sequences))
+    assert await log.read_events(bus, cid, sequences[12]) == read[12:]
+    loaded = await snapshots.load(bus, store, cid)
+    assert loaded.read == 30 and loaded.sequence == sequences[-1]
+    assert loaded.state == fold(cid, events)
+
+
 async def test_a_long_load_writes_a_snapshot_for_the_next(
     bus: JetStreamContext, store: SnapshotStore
 ) -> None:
@@ -99,7 +111,7 @@ async def test_a_long_load_writes_a_snapshot_for_the_next(
     assert await store.get(cid) is None
     first = Conversations(bus, lambda _: None, snapshot_every=EVERY, snapshots=store)
     await first.load(cid)
-    again = await snapshots.load(bus, store, cid, EVERY)
+    again = await snapshots.load(bus, store, cid)
     assert again.snapshot_id == 249 and again.read == 1
     assert again.state == fold(cid, events)
 
@@ -109,7 +121,7 @@ async def _bad_snapshot_is_ignored(
 ) -> None:
     cid, events = await logged(bus, 300)
     await (await bus.key_value(subjects.SNAPSHOTS_BUCKET)).put(cid, value)
-    loaded = await snapshots.load(bus, store, cid, EVERY)
+    loaded = await snapshots.load(bus, store, cid)
     assert loaded.snapshot_id == -1 and loaded.read == 300
     assert loaded.state == fold(cid, events)
 
@@ -134,9 +146,7 @@ async def test_a_snapshot_that_does_not_match_the_log_is_ignored(
 ) -> None:
     cid, events = await logged(bus, 300)
     other, _ = await logged(bus, 300)
-    tail = await last_message(bus, subjects.conversation_events(cid))
-    assert tail is not None and tail.seq is not None
-    sequences = [s for s, _ in await log.read_events(bus, cid, 1, tail.seq)]
+    sequences = [s for s, _ in await log.read_events(bus, cid)]
     kv = await bus.key_value(subjects.SNAPSHOTS_BUCKET)
     forged = msgspec.structs.replace(fold(cid, events[:200]), status=ConversationStatus.FINISHED)
     misplaced = [
@@ -146,7 +156,7 @@ async def test_a_snapshot_that_does_not_match_the_log_is_ignored(
     ]
     for value in misplaced:
         await kv.put(cid, value)
-        loaded = await snapshots.load(bus, store, cid, EVERY)
+        loaded = await snapshots.load(bus, store, cid)
         assert loaded.snapshot_id == -1
         assert loaded.state == fold(cid, events)
 

@@ -11,9 +11,11 @@ set, whole events older than it are removed, live conversation or not.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -183,6 +185,63 @@ async def last_message(
         return await js.get_last_msg(stream, subject, direct=True)
     except NotFoundError:
         return None
+
+
+class BatchReadError(Exception):
+    """A batch direct get the stream did not answer as ADR-31 says (no responder, an error
+    status, or a server older than 2.11 that answers one message and no end of batch)."""
+
+
+async def read_batch(
+    js: JetStreamContext,
+    subject: str,
+    first: int,
+    limit: int,
+    stream: str = subjects.EVENTS_STREAM,
+    idle_timeout: float = 5.0,
+) -> tuple[list[tuple[int, bytes]], int]:
+    """Up to `limit` messages on `subject` (a wildcard or not) from stream sequence `first` on,
+    each with its sequence, and how many more match after them: one JetStream batch direct get
+    (ADR-31, nats-server 2.11+), answered by any replica. One request and its replies, where a
+    consumer costs a create, flow control and a delete; `idle_timeout` bounds each wait for the
+    next reply, not the whole batch."""
+    nc = js._nc
+    messages: list[tuple[int, bytes]] = []
+    end: asyncio.Future[tuple[int, Exception | None]] = asyncio.get_running_loop().create_future()
+
+    async def received(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if end.done():
+            return
+        if status == "204":  # end of batch
+            end.set_result((int(headers.get("Nats-Num-Pending", 0)), None))
+        elif status == "404":  # nothing matches
+            end.set_result((0, None))
+        elif status is not None or "Nats-Num-Pending" not in headers:
+            problem = status or "a reply without Nats-Num-Pending (nats-server < 2.11?)"
+            end.set_result((0, BatchReadError(f"batch direct get on {stream}: {problem}")))
+        else:
+            messages.append((int(headers["Nats-Sequence"]), msg.data))
+
+    inbox = nc.new_inbox()
+    replies = await nc.subscribe(inbox, cb=received)
+    try:
+        request = {"seq": first, "next_by_subj": subject, "batch": limit}
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), inbox)
+        while not end.done():
+            seen = len(messages)
+            try:
+                await asyncio.wait_for(asyncio.shield(end), idle_timeout)
+            except TimeoutError:
+                if len(messages) == seen:
+                    raise BatchReadError(f"batch direct get on {stream}: no reply") from None
+        pending, error = end.result()
+    finally:
+        await replies.unsubscribe()
+    if error is not None:
+        raise error
+    return messages, pending
 
 
 async def ensure_streams(

@@ -60,9 +60,7 @@ class Conversations:
         async with self._loading[conversation_id]:
             state = self._states.get(conversation_id)
             if state is None:
-                loaded = await snapshots.load(
-                    self._js, self._snapshots, conversation_id, self._snapshot_every
-                )
+                loaded = await snapshots.load(self._js, self._snapshots, conversation_id)
                 self._snapshot_ids[conversation_id] = loaded.snapshot_id
                 if loaded.sequence is not None:
                     await self._snapshot(loaded.state, loaded.sequence)

@@ -29,46 +29,36 @@ from taskbus.contracts.events import (
 from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
-from taskbus.contracts.streams import last_message
+from taskbus.contracts.streams import last_message, read_batch
 
 logger = logging.getLogger(__name__)
 
 _RECOVERY_BATCH = 1000
+# Events per batch direct get when reading a conversation's log.
+_READ_PAGE = 1000
 
 
 async def read_conversation(
     js: JetStreamContext, conversation_id: str
 ) -> list[AnyEvent | UnknownEvent]:
     """Every event of one conversation, in order, as stored at the time of reading."""
-    tail = await last_message(js, subjects.conversation_events(conversation_id))
-    if tail is None:
-        return []
-    assert tail.seq is not None  # a direct get always carries the stream sequence
-    return [event for _, event in await read_events(js, conversation_id, 1, tail.seq)]
+    return [event for _, event in await read_events(js, conversation_id)]
 
 
 async def read_events(
-    js: JetStreamContext, conversation_id: str, first: int, last: int
+    js: JetStreamContext, conversation_id: str, first: int = 1
 ) -> list[tuple[int, AnyEvent | UnknownEvent]]:
-    """The conversation's events stored from stream sequence `first` to `last` (one of its
-    events), each with its sequence: a one-shot bounded read, so nats-py's ordered consumer,
-    not a FastStream one."""
-    sub = await js.subscribe(
-        subjects.conversation_events(conversation_id),
-        stream=subjects.EVENTS_STREAM,  # named: no lookup of the stream by subject
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first),
-    )
+    """The conversation's events stored from stream sequence `first` to its last, each with
+    its sequence: batch direct gets of `_READ_PAGE` events, one request each (a load's tail is
+    one), where an ordered consumer paid a create and a delivery per event."""
     events: list[tuple[int, AnyEvent | UnknownEvent]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            sequence = msg.metadata.sequence.stream
-            events.append((sequence, decode_event(msg.data)))
-            if sequence >= last:
-                return events
-    finally:
-        await sub.unsubscribe()
+    subject = subjects.conversation_events(conversation_id)
+    while True:
+        page, more = await read_batch(js, subject, first, _READ_PAGE)
+        events += ((sequence, decode_event(data)) for sequence, data in page)
+        if not more or not page:
+            return events
+        first = page[-1][0] + 1
 
 
 async def conversation_exists(js: JetStreamContext, conversation_id: str) -> bool:

@@ -27,8 +27,7 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.events import AnyEvent, Event, decode_event
-from taskbus.contracts.streams import last_message
+from taskbus.contracts.events import AnyEvent, Event
 from taskbus.session_manager import log
 from taskbus.session_manager.state import (
     FOLD_VERSION,
@@ -151,32 +150,25 @@ class Loaded(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_id: int = -1  # the last event id of the snapshot it started from (-1: none)
 
 
-async def load(
-    js: JetStreamContext, store: SnapshotStore, conversation_id: str, every: int
-) -> Loaded:
+async def load(js: JetStreamContext, store: SnapshotStore, conversation_id: str) -> Loaded:
     """The conversation's state as the log holds it now: its snapshot (if one matches the log)
-    and the events after it, or the whole log folded. A log shorter than `every` (the
-    snapshot interval) has none to look for."""
-    last = await last_message(js, subjects.conversation_events(conversation_id))
-    if last is None:
-        return Loaded(
-            state=ConversationState(conversation_id=conversation_id), sequence=None, read=0
-        )
-    end = last.seq
-    assert end is not None and last.data is not None  # a direct get carries both
-    long_enough = decode_event(last.data).id + 1 >= every
-    found = await store.get(conversation_id) if long_enough else None
+    and the events after it, or the whole log folded. Two requests either way: the snapshot
+    (or its absence) and one batch read of the log from there."""
+    found = await store.get(conversation_id)
     if found is not None:
         snapshot, start = found
-        tail = await log.read_events(js, conversation_id, start, end) if start <= end else []
+        tail = await log.read_events(js, conversation_id, start)
         if tail and tail[0][0] == start and tail[0][1].id == snapshot.last_event_id:
             state = snapshot
             for _, event in tail[1:]:
                 state = apply(state, event)
             return Loaded(
-                state=state, sequence=end, read=len(tail), snapshot_id=snapshot.last_event_id
+                state=state,
+                sequence=tail[-1][0],
+                read=len(tail),
+                snapshot_id=snapshot.last_event_id,
             )
         logger.info("the snapshot of %s does not match the log: folding it", conversation_id)
-    events = await log.read_events(js, conversation_id, 1, end)
+    events = await log.read_events(js, conversation_id)
     state = fold(conversation_id, (event for _, event in events))
-    return Loaded(state=state, sequence=end, read=len(events))
+    return Loaded(state=state, sequence=events[-1][0] if events else None, read=len(events))
