@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 
 from taskbus.contracts.events import AnyEvent, ConversationDeleted, Event, UnknownEvent
 from taskbus.session_manager import snapshots
+from taskbus.session_manager.settings import SNAPSHOT_EVERY_EVENTS
 from taskbus.session_manager.snapshots import SnapshotStore
 from taskbus.session_manager.state import ConversationState, apply
 
@@ -37,7 +38,7 @@ class Conversations:
         js: JetStreamContext,
         on_change: OnChange,
         *,
-        snapshot_every: int = 500,
+        snapshot_every: int = SNAPSHOT_EVERY_EVENTS,
         snapshots: SnapshotStore | None = None,
     ) -> None:
         self._js = js

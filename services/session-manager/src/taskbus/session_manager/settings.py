@@ -9,6 +9,12 @@ import msgspec
 from taskbus.contracts.llm_endpoints import DEFAULT_ALLOWED_BASE_URLS
 from taskbus.contracts.specs import ConcurrencyPolicy
 
+# 101: a load then reads at most 100 events after its snapshot, about what a 100-event
+# conversation costs read whole, so a reload costs the same at any length (issue 13: within
+# 1.2x of 100 events; at 500 the longest tail was 4x). The price: a snapshot (the whole state,
+# its history included) every 101 events of a conversation (bench/history_bench.py).
+SNAPSHOT_EVERY_EVENTS = 101
+
 
 class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
@@ -75,4 +81,4 @@ class SessionManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     placement_wait_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     # A snapshot of a conversation's folded state once this many events have come since the
     # last (KV taskbus_snapshots): a load reads it and the log's tail (session_manager.snapshots).
-    snapshot_every_events: Annotated[int, msgspec.Meta(ge=1)] = 500
+    snapshot_every_events: Annotated[int, msgspec.Meta(ge=1)] = SNAPSHOT_EVERY_EVENTS
