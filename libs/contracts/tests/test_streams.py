@@ -192,9 +192,13 @@ async def test_a_batch_read_gives_one_subjects_messages_from_a_sequence_and_what
     assert await read_batch(js, subjects.conversation_events("nobody"), 1, 100) == ([], 0)
 
 
-async def test_a_batch_read_nobody_answers_fails_at_once(js: JetStreamContext) -> None:
-    """A stream without direct gets has no responder: an error, not a wait or an empty read."""
+async def test_a_batch_read_nobody_answers_fails_at_once_as_a_bus_error(
+    js: JetStreamContext,
+) -> None:
+    """A stream without direct gets has no responder: an error, not a wait or an empty read,
+    and a bus error (nats.errors.Error), which consumers retry instead of dead-lettering."""
     await js.add_stream(StreamConfig(name="PLAIN", subjects=["plain.>"]))
     await js.publish("plain.x", b"1")
-    with pytest.raises(BatchReadError, match="503"):
+    with pytest.raises(nats.errors.Error, match="503") as raised:
         await asyncio.wait_for(read_batch(js, "plain.>", 1, 10, stream="PLAIN"), 10)
+    assert isinstance(raised.value, BatchReadError)

@@ -15,6 +15,7 @@ import json
 import logging
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -187,9 +188,11 @@ async def last_message(
         return None
 
 
-class BatchReadError(Exception):
+class BatchReadError(nats.errors.Error):
     """A batch direct get the stream did not answer as ADR-31 says (no responder, an error
-    status, or a server older than 2.11 that answers one message and no end of batch)."""
+    status, or a server older than 2.11 that answers one message and no end of batch). A bus
+    error like nats-py's own, so consumers retry it (e.g. while a leader settles) rather than
+    count it towards a poison message."""
 
 
 async def read_batch(
