@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
@@ -202,3 +205,21 @@ async def test_a_batch_read_nobody_answers_fails_at_once_as_a_bus_error(
     with pytest.raises(nats.errors.Error, match="503") as raised:
         await asyncio.wait_for(read_batch(js, "plain.>", 1, 10, stream="PLAIN"), 10)
     assert isinstance(raised.value, BatchReadError)
+
+
+async def test_a_batch_reply_lost_on_the_way_is_an_error_not_a_gap(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client drops a reply that would overflow its subscription's pending bytes (a slow
+    consumer) and keeps the smaller ones after it: the reader must notice the hole."""
+    await ensure_streams(js)
+    for payload in (b"1", b"x" * 100, b"3"):
+        await js.publish(subjects.event_subject("a", "ThinkAction"), payload)
+    subscribe = Client.subscribe
+
+    async def small_queue(self: Client, subject: str, **options: Any) -> Subscription:
+        return await subscribe(self, subject, **{**options, "pending_bytes_limit": 50})
+
+    monkeypatch.setattr(Client, "subscribe", small_queue)
+    with pytest.raises(BatchReadError, match="after sequence 1 was lost"):
+        await read_batch(js, subjects.conversation_events("a"), 1, 100)

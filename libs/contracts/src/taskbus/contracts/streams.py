@@ -46,6 +46,8 @@ WEBHOOK_LOG_ATTEMPTS = 200
 WEBHOOK_LOG_MAX_AGE_SECONDS = 7 * 86400.0
 _GIB = 1024**3
 _MIB = 1024**2
+# The most one batch direct get sends (`read_batch`): nats-py holds 64 MiB per subscription.
+_BATCH_BYTES = 8 * _MIB
 
 
 class StreamLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,30 +209,40 @@ async def read_batch(
     each with its sequence, and how many more match after them: one JetStream batch direct get
     (ADR-31, nats-server 2.11+), answered by any replica. One request and its replies, where a
     consumer costs a create, flow control and a delete; `idle_timeout` bounds each wait for the
-    next reply, not the whole batch."""
+    next reply, not the whole batch.
+
+    The server sends a batch without flow control, so it is bounded in bytes too
+    (`_BATCH_BYTES`, well under the subscription's pending limit), and each reply names the
+    sequence of the one before it: a reply lost on the way (a slow consumer's drop) is an
+    error, never a silent gap."""
     nc = js._nc
     messages: list[tuple[int, bytes]] = []
     end: asyncio.Future[tuple[int, Exception | None]] = asyncio.get_running_loop().create_future()
 
+    def fail(problem: str) -> None:
+        end.set_result((0, BatchReadError(f"batch direct get on {stream}: {problem}")))
+
     async def received(msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status")
         if end.done():
             return
-        if status == "204":  # end of batch
-            end.set_result((int(headers.get("Nats-Num-Pending", 0)), None))
-        elif status == "404":  # nothing matches
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        previous = str(messages[-1][0]) if messages else "0"
+        if status == "404" and not messages:  # nothing matches
             end.set_result((0, None))
-        elif status is not None or "Nats-Num-Pending" not in headers:
-            problem = status or "a reply without Nats-Num-Pending (nats-server < 2.11?)"
-            end.set_result((0, BatchReadError(f"batch direct get on {stream}: {problem}")))
+        elif status not in (None, "204") or "Nats-Num-Pending" not in headers:
+            fail(status or "a reply without Nats-Num-Pending (nats-server < 2.11?)")
+        elif headers.get("Nats-Last-Sequence") != previous:
+            fail(f"a reply after sequence {previous} was lost")
+        elif status == "204":  # end of batch
+            end.set_result((int(headers["Nats-Num-Pending"]), None))
         else:
             messages.append((int(headers["Nats-Sequence"]), msg.data))
 
     inbox = nc.new_inbox()
     replies = await nc.subscribe(inbox, cb=received)
     try:
-        request = {"seq": first, "next_by_subj": subject, "batch": limit}
+        request = {"seq": first, "next_by_subj": subject, "batch": limit, "max_bytes": _BATCH_BYTES}
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), inbox)
         while not end.done():
             seen = len(messages)
