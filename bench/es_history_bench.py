@@ -4,7 +4,8 @@
 
 The event-store query of each conversation's last page (100 events, newest first, the
 SearchEvents a client's "latest events" asks) and of its first page, with the SQL the
-responder runs, on real embedded chDB holding both conversations. (The reload half of the
+responder runs (`search.search_events`, given the conversation's last id as the read barrier
+gives it), on real embedded chDB holding both conversations. (The reload half of the
 history target is session-manager's: bench/history_bench.py.)
 Target (issue 13): the N-event figures within 1.2x of the 100-event ones.
 """
@@ -22,8 +23,8 @@ import msgspec
 
 from taskbus.contracts.events import Event, decode_event, encode_event
 from taskbus.contracts.queries import SearchEvents
-from taskbus.devtools.bench_report import median_seconds, print_table
-from taskbus.event_store import sql
+from taskbus.devtools.bench_report import interleaved_median_seconds, print_table
+from taskbus.event_store import search
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.rows import event_row
 from taskbus.event_store.synthetic import conversation_history
@@ -62,12 +63,13 @@ async def main(total: int, runs: int) -> None:
                 user_id=USER, conversation_id=events[0].conversation_id, reverse=reverse,
                 limit=100,
             )  # fmt: skip
-            found = await clickhouse.select(sql.search_events(query))
+            found = await search.search_events(clickhouse, query, events[-1].id)
             assert len(found) >= 100, len(found)
 
         for name, reverse in (("last page of 100", True), ("first page of 100", False)):
-            small_time = await median_seconds(runs, functools.partial(page, small, reverse))
-            big_time = await median_seconds(runs, functools.partial(page, big, reverse))
+            small_time, big_time = await interleaved_median_seconds(
+                runs, [functools.partial(page, events, reverse) for events in (small, big)]
+            )
             rows.append((f"search: {name} (chDB)", f"{small_time * 1e3:.2f} ms",
                          f"{big_time * 1e3:.2f} ms", f"{big_time / small_time:.2f}x"))  # fmt: skip
         await clickhouse.close()

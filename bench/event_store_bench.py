@@ -10,7 +10,7 @@
    wheel), then a real Ingester on a fresh durable consumer is timed from start until it has
    stored, projected (ClickHouse + KV) and acked every one of them.
 3. search_events: 100-event pages of one conversation inside the 1M-event table, asked over
-   NATS request-reply of the real QueryResponder (the gateway's path), and the bare SQL.
+   NATS request-reply of the real QueryResponder (the gateway's path), and its SQL alone.
 4. Analytics: each analytics query's SQL for one user's figures over that table.
 """
 
@@ -46,7 +46,7 @@ from taskbus.contracts.streams import ensure_streams
 from taskbus.contracts.summary import summarize
 from taskbus.devtools.bench_report import print_table
 from taskbus.devtools.nats_server import NatsServer
-from taskbus.event_store import sql
+from taskbus.event_store import search, sql
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
@@ -221,7 +221,7 @@ async def search_latencies(
         elapsed = time.perf_counter() - started
         assert isinstance(reply, EventPage) and len(reply.events) == 100, reply
         started = time.perf_counter()
-        rows = await clickhouse.select(sql.search_events(query))
+        rows = await search.search_events(clickhouse, query, lengths[cid] - 1)
         sql_elapsed = time.perf_counter() - started
         assert len(rows) == 101
         if n >= 20:

@@ -140,7 +140,7 @@ def test_user_input_only_ever_reaches_sql_as_parameters() -> None:
     )
     listing = ListConversations(user_id=hostile, repository=hostile, title_contains=hostile)
     for statement in (
-        sql.search_events(search),
+        sql.search_events(search, sql.IdWindow(0, 9)),
         sql.list_conversations(listing, (T0, hostile)),
         sql.get_conversation(hostile, hostile),
         sql.get_event(hostile, hostile, 1),
@@ -150,10 +150,11 @@ def test_user_input_only_ever_reaches_sql_as_parameters() -> None:
 
 
 def test_search_asks_for_one_row_more_than_the_page() -> None:
-    statement = sql.search_events(SearchEvents(user_id="u", conversation_id="c", limit=10))
+    whole = sql.IdWindow(0, None)
+    statement = sql.search_events(SearchEvents(user_id="u", conversation_id="c", limit=10), whole)
     assert statement.parameters["limit"] == 11
     assert "ORDER BY id ASC" in statement.sql
-    reverse = sql.search_events(SearchEvents(user_id="u", conversation_id="c", reverse=True))
+    reverse = sql.search_events(SearchEvents(user_id="u", conversation_id="c", reverse=True), whole)
     assert "ORDER BY id DESC" in reverse.sql
 
 

@@ -81,14 +81,16 @@ class ReadBarrier:
         self._ingester = ingester
         self.wait_seconds = wait_seconds
 
-    async def wait_for(self, query: Query) -> None:
-        """Returns once the ingest covers the log as of now; raises NotCaughtUp past the bound."""
+    async def wait_for(self, query: Query) -> int | None:
+        """Returns once the ingest covers the log as of now; raises NotCaughtUp past the bound.
+        For a query about one conversation, returns the id of its last event in the log as the
+        query came, which the store now holds (None: it has none, or it is undecodable)."""
         try:
-            await self._wait_for(query)
+            return await self._wait_for(query)
         except (nats.errors.Error, TimeoutError) as error:
             raise NotCaughtUp(f"the log did not say where it is: {error!r}") from error
 
-    async def _wait_for(self, query: Query) -> None:
+    async def _wait_for(self, query: Query) -> int | None:
         deadline = time.monotonic() + self.wait_seconds
         conversation_id = _conversation_of(query)
         if conversation_id is None:
@@ -96,22 +98,22 @@ class ReadBarrier:
             last_id = -1
         else:
             if not subjects.is_valid_conversation_id(conversation_id):
-                return  # no subject can name it, so the log holds nothing of it
+                return None  # no subject can name it, so the log holds nothing of it
             waiting = [partition_of(conversation_id)]
             found = await self._conversation_end(conversation_id)
             if found is None:
-                return
+                return None
             target, last_id = found
         targets: dict[int, int] = {}  # partition -> the stream sequence to wait for
         if conversation_id is not None:
             targets[partition_of(conversation_id)] = target
         while True:
             if conversation_id is not None and self._folded(conversation_id, last_id):
-                return
+                return last_id
             acked = await asyncio.gather(*(self._acked(p, targets) for p in waiting))
             waiting = [p for p, done in zip(waiting, acked, strict=True) if not done]
             if not waiting:
-                return
+                return last_id if last_id >= 0 else None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NotCaughtUp(f"the event store is behind the log in partitions {waiting}")

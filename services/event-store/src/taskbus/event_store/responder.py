@@ -35,7 +35,7 @@ from taskbus.contracts.queries import (
     ResourceAnalytics,
     SearchEvents,
 )
-from taskbus.event_store import replies, sql
+from taskbus.event_store import replies, search, sql
 from taskbus.event_store.clickhouse import ClickHouse
 from taskbus.event_store.consistency import NotCaughtUp, ReadBarrier
 
@@ -99,8 +99,8 @@ class QueryResponder:
     ) -> bytes:
         try:
             query = decoder.decode(body)
-            await self._barrier.wait_for(query)
-            reply = await self.answer(query)
+            last_id = await self._barrier.wait_for(query)
+            reply = await self.answer(query, last_id)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             reply = replies.invalid_query(str(error))
         except NotCaughtUp as behind:
@@ -111,11 +111,13 @@ class QueryResponder:
             reply = replies.internal_error()
         return replies.encode_reply(reply, self._max_bytes)
 
-    async def answer(self, query: Query) -> Reply:
+    async def answer(self, query: Query, last_id: int | None) -> Reply:
+        """The reply to `query`; `last_id`, the id of its conversation's last event as far as
+        the read barrier saw, lets a search read only the ids its page can be in (`search`)."""
         select = self._clickhouse.select
         match query:
             case SearchEvents():
-                return await self._search_events(query)
+                return await self._search_events(query, last_id)
             case GetEvent():
                 return await self._get_event(query)
             case GetConversation():
@@ -134,8 +136,8 @@ class QueryResponder:
                 return replies.resource_report(await select(sql.resource_analytics(query)))
         raise TypeError(f"unsupported query {type(query).__name__}")
 
-    async def _search_events(self, query: SearchEvents) -> Reply:
-        rows = await self._clickhouse.select(sql.search_events(query))
+    async def _search_events(self, query: SearchEvents, last_id: int | None) -> Reply:
+        rows = await search.search_events(self._clickhouse, query, last_id)
         if not rows and not await self._owns(query.user_id, query.conversation_id):
             return replies.conversation_not_found(query.conversation_id)
         events = [(row[0], row[1]) for row in rows]

@@ -8,7 +8,7 @@ redelivered batch inserts the same (user_id, conversation_id, id) rows again. A
 ReplacingMergeTree keyed on that sorting key keeps one row per key after background merges, and
 `FINAL` makes every read see the merged result before the merge has happened. Reads are always
 scoped to one user or one of their conversations, i.e. to a prefix of the sorting key, so FINAL
-only merges a few granules. The
+merges only what they own; a search page narrows that to a window of ids (`search`). The
 alternative, `argMax(payload, ingested_at) GROUP BY id` per query, gives the same answer with
 more SQL at every call site; insert-time dedup (`insert_deduplicate`) only catches byte-identical
 blocks, and a redelivered batch is rarely cut the same way.
@@ -252,21 +252,29 @@ def delete_conversation(user_id: str, conversation_id: str) -> tuple[Statement, 
     )
 
 
-def search_events(query: SearchEvents) -> Statement:
-    """One page of a conversation's events plus one row more, which tells whether there are more."""
+class IdWindow(NamedTuple):
+    """The ids a search reads, both bounds inclusive; `high` None reads to the newest."""
+
+    low: int
+    high: int | None
+
+
+def search_events(query: SearchEvents, window: IdWindow) -> Statement:
+    """One page of a conversation's events plus one row more, which tells whether there are
+    more, read over the ids of `window` (`search.id_windows` says which)."""
     conditions = [
         "conversation_id = {conversation_id:String}",
         "user_id = {user_id:String}",
-        "id >= {start_id:Int64}",
+        "id >= {low:Int64}",
     ]
     parameters: dict[str, Any] = {
         "conversation_id": query.conversation_id,
         "user_id": query.user_id,
-        "start_id": query.start_id,
+        "low": window.low,
         "limit": query.limit + 1,
     }
     optional: list[Filter] = [
-        ("id <= {end_id:Int64}", "end_id", query.end_id),
+        ("id <= {high:Int64}", "high", window.high),
         ("kind IN {kinds:Array(String)}", "kinds", query.kinds or None),
         ("kind NOT IN {exclude_kinds:Array(String)}", "exclude_kinds", query.exclude_kinds or None),
         ("source = {source:String}", "source", query.source),
