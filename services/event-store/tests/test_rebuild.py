@@ -151,15 +151,8 @@ async def test_reordering_events_by_user_keeps_every_query_result(
     """Migration 2 on a store that version 1 made: same answers, new key, and safe to run again
     after an interruption (before its version was recorded)."""
     before = await every_answer(queries, history)
-    for statement in (  # back to the table version 1 created, holding the same rows
-        "CREATE TABLE events_v1 AS events"
-        " ENGINE = ReplacingMergeTree(ingested_at) ORDER BY (conversation_id, id)",
-        "INSERT INTO events_v1 SELECT * FROM events",
-        "RENAME TABLE events TO events_v2, events_v1 TO events",
-        "DROP TABLE events_v2 SYNC",
-        "ALTER TABLE schema_migrations DELETE WHERE version = 2 SETTINGS mutations_sync = 2",
-    ):
-        await clickhouse.select(Statement(statement, {}))
+    await remake_events(clickhouse, "ORDER BY (conversation_id, id)")  # as version 1 made it
+    await forget_migration(clickhouse, 2)
     assert "ORDER BY (conversation_id, id)" in await table_definition(clickhouse, "events")
 
     assert await clickhouse.migrate() == [2]
@@ -172,6 +165,53 @@ async def test_reordering_events_by_user_keeps_every_query_result(
     assert await every_answer(queries, history) == before
     tables = await clickhouse.select(Statement("SHOW TABLES", {}))
     assert {"events_by_user", "events_before_v2"}.isdisjoint(name for (name,) in tables)
+
+
+async def test_events_in_small_granules_keep_every_query_result(
+    queries: QueryClient, clickhouse: ClickHouse, history: History
+) -> None:
+    """Migration 7 on a store that version 6 made: same answers, granules of 256 rows, and safe
+    to run again wherever an interrupted run stopped (copied; renamed but not dropped)."""
+    before = await every_answer(queries, history)
+    # As version 6 left it, in ClickHouse's default granules.
+    await remake_events(clickhouse, "ORDER BY (user_id, conversation_id, id)")
+    assert "index_granularity = 8192" in await table_definition(clickhouse, "events")
+
+    (regranulate,) = [migration for migration in MIGRATIONS if migration.version == 7]
+    for stopped_after in ("INSERT INTO", "RENAME TABLE"):
+        for statement in regranulate.statements:
+            await clickhouse.select(Statement(statement, {}))
+            if statement.startswith(stopped_after):
+                break
+        await forget_migration(clickhouse, 7)
+        assert await clickhouse.migrate() == [7]
+        assert "index_granularity = 256" in await table_definition(clickhouse, "events")
+        assert await every_answer(queries, history) == before
+    tables = await clickhouse.select(Statement("SHOW TABLES", {}))
+    assert {"events_v7", "events_before_v7"}.isdisjoint(name for (name,) in tables)
+
+
+async def remake_events(clickhouse: ClickHouse, key: str) -> None:
+    """`events` made anew with this key (and ClickHouse's default settings), holding the same
+    rows: the table as an older migration left it."""
+    for statement in (
+        f"CREATE TABLE events_older AS events ENGINE = ReplacingMergeTree(ingested_at) {key}",
+        "INSERT INTO events_older SELECT * FROM events",
+        "RENAME TABLE events TO events_newer, events_older TO events",
+        "DROP TABLE events_newer SYNC",
+    ):
+        await clickhouse.select(Statement(statement, {}))
+
+
+async def forget_migration(clickhouse: ClickHouse, version: int) -> None:
+    """As if the migration had not been recorded (an interrupted run)."""
+    await clickhouse.select(
+        Statement(
+            f"ALTER TABLE schema_migrations DELETE WHERE version = {version}"
+            " SETTINGS mutations_sync = 2",
+            {},
+        )
+    )
 
 
 async def table_definition(clickhouse: ClickHouse, table: str) -> str:
