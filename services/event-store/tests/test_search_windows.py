@@ -1,6 +1,6 @@
 """A search page read over a window of ids (event_store.search) is the page read over the whole
-range, on real ClickHouse: filters that leave windows short, reverse pages, ranges past the
-end, a hint that is stale either way, a gap in the ids, and redelivered duplicates."""
+range, on real ClickHouse: filters, reverse pages, ranges past the end, a hint that is stale
+either way, a gap in the ids, and redelivered duplicates."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ async def stored(clickhouse: ClickHouse) -> ClickHouse:
 Select = Callable[[sql.Statement], Awaitable[Sequence[Sequence[Any]]]]
 
 
-def _windows_read(monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse) -> list[IdWindow]:
-    """Records the window of each search statement the store runs (it still runs them)."""
+def _reads(monkeypatch: pytest.MonkeyPatch, clickhouse: ClickHouse) -> list[IdWindow]:
+    """Records the window each search statement the store runs reads (it still runs them)."""
     seen: list[IdWindow] = []
     real: Select = clickhouse.select
 
@@ -69,6 +69,10 @@ async def _whole(clickhouse: ClickHouse, query: SearchEvents) -> list[int]:
     return [row[0] for row in await clickhouse.select(statement)]
 
 
+async def _ids(clickhouse: ClickHouse, query: SearchEvents, last_id: int | None) -> list[int]:
+    return [row[0] for row in await search.search_events(clickhouse, query, last_id)]
+
+
 QUERIES = [
     {},
     {"reverse": True},
@@ -76,13 +80,14 @@ QUERIES = [
     {"start_id": 240, "limit": 15, "reverse": True, "end_id": 260},
     {"start_id": 100, "reverse": True, "limit": 5},  # the whole range is below the last id
     {"kinds": ["ThinkAction"], "limit": 3},
-    {"kinds": ["ThinkAction"], "limit": 3, "reverse": True},
-    {"kinds": ["MessageAction"], "reverse": True},  # only id 1 or so: every window is short
+    {"kinds": ["ThinkAction"], "limit": 3, "reverse": True, "end_id": 300},
+    {"kinds": ["MessageAction"], "reverse": True},  # fewer matches than a page
     {"kinds": ["Nothing"], "reverse": True},
     {"exclude_kinds": ["LLMMetrics", "CmdOutputChunk"], "source": "environment", "limit": 4},
     {"until": T0 + timedelta(minutes=3), "reverse": True, "limit": 4},
-    {"query": "pytest", "limit": 2, "reverse": True},
+    {"query": "pytest", "limit": 2, "reverse": True, "start_id": 200},
     {"start_id": 5000},  # past the end
+    {"start_id": 5000, "kinds": ["ThinkAction"]},
     {"end_id": 5000, "reverse": True, "limit": 3},
     {"end_id": 5000, "start_id": 390, "reverse": True},
     {"limit": 500},
@@ -94,9 +99,9 @@ QUERIES = [
 async def test_a_windowed_page_is_the_page_of_the_whole_range(
     stored: ClickHouse, fields: dict[str, Any], last_id: int | None
 ) -> None:
-    """Whatever the hint (right, stale low as if events came since, too high, unknown)."""
+    """Whatever the hint: right, stale low (as if events came since), too high, unknown."""
     query = SearchEvents(user_id=USER, conversation_id=CID, **fields)
-    found = [row[0] for row in await search.search_events(stored, query, last_id)]
+    found = await _ids(stored, query, last_id)
     assert found == await _whole(stored, query)
     assert len(found) == len(set(found))
 
@@ -105,64 +110,61 @@ async def test_a_windowed_page_is_the_page_of_the_whole_range(
 async def test_pages_of_every_id_read_one_window_each_and_skip_the_gap(
     stored: ClickHouse, monkeypatch: pytest.MonkeyPatch, reverse: bool
 ) -> None:
-    seen = _windows_read(monkeypatch, stored)
+    seen = _reads(monkeypatch, stored)
     query = SearchEvents(user_id=USER, conversation_id=CID, limit=20, reverse=reverse)
-    found = [row[0] for row in await search.search_events(stored, query, LAST_ID)]
     expected = [e.id for e in EVENTS][::-1] if reverse else [e.id for e in EVENTS]
-    assert found == expected[:21]  # deduplicated, in order, one row more
+    assert await _ids(stored, query, LAST_ID) == expected[:21]  # deduplicated, one row more
     assert seen == [IdWindow(LAST_ID - 20, None) if reverse else IdWindow(0, 20)]
+    seen.clear()
+    across_the_gap = SearchEvents(user_id=USER, conversation_id=CID, limit=20, start_id=GAP - 5)
+    expected = [*range(GAP - 5, GAP), *range(GAP + 1, GAP + 17)]
+    assert await _ids(stored, across_the_gap, LAST_ID) == expected
+    assert seen == [IdWindow(GAP - 5, GAP + 15), IdWindow(GAP - 5, None)]  # short: then whole
 
 
-async def test_a_short_window_widens_until_the_page_is_full(
+async def test_a_filtered_page_is_one_read_of_the_whole_range(
     stored: ClickHouse, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The newest 3 ThinkActions lie further back than 4 ids: the first window is short."""
-    seen = _windows_read(monkeypatch, stored)
+    seen = _reads(monkeypatch, stored)
+    thinks = [e.id for e in EVENTS if e.kind == "ThinkAction"][::-1]
     query = SearchEvents(
         user_id=USER, conversation_id=CID, kinds=["ThinkAction"], limit=3, reverse=True
     )
-    found = [row[0] for row in await search.search_events(stored, query, LAST_ID)]
-    thinks = [e.id for e in EVENTS if e.kind == "ThinkAction"][::-1]
-    assert found == thinks[:4]
-    assert len(seen) >= 2 and seen[0] == IdWindow(LAST_ID - 3, None)
-    assert [w.low for w in seen] == sorted((w.low for w in seen), reverse=True)
-
-
-def test_windows_are_prefixes_of_the_range_in_page_order_and_end_with_it() -> None:
-    forward = SearchEvents(user_id="u", conversation_id="c", start_id=10, limit=9)
-    assert list(search.id_windows(forward, 10_000)) == [
-        IdWindow(10, 19),
-        IdWindow(10, 89),
-        IdWindow(10, 649),
-        IdWindow(10, 5129),
-        IdWindow(10, None),
-    ]
-    reverse = SearchEvents(user_id="u", conversation_id="c", end_id=5000, reverse=True, limit=9)
-    assert list(search.id_windows(reverse, 10_000)) == [
-        IdWindow(4991, 5000),
-        IdWindow(4921, 5000),
-        IdWindow(4361, 5000),
-        IdWindow(0, 5000),
-    ]
-    # Newest first without end_id: open above, so events that came since are read too.
-    latest = SearchEvents(user_id="u", conversation_id="c", reverse=True, limit=9)
-    assert next(search.id_windows(latest, 99)) == IdWindow(90, None)
+    assert await _ids(stored, query, LAST_ID) == thinks[:4]
+    assert seen == [IdWindow(0, None)]
 
 
 @pytest.mark.parametrize(
-    ("fields", "last_id"),
+    ("fields", "end"),
     [
-        ({}, None),  # unknown end
-        ({}, -1),
-        ({"limit": 100}, 99),  # a conversation within one page
-        ({"start_id": 500}, 99),  # past the end
-        ({"start_id": 50, "end_id": 60}, 10_000),  # a range within one page
-        ({"reverse": True, "start_id": 95}, 99),
-        ({"reverse": True, "end_id": 10}, 10_000),
+        ({"limit": 9, "start_id": 10}, 10_000),
+        ({"limit": 9, "reverse": True}, 10_000),
+        ({"limit": 9, "reverse": True, "end_id": 5000}, 5000),
     ],
 )
-def test_a_range_no_window_can_narrow_is_read_whole_at_once(
-    fields: dict[str, Any], last_id: int | None
+def test_a_page_window_is_the_limit_and_one_ids_from_where_the_page_starts(
+    fields: dict[str, Any], end: int
 ) -> None:
     query = SearchEvents(user_id="u", conversation_id="c", **fields)
-    assert list(search.id_windows(query, last_id)) == [IdWindow(query.start_id, query.end_id)]
+    window = search.page_window(query, end)
+    assert window is not None
+    low, high = window
+    assert (high if high is not None else end) - low == 9
+    if query.reverse:
+        assert high == query.end_id
+    else:
+        assert low == query.start_id
+
+
+@pytest.mark.parametrize(
+    ("fields", "end"),
+    [
+        ({"limit": 100}, 99),  # a conversation within one page
+        ({"start_id": 500}, 99),  # past the end
+        ({"start_id": 50, "end_id": 60}, 60),  # a range within one page
+        ({"reverse": True, "start_id": 95}, 99),
+        ({"reverse": True, "end_id": 10}, 10),
+    ],
+)
+def test_a_range_no_window_can_narrow_is_read_whole(fields: dict[str, Any], end: int) -> None:
+    assert search.page_window(SearchEvents(user_id="u", conversation_id="c", **fields), end) is None

@@ -287,7 +287,7 @@ class IdWindow(NamedTuple):
 
 def search_events(query: SearchEvents, window: IdWindow) -> Statement:
     """One page of a conversation's events plus one row more, which tells whether there are
-    more, read over the ids of `window` (`search.id_windows` says which)."""
+    more, read over the ids of `window` (`search` says which)."""
     conditions = [
         "conversation_id = {conversation_id:String}",
         "user_id = {user_id:String}",
