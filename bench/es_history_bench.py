@@ -68,7 +68,7 @@ async def main(total: int, runs: int) -> None:
 
         for name, reverse in (("last page of 100", True), ("first page of 100", False)):
             small_time, big_time = await interleaved_median_seconds(
-                runs, [functools.partial(page, events, reverse) for events in (small, big)]
+                runs, *(functools.partial(page, events, reverse) for events in (small, big))
             )
             rows.append((f"search: {name} (chDB)", f"{small_time * 1e3:.2f} ms",
                          f"{big_time * 1e3:.2f} ms", f"{big_time / small_time:.2f}x"))  # fmt: skip

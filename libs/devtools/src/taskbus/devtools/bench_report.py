@@ -10,24 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 async def median_seconds(runs: int, action: Callable[[], Awaitable[object]]) -> float:
     """Median seconds of `runs` calls, after one warm-up (the first call pays for caches)."""
-    return (await interleaved_median_seconds(runs, [action]))[0]
-
-
-async def interleaved_median_seconds(
-    runs: int, actions: Sequence[Callable[[], Awaitable[object]]]
-) -> list[float]:
-    """Median seconds of `runs` calls of each action, taken in turn (one warm-up each), so that
-    what else loads the machine, or merges in the background, weighs on each alike: a ratio
-    between them is then the actions', not the moment's."""
-    for action in actions:
-        await action()
-    times: list[list[float]] = [[] for _ in actions]
-    for _ in range(runs):
-        for action, taken in zip(actions, times, strict=True):
-            started = time.perf_counter()
-            await action()
-            taken.append(time.perf_counter() - started)
-    return [statistics.median(taken) for taken in times]
+    return (await interleaved_median_seconds(runs, action))[0]
 
 
 async def interleaved_median_seconds(
