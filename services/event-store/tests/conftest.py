@@ -39,7 +39,8 @@ WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
 
 
 async def _wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + 15.0
+    """Generous: a loaded CI machine can starve the ingest for many seconds."""
+    deadline = asyncio.get_running_loop().time() + 60.0
     while not await condition():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

@@ -80,7 +80,11 @@ async def test_a_full_chdb_disk_holds_reads_at_503_then_catches_up_exactly(
         )
         assert isinstance(behind, QueryError) and behind.status == 503, behind
         assert not await event_store.caught_up()
-        assert "NOT_ENOUGH_SPACE" in caplog.text  # the ingest's insert, refused and retried
+
+        async def refused() -> bool:  # the ingest's insert, refused and retried
+            return "NOT_ENOUGH_SPACE" in caplog.text
+
+        await wait_until(refused, "the ingest's insert to be refused for space")
     finally:
         filler.unlink()
 
