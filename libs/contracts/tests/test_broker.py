@@ -4,8 +4,11 @@ the telemetry middlewares on the path, and `last_message` for "the latest event 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio.to_thread
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry
@@ -17,11 +20,20 @@ from taskbus.devtools.nats_server import NatsServer
 
 
 async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not_acked(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = CollectorRegistry()
     seen: list[str] = []
     delivered_twice = asyncio.Event()
+    # fast_depends runs what it cannot await in a worker thread: a GIL hand-over per message.
+    in_threads: list[object] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(func: Callable[..., object], *args: object, **options: Any) -> object:
+        in_threads.append(func)
+        return await run_sync(func, *args, **options)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
     with NatsServer(tmp_path) as server:
         broker = service_broker(server.url, "test", registry=registry)
 
@@ -67,6 +79,7 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
             last = await last_message(js, subjects.conversation_events("c19"))
             assert last is not None and last.subject == subjects.event_subject("c19", "Kind")
             assert await last_message(js, subjects.conversation_events("nobody")) is None
+            assert in_threads == []  # the handler got its batch on the event loop
         finally:
             await broker.stop()
     received = registry.get_sample_value(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
-from faststream import Context
+from faststream._internal.context import Context  # the class `faststream.Context()` makes
 from faststream.message.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
@@ -45,8 +45,18 @@ stream_pull_subscriber.TimeoutError = TimeoutError  # type: ignore[assignment,at
 _FASTSTREAM_LOGGER = logging.getLogger("taskbus.faststream")
 _FASTSTREAM_LOGGER.setLevel(logging.WARNING)
 
+
+class _OnTheLoop(Context):
+    """FastStream's Context, resolved on the event loop: fast_depends runs a synchronous `use`
+    in a worker thread, a GIL hand-over and back for every message, which costs milliseconds
+    of latency whenever the loop is busy (the hot path: a user's message)."""
+
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return super().use(**kwargs)
+
+
 # What a `durable_pull` handler takes: `async def handle(batch: BatchMessage) -> None`.
-BatchMessage = Annotated[NatsBatchMessage, Context("message")]
+BatchMessage = Annotated[NatsBatchMessage, _OnTheLoop("message")]
 
 # A stop waits this long for the batch in hand to be handled before cancelling it.
 GRACEFUL_STOP_SECONDS = 30.0
