@@ -273,6 +273,35 @@ async def test_other_users_unknown_and_malformed_ids_are_all_404(
     assert event_store.queries == []
 
 
+async def test_an_owners_later_commands_publish_at_once_and_others_stay_404(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    bob: Headers,
+    session_manager: Any,
+    js: JetStreamContext,
+    stream_sequences: StreamSequences,
+) -> None:
+    """An owner never changes: once a command found the conversation the user's, the next ones
+    read nothing before they publish (a message is the hot path). Another user is still
+    refused with nothing published; a keyless command's id is fresh, a keyed one's is not."""
+    cid = await create(client, alice)
+    base = f"/api/conversations/{cid}"
+    first = await client.post(f"{base}/message", json={"message": "one"}, headers=alice)
+    assert first.status_code == 202, first.text
+    before = await stream_sequences()
+    assert_problem(await client.post(f"{base}/message", json={"message": "x"}, headers=bob), 404)
+    assert_problem(await client.post(f"{base}/stop", headers=bob), 404)
+    assert await stream_sequences() == before
+    # Take the conversation out of the log: a read before the publish would now answer 404.
+    await js.purge_stream(subjects.EVENTS_STREAM, subject=subjects.conversation_events(cid))
+    keyed = {**alice, "Idempotency-Key": f"two-{cid}"}
+    second = await client.post(f"{base}/message", json={"message": "two"}, headers=keyed)
+    assert second.status_code == 202, second.text
+    sent = [c for c in session_manager.commands if isinstance(c, SendMessage)]
+    assert [(c.content, c.fresh_id) for c in sent[-2:]] == [("one", True), ("two", False)]
+    assert_problem(await client.post(f"{base}/message", json={"message": "x"}, headers=bob), 404)
+
+
 async def test_commands_reach_session_manager(
     client: httpx.AsyncClient, alice: Headers, session_manager: Any
 ) -> None:

@@ -66,6 +66,7 @@ from taskbus.session_manager.commands import (
     Accept,
     Refuse,
     command_verdict,
+    may_have_a_verdict,
     verdict,
 )
 from taskbus.session_manager.decide import IDLE_REASON, Step, is_settled, next_step
@@ -164,6 +165,9 @@ def test_each_command_in_each_status_is_accepted_exactly_as_the_table_says(
         decision = verdict(state, command)
         assert isinstance(decision, Accept) == allowed, (control, current, decision)
         if isinstance(decision, Refuse):
+            if current == S.ARCHIVED:  # deleted means gone: a 404, not a 409
+                assert decision.reason == NOT_FOUND
+                continue
             assert decision.reason == INVALID_TRANSITION
             assert str(current) in decision.detail
             continue
@@ -191,6 +195,29 @@ def test_confirm_needs_an_action_awaiting_the_answer() -> None:
     assert decision == Refuse(
         reason=NOTHING_TO_CONFIRM, detail="no action is awaiting confirmation"
     )
+
+
+@pytest.mark.parametrize("control", list(Control))
+def test_a_deleted_conversation_is_not_found_to_every_command_and_tells_nothing(
+    control: Control,
+) -> None:
+    """The gateway asks no one before it publishes a command: this verdict is its 404."""
+    for command in commands_of(control):
+        decision = verdict(state_in(S.ARCHIVED), command)
+        assert decision == Refuse(reason=NOT_FOUND, detail=f"conversation {CID!r} not found")
+        told = command_verdict(command, state_in(S.ARCHIVED), decision)
+        assert told is not None and told.status is None and told.last_event_id == -1
+
+
+def test_only_a_fresh_command_id_on_its_first_delivery_skips_the_earlier_verdict() -> None:
+    keyed = SendMessage(user_id="u", conversation_id=CID, command_id="k1", content="hi")
+    fresh = msgspec.structs.replace(keyed, fresh_id=True)
+    assert may_have_a_verdict(keyed, redelivered=False)  # a retry past the dedupe window
+    assert may_have_a_verdict(keyed, redelivered=True)
+    assert may_have_a_verdict(fresh, redelivered=True)  # a crash between verdict and ack
+    assert not may_have_a_verdict(fresh, redelivered=False)
+    unanswered = msgspec.structs.replace(keyed, command_id=None)
+    assert not may_have_a_verdict(unanswered, redelivered=True)  # nobody waits for one
 
 
 def test_another_users_or_an_unknown_conversation_is_not_found_and_tells_nothing() -> None:

@@ -54,6 +54,9 @@ class ConversationCommand(Command):
     conversation_id: str
     # Where the verdict goes (see the module's docstring); None: nobody waits for one.
     command_id: CommandId | None = None
+    # True when `command_id` was made for this command alone (no Idempotency-Key), so no earlier
+    # verdict can exist for it: session-manager looks one up only when the command is redelivered.
+    fresh_id: bool = False
 
 
 class SendMessage(ConversationCommand, kw_only=True):

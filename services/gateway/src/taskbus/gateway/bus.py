@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -88,6 +89,8 @@ _VERDICT_POLL_SECONDS = 0.25
 _STORED_POLL_SECONDS = 0.05
 # Pause between reconnect attempts: short, as open WebSockets wait on the reconnect.
 _RECONNECT_WAIT_SECONDS = 0.5
+# Conversations whose owner this process has read (an owner never changes): about 1 MB.
+_MAX_KNOWN_OWNERS = 10_000
 
 
 def unavailable(what: str) -> Problem:
@@ -166,6 +169,7 @@ class Bus:
         self._timeout = timeout
         self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
         self._verdicts: KeyValue | None = None
+        self._owners: OrderedDict[str, str] = OrderedDict()  # conversation id -> user id
 
     @classmethod
     async def connect(cls, url: str, wait_seconds: float, stream_replicas: int = 1) -> Bus:
@@ -211,18 +215,22 @@ class Bus:
             logger.warning("publishing %s failed: %r", command.name(), error)
             raise unconfirmed_write() from error
 
-    async def send_command(self, command: ConversationCommand, command_id: str) -> CommandVerdict:
+    async def send_command(
+        self, command: ConversationCommand, command_id: str, *, fresh_id: bool
+    ) -> CommandVerdict:
         """Send a conversation command and wait (bounded) for session-manager's verdict: an
         accepted one's events are in the log when this returns; a refused one raises its
         Problem (409, or 404 / 429). The verdict's key is watched from before the publish, and
         read from the bucket when no put was seen, as for a retry JetStream dropped as a
-        duplicate of the first (`command_id` is also the Nats-Msg-Id). 504 past the timeout."""
-        command = msgspec.structs.replace(command, command_id=command_id)
+        duplicate of the first (`command_id` is also the Nats-Msg-Id). A `fresh_id` (made for
+        this command alone) has no earlier verdict, so only a missed put makes us read it.
+        504 past the timeout."""
+        command = msgspec.structs.replace(command, command_id=command_id, fresh_id=fresh_id)
         notifications = await self.nc.subscribe(subjects.verdict_subject(command_id))
         try:
             await self.publish_command(command, msg_id=command_id)
             deadline = time.monotonic() + self._timeout
-            verdict = await self._stored_verdict(command_id)
+            verdict = None if fresh_id else await self._stored_verdict(command_id)
             while verdict is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -346,8 +354,21 @@ class Bus:
                 and info.user_id == user_id
                 and info.status is not ConversationStatus.ARCHIVED
             ):
+                self._owners[conversation_id] = user_id
+                self._owners.move_to_end(conversation_id)
+                if len(self._owners) > _MAX_KNOWN_OWNERS:
+                    self._owners.popitem(last=False)
                 return info
         raise conversation_not_found(conversation_id)
+
+    async def check_owner(self, user_id: str, conversation_id: str) -> None:
+        """A 404 Problem unless the conversation is the user's, read from the log once per
+        conversation: an owner never changes, so later commands (a user's messages, the hot
+        path) publish at once. Deleted since is session-manager's verdict, a 404 as well."""
+        if self._owners.get(conversation_id) == user_id:
+            self._owners.move_to_end(conversation_id)
+            return
+        await self.owned_conversation(user_id, conversation_id)
 
     async def last_event(self, conversation_id: str, event_type: type[E]) -> E | None:
         message = await self._last_message(

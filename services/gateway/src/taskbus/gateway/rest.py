@@ -187,11 +187,11 @@ async def _decide(
         command = validated(command)
     except msgspec.ValidationError as error:
         raise invalid_body(error) from error
-    await bus.owned_conversation(command.user_id, command.conversation_id)
+    await bus.check_owner(command.user_id, command.conversation_id)
     command_id = command_msg_id(
         command.name(), command.conversation_id, command.user_id, idempotency_key
     )
-    return await bus.send_command(command, command_id)
+    return await bus.send_command(command, command_id, fresh_id=idempotency_key is None)
 
 
 async def typed_body(request: Request, bus: BusDep, body_type: type[B]) -> B:

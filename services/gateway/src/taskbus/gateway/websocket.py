@@ -100,7 +100,7 @@ class _Connection:
             await self._send_error("invalid_message", str(error))
             return
         try:
-            await self._bus.send_command(command, uuid.uuid4().hex)
+            await self._bus.send_command(command, uuid.uuid4().hex, fresh_id=True)
         except Problem as problem:
             # e.g. command-refused, with the conversation's status; service-unavailable
             code = problem.type.rpartition(":")[2].replace("-", "_")

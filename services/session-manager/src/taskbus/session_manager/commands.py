@@ -70,7 +70,8 @@ def control_of(command: ConversationCommand) -> Control:
 def verdict(state: ConversationState, command: ConversationCommand) -> Accept | Refuse:
     """Whether `command` applies to the conversation `state` folds, and what it appends."""
     cid = command.conversation_id
-    if not state.created or state.user_id != command.user_id:
+    # Deleted means gone: a command on a deleted conversation is a 404, as every read of it.
+    if not state.created or state.user_id != command.user_id or state.deleted:
         return Refuse(reason=NOT_FOUND, detail=f"conversation {cid!r} not found")
     # Created but not yet given a status: admission was interrupted and will decide.
     status = state.status or ConversationStatus.QUEUED
@@ -114,6 +115,14 @@ def verdict(state: ConversationState, command: ConversationCommand) -> Accept | 
             reason=INVALID_TRANSITION, detail=f"cannot {control} a conversation that is {status}"
         )
     return Accept(events=tuple(events))
+
+
+def may_have_a_verdict(command: ConversationCommand, redelivered: bool) -> bool:
+    """Whether a verdict on this command's id may exist already: a keyed id comes again with a
+    retry (past JetStream's dedupe window), and any command comes again after a crash between
+    its verdict and its ack. A first delivery of a `fresh_id` cannot have one, so the hot path
+    (a message) costs no lookup."""
+    return command.command_id is not None and (redelivered or not command.fresh_id)
 
 
 def command_verdict(

@@ -522,7 +522,7 @@ class SessionManager:
         for msg, command in group:
             try:
                 with consuming(msg.subject, msg.headers, getattr(command, "conversation_id", None)):
-                    await self._handle(command)
+                    await self._handle(command, redelivered=msg.metadata.num_delivered > 1)
             except Exception as error:
                 if msg.metadata.num_delivered >= COMMANDS_MAX_DELIVER:
                     await self._give_up(msg, getattr(command, "conversation_id", None), error)
@@ -532,7 +532,7 @@ class SessionManager:
                 return
             await msg.ack()
 
-    async def _handle(self, command: AnyCommand) -> None:
+    async def _handle(self, command: AnyCommand, *, redelivered: bool) -> None:
         match command:
             case CreateConversation():
                 await self._create(command)
@@ -541,14 +541,17 @@ class SessionManager:
             case SecretsCommand():
                 await self._secrets_store.apply(command)
             case _:
-                await self._answer(command)
+                await self._answer(command, redelivered=redelivered)
 
-    async def _answer(self, command: ConversationCommand) -> None:
+    async def _answer(self, command: ConversationCommand, *, redelivered: bool) -> None:
         """Decide, append what an accepted command appends, then store the verdict for the
         asker: a 202 means its events are in the log. A command whose id already has a verdict
-        (a retry JetStream no longer deduplicates) gets that verdict again and is not re-run."""
+        (a retry JetStream no longer deduplicates, or a redelivery) gets that verdict again and
+        is not re-run; only a command that may have one looks it up."""
         command_id = command.command_id
-        earlier = await self._verdicts.get(command_id) if command_id else None
+        earlier = None
+        if command_id is not None and commands.may_have_a_verdict(command, redelivered):
+            earlier = await self._verdicts.get(command_id)
         if earlier is not None and earlier.conversation_id == command.conversation_id:
             await self._verdicts.put(earlier)
             return
