@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import nats
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,7 +30,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import EventSource, MessageAction
-from taskbus.contracts.observability import consuming, span
+from taskbus.contracts.observability import (
+    ObservabilitySettings,
+    consuming,
+    span,
+    tracer_provider,
+)
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
 
@@ -279,3 +284,27 @@ async def test_trace_context_rides_the_appender_to_a_consumer(tmp_path: Path) ->
     assert consumed.parent is not None
     assert consumed.parent.span_id == appending.get_span_context().span_id
     assert finished["work"].parent.span_id == consumed.context.span_id  # type: ignore[union-attr]
+
+
+def test_a_process_records_spans_only_if_it_exports_them_and_then_whatever_its_caller_did(
+    tmp_path: Path,
+) -> None:
+    """One that exports nothing records nothing (its spans only carry the ids on); one that
+    exports records its part of a trace even when the caller's process recorded none."""
+    silent = tracer_provider("gateway", ObservabilitySettings()).get_tracer("test")
+    with silent.start_as_current_span("post") as posting:
+        assert not posting.is_recording()
+        assert posting.get_span_context().is_valid  # the logs' and the next service's ids
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+    settings = ObservabilitySettings(traces_dir=str(tmp_path))
+    exporting = tracer_provider("session_manager", settings)
+    with exporting.get_tracer("test").start_as_current_span(
+        "handle", context=propagate.extract(headers)
+    ) as handling:
+        assert handling.is_recording()
+    exporting.shutdown()
+    (written,) = tmp_path.glob("session_manager-*.jsonl")
+    (recorded,) = [json.loads(line) for line in written.read_text().splitlines()]
+    assert recorded["name"] == "handle"
+    assert recorded["context"]["trace_id"] == f"0x{posting.get_span_context().trace_id:032x}"

@@ -34,13 +34,14 @@ from urllib.parse import unquote
 import msgspec
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 from taskbus.contracts import subjects
 from taskbus.contracts.config import settings_from_env
@@ -204,9 +205,12 @@ _TEXT = logging.Formatter(
 
 
 def tracer_provider(service: str, settings: ObservabilitySettings) -> TracerProvider:
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "taskbus-" + service.replace("_", "-")}),
-    )
+    """A process that exports spans records all of its own, whether or not the caller's
+    process did (so a trace is whole in the services that export, whatever the others do); one
+    that exports nothing records none: its spans still carry trace and span ids, for the logs
+    and for the next service, but cost no attributes or events (15-20% of session-manager's
+    loop on the POST -> WebSocket path, recorded only to be dropped)."""
+    processors: list[SpanProcessor] = []
     if settings.otlp_endpoint:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
@@ -218,14 +222,20 @@ def tracer_provider(service: str, settings: ObservabilitySettings) -> TracerProv
                 "installed: no spans are exported"
             )
         else:
-            provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint))
-            )
+            processors.append(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
     if settings.traces_dir:
         directory = Path(settings.traces_dir)
         directory.mkdir(parents=True, exist_ok=True)
         exporter = JsonLinesExporter(directory / f"{service}-{os.getpid()}.jsonl")
-        provider.add_span_processor(SimpleSpanProcessor(exporter))  # nothing lost on a kill
+        processors.append(SimpleSpanProcessor(exporter))  # nothing lost on a kill
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "taskbus-" + service.replace("_", "-")}),
+        sampler=ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
+        if processors
+        else ALWAYS_OFF,
+    )
+    for processor in processors:
+        provider.add_span_processor(processor)
     return provider
 
 
