@@ -29,6 +29,7 @@ import pytest
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect
 from taskbus.contracts.status import ENDED_STATUSES
+from taskbus.contracts.streams import read_batch
 from taskbus.devtools import bus_auth
 
 from .conftest import Stack, running_stack
@@ -202,15 +203,10 @@ async def logged_events(stack: Stack, cid: str) -> list[bytes]:
     """Every event of the conversation as the log stores it (read as the operator)."""
     nc = await connect(stack.nats_url, "git-credentials-test", stack.bus_credential(bus_auth.ADMIN))
     try:
-        js = nc.jetstream()
-        last = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
-        events = []
-        for seq in range(1, last + 1):
-            message = await js.get_msg(subjects.EVENTS_STREAM, seq)
-            prefix = subjects.conversation_events(cid).removesuffix(">")
-            if message.subject and message.subject.startswith(prefix):
-                events.append(message.data or b"")
-        return events
+        log = subjects.conversation_events(cid)
+        messages, left = await read_batch(nc.jetstream(), log, 1, 1000)
+        assert left == 0
+        return [data for _, data in messages]
     finally:
         await nc.drain()
 
