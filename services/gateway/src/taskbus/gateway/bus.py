@@ -8,7 +8,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -43,6 +42,7 @@ from taskbus.contracts.events import (
     UnknownEvent,
 )
 from taskbus.contracts.inbound import Refused, inbound_event
+from taskbus.contracts.lru import Lru
 from taskbus.contracts.observability import trace_headers
 from taskbus.contracts.observability_health import InstanceHealth, decode_health
 from taskbus.contracts.openhands import OPENHANDS_STATUS
@@ -169,7 +169,7 @@ class Bus:
         self._timeout = timeout
         self._reply_decoders: dict[type[Reply], msgspec.json.Decoder[Any]] = {}
         self._verdicts: KeyValue | None = None
-        self._owners: OrderedDict[str, str] = OrderedDict()  # conversation id -> user id
+        self._owners: Lru[str, str] = Lru(_MAX_KNOWN_OWNERS)  # conversation id -> user id
 
     @classmethod
     async def connect(cls, url: str, wait_seconds: float, stream_replicas: int = 1) -> Bus:
@@ -354,10 +354,7 @@ class Bus:
                 and info.user_id == user_id
                 and info.status is not ConversationStatus.ARCHIVED
             ):
-                self._owners[conversation_id] = user_id
-                self._owners.move_to_end(conversation_id)
-                if len(self._owners) > _MAX_KNOWN_OWNERS:
-                    self._owners.popitem(last=False)
+                self._owners.put(conversation_id, user_id)
                 return info
         raise conversation_not_found(conversation_id)
 
@@ -366,7 +363,6 @@ class Bus:
         conversation: an owner never changes, so later commands (a user's messages, the hot
         path) publish at once. Deleted since is session-manager's verdict, a 404 as well."""
         if self._owners.get(conversation_id) == user_id:
-            self._owners.move_to_end(conversation_id)
             return
         await self.owned_conversation(user_id, conversation_id)
 

@@ -31,7 +31,6 @@ import asyncio
 import logging
 import socket
 import time
-from collections import OrderedDict
 from datetime import UTC, datetime
 
 import aiohttp
@@ -58,6 +57,7 @@ from taskbus.contracts.llm_endpoints import (
     IPAddress,
     check_open_destination,
 )
+from taskbus.contracts.lru import Lru
 from taskbus.contracts.secret_box import SecretBox, SecretError
 from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.contracts.webhooks import (
@@ -138,7 +138,7 @@ class WebhookDelivery:
         self._dead_letters = DeadLetters(self._js, subjects.GATEWAY)
         self._slots = asyncio.Semaphore(_CONCURRENT_ATTEMPTS)
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._owners: Lru[str, str] = Lru(_OWNERS_CACHED)  # conversation id -> user id
         self._consumers = [
             durable_pull(
                 broker,
@@ -247,9 +247,7 @@ class WebhookDelivery:
             if not isinstance(created, ConversationCreated):
                 return None
             owner = created.user_id
-            self._owners[conversation_id] = owner
-            if len(self._owners) > _OWNERS_CACHED:
-                self._owners.popitem(last=False)
+            self._owners.put(conversation_id, owner)
         return owner
 
     # --- 2. delivery attempts -----------------------------------------------------------------
