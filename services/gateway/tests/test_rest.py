@@ -302,6 +302,28 @@ async def test_an_owners_later_commands_publish_at_once_and_others_stay_404(
     assert_problem(await client.post(f"{base}/message", json={"message": "x"}, headers=bob), 404)
 
 
+async def test_a_client_cannot_choose_its_commands_id_or_claim_it_fresh(
+    client: httpx.AsyncClient,
+    alice: Headers,
+    session_manager: Any,
+    stream_sequences: StreamSequences,
+) -> None:
+    """The attack on the verdict shortcut: a body naming another command's id, or claiming a
+    fresh one (no earlier verdict looked up), is refused and publishes nothing; the ids and
+    the claim stay the gateway's to make."""
+    cid = await create(client, alice)
+    base = f"/api/conversations/{cid}/message"
+    before = await stream_sequences()
+    for forged in ({"fresh_id": True}, {"command_id": "a" * 32}, {"fresh_id": False}):
+        answer = await client.post(base, json={"message": "x", **forged}, headers=alice)
+        assert_problem(answer, 422)
+    assert await stream_sequences() == before
+    keyed = {**alice, "Idempotency-Key": "mine"}
+    assert (await client.post(base, json={"message": "y"}, headers=keyed)).status_code == 202
+    (sent,) = [c for c in session_manager.commands if isinstance(c, SendMessage)][-1:]
+    assert sent.fresh_id is False and sent.command_id is not None
+
+
 async def test_commands_reach_session_manager(
     client: httpx.AsyncClient, alice: Headers, session_manager: Any
 ) -> None:
