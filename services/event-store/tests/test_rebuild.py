@@ -191,6 +191,32 @@ async def test_events_in_small_granules_keep_every_query_result(
     assert {"events_v7", "events_before_v7"}.isdisjoint(name for (name,) in tables)
 
 
+async def test_small_parts_are_packed_in_one_file_and_keep_every_query_result(
+    queries: QueryClient, clickhouse: ClickHouse, history: History
+) -> None:
+    """Migration 8 (run again, on whatever `events` the tests above left): a new part of either
+    table is one packed file, and every answer stays the same."""
+    before = await every_answer(queries, history)
+    await forget_migration(clickhouse, 8)
+    assert await clickhouse.migrate() == [8]
+    for table in ("events", "conversations"):
+        assert "min_bytes_for_full_part_storage = 10485760" in await table_definition(
+            clickhouse, table
+        )
+        # A copy of one row: a new part, collapsed by the table's key like any redelivery.
+        await clickhouse.select(Statement(f"INSERT INTO {table} SELECT * FROM {table} LIMIT 1", {}))
+        newest = await clickhouse.select(
+            Statement(
+                "SELECT part_storage_type FROM system.parts WHERE database = currentDatabase()"
+                " AND table = {table:String} AND active ORDER BY modification_time DESC,"
+                " max_block_number DESC LIMIT 1",
+                {"table": table},
+            )
+        )
+        assert newest == [("Packed",)]
+    assert await every_answer(queries, history) == before
+
+
 async def remake_events(clickhouse: ClickHouse, key: str) -> None:
     """`events` made anew with this key (and ClickHouse's default settings), holding the same
     rows: the table as an older migration left it."""

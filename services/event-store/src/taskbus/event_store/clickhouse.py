@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.insert import InsertContext
 
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.event_store import sql
@@ -42,6 +43,7 @@ class ClickHouse:
         for reader in readers:
             self._readers.put_nowait(reader)
         self._clients = [writer, *readers]
+        self._insert_contexts: dict[str, InsertContext] = {}  # the writer's, by table (`_insert`)
 
     @classmethod
     async def connect(cls, dsn: str, query_connections: int) -> ClickHouse:
@@ -62,6 +64,7 @@ class ClickHouse:
         """Apply the migrations not yet recorded in `schema_migrations`; return their versions."""
 
         def run() -> list[int]:
+            self._insert_contexts.clear()
             self._writer.command(sql.SCHEMA_MIGRATIONS_TABLE)
             applied = {row[0] for row in self._writer.query(sql.APPLIED_MIGRATIONS).result_rows}
             pending = sql.pending_migrations(applied)
@@ -80,6 +83,7 @@ class ClickHouse:
 
     async def drop_all_tables(self) -> None:
         def run() -> None:
+            self._insert_contexts.clear()
             for statement in sql.DROP_TABLES:
                 self._writer.command(statement)
 
@@ -87,16 +91,23 @@ class ClickHouse:
 
     async def insert_events(self, rows: Sequence[EventRow]) -> None:
         if rows:
-            await asyncio.to_thread(
-                self._writer.insert, "events", list(rows), column_names=EVENT_COLUMNS
-            )
+            await asyncio.to_thread(self._insert, "events", EVENT_COLUMNS, list(rows))
 
     async def upsert_conversations(self, conversations: Sequence[ConversationInfo]) -> None:
         if conversations:
             rows = [conversation_row(info) for info in conversations]
-            await asyncio.to_thread(
-                self._writer.insert, "conversations", rows, column_names=CONVERSATION_COLUMNS
-            )
+            await asyncio.to_thread(self._insert, "conversations", CONVERSATION_COLUMNS, rows)
+
+    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert on the writer with the table's insert context, made once: without one,
+        clickhouse-connect asks for the table's column types (DESCRIBE) before every insert.
+        The migrations and `drop_all_tables` forget the contexts (the columns may change)."""
+        context = self._insert_contexts.get(table)
+        if context is None:
+            context = self._writer.create_insert_context(table, list(columns))
+            self._insert_contexts[table] = context
+        context.data = rows
+        self._writer.insert(context=context)
 
     async def delete_conversation(self, user_id: str, conversation_id: str) -> None:
         def run() -> None:
