@@ -16,7 +16,7 @@ from taskbus.contracts.broker import ServiceBroker, jetstream, service_broker
 from taskbus.contracts.observability_health import Vitals
 from taskbus.contracts.partitions import PartitionLeases, default_instance_id
 from taskbus.contracts.streams import ensure_streams
-from taskbus.event_store.clickhouse import ClickHouse
+from taskbus.event_store.clickhouse import ClickHouse, release_start_up_pages
 from taskbus.event_store.consistency import ReadBarrier
 from taskbus.event_store.ingest import Ingester
 from taskbus.event_store.purge import Purger, log_consumers
@@ -53,6 +53,8 @@ class EventStore:
             settings.clickhouse_dsn, settings.query_connections
         )
         await self._clickhouse.migrate()
+        if released := release_start_up_pages():
+            log.info("released chDB's start-up pages (%d MB advised)", released >> 20)
         self._broker = service_broker(settings.nats_url, "event-store")
         await self._broker.connect()
         js = jetstream(self._broker)

@@ -10,6 +10,7 @@ behind an insert and vice versa.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -158,6 +159,33 @@ def chdb_lock_holder(dsn: str) -> str | None:
     except FileNotFoundError:
         pass
     return None
+
+
+# madvise(2)'s MADV_PAGEOUT (Linux 5.4+): reclaim these pages now, as memory pressure would.
+_MADV_PAGEOUT = 21
+_CHDB_LIBRARY = "/chdb/_chdb"
+
+
+def release_start_up_pages() -> int:
+    """Have the kernel reclaim the resident pages of chDB's library; the bytes advised.
+
+    Opening chDB reads about 250 MB of its 550 MB library (clean pages of the file, counted
+    in the process' RSS until memory pressure reclaims them), and little of it is used again:
+    ingest and queries fault back 60-100 MB. Called once the store is migrated, this takes
+    the event-store's idle RSS down by about 100 MB. Only pages no other process maps are
+    reclaimed; a kernel without MADV_PAGEOUT leaves everything resident (0)."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or _CHDB_LIBRARY not in fields[5] or "w" in fields[1]:
+                continue  # writable: relocated data, not the file's clean pages
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if madvise(start, end - start, _MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
 
 
 def _open(dsn: str) -> Client:
