@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpcore2
@@ -115,3 +117,15 @@ def test_secrets_are_masked_and_results_capped() -> None:
     assert len(text) < 1200 and "omitted" in text
     structured = mcp_types.CallToolResult(content=[], structured_content={"sum": 3})
     assert result_text(structured, 1024) == '{"sum": 3}'
+
+
+def test_a_runner_loads_the_mcp_sdk_only_for_a_conversation_with_servers() -> None:
+    """The SDK is ~26 MB of a runner's idle memory: `mcp_clients` imports it on demand."""
+    probe = (
+        "import sys, taskbus.runtime_runner.app;"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('mcp', 'mcp_types')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -64,7 +64,7 @@ from taskbus.runtime_runner.lanes import Lanes
 from taskbus.runtime_runner.limits import effective_resources, parse_labels
 from taskbus.runtime_runner.local import LocalConfinement, LocalSandbox
 from taskbus.runtime_runner.masking import MaskingAppender, SecretMasks
-from taskbus.runtime_runner.mcp_tools import MCPClients, MCPLimits
+from taskbus.runtime_runner.mcp_clients import MCPClients, MCPLimits
 from taskbus.runtime_runner.pool import WarmPool
 from taskbus.runtime_runner.reconcile import local_recovery, reconcile
 from taskbus.runtime_runner.replies import is_answered, is_given_back

@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -55,6 +55,9 @@ from taskbus.runtime_runner.files import reply_to
 from taskbus.runtime_runner.masking import mask_text
 from taskbus.runtime_runner.output import OutputCap
 from taskbus.runtime_runner.sandbox import Sandbox, SandboxProcess
+
+if TYPE_CHECKING:
+    from taskbus.runtime_runner.mcp_clients import MCPLimits
 
 logger = logging.getLogger(__name__)
 
@@ -508,26 +511,3 @@ class ConversationMCP:
         await asyncio.gather(*(server.close() for server in self._servers))
         self._servers.clear()
         self._tools.clear()
-
-
-class MCPLimits:
-    def __init__(self, start_seconds: float, call_seconds: float, max_output_bytes: int) -> None:
-        self.start_seconds = start_seconds
-        self.call_seconds = call_seconds
-        self.max_output_bytes = max_output_bytes
-
-
-class MCPClients:
-    """What every conversation's MCP servers share: the key that opens their secrets, limits."""
-
-    def __init__(self, box: SecretBox | None, limits: MCPLimits) -> None:
-        self._box = box
-        self._limits = limits
-
-    def for_sandbox(self, request: RuntimeRequested, sandbox: Sandbox) -> ConversationMCP | None:
-        config = request.mcp_config
-        if config is None or not (
-            config.stdio_servers or config.shttp_servers or config.sse_servers
-        ):
-            return None
-        return ConversationMCP(config, sandbox, request.user_id, self._box, self._limits)

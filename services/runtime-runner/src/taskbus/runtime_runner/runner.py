@@ -9,6 +9,7 @@ import math
 from collections.abc import Awaitable, Callable
 from itertools import count
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from nats.js import JetStreamContext
@@ -35,10 +36,13 @@ from taskbus.contracts.redaction import redact
 from taskbus.contracts.status import RuntimeStatus
 from taskbus.runtime_runner.files import FileActions, reply_to
 from taskbus.runtime_runner.journal import InFlightJournal
-from taskbus.runtime_runner.mcp_tools import ConversationMCP, MCPClients
+from taskbus.runtime_runner.mcp_clients import MCPClients
 from taskbus.runtime_runner.replies import is_answered
 from taskbus.runtime_runner.sandbox import ActionError, CommandRequest, Sandbox
 from taskbus.runtime_runner.workspace import remove_conversation_directories
+
+if TYPE_CHECKING:  # imported with the mcp SDK, by the first conversation that has servers
+    from taskbus.runtime_runner.mcp_tools import ConversationMCP
 
 logger = logging.getLogger(__name__)
 
