@@ -35,6 +35,7 @@ from taskbus.contracts.commands import (
 )
 from taskbus.contracts.events import (
     ConversationCreated,
+    ConversationRejected,
     ConversationStatusChanged,
     EventSource,
     MessageAction,
@@ -168,8 +169,8 @@ async def restartable_server_url(
 
 
 class SessionManagerDouble:
-    """Records every command; creates conversations the way session-manager does (log only)
-    and stores settings in KV the way it does (a null API key keeps the stored one)."""
+    """Records every command; creates (or refuses) conversations the way session-manager does
+    (log only) and stores settings in KV the way it does (a null API key keeps the stored one)."""
 
     def __init__(self, js: JetStreamContext, settings: KeyValue) -> None:
         self.appender = EventAppender(js)
@@ -178,6 +179,7 @@ class SessionManagerDouble:
         self.commands: list[AnyCommand] = []
         self.create_delay = 0.0
         self.ignore_creates = False
+        self.reject_creates = False
         self.settings_delay = 0.0
         self.ignore_settings = False
 
@@ -186,7 +188,10 @@ class SessionManagerDouble:
         self.commands.append(command)
         if isinstance(command, CreateConversation) and not self.ignore_creates:
             await asyncio.sleep(self.create_delay)
-            await self.create(command.user_id, command.conversation_id, command.spec.title)
+            if self.reject_creates:
+                await self.reject(command.user_id, command.conversation_id)
+            else:
+                await self.create(command.user_id, command.conversation_id, command.spec.title)
         if isinstance(command, UpdateSettings) and not self.ignore_settings:
             await asyncio.sleep(self.settings_delay)
             await self.store_settings(command.user_id, command.settings)
@@ -230,6 +235,19 @@ class SessionManagerDouble:
                     status=ConversationStatus.STARTING,
                 ),
             ]
+        )
+
+    async def reject(self, user_id: str, conversation_id: str) -> None:
+        """Refuse as session-manager refuses a creation beyond the user's queue: the refusal is
+        the conversation's only event."""
+        await self.appender.append(
+            ConversationRejected(
+                conversation_id=conversation_id,
+                source=EventSource.ENVIRONMENT,
+                user_id=user_id,
+                reason="queue_full",
+                detail="you already have 1 conversation waiting",
+            )
         )
 
     async def say(self, conversation_id: str, text: str) -> None:

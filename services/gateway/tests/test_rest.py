@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from fastapi import FastAPI
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
@@ -191,6 +192,41 @@ async def test_idempotency_key_retry_returns_the_same_conversation(
     assert first.json()["conversation_id"] == again.json()["conversation_id"]
     assert bobs.json()["conversation_id"] != first.json()["conversation_id"]
     assert len(session_manager.commands) == 2  # the retry published nothing
+
+
+async def test_a_waiting_post_reads_the_log_once_however_long_session_manager_takes(
+    app: FastAPI, client: httpx.AsyncClient, alice: Headers, session_manager: Any
+) -> None:
+    """The wait is woken by the ConversationCreated notification and confirms it with one read;
+    it does not poll the log while session-manager is busy (three requests every 0.25 s did,
+    most of the gateway's bus traffic under load)."""
+    sent = app.state.bus.nc.stats
+
+    async def requests_of_a_create(delay: float) -> int:
+        session_manager.create_delay = delay
+        before = sent["out_msgs"]
+        response = await client.post("/api/conversations", json={"title": "t"}, headers=alice)
+        assert response.status_code == 201, response.text
+        assert response.json()["conversation"]["last_event_id"] == 0  # as first visible
+        return int(sent["out_msgs"] - before)
+
+    quick = await requests_of_a_create(0.0)
+    assert await requests_of_a_create(1.5) == quick <= 5, quick
+
+
+async def test_a_refused_create_is_429_and_so_is_its_retry_which_publishes_nothing(
+    client: httpx.AsyncClient, alice: Headers, session_manager: Any
+) -> None:
+    session_manager.reject_creates = True
+    session_manager.create_delay = 0.3  # the refusal must be waited for, not raced
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = await client.post("/api/conversations", json={"title": "t"}, headers=alice | key)
+    body = assert_problem(first, 429)
+    assert body["type"] == "urn:taskbus:problem:queue-full", body
+    assert body["detail"] == "you already have 1 conversation waiting"
+    again = await client.post("/api/conversations", json={"title": "t"}, headers=alice | key)
+    assert assert_problem(again, 429)["conversation_id"] == body["conversation_id"]
+    assert len(session_manager.commands) == 1
 
 
 async def test_post_times_out_with_a_problem_when_nothing_creates_it(

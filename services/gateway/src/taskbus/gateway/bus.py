@@ -81,8 +81,13 @@ E = TypeVar("E", bound=Event)
 R = TypeVar("R", bound=Reply)
 T = TypeVar("T")
 
-# How often a waiting POST re-reads the log when no ConversationCreated notification arrives.
-_VISIBILITY_POLL_SECONDS = 0.25
+# How often a POST waiting for its conversation checks for a reconnect (which may have lost
+# the notification it waits for); checking reads nothing.
+_RECONNECT_CHECK_SECONDS = 0.25
+# The events that answer a CreateConversation, by the last token of their subject.
+_ANSWERS: dict[str, type[Event]] = {
+    kind.__name__: kind for kind in (ConversationCreated, ConversationRejected)
+}
 # How often a command re-reads its verdict's KV entry should the put's notification be missed.
 _VERDICT_POLL_SECONDS = 0.25
 # How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
@@ -140,6 +145,17 @@ def refusal(verdict: CommandVerdict) -> Problem:
         conversation_status=None if current is None else OPENHANDS_STATUS[current],
         taskbus_status=current,
         reason=verdict.reason,
+    )
+
+
+def _rejection(rejected: ConversationRejected) -> Problem:
+    """The 429 a conversation session-manager refused to create answers with."""
+    return Problem(
+        429,
+        rejected.detail or rejected.reason,
+        kind=rejected.reason.replace("_", "-"),
+        title="Conversation refused",
+        conversation_id=rejected.conversation_id,
     )
 
 
@@ -274,31 +290,28 @@ class Bus:
         """Ask session-manager to create the conversation and wait until the log shows it.
 
         Returns the conversation and whether this call created it (False: an earlier request
-        with the same id did). Raises a 429 Problem if session-manager refused it (now or
-        for an earlier request with the same id), a 504 one if it is not visible in time.
+        with the same id did). Raises a 409 Problem if that conversation has been deleted, a
+        429 one if session-manager refused it (now or for an earlier request with the same id),
+        a 504 one if it is not visible in time.
+
+        Subscribed to the conversation's events before anything is read, so the answer cannot
+        be missed: the log is read once up front, then when a ConversationCreated or
+        ConversationRejected is notified, not per event nor on a timer while session-manager
+        is busy. A notification may come before JetStream has stored its message (or be of a
+        write it refused), so the log confirms it, read again at each wake-up until it does.
+        A reconnect, which loses the notifications sent meanwhile, makes it read all again.
         """
         cid = command.conversation_id
-        existing = await self.find_conversation(cid)
-        if existing is not None and existing.status is ConversationStatus.ARCHIVED:
-            # Its tombstone outlives the purged log: a deleted conversation never comes back.
-            raise Problem(
-                409,
-                "this Idempotency-Key named a conversation that has been deleted; use a new key",
-                kind="conversation-deleted",
-                title="Conversation deleted",
-            )
-        if existing is not None:
-            return existing, False
-        await self._raise_if_rejected(cid)
-        # Subscribe before publishing so the answer's notification (ConversationCreated or
-        # ConversationRejected) cannot be missed; the log stays the authority, the
-        # notification only wakes us up early.
+        reconnects_seen = self.reconnects.count
         notifications = await self.nc.subscribe(subjects.conversation_events(cid))
         try:
+            existing = await self._visible(cid)
+            if existing is not None:
+                return existing, False
             await self.publish_command(command, msg_id=f"{command.name()}:{cid}")
             deadline = time.monotonic() + self._timeout
-            while (info := await self.find_conversation(cid)) is None:
-                await self._raise_if_rejected(cid)
+            answer: type[Event] | None = None  # notified, not yet confirmed by the log
+            while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Problem(
@@ -308,21 +321,55 @@ class Bus:
                         conversation_id=cid,
                     )
                 with contextlib.suppress(TimeoutError):
-                    await notifications.next_msg(timeout=min(remaining, _VISIBILITY_POLL_SECONDS))
-            return info, True
+                    message = await notifications.next_msg(
+                        timeout=min(remaining, _RECONNECT_CHECK_SECONDS)
+                    )
+                    answer = _ANSWERS.get(message.subject.rpartition(".")[2], answer)
+                if self.reconnects.count != reconnects_seen:
+                    reconnects_seen = self.reconnects.count
+                    info = await self._visible(cid)
+                elif answer is not None:
+                    info = await self._confirmed(cid, answer)
+                else:
+                    continue
+                if info is not None:
+                    return info, True
         finally:
             await notifications.unsubscribe()
 
-    async def _raise_if_rejected(self, conversation_id: str) -> None:
-        rejected = await self.last_event(conversation_id, ConversationRejected)
-        if rejected is not None:
+    async def _visible(self, conversation_id: str) -> ConversationInfo | None:
+        """The conversation if the log (or its projection) shows it; a 409 Problem if it was
+        deleted, a 429 one if session-manager refused it."""
+        info, rejected = await asyncio.gather(
+            self.find_conversation(conversation_id),
+            self.last_event(conversation_id, ConversationRejected),
+        )
+        if info is not None and info.status is ConversationStatus.ARCHIVED:
+            # Its tombstone outlives the purged log: a deleted conversation never comes back.
             raise Problem(
-                429,
-                rejected.detail or rejected.reason,
-                kind=rejected.reason.replace("_", "-"),
-                title="Conversation refused",
-                conversation_id=conversation_id,
+                409,
+                "this Idempotency-Key named a conversation that has been deleted; use a new key",
+                kind="conversation-deleted",
+                title="Conversation deleted",
             )
+        if info is None and rejected is not None:
+            raise _rejection(rejected)
+        return info
+
+    async def _confirmed(
+        self, conversation_id: str, answer: type[Event]
+    ) -> ConversationInfo | None:
+        """The conversation as first visible (its ConversationCreated alone) or a 429 Problem
+        for a refusal, once the log holds the `answer` notified; None until it does."""
+        if answer is ConversationRejected:
+            rejected = await self.last_event(conversation_id, ConversationRejected)
+            if rejected is not None:
+                raise _rejection(rejected)
+            return None
+        created = await self.last_event(conversation_id, ConversationCreated)
+        if created is None:
+            return None
+        return summary_of_latest(created, (), created.id, created.timestamp)
 
     # --- conversation state -------------------------------------------------------------------
 
