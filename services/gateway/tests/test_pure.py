@@ -1,20 +1,25 @@
 """Pure parts of the gateway: keys, ids, the conversation view, client input, log redaction,
-the settings view."""
+the settings view, the routes kept off the thread pool."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import pytest
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import BaseRoute
 
 from taskbus.contracts.commands import ConfirmAction, SendMessage, StopConversation
 from taskbus.contracts.observability import RedactApiKeys
 from taskbus.contracts.queries import ConversationInfo
 from taskbus.contracts.specs import MAX_MESSAGE_CHARS, UserSettings
 from taskbus.contracts.status import AgentState, ConversationStatus
+from taskbus.gateway.app import create_app
 from taskbus.gateway.auth import ApiKeyError, ApiKeys
 from taskbus.gateway.conversations import (
     ConversationView,
@@ -27,6 +32,7 @@ from taskbus.gateway.inputs import (
     repository_problem,
 )
 from taskbus.gateway.limits import ConnectionLimiter, RateLimiter
+from taskbus.gateway.settings import GatewaySettings
 from taskbus.gateway.user_settings import OPENHANDS_ONLY_SETTINGS, SettingsView, reflects
 
 
@@ -229,3 +235,36 @@ def test_connections_are_counted_per_user_and_released() -> None:
     assert limiter.acquire("v")
     limiter.release("u")
     assert limiter.acquire("u")
+
+
+def _route_calls(routes: Iterable[BaseRoute]) -> Iterator[tuple[str, Callable[..., object]]]:
+    """(path, callable) of every endpoint and dependency of the routes, included routers too."""
+    for route in routes:
+        if isinstance(route, APIRoute | APIWebSocketRoute):
+            dependants = [route.dependant]
+            while dependants:
+                dependant = dependants.pop()
+                if dependant.call is not None:
+                    yield route.path, dependant.call
+                dependants += dependant.dependencies
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            yield from _route_calls(included.routes)
+
+
+def test_no_route_runs_its_handler_or_a_dependency_in_the_thread_pool() -> None:
+    """FastAPI runs a plain `def` in its thread pool: two thread switches per call on every
+    request (POST /message made three such calls), each a wait for the CPU on a busy machine."""
+    app = create_app(GatewaySettings(api_keys="key=user"))
+    calls = list(_route_calls(app.routes))
+    assert "/api/conversations/{conversation_id}/message" in {path for path, _ in calls}
+    in_threads = {
+        f"{path}: {getattr(call, '__name__', type(call).__name__)}"
+        for path, call in calls
+        if not (
+            inspect.iscoroutinefunction(call)
+            # an instance, e.g. HTTPBearer: its __call__ says (callable() would not)
+            or inspect.iscoroutinefunction(getattr(call, "__call__", None))  # noqa: B004
+        )
+    }
+    assert not in_threads, sorted(in_threads)
