@@ -8,27 +8,44 @@ with a WebSocket open on it; every client POSTs `/message` once a second (the cl
 over the second) and times each POST until its MessageAction arrives on its WebSocket. The
 reference is a core NATS request-reply round trip on the stack's server in the same run.
 Target: p50 <= 3 ms, p99 <= 25 ms. (The appender's half of the hot path: appender_bench.py.)
+
+Where the time goes: a tap on the bus sees each SendMessage command and its MessageAction as
+they pass, which splits every sample into the gateway's two hops (POST -> command on the bus,
+with the client's own send; event on the bus -> WebSocket frame) and the rest (command ->
+event: session-manager and the log). On a shared machine these wall-clock figures mostly
+measure the wait for a CPU, so each process's CPU milliseconds per message are printed too:
+they tell cost, not luck.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import msgspec
 from nats.aio.msg import Msg
 from websockets.asyncio.client import ClientConnection, connect
 
+from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect as bus_connect
 from taskbus.contracts.bus import inbox_prefix
+from taskbus.contracts.commands import SendMessage, decode_command
+from taskbus.contracts.events import EventSource, MessageAction, decode_event
+from taskbus.devtools.local_stack import read_state
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stack the tests start
+from throughput import cpu_by_process
+
 from tests.conftest import Stack, running_stack
 
 TARGET_P50_MS, TARGET_P99_MS = 3.0, 25.0
@@ -41,6 +58,24 @@ SILENT_MODEL_SCRIPT = {
     ]
 }
 POST_PERIOD_SECONDS = 1.0  # each client posts once a second: 50 messages/s at 50 clients
+HOPS = (
+    "POST -> command (gateway)",
+    "command -> event (session-manager)",
+    "event -> frame (gateway)",
+)
+
+
+class Sample(msgspec.Struct):
+    """One message: when it was POSTed and framed, and when the tap saw its SendMessage command
+    and its MessageAction event pass on the bus (0: not seen)."""
+
+    posted: float
+    framed: float = 0.0
+    command: float = 0.0
+    event: float = 0.0
+
+    def hops(self) -> tuple[float, float, float]:
+        return self.command - self.posted, self.event - self.command, self.framed - self.event
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -69,9 +104,12 @@ async def waiting_for_input(api: httpx.AsyncClient, cid: str) -> None:
     raise TimeoutError(f"{cid} never waited for input: {info}")
 
 
-async def post_to_websocket(stack: Stack, clients: int, messages: int) -> list[float]:
-    """Seconds from each POST /message until its MessageAction reaches the client's socket,
-    each client posting every POST_PERIOD_SECONDS, the clients spread over the period."""
+async def post_to_websocket(
+    stack: Stack, clients: int, messages: int
+) -> tuple[list[Sample], dict[str, float]]:
+    """Each POST /message until its MessageAction reaches the client's socket, each client
+    posting every POST_PERIOD_SECONDS, the clients spread over the period; and the CPU
+    milliseconds each kind of process spent per message meanwhile."""
     async with stack.client() as api:
         settings = {"max_concurrent_conversations": clients}
         assert (await api.put("/api/settings", json=settings)).status_code == 200
@@ -81,7 +119,7 @@ async def post_to_websocket(stack: Stack, clients: int, messages: int) -> list[f
             assert answer.status_code in (200, 201), answer.text
             cids.append(answer.json()["conversation_id"])
         await asyncio.gather(*(waiting_for_input(api, cid) for cid in cids))
-        latencies: list[float] = []
+        samples: dict[tuple[str, str], Sample] = {}
 
         async def client(n: int, cid: str) -> None:
             url = f"{stack.ws_url}/api/conversations/{cid}/events?after_id=-1"
@@ -90,18 +128,58 @@ async def post_to_websocket(stack: Stack, clients: int, messages: int) -> list[f
                 await asyncio.sleep(n * POST_PERIOD_SECONDS / clients)
                 for m in range(messages):
                     text = f"message {m}"
-                    started = time.perf_counter()
+                    sample = samples[cid, text] = Sample(posted=time.perf_counter())
                     posted = asyncio.create_task(
                         api.post(f"/api/conversations/{cid}/message", json={"message": text})
                     )
                     await frame_saying(ws, text)
-                    latencies.append(time.perf_counter() - started)
+                    sample.framed = time.perf_counter()
                     answer = await posted
                     assert answer.status_code == 202, answer.text
-                    await asyncio.sleep(max(0, started + POST_PERIOD_SECONDS - time.perf_counter()))
+                    pause = sample.posted + POST_PERIOD_SECONDS - time.perf_counter()
+                    await asyncio.sleep(max(0, pause))
 
-        await asyncio.gather(*(client(n, cid) for n, cid in enumerate(cids)))
-        return latencies
+        state = read_state(stack.data_dir)
+        assert state is not None, "taskbus up wrote no state"
+        async with tap_on_the_bus(stack, samples):
+            before = cpu_by_process(state.pid)
+            await asyncio.gather(*(client(n, cid) for n, cid in enumerate(cids)))
+            after = cpu_by_process(state.pid)
+        cpu = {
+            name: 1000 * (used - before.get(name, 0.0)) / len(samples)
+            for name, used in after.items()
+        }
+        return list(samples.values()), cpu
+
+
+@contextlib.asynccontextmanager
+async def tap_on_the_bus(
+    stack: Stack, samples: dict[tuple[str, str], Sample]
+) -> AsyncIterator[None]:
+    """Stamp each sample when its SendMessage and its MessageAction pass on the bus."""
+    nc = await bus_connect(stack.nats_url, "bench-tap", stack.bus_credential("admin"))
+
+    def seen(conversation_id: str, text: str) -> Sample | None:
+        return samples.get((conversation_id, text))
+
+    async def command(msg: Msg) -> None:
+        now, sent = time.perf_counter(), decode_command(msg.data)
+        if isinstance(sent, SendMessage) and (sample := seen(sent.conversation_id, sent.content)):
+            sample.command = sample.command or now
+
+    async def event(msg: Msg) -> None:
+        now, said = time.perf_counter(), decode_event(msg.data)
+        if not isinstance(said, MessageAction) or said.source != EventSource.USER:
+            return
+        if sample := seen(said.conversation_id, said.content):
+            sample.event = sample.event or now
+
+    await nc.subscribe(subjects.SESSION_MANAGER_COMMANDS, cb=command)
+    await nc.subscribe(subjects.events_of_kind(MessageAction.__name__), cb=event)
+    try:
+        yield
+    finally:
+        await nc.drain()
 
 
 async def request_floor(stack: Stack, count: int = 1000) -> list[float]:
@@ -137,16 +215,24 @@ async def websocket_latency(clients: int, messages: int) -> None:
             TASKBUS_BACKEND="local",
         ) as stack,
     ):
-        latencies = await post_to_websocket(stack, clients, messages)
+        samples, cpu = await post_to_websocket(stack, clients, messages)
         floor = await request_floor(stack)
-    p50, p99 = percentiles(latencies)
+    p50, p99 = percentiles([s.framed - s.posted for s in samples])
     floor_p50, floor_p99 = percentiles(floor)
     print(f"\nPOST message -> WebSocket, {clients} clients x {messages} messages")
-    print(f"{'':32}{'p50 ms':>9}{'p99 ms':>9}{'target':>13}")
-    print(f"{'core NATS request (reference)':32}{floor_p50:>9.2f}{floor_p99:>9.2f}")
+    print(f"{'':36}{'p50 ms':>9}{'p99 ms':>9}{'target':>13}")
+    print(f"{'core NATS request (reference)':36}{floor_p50:>9.2f}{floor_p99:>9.2f}")
     print(
-        f"{'POST -> WS':32}{p50:>9.2f}{p99:>9.2f}{f'<= {TARGET_P50_MS:g} / {TARGET_P99_MS:g}':>13}"
+        f"{'POST -> WS':36}{p50:>9.2f}{p99:>9.2f}{f'<= {TARGET_P50_MS:g} / {TARGET_P99_MS:g}':>13}"
     )
+    seen = [s for s in samples if s.command and s.event]  # the tap saw both (it may drop some)
+    for name, hop in zip(HOPS, zip(*(s.hops() for s in seen), strict=True), strict=True):
+        hop_p50, hop_p99 = percentiles(list(hop))
+        print(f"{'  ' + name:36}{hop_p50:>9.2f}{hop_p99:>9.2f}")
+    print("CPU ms per message:")
+    for name, milliseconds in sorted(cpu.items(), key=lambda item: -item[1]):
+        if milliseconds >= 0.05:
+            print(f"  {name:34}{milliseconds:>9.2f}")
 
 
 async def main() -> None:
