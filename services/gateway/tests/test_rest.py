@@ -210,8 +210,10 @@ async def test_a_waiting_post_reads_the_log_once_however_long_session_manager_ta
         assert response.json()["conversation"]["last_event_id"] == 0  # as first visible
         return int(sent["out_msgs"] - before)
 
-    quick = await requests_of_a_create(0.0)
-    assert await requests_of_a_create(1.5) == quick <= 5, quick
+    quick, slow = await requests_of_a_create(0.0), await requests_of_a_create(1.5)
+    # Three reads up front, the publish, one read to confirm; one more should the notification
+    # outrun JetStream's store of the event. (Polling made 16 and 31.)
+    assert quick <= 6 and slow <= 6, (quick, slow)
 
 
 async def test_a_refused_create_is_429_and_so_is_its_retry_which_publishes_nothing(
