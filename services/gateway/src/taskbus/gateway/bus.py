@@ -81,15 +81,13 @@ E = TypeVar("E", bound=Event)
 R = TypeVar("R", bound=Reply)
 T = TypeVar("T")
 
-# How often a POST waiting for its conversation checks for a reconnect (which may have lost
-# the notification it waits for); checking reads nothing.
+# How often a POST waiting for its conversation or its command's verdict checks for a
+# reconnect (which may have lost the notification it waits for); checking reads nothing.
 _RECONNECT_CHECK_SECONDS = 0.25
 # The events that answer a CreateConversation, by the last token of their subject.
 _ANSWERS: dict[str, type[Event]] = {
     kind.__name__: kind for kind in (ConversationCreated, ConversationRejected)
 }
-# How often a command re-reads its verdict's KV entry should the put's notification be missed.
-_VERDICT_POLL_SECONDS = 0.25
 # How often a settings PUT re-reads the KV entry while waiting for session-manager's write.
 _STORED_POLL_SECONDS = 0.05
 # Pause between reconnect attempts: short, as open WebSockets wait on the reconnect.
@@ -237,11 +235,13 @@ class Bus:
         """Send a conversation command and wait (bounded) for session-manager's verdict: an
         accepted one's events are in the log when this returns; a refused one raises its
         Problem (409, or 404 / 429). The verdict's key is watched from before the publish, and
-        read from the bucket when no put was seen, as for a retry JetStream dropped as a
-        duplicate of the first (`command_id` is also the Nats-Msg-Id). A `fresh_id` (made for
-        this command alone) has no earlier verdict, so only a missed put makes us read it.
-        504 past the timeout."""
+        read from the bucket once after it, for a retry JetStream dropped as a duplicate of the
+        first (`command_id` is also the Nats-Msg-Id). A `fresh_id` (made for this command
+        alone) has no earlier verdict, so it is not read then. Otherwise only a reconnect,
+        which may have lost the put's notification, makes us read it: not a timer, which would
+        add reads exactly while session-manager is slow. 504 past the timeout."""
         command = msgspec.structs.replace(command, command_id=command_id, fresh_id=fresh_id)
+        reconnects_seen = self.reconnects.count
         notifications = await self.nc.subscribe(subjects.verdict_subject(command_id))
         try:
             await self.publish_command(command, msg_id=command_id)
@@ -259,10 +259,12 @@ class Bus:
                     )
                 try:
                     message = await notifications.next_msg(
-                        timeout=min(remaining, _VERDICT_POLL_SECONDS)
+                        timeout=min(remaining, _RECONNECT_CHECK_SECONDS)
                     )
                 except TimeoutError:
-                    verdict = await self._stored_verdict(command_id)
+                    if self.reconnects.count != reconnects_seen:
+                        reconnects_seen = self.reconnects.count
+                        verdict = await self._stored_verdict(command_id)
                 else:
                     verdict = decode_verdict(message.data)
         finally:
