@@ -180,6 +180,7 @@ class SessionManagerDouble:
         self.create_delay = 0.0
         self.ignore_creates = False
         self.reject_creates = False
+        self.verdict_delay = 0.0
         self.settings_delay = 0.0
         self.ignore_settings = False
 
@@ -196,6 +197,7 @@ class SessionManagerDouble:
             await asyncio.sleep(self.settings_delay)
             await self.store_settings(command.user_id, command.settings)
         if isinstance(command, ConversationCommand) and command.command_id is not None:
+            await asyncio.sleep(self.verdict_delay)
             await self.accept(command, command.command_id)
 
     async def accept(self, command: ConversationCommand, command_id: str) -> None:

@@ -362,6 +362,22 @@ async def test_a_client_cannot_choose_its_commands_id_or_claim_it_fresh(
     assert sent.fresh_id is False and sent.command_id is not None
 
 
+async def test_a_slow_verdict_is_waited_for_without_reading_the_bucket(
+    app: FastAPI, client: httpx.AsyncClient, alice: Headers, session_manager: Any
+) -> None:
+    """The put's notification wakes the wait: no read of the verdicts bucket every 0.25 s while
+    session-manager is slow (four more requests here), load added exactly when loaded."""
+    cid = await create(client, alice)
+    message = f"/api/conversations/{cid}/message"
+    assert (await client.post(message, json={"message": "a"}, headers=alice)).status_code == 202
+    session_manager.verdict_delay = 1.0
+    sent = app.state.bus.nc.stats
+    before = sent["out_msgs"]
+    response = await client.post(message, json={"message": "b"}, headers=alice)
+    assert response.status_code == 202, response.text
+    assert sent["out_msgs"] - before == 1  # the command alone: its owner is known by now
+
+
 async def test_commands_reach_session_manager(
     client: httpx.AsyncClient, alice: Headers, session_manager: Any
 ) -> None:
