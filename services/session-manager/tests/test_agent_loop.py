@@ -50,6 +50,7 @@ from taskbus.contracts.events import (
     FileEditAction,
     FileEditObservation,
     LLMMetrics,
+    MCPTool,
     RuntimeControl,
     RuntimeControlRequested,
     RuntimeRequested,
@@ -67,8 +68,10 @@ from taskbus.contracts.status import AgentState, ConversationStatus, RuntimeStat
 from taskbus.devtools.nats_server import NatsServer
 from taskbus.devtools.scripted_llm import ScriptedLLM
 from taskbus.session_manager.app import running_session_manager
+from taskbus.session_manager.llm import LLM, LLMConfig, token_bound
 from taskbus.session_manager.service import SessionManager
 from taskbus.session_manager.settings import SessionManagerSettings
+from taskbus.session_manager.tools import offered_tools
 
 from .conftest import RUNNER_ALIVE, register_fake_runner
 
@@ -366,6 +369,46 @@ def test_settings_defaults_work_on_a_laptop_and_env_overrides_them() -> None:
     assert default.nats_url == "nats://127.0.0.1:4222"
     tuned = settings_from_env(SessionManagerSettings, {"TASKBUS_MAX_RUNNING": "3"})
     assert tuned.max_running == 3
+
+
+@pytest.mark.parametrize("model", ["openai/scripted", "gpt-4o", "gpt-3.5-turbo"])
+def test_the_token_bound_is_above_the_count_so_skipping_the_count_never_skips_a_condensation(
+    model: str,
+) -> None:
+    """The agent loop skips counting a prompt's tokens while `token_bound` fits the context: the
+    bound must stay above litellm's count for text of any kind and every tool offered."""
+    mcp = MCPTool(
+        server="s",
+        name="s_query",
+        tool="query",
+        input_schema={
+            "type": "object",
+            "properties": {
+                "q": {"type": "string", "enum": ["a", "b"]},
+                "n": {"type": "array", "items": {"type": "integer"}},
+            },
+            "required": ["q"],
+        },
+    )
+    tools = offered_tools([mcp])
+    call = {"id": "c1", "type": "function", "function": {"name": "s_query", "arguments": "{}"}}
+    texts = ["", "a", " " * 300, "日本語のテキスト🙂" * 40, "x = [1, 2]\n" * 50, "\u200b" * 100]
+    prompts = [[{"role": "user", "content": text} for _ in range(20)] for text in texts] + [
+        [
+            {"role": "system", "content": "You are an agent."},
+            {"role": "assistant", "content": None, "tool_calls": [call] * 5},
+            {"role": "tool", "tool_call_id": "c1", "name": "s_query", "content": "ok " * 99},
+        ]
+    ]
+    llm = LLM(SessionManagerSettings())
+    config = LLMConfig(model=model, base_url=None)
+    for messages in prompts:
+        for offered in (tools, []):
+            bound = token_bound(messages, offered)
+            assert bound is not None
+            assert llm.count_tokens(config, messages, offered) < bound
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    assert token_bound([{"role": "user", "content": [image]}], tools) is None
 
 
 # --- one isolated stack per test: its own nats-server, scripted model and session-manager ------

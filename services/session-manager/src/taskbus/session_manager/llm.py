@@ -176,6 +176,8 @@ class LLM:
         self._settings = settings
         self._allowed = AllowList(settings.llm_allowed_base_urls)
         self._box = SecretBox.from_settings(settings.secrets_key, settings.secrets_key_file)
+        # Per model: litellm's map does not change once `_library` has registered the prices.
+        self._max_input_tokens: dict[str, int | None] = {}
 
     @functools.cached_property
     def _library(self) -> ModuleType:
@@ -187,12 +189,19 @@ class LLM:
     def config_for(self, user_id: str, user: UserSettings | None) -> LLMConfig:
         return resolve_llm_config(self._settings, user_id, user, self._box)
 
-    def max_input_tokens(self, config: LLMConfig) -> int | None:
-        """The prompt size the model accepts: the operator's setting, else litellm's model map."""
+    async def max_input_tokens(self, config: LLMConfig) -> int | None:
+        """The prompt size the model accepts: the operator's setting, else litellm's model map,
+        looked up once per model (off the event loop: the first lookup imports litellm)."""
         if self._settings.llm_max_input_tokens is not None:
             return self._settings.llm_max_input_tokens
+        if config.model not in self._max_input_tokens:
+            known = await asyncio.to_thread(self._known_max_input_tokens, config.model)
+            self._max_input_tokens[config.model] = known
+        return self._max_input_tokens[config.model]
+
+    def _known_max_input_tokens(self, model: str) -> int | None:
         try:
-            known = self._library.get_model_info(config.model).get("max_input_tokens")
+            known = self._library.get_model_info(model).get("max_input_tokens")
         except Exception:  # litellm raises plain exceptions for models it does not know
             return None
         return int(known) if known else None
@@ -311,6 +320,16 @@ class LLM:
                     await on_wait(waited, attempt, attempts)
         finally:
             await cancel_and_wait(answer)  # an abandoned call holds no connection
+
+
+def token_bound(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:
+    """An upper bound of what `LLM.count_tokens` counts, without tokenizing: every token of
+    the tokenizers litellm counts with stands for at least one byte of text, so twice the
+    prompt's JSON bytes, plus each message's framing tokens, is more than the count. None for a
+    prompt with images (content parts), which are counted by their size, not their bytes."""
+    if any(not isinstance(m.get("content"), str | None) for m in messages):
+        return None
+    return 2 * len(msgspec.json.encode([messages, tools])) + 8 * len(messages) + 64
 
 
 def redact(text: str, secret: str) -> str:

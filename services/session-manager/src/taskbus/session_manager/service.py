@@ -71,7 +71,7 @@ from taskbus.session_manager.decide import (
 )
 from taskbus.session_manager.dependency_desk import DependencyDesk
 from taskbus.session_manager.history import to_messages
-from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError
+from taskbus.session_manager.llm import LLM, Completion, LLMConfig, LLMError, token_bound
 from taskbus.session_manager.partition_consumers import (
     COMMANDS_MAX_DELIVER,
     EVENTS_POISON_DELIVERIES,
@@ -429,8 +429,7 @@ class SessionManager:
                 logger.warning("%s is stuck: the same action and result repeated", cid)
                 await self._append(stuck_events(state, self._settings.stuck_repetitions))
                 return
-        # Token counting is CPU work: off the event loop, so other conversations keep moving.
-        condensation = await asyncio.to_thread(self._condensation, state, config)
+        condensation = await self._condensation(state, config)
         if condensation is not None:
             logger.info(
                 "condensing %s: events %d..%d forgotten",
@@ -488,17 +487,23 @@ class SessionManager:
             if next_step(current) is Step.CALL_LLM:
                 await self._append(_llm_failure_events(current, error))
 
-    def _condensation(
+    async def _condensation(
         self, state: ConversationState, config: LLMConfig
     ) -> CondensationAction | None:
-        max_tokens = self._llm.max_input_tokens(config)
+        """The condensation due before the next call, if the prompt would not fit. Token
+        counting is CPU work (milliseconds a step): skipped while `token_bound` shows the prompt
+        fits, else done off the event loop, so other conversations keep moving."""
+        max_tokens = await self._llm.max_input_tokens(config)
         if max_tokens is None:
             return None
-        return plan_condensation(
+        tools = offered_tools(state.mcp_tools)
+        bound = token_bound(to_messages(state), tools)
+        if bound is not None and bound <= max_tokens:
+            return None
+        return await asyncio.to_thread(
+            plan_condensation,
             state,
-            lambda messages: self._llm.count_tokens(
-                config, messages, offered_tools(state.mcp_tools)
-            ),
+            lambda messages: self._llm.count_tokens(config, messages, tools),
             max_tokens,
             self._settings.condensation_keep_recent_events,
         )
