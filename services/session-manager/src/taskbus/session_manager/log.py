@@ -3,12 +3,16 @@ session-manager)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Collection
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -30,10 +34,13 @@ from taskbus.contracts.partitions import PARTITIONS
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ACTIVE_STATUSES, LIVE_RUNTIME_STATUSES, ConversationStatus
 from taskbus.contracts.streams import last_message, read_batch
+from taskbus.contracts.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
 _RECOVERY_BATCH = 1000
+# The longest a copy of a user's settings serves (see `SettingsStore`).
+SETTINGS_COPY_SECONDS = 5.0
 # Events per batch direct get when reading a conversation's log.
 _READ_PAGE = 1000
 
@@ -161,12 +168,60 @@ class Bucket:
 
 
 class SettingsStore(Bucket):
-    """Per-user settings in KV `taskbus_settings` (key = user id)."""
+    """Per-user settings in KV `taskbus_settings` (key = user id).
+
+    Every LLM step and admission reads them, so once `watch` runs they are kept in memory: a KV
+    watch drops a user's copy as soon as any instance writes the key, and a copy serves for at
+    most `SETTINGS_COPY_SECONDS`, which bounds what a watch that missed a write can leave stale
+    (nats-py notices a restarted server only after two missed heartbeats, and resumes at the
+    old sequence in a recreated bucket). `get(fresh=True)` reads the bucket: a create applies
+    the settings the gateway has just shown the user as stored."""
 
     def __init__(self, js: JetStreamContext) -> None:
         super().__init__(js, subjects.SETTINGS_BUCKET)
+        self._copies: dict[str, tuple[float, UserSettings | None]] = {}
+        # Counts the writes the watch reported: a read that overlapped one is not kept.
+        self._writes_seen = 0
+        self._watch: asyncio.Task[None] | None = None
 
-    async def get(self, user_id: str) -> UserSettings | None:
+    async def watch(self) -> None:
+        """Keep copies from now on (until `stop`), each dropped when its key is written; the
+        watch first goes through every key's last write (None marks its end)."""
+        watcher = await (await self._bucket()).watchall(meta_only=True)
+        async for entry in watcher:
+            if entry is None:
+                break
+        self._watch = asyncio.create_task(self._drop_written(watcher), name="settings-watch")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            await cancel_and_wait(self._watch)
+            self._watch = None
+        self._copies.clear()
+
+    async def _drop_written(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is not None:  # None: the watch has caught up
+                    self._writes_seen += 1
+                    self._copies.pop(entry.key, None)
+        finally:
+            self._watch = None  # no longer told of writes: no copy serves
+            self._copies.clear()
+            with contextlib.suppress(nats.errors.Error):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # unannotated in nats-py
+
+    async def get(self, user_id: str, *, fresh: bool = False) -> UserSettings | None:
+        copy = self._copies.get(user_id)
+        if copy is not None and not fresh and time.monotonic() < copy[0]:
+            return copy[1]
+        writes_seen = self._writes_seen
+        settings = await self._read(user_id)
+        if self._watch is not None and self._writes_seen == writes_seen:
+            self._copies[user_id] = (time.monotonic() + SETTINGS_COPY_SECONDS, settings)
+        return settings
+
+    async def _read(self, user_id: str) -> UserSettings | None:
         value = await self._value(user_id)
         if value is None:
             return None
@@ -179,10 +234,11 @@ class SettingsStore(Bucket):
     async def put(self, user_id: str, update: UserSettings) -> None:
         """Replace the user's settings; an update without an API key keeps the stored one."""
         if update.llm_api_key is None:
-            stored = await self.get(user_id)
+            stored = await self.get(user_id, fresh=True)
             if stored is not None and stored.llm_api_key is not None:
                 update = msgspec.structs.replace(update, llm_api_key=stored.llm_api_key)
         await (await self._bucket()).put(user_id, msgspec.json.encode(update))
+        self._copies.pop(user_id, None)  # before the watch says so
 
 
 class VerdictStore(Bucket):

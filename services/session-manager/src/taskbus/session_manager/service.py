@@ -207,6 +207,7 @@ class SessionManager:
         """Take this instance's share of the partitions (each one's conversations recovered
         from the log before its consumers start), then keep it as instances come and go."""
         await self._runtimes.start()  # the runners known before anything is placed
+        await self._settings_store.watch()
         await self._consumers.start()
         self._leases = PartitionLeases(
             await self._js.key_value(subjects.PARTITIONS_BUCKET),
@@ -229,6 +230,7 @@ class SessionManager:
         await self._consumers.stop()
         await self._runtimes.stop()
         await cancel_and_wait(*self._drivers.values(), *self._background, *self._dependencies.tasks)
+        await self._settings_store.stop()
 
     async def _recover(self, partitions: frozenset[int]) -> None:
         """Load the conversations of newly held partitions that may need work."""
@@ -588,7 +590,8 @@ class SessionManager:
             if await log.conversation_exists(self._js, cid):
                 logger.info("conversation %s already exists; CreateConversation ignored", cid)
                 return
-            user_settings = await self._settings_store.get(command.user_id)
+            # Fresh: the gateway answered a settings change once the bucket showed it.
+            user_settings = await self._settings_store.get(command.user_id, fresh=True)
             spec = effective_spec(command.spec, user_settings, self._settings)
             created = ConversationCreated(
                 conversation_id=cid,
