@@ -101,3 +101,38 @@ def test_only_owned_entries_the_log_contradicts_past_the_grace_are_stale() -> No
         now=NOW,
     )
     assert sorted(stale) == ["lost", "started"]
+
+
+async def test_a_decision_on_the_ledger_last_written_reads_nothing_unless_it_writes_nothing(
+    ledgers: list[AdmissionLedger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance decides first on the ledger as it last wrote it: the write's revision check
+    proves that one latest. A decision that changes nothing is taken again on a fresh read, or
+    another instance's write in between would go unseen."""
+    mine, other = ledgers[0], ledgers[1]
+    slot = Slot(user_id="u", since=NOW)
+    await mine.change(lambda current: current.admitted("a", slot, ()))
+    reads = 0
+    read = mine.read
+
+    async def counted() -> tuple[Ledger, int]:
+        nonlocal reads
+        reads += 1
+        return await read()
+
+    monkeypatch.setattr(mine, "read", counted)
+    await mine.change(lambda current: current.admitted("b", slot, ()))
+    assert reads == 0
+    await other.change(lambda current: current.without(["a"]))  # unseen by `mine`
+    # By the ledger `mine` wrote, "a" runs already: nothing to write, so it reads, and restores it.
+    ledger = await mine.change(
+        lambda current: current.admitted("a", slot, ()) if "a" not in current.running else current
+    )
+    assert reads == 1
+    assert sorted(ledger.running) == ["a", "b"]
+    assert sorted((await other.read())[0].running) == ["a", "b"]
+    # A write from a ledger another instance has changed since conflicts, then reads.
+    await other.change(lambda current: current.without(["b"]))
+    ledger = await mine.change(lambda current: current.waiting("c", slot))
+    assert reads == 2
+    assert sorted(ledger.running) == ["a"] and list(ledger.queued) == ["c"]

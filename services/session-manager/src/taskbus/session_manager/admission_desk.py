@@ -15,7 +15,6 @@ from taskbus.session_manager import admission
 from taskbus.session_manager.admission_ledger import (
     AdmissionLedger,
     Ledger,
-    LedgerConflict,
     Slot,
     stale_entries,
 )
@@ -78,22 +77,22 @@ class AdmissionDesk:
         returned. One whose dependencies have not ended waits for them (`DependencyDesk`)."""
         limits = await self._limits_of(state.user_id)
         cid = state.conversation_id
-        while True:  # until the ledger this decision was taken on is the one written
-            ledger, revision = await self._ledger.read()
+
+        def choose(
+            ledger: Ledger,
+        ) -> tuple[Ledger, admission.Admit | admission.Queue | admission.Reject]:
             decision = self._decide(state, ledger, limits, new=new)
             if isinstance(decision, admission.Reject):
-                logger.info("%s refused: %s", cid, decision.reason)
-                return decision
+                return ledger, decision
             slot = Slot(user_id=state.user_id, priority=state.spec.priority, since=_now())
             if isinstance(decision, admission.Queue):
-                changed = ledger.waiting(cid, ledger.queued.get(cid, slot))
-            else:
-                changed = ledger.admitted(cid, slot, decision.evict)
-            try:
-                await self._ledger.write(changed, revision)
-            except LedgerConflict:
-                continue
-            break
+                return ledger.waiting(cid, ledger.queued.get(cid, slot)), decision
+            return ledger.admitted(cid, slot, decision.evict), decision
+
+        _, decision = await self._ledger.decide(choose)
+        if isinstance(decision, admission.Reject):
+            logger.info("%s refused: %s", cid, decision.reason)
+            return decision
         if isinstance(decision, admission.Queue):
             queued: list[Event] = []
             if state.status != ConversationStatus.QUEUED:
@@ -157,8 +156,10 @@ class AdmissionDesk:
             if not waiting:
                 return
             limits = {w.user_id: await self._limits_of(w.user_id) for w in waiting}
-            while True:
-                ledger, revision = await self._ledger.read()
+
+            def choose(
+                ledger: Ledger,
+            ) -> tuple[Ledger, list[tuple[admission.Waiting, admission.Admit]]]:
                 admitted = admission.admit_waiting(
                     waiting,
                     self._running(ledger),
@@ -172,13 +173,9 @@ class AdmissionDesk:
                         user_id=candidate.user_id, priority=candidate.priority, since=_now()
                     )
                     changed = changed.admitted(candidate.conversation_id, slot, decision.evict)
-                if changed == ledger:
-                    return
-                try:
-                    await self._ledger.write(changed, revision)
-                except LedgerConflict:
-                    continue
-                break
+                return changed, admitted
+
+            _, admitted = await self._ledger.decide(choose)
             for candidate, decision in admitted:
                 await self._evict(decision.evict)
                 state = self._states[candidate.conversation_id]

@@ -5,7 +5,9 @@ state, yet per-user and global limits count them all. The ledger is the shared c
 instance decides from the ledger as read (with its revision), writes the ledger it decided, and
 only once that write won appends the events; a write that lost (another instance admitted in
 between) means deciding again from the newer ledger. So N instances admit exactly as one would:
-every decision is taken on the latest ledger, one at a time, as under one lock.
+every decision is taken on the latest ledger, one at a time, as under one lock. The ledger an
+instance last read or wrote serves as read until a write says otherwise (`decide`): a decision
+that writes costs no read, one that writes nothing is taken again on a fresh read.
 
 The log stays the truth. An instance that dies between its ledger write and its append leaves
 an entry the log does not show; `stale_entries` finds those (and conversations the ledger
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -28,6 +31,7 @@ from taskbus.contracts import subjects
 logger = logging.getLogger(__name__)
 
 LEDGER_KEY = "ledger"
+T = TypeVar("T")
 # An entry the log does not confirm is dropped only after this: an admission in flight (ledger
 # written, events not yet appended) is not mistaken for a lost one.
 UNCONFIRMED_GRACE = timedelta(seconds=60)
@@ -81,6 +85,8 @@ class AdmissionLedger:
         self._js = js
         self._bucket = bucket
         self._kv: KeyValue | None = None
+        # The ledger and revision as this instance last read or wrote them (None: unknown).
+        self._last: tuple[Ledger, int] | None = None
 
     async def _store(self) -> KeyValue:
         if self._kv is None:
@@ -92,34 +98,57 @@ class AdmissionLedger:
         try:
             entry = await (await self._store()).get(LEDGER_KEY)
         except KeyNotFoundError:
-            return Ledger(), 0
+            self._last = Ledger(), 0
+            return self._last
         if not entry.value:  # deleted by an operator: start empty, the sweep refills it
-            return Ledger(), entry.revision or 0
-        return _decoder.decode(entry.value), entry.revision or 0
+            self._last = Ledger(), entry.revision or 0
+        else:
+            self._last = _decoder.decode(entry.value), entry.revision or 0
+        return self._last
 
     async def write(self, ledger: Ledger, revision: int) -> int:
         """Write `ledger` if the stored one is still at `revision`; else LedgerConflict."""
         data = msgspec.json.encode(ledger)
         kv = await self._store()
+        self._last = None  # unknown until the write's answer
         try:
             if revision == 0:
-                return await kv.create(LEDGER_KEY, data)
-            return await kv.update(LEDGER_KEY, data, last=revision)
+                written = await kv.create(LEDGER_KEY, data)
+            else:
+                written = await kv.update(LEDGER_KEY, data, last=revision)
         except KeyWrongLastSequenceError as error:
             raise LedgerConflict from error
+        self._last = ledger, written
+        return written
 
-    async def change(self, edit: Callable[[Ledger], Ledger]) -> Ledger:
-        """Apply `edit` (pure) to the latest ledger until a write wins; the ledger written."""
+    async def decide(self, choose: Callable[[Ledger], tuple[Ledger, T]]) -> tuple[Ledger, T]:
+        """Apply `choose` (pure: the ledger it makes of a ledger, and what else it decided) to
+        the latest ledger until the ledger it makes is written; that ledger and its decision.
+        It is first given the ledger as this instance last read or wrote it, which the write's
+        revision check proves latest (or a conflict refutes), so a decision that writes costs
+        no read; one that leaves the ledger as it is stands only on a ledger read now."""
+        last, read_now = self._last, False
         while True:
-            ledger, revision = await self.read()
-            changed = edit(ledger)
+            if last is None:
+                last, read_now = await self.read(), True
+            ledger, revision = last
+            changed, decision = choose(ledger)
             if changed == ledger:
-                return ledger
+                if read_now:
+                    return ledger, decision
+                last = None
+                continue
             try:
                 await self.write(changed, revision)
             except LedgerConflict:
+                last = None
                 continue
-            return changed
+            return changed, decision
+
+    async def change(self, edit: Callable[[Ledger], Ledger]) -> Ledger:
+        """Apply `edit` (pure) to the latest ledger until a write wins; the ledger written."""
+        changed, _ = await self.decide(lambda ledger: (edit(ledger), None))
+        return changed
 
 
 def stale_entries(
