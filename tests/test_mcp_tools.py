@@ -12,6 +12,7 @@ must appear in no event, response or file of the data dir.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -47,7 +48,11 @@ def _docker_bridge_gateway() -> str | None:
         config = client.networks.get("bridge").attrs["IPAM"]["Config"]
     except docker.errors.DockerException:
         return None
-    return str(config[0]["Gateway"]) if config else None
+    if not config:
+        return None
+    # An engine may leave the default bridge's gateway unnamed (seen with Docker 28 after a
+    # reload): it is then the subnet's first address, as docker0 carries it.
+    return str(config[0].get("Gateway") or ipaddress.ip_network(config[0]["Subnet"])[1])
 
 
 def _free_port(host: str) -> int:
