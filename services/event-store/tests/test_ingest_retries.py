@@ -38,7 +38,9 @@ from taskbus.event_store.status_kv import ConversationStatusKV
 
 IngesterFactory = Callable[[str | None], Awaitable[Ingester]]
 WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
-ACK_WAIT_SECONDS = 2.0
+# The batch's first renewal (in_progress) comes after the 1 s fetch and a failing write: on a
+# loaded CI worker that took over 2 s, and the batch went to the rival below.
+ACK_WAIT_SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
