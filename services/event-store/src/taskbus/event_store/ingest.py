@@ -17,14 +17,15 @@ store: it holds, and can answer for, only what it ingested itself (run one, the 
 Each durable comes through a FastStream batch pull consumer (`contracts.broker.durable_pull`)
 whose handler settles every message itself: stored ones are acked, ones that came before their
 conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
-to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`,
-never acked before it is stored. FastStream collects a batch until it is full or `flush_interval`
-has passed since the fetch began, and an idle consumer sends one pull request per flush
-interval (10 a second per held partition at the default 100 ms: a few hundred bytes each).
-Writes go one at a time (`_writing`), each taking every batch waiting, and start at least a
-flush interval apart, so an event waits at most about two intervals before it is stored. The
-consumers have no max_deliver: an event the server gave up redelivering would be missing from
-the store for good, and a deferred one relies on up to _MAX_DEFERRALS redeliveries.
+to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`
+(renewed while the batch is in hand, `_keep_in_hand`), never acked before it is stored.
+FastStream collects a batch until it is full or `flush_interval` has passed since the fetch
+began, and an idle consumer sends one pull request per flush interval (10 a second per held
+partition at the default 100 ms: a few hundred bytes each). Writes go one at a time
+(`_writing`), each taking every batch waiting, and start at least a flush interval apart, so an
+event waits at most about two intervals before it is stored. The consumers have no max_deliver:
+an event the server gave up redelivering would be missing from the store for good, and a
+deferred one relies on up to _MAX_DEFERRALS redeliveries.
 
 Memory is bounded: the fold holds the most recently ingested conversations (`cache_size`) and
 looks the others up in ClickHouse when their events come (conversation_cache).
@@ -221,20 +222,24 @@ class Ingester:
     async def _on_batch(self, partition: int, message: BatchMessage) -> None:
         """One batch, in log order; retried until stored, or until the partition is lost."""
         batch: list[Msg] = message.raw_message
-        if self._delay:
-            await asyncio.sleep(self._delay)
-        while True:
-            try:
-                await self._write(batch)
-                return
-            except Exception:
-                if partition not in self._held or not self._consumers[partition].running:
-                    log.exception("ingest of %d events failed; left for the next start", len(batch))
-                    return  # unacked: delivered again after ack_wait
-                log.exception("ingest of %d events failed; retrying", len(batch))
-            for msg in _unsettled(batch):
-                await msg.in_progress()  # keep them ours while we retry
-            await asyncio.sleep(_RETRY_DELAY_SECONDS)
+        renewal = asyncio.create_task(_keep_in_hand(batch))
+        try:
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            while True:
+                try:
+                    await self._write(batch)
+                    return
+                except Exception:
+                    if partition not in self._held or not self._consumers[partition].running:
+                        log.exception(
+                            "ingest of %d events failed; left for the next start", len(batch)
+                        )
+                        return  # unacked: delivered again after ack_wait
+                    log.exception("ingest of %d events failed; retrying", len(batch))
+                await asyncio.sleep(_RETRY_DELAY_SECONDS)
+        finally:
+            renewal.cancel()
 
     async def _write(self, batch: list[Msg]) -> None:
         """Store `batch`, in one write with whatever other partitions' batches are waiting: 16
@@ -247,8 +252,7 @@ class Ingester:
         under a light steady load; paced, their batches join, and an event waits at most one
         more interval. An idle ingest writes at once. Only a stored write delays the next: the
         retries of a failing one are paced by `_on_batch`, and paced here as well, partitions
-        retrying out of step took turns a whole interval apart, each keeping its batch in hand
-        (`in_progress`) only every other turn, and lost it to a redelivery."""
+        retrying out of step would take turns a whole interval apart."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((batch, done))
         async with self._writing:
@@ -339,6 +343,18 @@ def _conversations_of(batch: list[Msg]) -> set[str]:
     replay) delivers it for the first time although it was stored long ago."""
     conversations = {subjects.conversation_id_of(msg.subject) for msg in batch}
     return {cid for cid in conversations if subjects.is_valid_conversation_id(cid)}
+
+
+async def _keep_in_hand(batch: list[Msg]) -> None:
+    """Renew the batch's unsettled messages (in_progress) every quarter of the ack wait, for as
+    long as it is in hand: a write that keeps failing, or one slow enough (a loaded host, a
+    ClickHouse server merging), would otherwise see its batch redelivered to another instance
+    (or to this one) while still at work on it. A write that takes less (all do, normally)
+    renews nothing."""
+    while True:
+        await asyncio.sleep(_ACK_WAIT_SECONDS / 4)
+        for msg in _unsettled(batch):
+            await msg.in_progress()
 
 
 def _unsettled(messages: list[Msg]) -> list[Msg]:
