@@ -39,6 +39,7 @@ SCRIPTED_ACTIONS = Counter(
 )
 EXECUTABLE_ACTIONS = {"CmdRunAction", "FileReadAction", "FileWriteAction", "FileEditAction"}
 RESTART_SECONDS = 60
+APPEND_TIMEOUT_SECONDS = 5  # nats-py's JetStream request timeout, the services' default
 TASK_SECONDS = 90
 
 Event = dict[str, Any]
@@ -329,6 +330,33 @@ async def test_nats_server_restarted_mid_command_services_reconnect_and_finish(
     assert stopped, "the fault never fired"
     await _restarted(fault_stack, "nats-server", stopped[0])
     await assert_log_intact(fault_stack, api, conversation_id, events)
+    assert _runs_recorded(events) == 1
+
+
+async def test_nats_server_hung_then_killed_mid_command_runs_it_once(
+    fault_stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """nats-server stopped (SIGSTOP) at the slow command's first output, for longer than an
+    append waits for its ack, then killed: what the runner sent meanwhile (the command's
+    record, and before the fix the nak of its delivery) dies unread with it. The record must
+    be sent again to the restarted server; failing the delivery instead made JetStream
+    redeliver it after ack_wait and the runner run the command a second time (a nats-server
+    restart in CI hit this)."""
+
+    async def hang_then_kill_nats() -> None:
+        pid = _pid(fault_stack, "nats-server")
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(APPEND_TIMEOUT_SECONDS + 4)  # the command ends meanwhile (3 s)
+        killed = await _kill(fault_stack, "nats-server")  # SIGKILL reaches a stopped process
+        await _restarted(fault_stack, "nats-server", killed)
+
+    conversation_id = await _start_task(api)
+    events = await follow(
+        fault_stack, conversation_id, once_at("CmdOutputChunk", hang_then_kill_nats)
+    )
+
+    await assert_log_intact(fault_stack, api, conversation_id, events)
+    assert _slow_command_output(events)["extras"]["exit_code"] == 0
     assert _runs_recorded(events) == 1
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
+from pathlib import Path
 
 import msgspec
+import nats
+import nats.errors
+import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.events import EventSource, ThinkAction, decode_event
+from taskbus.contracts.streams import ensure_streams
+from taskbus.devtools.nats_server import NatsServer
 
 
 async def _ids_in_log(js: JetStreamContext, conversation_id: str) -> list[int]:
@@ -117,3 +124,37 @@ async def test_many_conversations_at_once_on_one_connection_keep_dense_ids(
     for n, cid in enumerate(cids):
         assert sorted(results[2 * n] + results[2 * n + 1]) == list(range(40))
         assert await _ids_in_log(js, cid) == list(range(40))
+
+
+async def test_an_outcome_waits_out_a_server_restart_and_is_stored_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`append_until_stored` through nats-server down and back on the same store: the record of
+    something done is stored once, not lost and not raised (its caller would do it again)."""
+    server = NatsServer(tmp_path / "nats").start()
+    client = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = client.jetstream(timeout=0.5)
+        await ensure_streams(js)
+        cid = uuid.uuid4().hex
+        appender = EventAppender(js)
+        await appender.append(_think(cid, "before"))
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="taskbus.contracts.appender"):
+            outcome = asyncio.create_task(appender.append_until_stored(_think(cid, "done")))
+            await asyncio.sleep(2.0)
+            assert not outcome.done()
+            assert "trying again" in caplog.text  # it failed while the server was down
+        server.start()
+        stored = await asyncio.wait_for(outcome, 30)
+        assert stored.id == 1
+        assert await _ids_in_log(js, cid) == [0, 1]
+    finally:
+        await client.close()
+        server.stop()
+
+
+async def test_an_outcome_the_log_refuses_for_good_is_not_retried(js: JetStreamContext) -> None:
+    too_big = _think(uuid.uuid4().hex, "x" * 2_000_000)  # over the server's max_payload
+    with pytest.raises(nats.errors.MaxPayloadError):
+        await asyncio.wait_for(EventAppender(js).append_until_stored(too_big), 10)

@@ -26,6 +26,7 @@ import asyncio
 import functools
 import hashlib
 import itertools
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -47,6 +48,8 @@ WRONG_LAST_SEQUENCE = 10071
 # JetStream refused to store the message: with DiscardPolicy.NEW, the stream is at its limits.
 STREAM_STORE_FAILED = 10077
 _MAX_CACHED_CONVERSATIONS = 10_000
+
+log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
 
@@ -82,6 +85,25 @@ class AppendConflict(RuntimeError):
 class StreamFull(RuntimeError):
     """The event log is at its operator-set `max_bytes` (or message limit): nothing is appended,
     and nothing old is dropped, until the operator raises the limit or removes conversations."""
+
+
+def is_unavailable(error: Exception) -> bool:
+    """Whether an append failed only because the log could not take it now (nats-server down,
+    restarting or without a JetStream leader, or the stream full): the same append may succeed
+    later, and its `Nats-Msg-Id` makes a retry of an unclear one store it once."""
+    if isinstance(error, APIError) and not isinstance(error, NotFoundError):
+        return error.code == 503  # JetStream temporarily unavailable
+    return isinstance(
+        error,
+        (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.OutboundBufferLimitError,
+            NoStreamResponseError,
+            StreamFull,
+        ),
+    )
 
 
 def raise_if_full(error: APIError, stream: str) -> None:
@@ -126,6 +148,28 @@ class EventAppender:
         """Append one event and return it with its assigned id."""
         (appended,) = await self.append_all([event])
         return appended
+
+    async def append_until_stored(self, event: E, *, max_pause: float = 5.0) -> E:
+        """Append the record of something already done (an action's outcome): while the log is
+        unavailable (`is_unavailable`) it is tried again, pausing up to `max_pause` seconds
+        between tries, for as long as the caller waits. A failed append must not make the
+        caller do the thing again to get a record of it."""
+        pause = 0.1
+        while True:
+            try:
+                return await self.append(event)
+            except Exception as error:
+                if not is_unavailable(error):
+                    raise
+                log.warning(
+                    "appending %s to %s: %r; trying again in %.1f s",
+                    event.kind,
+                    event.conversation_id,
+                    error,
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, max_pause)
 
     async def append_all(self, events: Sequence[E]) -> list[E]:
         """Append several events of one conversation in order, with consecutive ids."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.js import JetStreamContext
 
-from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.appender import EventAppender, is_unavailable
 from taskbus.contracts.events import (
     CmdOutputChunk,
     CmdOutputObservation,
@@ -375,16 +375,27 @@ class RuntimeRunner:
             observation = ErrorObservation(
                 **reply_to(action), code="runtime_error", content=f"{type(error).__name__}: {error}"
             )
-        await self._appender.append(observation)
+        # Done is done: through a broker outage the outcome waits here to be recorded (the
+        # dispatcher keeps the action's message ours meanwhile) rather than failing the
+        # delivery, whose redelivery would run the action again.
+        await self._appender.append_until_stored(observation)
         self._journal.end(action.conversation_id)
 
     async def _run_command(self, sandbox: Sandbox, action: CmdRunAction) -> CmdOutputObservation:
         chunk_numbers = count()
 
         async def stream(text: str) -> None:
-            await self._appender.append(
-                CmdOutputChunk(**reply_to(action), content=text, seq=next(chunk_numbers))
-            )
+            """Output on the way, for the people watching: one the log cannot take now is
+            dropped (the observation carries the whole output) and the command goes on."""
+            chunk = CmdOutputChunk(**reply_to(action), content=text, seq=next(chunk_numbers))
+            try:
+                await self._appender.append(chunk)
+            except Exception as error:
+                if not is_unavailable(error):
+                    raise
+                logger.warning(
+                    "output chunk %d of action %d dropped: %r", chunk.seq, action.id, error
+                )
 
         request = CommandRequest(
             command=action.command,
