@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,14 +21,23 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import BusCredential, connect, inbox_prefix
-from taskbus.contracts.commands import DeleteConversation, command_subject, encode_command
+from taskbus.contracts.commands import (
+    CommandVerdict,
+    CreateConversation,
+    DeleteConversation,
+    PauseConversation,
+    command_subject,
+    encode_command,
+    encode_verdict,
+)
 from taskbus.contracts.events import (
     CmdRunAction,
     ConversationDeleted,
+    ConversationRejected,
     ConversationStatusChanged,
     EventSource,
     encode_event,
@@ -36,6 +47,8 @@ from taskbus.contracts.observability_health import health_key
 from taskbus.contracts.runner_work import EVENT_SEQUENCE_HEADER
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools import bus_auth
+from taskbus.devtools.launcher import LOCAL_USER
+from taskbus.gateway.conversations import command_msg_id, conversation_id_for
 
 from ..conftest import Stack, running_stack
 
@@ -429,3 +442,112 @@ async def test_a_services_own_work_raises_no_permissions_violation(stack: Stack)
     logs = stack.data_dir / "logs"
     for log in sorted(logs.glob("*.log")):
         assert "permissions violation" not in log.read_text(errors="replace").lower(), log.name
+
+
+async def test_a_forged_refusal_notified_to_a_waiting_create_changes_nothing(
+    stack: Stack,
+) -> None:
+    """A core subscriber sees every publish on a stream's subject, even one JetStream refuses to
+    store. The gateway's create waits on such notifications: woken by a ConversationRejected
+    that was never stored (sent with the runner's credential, refused for an impossible
+    expected sequence) it must read the log, find no refusal, and wait on for the real answer
+    rather than turn the create into a 429. Session-manager is stopped meanwhile, so the
+    forgery is the only answer there is when it comes."""
+    key = uuid.uuid4().hex
+    cid = conversation_id_for(LOCAL_USER, key)
+    command = subjects.conversation_command_subject(cid, CreateConversation.name())
+    forged = ConversationRejected(
+        conversation_id=cid,
+        source=EventSource.ENVIRONMENT,
+        user_id=LOCAL_USER,
+        reason="queue_full",
+        detail="forged",
+    )
+    session_manager = int((stack.data_dir / "pids" / "session-manager.pid").read_text())
+    os.kill(session_manager, signal.SIGSTOP)
+    try:
+        async with stack.client(timeout=60) as api:
+            create = asyncio.create_task(
+                api.post(
+                    "/api/conversations",
+                    json={"initial_user_msg": "hi"},
+                    headers={"Idempotency-Key": key},
+                )
+            )
+            async with bus_as(stack, bus_auth.ADMIN) as admin:
+                # The gateway subscribes before it publishes: once its command is stored, it
+                # is listening.
+                while True:
+                    with contextlib.suppress(NotFoundError):
+                        await admin.jetstream().get_last_msg(subjects.COMMANDS_STREAM, command)
+                        break
+                    await asyncio.sleep(0.05)
+            async with bus_as(stack, bus_auth.RUNTIME_RUNNER) as runner:
+                with pytest.raises(APIError):  # refused: wrong last sequence
+                    await runner.jetstream().publish(
+                        subjects.event_subject(cid, forged.kind),
+                        encode_event(forged),
+                        headers={"Nats-Expected-Last-Subject-Sequence": "999999"},
+                    )
+            await asyncio.sleep(1.0)  # time to be fooled
+            assert not create.done(), create.result().text
+            os.kill(session_manager, signal.SIGCONT)
+            created = await create
+    finally:
+        os.kill(session_manager, signal.SIGCONT)
+    assert created.status_code == 201, created.text
+    assert created.json()["conversation_id"] == cid
+    assert all(b'"forged"' not in event for event in await stored_events(stack, cid))
+
+
+async def test_no_other_service_can_answer_a_waiting_command(stack: Stack) -> None:
+    """The gateway takes a command's verdict from the notification of its put (no read
+    follows): only session-manager, the verdicts bucket's one writer, may publish there. With
+    it stopped, a refusal sent on the verdict's subject with each other service's credential
+    is denied, and the command is answered by session-manager's verdict once it goes on."""
+    cid = await conversation(stack)
+    key = uuid.uuid4().hex
+    command_id = command_msg_id(PauseConversation.name(), cid, LOCAL_USER, key)
+    forged = CommandVerdict(
+        command_id=command_id,
+        conversation_id=cid,
+        accepted=False,
+        status=ConversationStatus.FINISHED,
+        reason="forged",
+        detail="forged",
+    )
+    session_manager = int((stack.data_dir / "pids" / "session-manager.pid").read_text())
+    os.kill(session_manager, signal.SIGSTOP)
+    try:
+        async with stack.client(timeout=60) as api:
+            pause = asyncio.create_task(
+                api.post(f"/api/conversations/{cid}/pause", headers={"Idempotency-Key": key})
+            )
+            await asyncio.sleep(1.0)  # the gateway has published its command and waits
+            for service in (bus_auth.RUNTIME_RUNNER, bus_auth.EVENT_STORE, bus_auth.GATEWAY):
+                denied: list[Exception] = []
+
+                async def on_error(error: Exception, denied: list[Exception] = denied) -> None:
+                    denied.append(error)  # the server's -ERR for a denied publish
+
+                nc = await connect(
+                    stack.nats_url,
+                    f"attacker-as-{service}",
+                    stack.bus_credential(service),
+                    allow_reconnect=False,
+                    error_cb=on_error,
+                )
+                try:
+                    await nc.publish(subjects.verdict_subject(command_id), encode_verdict(forged))
+                    await nc.flush()
+                    await asyncio.sleep(0.2)
+                finally:
+                    await nc.close()
+                assert any("permissions violation" in str(e) for e in denied), (service, denied)
+            assert not pause.done(), pause.result().text
+            os.kill(session_manager, signal.SIGCONT)
+            paused = await pause
+    finally:
+        os.kill(session_manager, signal.SIGCONT)
+    assert paused.status_code in (202, 409), paused.text
+    assert "forged" not in paused.text
