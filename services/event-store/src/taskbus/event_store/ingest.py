@@ -350,11 +350,15 @@ async def _keep_in_hand(batch: list[Msg]) -> None:
     long as it is in hand: a write that keeps failing, or one slow enough (a loaded host, a
     ClickHouse server merging), would otherwise see its batch redelivered to another instance
     (or to this one) while still at work on it. A write that takes less (all do, normally)
-    renews nothing."""
+    renews nothing. A renewal the bus does not take (it is down) is let go: the next one may
+    be, and a batch redelivered meanwhile is stored once all the same (see the module)."""
     while True:
         await asyncio.sleep(_ACK_WAIT_SECONDS / 4)
-        for msg in _unsettled(batch):
-            await msg.in_progress()
+        try:
+            for msg in _unsettled(batch):
+                await msg.in_progress()
+        except Exception as error:
+            log.debug("renewing a batch of %d events failed: %r", len(batch), error)
 
 
 def _unsettled(messages: list[Msg]) -> list[Msg]:
