@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -444,6 +444,22 @@ async def test_a_services_own_work_raises_no_permissions_violation(stack: Stack)
         assert "permissions violation" not in log.read_text(errors="replace").lower(), log.name
 
 
+@contextlib.contextmanager
+def session_manager_stopped(stack: Stack) -> Iterator[Callable[[], None]]:
+    """Session-manager stopped (SIGSTOP) until the block calls `go_on()` or ends: a request
+    sent meanwhile waits for it, so whatever else answers is seen first."""
+    pid = int((stack.data_dir / "pids" / "session-manager.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+
+    def go_on() -> None:
+        os.kill(pid, signal.SIGCONT)
+
+    try:
+        yield go_on
+    finally:
+        go_on()
+
+
 async def test_a_forged_refusal_notified_to_a_waiting_create_changes_nothing(
     stack: Stack,
 ) -> None:
@@ -463,9 +479,7 @@ async def test_a_forged_refusal_notified_to_a_waiting_create_changes_nothing(
         reason="queue_full",
         detail="forged",
     )
-    session_manager = int((stack.data_dir / "pids" / "session-manager.pid").read_text())
-    os.kill(session_manager, signal.SIGSTOP)
-    try:
+    with session_manager_stopped(stack) as go_on:
         async with stack.client(timeout=60) as api:
             create = asyncio.create_task(
                 api.post(
@@ -491,10 +505,8 @@ async def test_a_forged_refusal_notified_to_a_waiting_create_changes_nothing(
                     )
             await asyncio.sleep(1.0)  # time to be fooled
             assert not create.done(), create.result().text
-            os.kill(session_manager, signal.SIGCONT)
+            go_on()
             created = await create
-    finally:
-        os.kill(session_manager, signal.SIGCONT)
     assert created.status_code == 201, created.text
     assert created.json()["conversation_id"] == cid
     assert all(b'"forged"' not in event for event in await stored_events(stack, cid))
@@ -516,9 +528,7 @@ async def test_no_other_service_can_answer_a_waiting_command(stack: Stack) -> No
         reason="forged",
         detail="forged",
     )
-    session_manager = int((stack.data_dir / "pids" / "session-manager.pid").read_text())
-    os.kill(session_manager, signal.SIGSTOP)
-    try:
+    with session_manager_stopped(stack) as go_on:
         async with stack.client(timeout=60) as api:
             pause = asyncio.create_task(
                 api.post(f"/api/conversations/{cid}/pause", headers={"Idempotency-Key": key})
@@ -545,9 +555,7 @@ async def test_no_other_service_can_answer_a_waiting_command(stack: Stack) -> No
                     await nc.close()
                 assert any("permissions violation" in str(e) for e in denied), (service, denied)
             assert not pause.done(), pause.result().text
-            os.kill(session_manager, signal.SIGCONT)
+            go_on()
             paused = await pause
-    finally:
-        os.kill(session_manager, signal.SIGCONT)
     assert paused.status_code in (202, 409), paused.text
     assert "forged" not in paused.text

@@ -66,6 +66,27 @@ def conversation(cid: str, messages: int) -> list[Event]:
     ]
 
 
+def in_hand(js: JetStreamContext, durable: str, count: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the durable's consumer holds `count` events delivered and unacked, none left."""
+
+    async def holding() -> bool:
+        info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        return bool(info.num_ack_pending == count and info.num_pending == 0)
+
+    return holding
+
+
+async def assert_no_rival_is_handed_any(js: JetStreamContext, durable: str) -> None:
+    """Another instance on the same durable gets nothing: the batch in hand is still ours."""
+    rival = await js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            stolen = await rival.fetch(1, timeout=1.0)
+            pytest.fail(f"a rival was handed {stolen[0].subject}")
+    finally:
+        await rival.unsubscribe()
+
+
 async def test_a_failing_insert_is_retried_and_stores_every_event_once(
     clickhouse: ClickHouse,
     module_js: JetStreamContext,
@@ -94,22 +115,13 @@ async def test_a_failing_insert_is_retried_and_stores_every_event_once(
         await ingester.start()
         durable = ingester.durable(partition_of(cid))
         try:
-
-            async def in_hand() -> bool:
-                info = await module_js.consumer_info(subjects.EVENTS_STREAM, durable)
-                return bool(info.num_ack_pending == len(events) and info.num_pending == 0)
-
-            await wait_until(in_hand, "the ingest to take the whole log as one batch")
+            await wait_until(
+                in_hand(module_js, durable, len(events)),
+                "the ingest to take the whole log as one batch",
+            )
             await asyncio.sleep(3 * ACK_WAIT_SECONDS)  # failing all along
             assert ingester.conversations.get(cid) is None  # nothing folded: nothing stored
-            # Another instance on the same consumer gets nothing: the batch is still ours.
-            rival = await module_js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
-            try:
-                with pytest.raises(nats.errors.TimeoutError):
-                    stolen = await rival.fetch(1, timeout=1.0)
-                    pytest.fail(f"a rival was handed {stolen[0].subject}")
-            finally:
-                await rival.unsubscribe()
+            await assert_no_rival_is_handed_any(module_js, durable)
 
             await clickhouse.select(Statement("RENAME TABLE events_away TO events", {}))
             away = False
@@ -160,20 +172,9 @@ async def test_a_write_slower_than_the_ack_wait_keeps_its_batch(
     await ingester.start()
     durable = ingester.durable(partition_of(cid))
     try:
-
-        async def in_hand() -> bool:
-            info = await module_js.consumer_info(subjects.EVENTS_STREAM, durable)
-            return bool(info.num_ack_pending == len(events) and info.num_pending == 0)
-
-        await wait_until(in_hand, "the ingest to take the batch")
+        await wait_until(in_hand(module_js, durable, len(events)), "the ingest to take the batch")
         await asyncio.sleep(2.0)  # two ack waits into the write
-        rival = await module_js.pull_subscribe_bind(durable, stream=subjects.EVENTS_STREAM)
-        try:
-            with pytest.raises(nats.errors.TimeoutError):
-                stolen = await rival.fetch(1, timeout=0.5)
-                pytest.fail(f"a rival was handed {stolen[0].subject}")
-        finally:
-            await rival.unsubscribe()
+        await assert_no_rival_is_handed_any(module_js, durable)
         await wait_until(ingester.caught_up, "the slow batch to be stored")
         assert ingester.conversations[cid].event_count == len(events)
     finally:
