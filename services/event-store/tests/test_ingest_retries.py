@@ -157,7 +157,7 @@ async def test_a_write_slower_than_the_ack_wait_keeps_its_batch(
 ) -> None:
     """A batch in hand is renewed however long its write takes: a slow ClickHouse (or a loaded
     host) must not see the batch redelivered while it is still being stored."""
-    monkeypatch.setattr(ingest, "_ACK_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(ingest, "_ACK_WAIT_SECONDS", 2.0)
     cid = f"slow-{uuid.uuid4().hex[:10]}"
     events = await EventAppender(module_js).append_all(conversation(cid, 3))
     ingester = Ingester(
@@ -166,14 +166,16 @@ async def test_a_write_slower_than_the_ack_wait_keeps_its_batch(
         None,
         consumer_name=f"event_store_test_{uuid.uuid4().hex[:10]}",
         batch_size=200,
-        flush_interval=0.05,
-        delay=4.0,  # before each batch: four ack waits
+        # Long enough for one fetch to gather all five events on a loaded CI worker (a batch
+        # split in two never has them all in hand at once), short against the ack wait.
+        flush_interval=0.5,
+        delay=8.0,  # before each batch: four ack waits
     )
     await ingester.start()
     durable = ingester.durable(partition_of(cid))
     try:
         await wait_until(in_hand(module_js, durable, len(events)), "the ingest to take the batch")
-        await asyncio.sleep(2.0)  # two ack waits into the write
+        await asyncio.sleep(4.0)  # two ack waits into the write
         await assert_no_rival_is_handed_any(module_js, durable)
         await wait_until(ingester.caught_up, "the slow batch to be stored")
         assert ingester.conversations[cid].event_count == len(events)
