@@ -67,11 +67,13 @@ def conversation(cid: str, messages: int) -> list[Event]:
 
 
 def in_hand(js: JetStreamContext, durable: str, count: int) -> Callable[[], Awaitable[bool]]:
-    """Whether the durable's consumer holds `count` events delivered and unacked, none left."""
+    """Whether the durable's consumer holds the conversation's `count` events delivered and
+    unacked, none left. At least: a new durable replays its whole partition, and another
+    test's conversation may share it (a one-in-sixteen flake with `==` in CI)."""
 
     async def holding() -> bool:
         info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
-        return bool(info.num_ack_pending == count and info.num_pending == 0)
+        return bool(info.num_ack_pending >= count and info.num_pending == 0)
 
     return holding
 
