@@ -103,8 +103,11 @@ def service(nats_url: str, tmp_path: Path) -> Iterator[EventStoreProcess]:
 
 
 async def ask(nc: Client, query: GetConversation | SearchEvents) -> object:
+    """A query's answer, waited for 15 s: a just restarted service on a loaded CI worker took
+    longer than 5 s for its first (two fresh-clone runs), reading back from disk the chDB pages
+    it released at start (`clickhouse.release_start_up_pages`)."""
     msg = await nc.request(
-        subjects.query_subject(query.subject_name), msgspec.json.encode(query), timeout=5
+        subjects.query_subject(query.subject_name), msgspec.json.encode(query), timeout=15
     )
     return _reply_decoder.decode(msg.data)
 
