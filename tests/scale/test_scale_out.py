@@ -203,9 +203,7 @@ async def test_killing_a_session_manager_and_a_runner_mid_run_loses_and_repeats_
     )
 
     leases = await admin.jetstream().key_value(subjects.PARTITIONS_BUCKET)
-    victim = cluster.session_managers[1]
-    theirs = {p for p, holder in (await partition_holders(leases)).items() if holder == victim}
-    assert theirs, f"{victim} held no partition"
+    holders = await partition_holders(leases)
 
     def in_flight(runner: str) -> list[CmdRunAction]:
         """Commands not answered yet of sandboxes placed on `runner`."""
@@ -215,15 +213,30 @@ async def test_killing_a_session_manager_and_a_runner_mid_run_loses_and_repeats_
             if not answers(stored, c) and placed_on(stored, c.conversation_id) == runner
         ]
 
+    def driven_by(session_manager: str) -> list[str]:
+        """The wave's conversations not ended yet in the session-manager's partitions."""
+        return [
+            c
+            for c in conversation_ids
+            if holders.get(partition_of(c)) == session_manager and not stored.ended(c)
+        ]
+
     # Both die at once, mid-run: the runner with commands in flight, and the session-manager
-    # with conversations to finish (waiting for the hand-over first could let the wave end
-    # before a command is in flight on the runner).
+    # with the most conversations to finish (waiting for the hand-over first could let the
+    # wave end before a command is in flight on the runner; a fixed victim may have held only
+    # partitions whose conversations had all ended: CI saw it).
     await until(
-        lambda: any(in_flight(r) for r in cluster.runners), "a command in flight", WAVE_SECONDS
+        lambda: (
+            any(in_flight(r) for r in cluster.runners)
+            and any(driven_by(s) for s in cluster.session_managers)
+        ),
+        "a command in flight while conversations are driven",
+        WAVE_SECONDS,
     )
     runner = max(cluster.runners, key=lambda r: len(in_flight(r)))
-    orphaned = [c for c in conversation_ids if partition_of(c) in theirs and not stored.ended(c)]
-    assert orphaned, f"{victim} drove none of the running conversations"
+    victim = max(cluster.session_managers, key=lambda s: len(driven_by(s)))
+    theirs = {p for p, holder in holders.items() if holder == victim}
+    orphaned = driven_by(victim)
     killed_at = cluster.kill(victim)
     cluster.kill(runner)
     await asyncio.sleep(0.5)  # answers the runner published before it died reach `stored`

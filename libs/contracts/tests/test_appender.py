@@ -15,7 +15,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.appender import EventAppender, StaleAppend
 from taskbus.contracts.events import EventSource, ThinkAction, decode_event
 from taskbus.contracts.streams import ensure_streams
 from taskbus.devtools.nats_server import NatsServer
@@ -66,7 +66,7 @@ async def test_two_appenders_in_one_process_never_collide(js: JetStreamContext) 
 _WRITER = """
 import asyncio, sys
 import nats
-from taskbus.contracts.appender import EventAppender
+from taskbus.contracts.appender import EventAppender, StaleAppend
 from taskbus.contracts.events import EventSource, ThinkAction
 
 async def main(url, cid, tag, count):
@@ -158,3 +158,55 @@ async def test_an_outcome_the_log_refuses_for_good_is_not_retried(js: JetStreamC
     too_big = _think(uuid.uuid4().hex, "x" * 2_000_000)  # over the server's max_payload
     with pytest.raises(nats.errors.MaxPayloadError):
         await asyncio.wait_for(EventAppender(js).append_until_stored(too_big), 10)
+
+
+async def test_a_decision_on_a_state_the_log_has_left_appends_nothing(
+    js: JetStreamContext,
+) -> None:
+    """What was decided on the log up to event 0 is refused once another writer appended event
+    1, whether it is one event or several, and whether this appender's cached tail knew of the
+    other write or not."""
+    cid = uuid.uuid4().hex
+    mine, other = EventAppender(js), EventAppender(js)
+    await mine.append(_think(cid, "seen"))
+    await other.append(_think(cid, "not seen by the decider"))
+    with pytest.raises(StaleAppend):
+        await mine.append_decision([_think(cid, "decided")], after=0)
+    with pytest.raises(StaleAppend):
+        await mine.append_decision([_think(cid, "one"), _think(cid, "two")], after=0)
+    assert await _ids_in_log(js, cid) == [0, 1]
+    stored = await mine.append_decision([_think(cid, "one"), _think(cid, "two")], after=1)
+    assert [e.id for e in stored] == [2, 3]
+    with pytest.raises(StaleAppend):  # the first event of a conversation expects an empty log
+        await EventAppender(js).append_decision([_think(cid, "created twice")], after=-1)
+    assert await _ids_in_log(js, cid) == [0, 1, 2, 3]
+
+
+async def test_a_decision_is_stored_whole_or_not_at_all(js: JetStreamContext) -> None:
+    """A decision cut off between its events (here the client refuses the third for its size
+    after sending two) leaves none of them: the server drops a batch never committed."""
+    cid = uuid.uuid4().hex
+    appender = EventAppender(js)
+    await appender.append(_think(cid, "before"))
+    cut = [_think(cid, "a"), _think(cid, "b"), _think(cid, "x" * 2_000_000)]
+    with pytest.raises(nats.errors.MaxPayloadError):
+        await appender.append_decision(cut, after=0)
+    after_cut = await appender.append_decision([_think(cid, "c"), _think(cid, "d")], after=0)
+    assert [e.thought for e in after_cut] == ["c", "d"]
+    assert await _ids_in_log(js, cid) == [0, 1, 2]
+
+
+async def test_a_decision_stored_by_a_try_whose_answer_was_lost_is_not_stored_twice(
+    js: JetStreamContext,
+) -> None:
+    """A writer that tries the same decision again (its first answer lost: a timeout, or a
+    deposed leader's "wrong last sequence" while the new leader stored it) gets the stored
+    copy, not a second one or a refusal."""
+    cid = uuid.uuid4().hex
+    first, retry = EventAppender(js), EventAppender(js)
+    await retry.append(_think(cid, "before"))  # the retrying writer's tail: event 0
+    decision = [_think(cid, "one"), _think(cid, "two")]
+    stored = await first.append_decision(decision, after=0)
+    again = await retry.append_decision(decision, after=0)
+    assert again == stored
+    assert await _ids_in_log(js, cid) == [0, 1, 2]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from taskbus.contracts.appender import StaleAppend
 from taskbus.contracts.events import (
     ConversationCreated,
     ConversationRejected,
@@ -48,7 +49,12 @@ class Log:
     async def settings_of(self, user_id: str) -> UserSettings | None:
         return self._user_settings.get(user_id)
 
-    async def append(self, events: Sequence[Event]) -> None:
+    async def append(self, events: Sequence[Event], after: int) -> None:
+        if events:
+            cid = events[0].conversation_id
+            last = self.states[cid].last_event_id if cid in self.states else -1
+            if last != after:
+                raise StaleAppend(cid, after, last)
         for event in events:
             cid = event.conversation_id
             state = self.states.get(cid) or ConversationState(conversation_id=cid)
@@ -108,7 +114,7 @@ async def test_another_user_gets_the_free_slot_while_a_greedy_users_queue_is_ful
     rejected = ConversationRejected(
         conversation_id="g3", source=EventSource.ENVIRONMENT, user_id="greedy", reason="r"
     )
-    await log.append([rejected])
+    await log.append([rejected], -1)
 
     assert await create(desk, "b0", "bob") is None
     assert log.statuses("b0") == [_S.STARTING]
@@ -126,7 +132,9 @@ async def test_a_freed_slot_goes_to_the_queue_and_a_restart_respects_the_cap(
     await desk.admit_waiting()
     assert log.statuses("g1") == [_S.QUEUED] and log.statuses("c0") == [_S.QUEUED]
 
-    await log.append([status_event(log.states["b0"], _S.STOPPED, "user_stop")])
+    await log.append(
+        [status_event(log.states["b0"], _S.STOPPED, "user_stop")], log.states["b0"].last_event_id
+    )
     await desk.admit_waiting()
     assert log.statuses("c0") == [_S.QUEUED, _S.STARTING]  # g1 still waits for g0's slot
     assert log.statuses("g1") == [_S.QUEUED]

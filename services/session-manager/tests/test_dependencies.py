@@ -339,7 +339,9 @@ async def test_waiting_for_dependencies_holds_no_slot_counts_as_queued_and_is_ne
     assert log.statuses("w1") == [_S.QUEUED] and log.statuses("w2") == [_S.QUEUED]
     assert not any(isinstance(e, RuntimeRequested) for e in log.appended)
     # Stopped and restarted before its dependencies ended, it waits for them again.
-    await log.append([status_event(log.states["w1"], _S.STOPPED, "user_stop")])
+    await log.append(
+        [status_event(log.states["w1"], _S.STOPPED, "user_stop")], log.states["w1"].last_event_id
+    )
     async with desk.lock:
         await desk.start_or_queue(log.states["w1"], [], new=True)
     assert log.statuses("w1") == [_S.QUEUED, _S.STOPPED, _S.QUEUED]

@@ -18,6 +18,14 @@ publishes go out without waiting for each other's acks (one reply subscription f
 keyed by reply subject), and the ack is decoded by msgspec. That lean publish, not nats-py's
 `js.publish` (a request with `asyncio.wait_for` and a `json` decode per ack), is what keeps the
 appender near raw publish speed (bench/hot_path.py).
+
+`append_decision` is for a writer that decides from a folded state (session-manager): the
+events are stored only if the log still ends where that state does, and all of them or none
+(one JetStream atomic batch, nats-server 2.12+). A writer cut off between two appends of one
+decision left a half the next reader could not complete (STARTING with no sandbox request), and
+one deciding from a stale fold appended after events it never saw (re-admitting a FINISHED
+conversation). An atomic batch costs the server a staging store (about 3 ms on a file stream
+with one replica), so only a decision of several events pays it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -43,8 +52,11 @@ from taskbus.contracts import subjects
 from taskbus.contracts.events import Event, encode_event
 from taskbus.contracts.observability import trace_headers
 from taskbus.contracts.observability_metrics import EVENTS_APPENDED
+from taskbus.contracts.streams import read_batch
 
 WRONG_LAST_SEQUENCE = 10071
+# An atomic batch holds a message id already in the dedupe window.
+BATCH_DUPLICATE_ID = 10201
 # JetStream refused to store the message: with DiscardPolicy.NEW, the stream is at its limits.
 STREAM_STORE_FAILED = 10077
 _MAX_CACHED_CONVERSATIONS = 10_000
@@ -80,6 +92,15 @@ _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 class AppendConflict(RuntimeError):
     """Raised when an append keeps losing races (should not happen under sane contention)."""
+
+
+class StaleAppend(RuntimeError):
+    """The log of the conversation no longer ends at the event a decision was taken on:
+    nothing was appended; the decision is to be taken again on the log as it is."""
+
+    def __init__(self, conversation_id: str, after: int, last_id: int) -> None:
+        super().__init__(f"{conversation_id} ends at event {last_id}, not {after}")
+        self.conversation_id = conversation_id
 
 
 class StreamFull(RuntimeError):
@@ -172,28 +193,48 @@ class EventAppender:
             pause = min(2 * pause, max_pause)
 
     async def append_all(self, events: Sequence[E]) -> list[E]:
-        """Append several events of one conversation in order, with consecutive ids."""
-        if not events:
-            return []
-        conversation_id = events[0].conversation_id
-        if any(e.conversation_id != conversation_id for e in events):
-            raise ValueError("append_all takes events of a single conversation")
-        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
-        async with lock:
+        """Append several events of one conversation in order, with consecutive ids (one by
+        one: another writer's may come between them)."""
+        async with self._lock_of(events):
             return [
                 await self._append_one(event, identity)
                 for event, identity in zip(events, identities(events), strict=True)
             ]
 
-    async def _append_one(self, event: E, identity: str) -> E:
+    async def append_decision(self, events: Sequence[E], after: int) -> list[E]:
+        """Append what one decision on the conversation's state up to event id `after` (-1: an
+        empty log) chose: all of them, right after that event, or nothing (`StaleAppend`)."""
+        async with self._lock_of(events):
+            if len(events) == 1:
+                return [await self._append_one(events[0], identities(events)[0], after)]
+            return await self._append_batch(events, after)
+
+    def _lock_of(self, events: Sequence[Event]) -> asyncio.Lock:
+        if not events:
+            return asyncio.Lock()
+        conversation_id = events[0].conversation_id
+        if any(e.conversation_id != conversation_id for e in events):
+            raise ValueError("an append takes events of a single conversation")
+        return self._locks.setdefault(conversation_id, asyncio.Lock())
+
+    async def _tail(self, cid: str, from_leader: bool, after: int | None) -> tuple[int, int]:
+        """The conversation's (sequence, id) of its last event: the cached one, else read. A
+        cached tail that is not `after` is read again from the leader before the append is
+        called stale: another writer's append may have moved it."""
+        tail = self._tails.get(cid)
+        if tail is not None and (after is None or tail[1] == after):
+            return tail
+        tail = await self._read_tail(cid, from_leader or tail is not None)
+        if after is not None and tail[1] != after:
+            raise StaleAppend(cid, after, tail[1])
+        return tail
+
+    async def _append_one(self, event: E, identity: str, after: int | None = None) -> E:
         cid = event.conversation_id
         from_leader = False
         for _ in range(self._max_attempts):
-            tail = self._tails.get(cid)
-            if tail is None:
-                tail = await self._read_tail(cid, from_leader)
-                from_leader = True  # if this read was stale, the next is the leader's
-            last_seq, last_id = tail
+            last_seq, last_id = await self._tail(cid, from_leader, after)
+            from_leader = True  # if a read was stale, the next is the leader's
             candidate = msgspec.structs.replace(event, id=last_id + 1)
             payload = encode_event(candidate)
             try:
@@ -230,9 +271,85 @@ class EventAppender:
             return candidate
         raise AppendConflict(f"could not append to {cid} after {self._max_attempts} attempts")
 
-    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> _PubAck:
+    async def _append_batch(self, events: Sequence[E], after: int) -> list[E]:
+        """`events` in one atomic batch right after event `after`. A batch the server refuses
+        as a duplicate, or on a moved tail, may be this one stored by an earlier try whose
+        answer was lost (a deposed leader's "wrong last sequence"): it is looked for where it
+        would be before the tail is read again."""
+        cid = events[0].conversation_id
+        names = identities(events)
+        from_leader = False
+        for _ in range(self._max_attempts):
+            last_seq, last_id = await self._tail(cid, from_leader, after)
+            from_leader = True
+            candidates = [
+                msgspec.structs.replace(event, id=last_id + 1 + n) for n, event in enumerate(events)
+            ]
+            batch_id = uuid.uuid4().hex
+            messages = []
+            for number, (candidate, identity) in enumerate(zip(candidates, names, strict=True), 1):
+                headers = {
+                    "Nats-Msg-Id": f"{cid}:{identity}",
+                    "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(number),
+                }
+                if number == 1:
+                    headers["Nats-Expected-Last-Subject-Sequence"] = str(last_seq)
+                    headers["Nats-Expected-Last-Subject-Sequence-Subject"] = _conversation_events(
+                        cid
+                    )
+                if number == len(candidates):
+                    headers["Nats-Batch-Commit"] = "1"
+                messages.append(
+                    (
+                        _event_subject(cid, candidate.kind),
+                        encode_event(candidate),
+                        trace_headers(headers),
+                    )
+                )
+            try:
+                ack = await self._publish(*messages[-1], before=messages[:-1])
+            except APIError as error:
+                raise_if_full(error, subjects.EVENTS_STREAM)
+                if error.err_code not in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_ID):
+                    raise
+                self._tails.pop(cid, None)
+                stored = await self._stored_run(cid, last_seq, events)
+                if stored is not None:
+                    return stored
+                if error.err_code == BATCH_DUPLICATE_ID:
+                    raise AppendConflict(f"{cid}: a batch of events stored before") from error
+                continue
+            self._remember(cid, ack.seq, candidates[-1].id)
+            for candidate in candidates:
+                _appended(candidate.kind).inc()
+            return candidates
+        raise AppendConflict(f"could not append to {cid} after {self._max_attempts} attempts")
+
+    async def _stored_run(self, cid: str, after_seq: int, events: Sequence[E]) -> list[E] | None:
+        """The stored copies of `events` if they are the conversation's events right after
+        stream sequence `after_seq`, else None."""
+        page, _ = await read_batch(self._js, _conversation_events(cid), after_seq + 1, len(events))
+        if len(page) != len(events):
+            return None
+        copies = []
+        for (_, data), event in zip(page, events, strict=True):
+            copy = msgspec.json.decode(data, type=type(event))
+            if msgspec.structs.replace(copy, id=-1) != msgspec.structs.replace(event, id=-1):
+                return None
+            copies.append(copy)
+        return copies
+
+    async def _publish(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        before: Sequence[tuple[str, bytes, dict[str, str]]] = (),
+    ) -> _PubAck:
         """Publish to JetStream and wait for its ack, raising as `js.publish` does (APIError,
-        NoStreamResponseError, nats.errors.TimeoutError)."""
+        NoStreamResponseError, nats.errors.TimeoutError). The messages `before` it (the start
+        of an atomic batch) go out first, unanswered: the server acks the whole batch."""
         if self._replies is None:
             await self._subscribe_replies()
         reply = f"{self._reply_prefix}{next(self._reply_numbers)}"
@@ -242,6 +359,8 @@ class EventAppender:
             self._timeout, _time_out, answered, self._timeout
         )
         try:
+            for message in before:
+                await self._nc.publish(message[0], message[1], headers=message[2])
             await self._nc.publish(subject, payload, reply=reply, headers=headers)
             msg = await answered
         finally:

@@ -83,6 +83,8 @@ def stream_configs(replicas: int = 1, limits: StreamLimits | None = None) -> lis
             num_replicas=replicas,
             duplicate_window=DEDUPE_WINDOW_SECONDS,
             allow_direct=True,
+            # One decision's events are appended all or none (`EventAppender.append_decision`).
+            allow_atomic=True,
             discard=DiscardPolicy.NEW,
             max_bytes=_limit(limits.events_max_bytes),
             max_age=_limit(limits.events_max_age_seconds, none=0),
@@ -264,11 +266,11 @@ async def ensure_streams(
 ) -> None:
     """Create what is missing; safe to call from every service at start-up.
 
-    An existing stream gets back only what Taskbus relies on (its subjects, direct gets, a long
-    enough dedupe window, discarding new messages when full) and keeps what an operator tuned:
-    replicas, placement, and its limits unless `limits` is given (the launcher's admin
-    credential passes the operator's). A service whose credential may only read (see the bus
-    permissions) finds everything in place and writes nothing.
+    An existing stream gets back only what Taskbus relies on (its subjects, direct gets, atomic
+    batches, a long enough dedupe window, discarding new messages when full) and keeps what an
+    operator tuned: replicas, placement, and its limits unless `limits` is given (the
+    launcher's admin credential passes the operator's). A service whose credential may only
+    read (see the bus permissions) finds everything in place and writes nothing.
     """
     try:
         for config in stream_configs(replicas, limits):
@@ -299,6 +301,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, apply_limit
     required = current.evolve(
         subjects=config.subjects,
         allow_direct=bool(current.allow_direct or config.allow_direct),
+        allow_atomic=current.allow_atomic or config.allow_atomic,  # None when neither sets it
         duplicate_window=max(current.duplicate_window or 0, config.duplicate_window or 0),
         discard=config.discard,
     )

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from taskbus.contracts.appender import StaleAppend
 from taskbus.contracts.events import Event
 from taskbus.contracts.specs import UserSettings
 from taskbus.contracts.status import ConversationStatus
@@ -18,6 +19,7 @@ from taskbus.session_manager.admission_ledger import (
     Slot,
     stale_entries,
 )
+from taskbus.session_manager.conversations import Append
 from taskbus.session_manager.decide import Step, next_step, start_events, status_event
 from taskbus.session_manager.dependencies import WAITING_FOR_DEPENDENCIES, unresolved
 from taskbus.session_manager.lifecycle import stop_events
@@ -26,7 +28,6 @@ from taskbus.session_manager.state import ConversationState, holds_slot
 
 logger = logging.getLogger(__name__)
 
-Append = Callable[[Sequence[Event]], Awaitable[None]]
 SettingsOf = Callable[[str], Awaitable[UserSettings | None]]
 
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
@@ -93,14 +94,18 @@ class AdmissionDesk:
         if isinstance(decision, admission.Reject):
             logger.info("%s refused: %s", cid, decision.reason)
             return decision
+        events = [*prefix]
         if isinstance(decision, admission.Queue):
-            queued: list[Event] = []
             if state.status != ConversationStatus.QUEUED:
-                queued = [status_event(state, ConversationStatus.QUEUED, decision.reason)]
-            await self._append([*prefix, *queued])
-            return None
-        await self._evict(decision.evict)
-        await self._append([*prefix, *start_events(state)])
+                events.append(status_event(state, ConversationStatus.QUEUED, decision.reason))
+        else:
+            await self._evict(decision.evict)
+            events += start_events(state)
+        try:  # `state` includes `prefix`: the log is to end where it did before them
+            await self._append(events, state.last_event_id - len(prefix))
+        except StaleAppend:
+            await self._settle_refolded(cid)
+            raise
         return None
 
     def _decide(
@@ -179,7 +184,17 @@ class AdmissionDesk:
             for candidate, decision in admitted:
                 await self._evict(decision.evict)
                 state = self._states[candidate.conversation_id]
-                await self._append(start_events(state))
+                try:
+                    await self._append(start_events(state), state.last_event_id)
+                except StaleAppend:  # it had moved on (e.g. ended) while this state lagged
+                    await self._settle_refolded(candidate.conversation_id)
+
+    async def _settle_refolded(self, conversation_id: str) -> None:
+        """Make the ledger follow the log again after an admission appended nothing: the
+        conversation's state was found behind the log and folded again."""
+        state = self._states.get(conversation_id)
+        if state is not None:
+            await self.settle(state)
 
     async def settle(self, *states: ConversationState) -> None:
         """Make the ledger say what the log says of conversations held here (in one write):
@@ -252,4 +267,5 @@ class AdmissionDesk:
     async def _evict(self, conversation_ids: Sequence[str]) -> None:
         for cid in conversation_ids:
             logger.info("evicting %s: its user has too many conversations", cid)
-            await self._append(stop_events(self._states[cid], admission.EVICTION_REASON))
+            state = self._states[cid]
+            await self._append(stop_events(state, admission.EVICTION_REASON), state.last_event_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 
 import msgspec
@@ -20,6 +20,10 @@ from taskbus.session_manager.state import ConversationState, apply
 logger = logging.getLogger(__name__)
 
 OnChange = Callable[[ConversationState], None]
+# Appends the events decided on a conversation's state up to the event id given (its
+# `last_event_id`), returning once the state includes them; `StaleAppend` if the log had moved
+# on (the state is then folded again: decide anew).
+Append = Callable[[Sequence[Event], int], Awaitable[None]]
 
 
 class Conversations:
@@ -107,6 +111,12 @@ class Conversations:
         while self._states[cid].last_event_id < appended[-1].id:
             waiter = self._changed.setdefault(cid, asyncio.Event())
             await asyncio.wait_for(waiter.wait(), timeout=30)
+
+    async def refold(self, conversation_id: str) -> ConversationState:
+        """The conversation's state folded again from the log, for one found to be behind it."""
+        async with self._loading[conversation_id]:
+            self._states.pop(conversation_id, None)
+        return await self.load(conversation_id)
 
     def forget(self, conversation_id: str, *, in_use: bool) -> bool:
         """Drop a conversation's state unless it is `in_use` by the caller or being loaded or

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 
-from taskbus.contracts.events import Event
 from taskbus.contracts.status import SETTLED_STATUSES, ConversationStatus
 from taskbus.session_manager.admission_desk import AdmissionDesk
-from taskbus.session_manager.conversations import Conversations
+from taskbus.session_manager.conversations import Append, Conversations
 from taskbus.session_manager.decide import status_event
 from taskbus.session_manager.dependencies import (
     DEPENDENCY_FAILED,
@@ -22,7 +21,6 @@ from taskbus.session_manager.state import ConversationState
 
 logger = logging.getLogger(__name__)
 
-Append = Callable[[Sequence[Event]], Awaitable[None]]
 _RETRY_SECONDS = 1.0
 
 
@@ -133,7 +131,7 @@ class DependencyDesk:
                 if resolved.failed:
                     logger.info("%s fails: a dependency did not finish", conversation_id)
                     failed = status_event(state, ConversationStatus.ERROR, DEPENDENCY_FAILED)
-                    await self._append([resolved, failed])
+                    await self._append([resolved, failed], state.last_event_id)
                     return
-                await self._append([resolved])
+                await self._append([resolved], state.last_event_id)
                 await self._admission.start_or_queue(self._conversations[conversation_id], [])

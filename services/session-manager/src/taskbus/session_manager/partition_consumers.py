@@ -10,10 +10,12 @@ consumers stop before anything else of theirs is dropped.
 
 Why no action runs twice when a partition moves: every decision is a pure function of the
 conversation's log (fold, then decide), so the new holder decides from what the old one
-appended, never from what it had in mind; an append races with a late write of the old holder
-only through the appender's expected-sequence check, which lets one of them win and makes the
-other re-read; and the runner answers each action once, checking the log for its reply before
-running it (runtime_runner.replies).
+appended, never from what it had in mind; a decision is appended whole and only right after
+the event its state was folded up to (`EventAppender.append_decision`), so of a stalled old
+holder and the new one, whichever decided on a state the log has left appends nothing, folds
+again and decides anew (the old holder's events consumer may have taken events the new
+holder's fold never saw); and the runner answers each action once, checking the log for its
+reply before running it (runtime_runner.replies).
 
 A consumer is fetched one message at a time with a long poll: FastStream's batch consumer waits
 for a batch to fill, and 33 consumers polling at a short period would cost an idle process a

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import msgspec
 import nats.errors
@@ -26,14 +26,12 @@ from taskbus.contracts import subjects
 from taskbus.contracts.events import AnyEvent, Event, RuntimeRequested, decode_event
 from taskbus.contracts.runner_work import RUNNER_EVENTS, forward
 from taskbus.contracts.streams import last_message
-from taskbus.session_manager.conversations import Conversations
+from taskbus.session_manager.conversations import Append, Conversations
 from taskbus.session_manager.decide import runner_holding_sandbox, runtime_lost_events
 from taskbus.session_manager.runner_directory import RunnerDirectory
 from taskbus.session_manager.settings import SessionManagerSettings
 
 logger = logging.getLogger(__name__)
-
-Append = Callable[[Sequence[Event]], Awaitable[None]]
 
 
 class RuntimeDesk:
@@ -120,6 +118,7 @@ class RuntimeDesk:
                     assert runner_id is not None
                     silent = self.runners.silent_seconds(runner_id)
                     logger.warning("%s: runner %s is lost (silent %.0f s)", cid, runner_id, silent)
-                    await append(runtime_lost_events(state, silent, self._shared_workspaces))
+                    events = runtime_lost_events(state, silent, self._shared_workspaces)
+                    await append(events, state.last_event_id)
             except Exception:
                 logger.exception("runtime loss of %s not recorded; retrying", cid)

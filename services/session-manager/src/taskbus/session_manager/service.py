@@ -14,9 +14,11 @@ the ack_wait. Nothing is handled before the conversations to recover are loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections import defaultdict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +27,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from taskbus.contracts import subjects
-from taskbus.contracts.appender import EventAppender, StreamFull
+from taskbus.contracts.appender import EventAppender, StaleAppend, StreamFull
 from taskbus.contracts.broker import ServiceBroker, jetstream
 from taskbus.contracts.commands import (
     QUEUE_FULL,
@@ -275,17 +277,19 @@ class SessionManager:
                 if is_settled(state) or not state.created or not self._holds(cid):
                     self._forget(cid)  # another instance's: folded afresh when needed
                     continue
-                release = self._settings.sandbox_release_seconds
-                if not time_limit_events(self._clock.local(state, now), now, release):
+                if not self._time_limit_events(state, now):
                     continue
+                logger.info("%s reached a time limit", cid)
                 try:
-                    async with self._deciding[cid]:
-                        current = self._clock.local(self._conversations[cid], now)
-                        events = time_limit_events(current, now, release)
-                        logger.info("%s reached a time limit: %s", cid, events[:1])
-                        await self._append(events)
+                    await self._decide_and_append(
+                        cid, functools.partial(self._time_limit_events, now=now)
+                    )
                 except Exception:
                     logger.exception("time limit of %s not applied; retrying", cid)
+
+    def _time_limit_events(self, state: ConversationState, now: datetime) -> list[Event]:
+        local = self._clock.local(state, now)
+        return time_limit_events(local, now, self._settings.sandbox_release_seconds)
 
     def _forget(self, conversation_id: str) -> None:
         """Drop a settled conversation's state unless a task is using it."""
@@ -309,12 +313,34 @@ class SessionManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _append(self, events: Sequence[Event]) -> None:
-        """Append, and return once the in-memory state includes the new events."""
+    async def _append(self, events: Sequence[Event], after: int) -> None:
+        """Append what was decided on the conversation's state up to event id `after`, all of
+        it or nothing, and return once the in-memory state includes it. `StaleAppend` if the
+        log had moved on: the state is folded again first, for the caller to decide anew (a
+        stalled instance may have gone on appending after this one folded it)."""
         if not events:
             return
         placed = await self._runtimes.placed(events)
-        await self._conversations.include(await self._appender.append_all(placed))
+        try:
+            appended = await self._appender.append_decision(placed, after)
+        except StaleAppend as stale:
+            await self._conversations.refold(stale.conversation_id)
+            raise
+        await self._conversations.include(appended)
+
+    async def _decide_and_append(
+        self, conversation_id: str, decide: Callable[[ConversationState], Sequence[Event]]
+    ) -> None:
+        """Append what `decide` makes of the conversation's state, under its lock; decided
+        again on the state folded anew whenever the log had moved on."""
+        while True:
+            async with self._deciding[conversation_id]:
+                state = self._conversations[conversation_id]
+                try:
+                    await self._append(decide(state), state.last_event_id)
+                except StaleAppend:
+                    continue
+                return
 
     # --- events consumer ------------------------------------------------------------------
 
@@ -394,14 +420,18 @@ class SessionManager:
                     state = self._conversations[conversation_id]
                     step = next_step(state)
                     if isinstance(step, list):
-                        await self._append(step)
+                        with contextlib.suppress(StaleAppend):  # then decided again
+                            await self._append(step, state.last_event_id)
                         continue
                 if step is Step.WAIT:
                     return  # `finally` unregisters before any other task runs: no lost kick
-                if step is Step.CALL_LLM:
-                    await self._step_llm(state)
-                else:
-                    await self._admission.readmit(conversation_id)
+                try:
+                    if step is Step.CALL_LLM:
+                        await self._step_llm(state)
+                    else:
+                        await self._admission.readmit(conversation_id)
+                except StaleAppend:
+                    continue  # the state was folded again: decide anew
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -429,7 +459,8 @@ class SessionManager:
                 return
             if is_stuck(state, self._settings.stuck_repetitions):
                 logger.warning("%s is stuck: the same action and result repeated", cid)
-                await self._append(stuck_events(state, self._settings.stuck_repetitions))
+                events = stuck_events(state, self._settings.stuck_repetitions)
+                await self._append(events, state.last_event_id)
                 return
         condensation = await self._condensation(state, config)
         if condensation is not None:
@@ -439,28 +470,33 @@ class SessionManager:
                 condensation.forgotten_start_id,
                 condensation.forgotten_end_id,
             )
-            await self._append([condensation])
+            await self._append([condensation], state.last_event_id)
             return
 
-        async def rate_limited(code: str, delay: float) -> None:
-            async with self._deciding[cid]:
-                current = self._conversations[cid]
+        def limited(code: str) -> Callable[[ConversationState], list[Event]]:
+            def events(current: ConversationState) -> list[Event]:
                 if (
                     code == "llm_rate_limited"
                     and current.agent_state == AgentState.RUNNING
                     and next_step(current) is Step.CALL_LLM
                 ):
-                    events = [agent_state_event(current, AgentState.RATE_LIMITED, code)]
-                    await self._append(events)
+                    return [agent_state_event(current, AgentState.RATE_LIMITED, code)]
+                return []
+
+            return events
+
+        async def rate_limited(code: str, delay: float) -> None:
+            await self._decide_and_append(cid, limited(code))
 
         async def waiting(elapsed: float, attempt: int, attempts: int) -> None:
             """The heartbeat of a call still unanswered; a failed one is only logged, the call
             goes on (and its deadline holds)."""
-            try:
-                async with self._deciding[cid]:
-                    if next_step(self._conversations[cid]) is not Step.CALL_LLM:
-                        return  # stopped or paused meanwhile: nothing waits on the answer
-                    heartbeat = LLMWaiting(
+
+            def heartbeat(current: ConversationState) -> list[Event]:
+                if next_step(current) is not Step.CALL_LLM:
+                    return []  # stopped or paused meanwhile: nothing waits on the answer
+                return [
+                    LLMWaiting(
                         conversation_id=cid,
                         source=EventSource.AGENT,
                         elapsed_seconds=round(elapsed, 3),
@@ -468,7 +504,10 @@ class SessionManager:
                         attempts=attempts,
                         timeout_seconds=self._settings.llm_timeout_seconds,
                     )
-                    await self._append([heartbeat])
+                ]
+
+            try:
+                await self._decide_and_append(cid, heartbeat)
             except Exception:
                 logger.exception("heartbeat of %s's LLM call not appended", cid)
 
@@ -479,15 +518,17 @@ class SessionManager:
         except LLMError as error:
             await self._fail_llm_step(cid, error)
             return
-        async with self._deciding[cid]:
-            await self._append(_after_completion(self._conversations[cid], completion))
+        await self._decide_and_append(cid, lambda current: _after_completion(current, completion))
 
     async def _fail_llm_step(self, conversation_id: str, error: LLMError) -> None:
         logger.warning("LLM call for %s failed: %s", conversation_id, error.code)
-        async with self._deciding[conversation_id]:
-            current = self._conversations[conversation_id]
-            if next_step(current) is Step.CALL_LLM:
-                await self._append(_llm_failure_events(current, error))
+
+        def failed(current: ConversationState) -> list[Event]:
+            if next_step(current) is not Step.CALL_LLM:
+                return []
+            return _llm_failure_events(current, error)
+
+        await self._decide_and_append(conversation_id, failed)
 
     async def _condensation(
         self, state: ConversationState, config: LLMConfig
@@ -570,7 +611,7 @@ class SessionManager:
                 if decision.admit:
                     decision = await self._restart(cid) or decision
                 else:
-                    await self._append(decision.events)
+                    await self._append(decision.events, state.last_event_id)
             answer = commands.command_verdict(command, self._conversations[cid], decision)
         if isinstance(decision, commands.Refuse):
             logger.info("%s on %s refused: %s", command.name(), cid, decision.detail)
@@ -612,7 +653,7 @@ class SessionManager:
                     reason=refused.reason,
                     detail=refused.detail,
                 )
-                await self._append([rejected])
+                await self._append([rejected], -1)  # refused: nothing was appended
 
 
 def _after_completion(state: ConversationState, completion: Completion) -> list[Event]:
