@@ -33,8 +33,11 @@ GREEDY = UserSettings(max_concurrent_conversations=1000, concurrency_policy=Conc
 
 
 class Log:
-    """Conversations' states, advanced by every append as the service's `_append` does, the
-    admission ledger following each status change as the service's `_observe` makes it."""
+    """Conversations' logs and the states folded from them, both advanced by every append as
+    the service's `_append` does, the admission ledger following each status change as the
+    service's `_observe` makes it. What is `written_elsewhere` (by a stalled instance that held
+    the partition before) reaches the log only: an append decided on a state that lags the log
+    is refused as the appender refuses it (`StaleAppend`), the state folded again first."""
 
     def __init__(self, user_settings: dict[str, UserSettings]) -> None:
         self.states: dict[str, ConversationState] = {}
@@ -52,17 +55,34 @@ class Log:
     async def append(self, events: Sequence[Event], after: int) -> None:
         if events:
             cid = events[0].conversation_id
-            last = self.states[cid].last_event_id if cid in self.states else -1
-            if last != after:
-                raise StaleAppend(cid, after, last)
-        for event in events:
+            if self._last_id(cid) != after:
+                self.states[cid] = self._fold(cid)
+                raise StaleAppend(cid, after, self._last_id(cid))
+        for event in self.written_elsewhere(events):
             cid = event.conversation_id
             state = self.states.get(cid) or ConversationState(conversation_id=cid)
-            event = msgspec.structs.replace(event, id=state.last_event_id + 1)
             self.states[cid] = apply(state, event)
-            self.appended.append(event)
             if isinstance(event, ConversationStatusChanged) and self._desk is not None:
                 await self._desk.settle(self.states[cid])
+
+    def written_elsewhere(self, events: Sequence[Event]) -> list[Event]:
+        """Put `events` in the log (only), each with its id; returned as stored."""
+        stored = []
+        for event in events:
+            cid = event.conversation_id
+            stored.append(msgspec.structs.replace(event, id=self._last_id(cid) + 1))
+            self.appended.append(stored[-1])
+        return stored
+
+    def _last_id(self, cid: str) -> int:
+        return max((e.id for e in self.appended if e.conversation_id == cid), default=-1)
+
+    def _fold(self, cid: str) -> ConversationState:
+        state = ConversationState(conversation_id=cid)
+        for event in self.appended:
+            if event.conversation_id == cid:
+                state = apply(state, event)
+        return state
 
     def statuses(self, cid: str) -> list[ConversationStatus]:
         return [
@@ -142,3 +162,26 @@ async def test_a_freed_slot_goes_to_the_queue_and_a_restart_respects_the_cap(
     # A stopped conversation restarted while two run waits in the queue.
     assert await desk.restart("b0") is None
     assert log.statuses("b0") == [_S.STARTING, _S.STOPPED, _S.QUEUED]
+
+
+async def test_a_start_decided_on_a_state_the_log_has_left_appends_nothing(
+    ledger: AdmissionLedger,
+) -> None:
+    """The hand-over bug the scale-out test found: a stalled instance that held the partition
+    stopped c0 after this instance folded it QUEUED. When a slot frees, c0 is not started: the
+    start is refused on the moved log, c0 is folded again, and the ledger follows the log."""
+    log = Log({})
+    desk = log.desk(OPERATOR, ledger)
+    for cid, user in (("a0", "alice"), ("b0", "bob"), ("c0", "carol")):
+        await create(desk, cid, user)
+    assert log.statuses("c0") == [_S.QUEUED]  # capacity: a0 and b0 run
+    log.written_elsewhere([status_event(log.states["c0"], _S.STOPPED, "user_stop")])
+
+    a0 = log.states["a0"]
+    await log.append([status_event(a0, _S.FINISHED)], a0.last_event_id)  # a slot frees
+    await desk.admit_waiting()
+
+    assert log.statuses("c0") == [_S.QUEUED, _S.STOPPED]
+    assert log.states["c0"].status == _S.STOPPED
+    entries, _ = await ledger.read()
+    assert "c0" not in entries.running and "c0" not in entries.queued

@@ -103,7 +103,10 @@ class Conversations:
         """Apply events just appended to one conversation (with their ids), and return once its
         state includes them, if need be through `observe`."""
         cid = appended[0].conversation_id
-        state = self._states.get(cid) or ConversationState(conversation_id=cid)
+        state = self._states.get(cid)
+        if state is None:  # dropped meanwhile (an unclear append): the log has them
+            await self.load(cid)
+            return
         for event in appended:
             if event.id == state.last_event_id + 1:
                 state = apply(state, event)
@@ -113,7 +116,8 @@ class Conversations:
             await asyncio.wait_for(waiter.wait(), timeout=30)
 
     async def refold(self, conversation_id: str) -> ConversationState:
-        """The conversation's state folded again from the log, for one found to be behind it."""
+        """The conversation's state folded again from the log, for one found to be behind it
+        (or that may be). If the log cannot be read, the state is gone: `load` reads it."""
         async with self._loading[conversation_id]:
             self._states.pop(conversation_id, None)
         return await self.load(conversation_id)

@@ -317,14 +317,22 @@ class SessionManager:
         """Append what was decided on the conversation's state up to event id `after`, all of
         it or nothing, and return once the in-memory state includes it. `StaleAppend` if the
         log had moved on: the state is folded again first, for the caller to decide anew (a
-        stalled instance may have gone on appending after this one folded it)."""
+        stalled instance may have gone on appending after this one folded it). After an
+        unclear failure (a timeout: the events may be stored) it is folded again too, or
+        dropped if the log cannot be read, so the next decision is not taken without them
+        (a retried LLM step would call the model again)."""
         if not events:
             return
+        cid = events[0].conversation_id
         placed = await self._runtimes.placed(events)
         try:
             appended = await self._appender.append_decision(placed, after)
-        except StaleAppend as stale:
-            await self._conversations.refold(stale.conversation_id)
+        except StaleAppend:
+            await self._conversations.refold(cid)
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self._conversations.refold(cid)
             raise
         await self._conversations.include(appended)
 
@@ -335,7 +343,7 @@ class SessionManager:
         again on the state folded anew whenever the log had moved on."""
         while True:
             async with self._deciding[conversation_id]:
-                state = self._conversations[conversation_id]
+                state = await self._conversations.load(conversation_id)
                 try:
                     await self._append(decide(state), state.last_event_id)
                 except StaleAppend:
@@ -417,7 +425,7 @@ class SessionManager:
         try:
             while True:
                 async with self._deciding[conversation_id]:
-                    state = self._conversations[conversation_id]
+                    state = await self._conversations.load(conversation_id)
                     step = next_step(state)
                     if isinstance(step, list):
                         with contextlib.suppress(StaleAppend):  # then decided again
@@ -454,7 +462,7 @@ class SessionManager:
             await self._fail_llm_step(cid, error)
             return
         async with self._deciding[cid]:
-            state = self._conversations[cid]
+            state = await self._conversations.load(cid)
             if next_step(state) is not Step.CALL_LLM:
                 return
             if is_stuck(state, self._settings.stuck_repetitions):
