@@ -218,15 +218,19 @@ class EventAppender:
         return self._locks.setdefault(conversation_id, asyncio.Lock())
 
     async def _tail(self, cid: str, from_leader: bool, after: int | None) -> tuple[int, int]:
-        """The conversation's (sequence, id) of its last event: the cached one, else read. A
-        cached tail that is not `after` is read again from the leader before the append is
-        called stale: another writer's append may have moved it."""
-        tail = self._tails.get(cid)
-        if tail is not None and (after is None or tail[1] == after):
-            return tail
-        tail = await self._read_tail(cid, from_leader or tail is not None)
+        """The conversation's (sequence, id) of its last event: the cached one, else read. The
+        append is called stale only on the leader's word: a cached tail or a replica's copy
+        that is not `after` may just be behind."""
+        cached = self._tails.get(cid)
+        if cached is not None and (after is None or cached[1] == after):
+            return cached
+        leader = from_leader or cached is not None
+        tail = await self._read_tail(cid, leader)
         if after is not None and tail[1] != after:
-            raise StaleAppend(cid, after, tail[1])
+            if not leader:
+                tail = await self._read_tail(cid, True)
+            if tail[1] != after:
+                raise StaleAppend(cid, after, tail[1])
         return tail
 
     async def _append_one(self, event: E, identity: str, after: int | None = None) -> E:
@@ -335,7 +339,7 @@ class EventAppender:
         copies = []
         for (_, data), event in zip(page, events, strict=True):
             copy = msgspec.json.decode(data, type=type(event))
-            if msgspec.structs.replace(copy, id=-1) != msgspec.structs.replace(event, id=-1):
+            if not _same_event(copy, event):
                 return None
             copies.append(copy)
         return copies
@@ -408,8 +412,7 @@ class EventAppender:
             return None
         assert stored.data is not None
         copy = msgspec.json.decode(stored.data, type=type(event))
-        same = msgspec.structs.replace(copy, id=-1) == msgspec.structs.replace(event, id=-1)
-        return copy if same else None
+        return copy if _same_event(copy, event) else None
 
     def _remember(self, conversation_id: str, seq: int, event_id: int) -> None:
         self._tails[conversation_id] = (seq, event_id)
@@ -419,6 +422,11 @@ class EventAppender:
             lock = self._locks.get(evicted)
             if lock is not None and not lock.locked():
                 del self._locks[evicted]
+
+
+def _same_event(copy: Event, event: Event) -> bool:
+    """Whether a stored `copy` is `event`, whatever id each was given."""
+    return msgspec.structs.replace(copy, id=-1) == msgspec.structs.replace(event, id=-1)
 
 
 def _time_out(answered: asyncio.Future[Msg], timeout: float) -> None:
