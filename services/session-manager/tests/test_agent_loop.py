@@ -28,6 +28,7 @@ from taskbus.contracts.commands import (
     ConfirmAction,
     CreateConversation,
     SendMessage,
+    StopConversation,
     UpdateSettings,
     command_subject,
     encode_command,
@@ -37,6 +38,7 @@ from taskbus.contracts.events import (
     ActionProposed,
     AgentFinishAction,
     AgentStateChanged,
+    CmdOutputChunk,
     CmdOutputObservation,
     CmdRunAction,
     CondensationAction,
@@ -361,6 +363,69 @@ async def test_a_restarted_session_manager_resumes_without_repeating_steps(
     assert len(runtime.of(LLMMetrics)) == 6
     assert [type(e).__name__ for e in runtime.events].count("AgentFinishAction") == 1
     assert [e.id for e in runtime.events] == list(range(len(runtime.events)))
+
+
+async def test_a_stop_while_the_runner_streams_output_is_answered_at_once_and_appended_whole(
+    bus: JetStreamContext, settings: SessionManagerSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A runner streaming output chunks (here up to 1,000 a second) moves the log between
+    session-manager's fold and its append, so the stop is decided on a state the log has left.
+    It is decided again on the log as it is (not nak'd to come back a second later), and its
+    three events (status, agent state, sandbox stop) stay next to each other in the log. (A
+    writer appending every round trip, unpaced, outruns that: see the closing note of session
+    13; the runner caps a command's stream at `max_streamed_bytes`.)"""
+    cid = uuid.uuid4().hex
+    spec = ConversationSpec(initial_user_msg="Do the demo.")
+    streaming = asyncio.Event()
+
+    async def stream(command: CmdRunAction) -> None:
+        appender = EventAppender(bus)
+        for seq in range(100_000):
+            chunk = CmdOutputChunk(
+                conversation_id=cid,
+                source=EventSource.ENVIRONMENT,
+                cause=command.id,
+                content=f"line {seq}\n",
+                seq=seq,
+            )
+            await appender.append(chunk)
+            streaming.set()
+            await asyncio.sleep(0.001)
+
+    async with fake_runtime(bus, cid) as runtime, running_session_manager(settings):
+        runtime.hold_commands = True
+        create = CreateConversation(user_id="carol", conversation_id=cid, spec=spec)
+        await send(bus, create, "CreateConversation")
+        await runtime.wait_for(lambda events: any(isinstance(e, CmdRunAction) for e in events))
+        (command,) = runtime.of(CmdRunAction)
+        assert isinstance(command, CmdRunAction)
+        writer = asyncio.create_task(stream(command))
+        try:
+            await streaming.wait()
+            with caplog.at_level(logging.ERROR, logger="taskbus.session_manager"):
+                await send(
+                    bus, StopConversation(user_id="carol", conversation_id=cid), "StopConversation"
+                )
+                await runtime.wait_for(status_reached(S.STOPPED))
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    assert not [r for r in caplog.records if "redelivered" in r.getMessage()]
+    events = runtime.events
+    (stopped,) = [
+        i
+        for i, e in enumerate(events)
+        if isinstance(e, ConversationStatusChanged) and e.status == S.STOPPED
+    ]
+    assert [type(e).__name__ for e in events[stopped : stopped + 3]] == [
+        "ConversationStatusChanged",
+        "AgentStateChanged",
+        "RuntimeControlRequested",
+    ]
+    assert isinstance(events[stopped - 1], CmdOutputChunk)  # decided while the chunks came
+    assert [e.id for e in events] == list(range(len(events)))
 
 
 def test_settings_defaults_work_on_a_laptop_and_env_overrides_them() -> None:

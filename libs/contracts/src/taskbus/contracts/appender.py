@@ -338,8 +338,8 @@ class EventAppender:
             return None
         copies = []
         for (_, data), event in zip(page, events, strict=True):
-            copy = msgspec.json.decode(data, type=type(event))
-            if not _same_event(copy, event):
+            copy = _copy_of(data, event)
+            if copy is None:
                 return None
             copies.append(copy)
         return copies
@@ -411,8 +411,7 @@ class EventAppender:
         except NotFoundError:
             return None
         assert stored.data is not None
-        copy = msgspec.json.decode(stored.data, type=type(event))
-        return copy if _same_event(copy, event) else None
+        return _copy_of(stored.data, event)
 
     def _remember(self, conversation_id: str, seq: int, event_id: int) -> None:
         self._tails[conversation_id] = (seq, event_id)
@@ -424,9 +423,14 @@ class EventAppender:
                 del self._locks[evicted]
 
 
-def _same_event(copy: Event, event: Event) -> bool:
-    """Whether a stored `copy` is `event`, whatever id each was given."""
-    return msgspec.structs.replace(copy, id=-1) == msgspec.structs.replace(event, id=-1)
+def _copy_of(data: bytes, event: E) -> E | None:
+    """The stored event `data` if it is `event` (whatever id each was given), else None."""
+    try:
+        copy = msgspec.json.decode(data, type=type(event))
+    except msgspec.ValidationError:  # another kind of event
+        return None
+    same = msgspec.structs.replace(copy, id=-1) == msgspec.structs.replace(event, id=-1)
+    return copy if same else None
 
 
 def _time_out(answered: asyncio.Future[Msg], timeout: float) -> None:

@@ -613,13 +613,18 @@ class SessionManager:
             return
         cid = command.conversation_id
         async with self._deciding[cid]:
-            state = await self._conversations.load(cid)
-            decision = commands.verdict(state, command)
-            if isinstance(decision, commands.Accept):
-                if decision.admit:
-                    decision = await self._restart(cid) or decision
-                else:
-                    await self._append(decision.events, state.last_event_id)
+            while True:  # decided again on the refolded state if the log had moved on
+                state = await self._conversations.load(cid)
+                decision = commands.verdict(state, command)
+                try:
+                    if isinstance(decision, commands.Accept):
+                        if decision.admit:
+                            decision = await self._restart(cid) or decision
+                        else:
+                            await self._append(decision.events, state.last_event_id)
+                except StaleAppend:
+                    continue  # e.g. a runner's output came between the fold and the append
+                break
             answer = commands.command_verdict(command, self._conversations[cid], decision)
         if isinstance(decision, commands.Refuse):
             logger.info("%s on %s refused: %s", command.name(), cid, decision.detail)
