@@ -197,7 +197,9 @@ async def test_sandbox_measures_memory_peak_cpu_pids_and_disk(
     allocate = (
         'python3 -c "b = bytearray(160*1024*1024); import time; time.sleep(0.5)" && echo allocated'
     )
-    outcome = await sandbox.run_command(CommandRequest(command=allocate, timeout=20), _ignore)
+    # Blocking: a loaded host may take longer than the quiet limit (1 s) to allocate in silence.
+    request = CommandRequest(command=allocate, timeout=20, blocking=True)
+    outcome = await sandbox.run_command(request, _ignore)
     assert "allocated" in outcome.content, outcome
     after = await sandbox.usage()
     assert after.memory_peak_bytes >= 160 * MB

@@ -371,9 +371,9 @@ async def test_a_stop_while_the_runner_streams_output_is_answered_at_once_and_ap
     """A runner streaming output chunks (here up to 1,000 a second) moves the log between
     session-manager's fold and its append, so the stop is decided on a state the log has left.
     It is decided again on the log as it is (not nak'd to come back a second later), and its
-    three events (status, agent state, sandbox stop) stay next to each other in the log. (A
-    writer appending every round trip, unpaced, outruns that: see the closing note of session
-    13; the runner caps a command's stream at `max_streamed_bytes`.)"""
+    three events (status, agent state, sandbox stop) stay next to each other in the log. The
+    real runner sends a command's output at most every 0.2 s (`shell.STREAM_INTERVAL_SECONDS`);
+    a writer appending every round trip, unpaced, would outrun the refolds."""
     cid = uuid.uuid4().hex
     spec = ConversationSpec(initial_user_msg="Do the demo.")
     streaming = asyncio.Event()
