@@ -245,16 +245,7 @@ class EventAppender:
                 ack = await self._publish(
                     _event_subject(cid, candidate.kind),
                     payload,
-                    # The trace context too: the event's consumers continue this trace.
-                    trace_headers(
-                        {
-                            "Nats-Msg-Id": f"{cid}:{identity}",
-                            "Nats-Expected-Last-Subject-Sequence": str(last_seq),
-                            "Nats-Expected-Last-Subject-Sequence-Subject": (
-                                _conversation_events(cid)
-                            ),
-                        }
-                    ),
+                    _headers(cid, identity, expected_seq=last_seq),
                 )
             except APIError as error:
                 raise_if_full(error, subjects.EVENTS_STREAM)
@@ -289,28 +280,7 @@ class EventAppender:
             candidates = [
                 msgspec.structs.replace(event, id=last_id + 1 + n) for n, event in enumerate(events)
             ]
-            batch_id = uuid.uuid4().hex
-            messages = []
-            for number, (candidate, identity) in enumerate(zip(candidates, names, strict=True), 1):
-                headers = {
-                    "Nats-Msg-Id": f"{cid}:{identity}",
-                    "Nats-Batch-Id": batch_id,
-                    "Nats-Batch-Sequence": str(number),
-                }
-                if number == 1:
-                    headers["Nats-Expected-Last-Subject-Sequence"] = str(last_seq)
-                    headers["Nats-Expected-Last-Subject-Sequence-Subject"] = _conversation_events(
-                        cid
-                    )
-                if number == len(candidates):
-                    headers["Nats-Batch-Commit"] = "1"
-                messages.append(
-                    (
-                        _event_subject(cid, candidate.kind),
-                        encode_event(candidate),
-                        trace_headers(headers),
-                    )
-                )
+            messages = _batch(cid, candidates, names, expected_seq=last_seq)
             try:
                 ack = await self._publish(*messages[-1], before=messages[:-1])
             except APIError as error:
@@ -421,6 +391,36 @@ class EventAppender:
             lock = self._locks.get(evicted)
             if lock is not None and not lock.locked():
                 del self._locks[evicted]
+
+
+def _headers(
+    cid: str, identity: str, *, expected_seq: int | None, batch: dict[str, str] | None = None
+) -> dict[str, str]:
+    """An event's headers: its dedupe name, the conversation's expected last sequence (on a
+    batch's first message only), its place in an atomic batch, and the trace context (the
+    event's consumers continue this trace)."""
+    headers = {"Nats-Msg-Id": f"{cid}:{identity}", **(batch or {})}
+    if expected_seq is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_seq)
+        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = _conversation_events(cid)
+    return trace_headers(headers)
+
+
+def _batch(
+    cid: str, events: Sequence[Event], names: Sequence[str], *, expected_seq: int
+) -> list[tuple[str, bytes, dict[str, str]]]:
+    """The messages of one atomic batch of `events` (ids given), the last one committing."""
+    batch_id = uuid.uuid4().hex
+    messages = []
+    for number, (event, identity) in enumerate(zip(events, names, strict=True), 1):
+        batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number)}
+        if number == len(events):
+            batch["Nats-Batch-Commit"] = "1"
+        headers = _headers(
+            cid, identity, expected_seq=expected_seq if number == 1 else None, batch=batch
+        )
+        messages.append((_event_subject(cid, event.kind), encode_event(event), headers))
+    return messages
 
 
 def _copy_of(data: bytes, event: E) -> E | None:
