@@ -32,7 +32,9 @@ from .test_agent_loop import (
 )
 
 HANG = {"seconds": 3600}  # released when the scripted model stops
-TIMEOUT = 1.5
+# Room for about a dozen beats an attempt, of which the test needs two: a loaded CI worker can
+# stall the event loop for a second (CI once heard a second attempt only at 1.18s of 1.5s).
+TIMEOUT = 3.0
 TINY = {"llm_timeout_seconds": TIMEOUT, "llm_heartbeat_seconds": 0.25, "llm_num_retries": 1}
 
 
