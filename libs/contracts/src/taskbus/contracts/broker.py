@@ -10,8 +10,9 @@ one (messages, sizes, durations and errors per subject, in `prometheus_client`'s
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 from faststream._internal.context import Context  # the class `faststream.Context()` makes
@@ -29,6 +30,7 @@ from faststream.nats.subscriber.usecases import (
 )
 from faststream.prometheus import ConsumeAttrs, MetricsSettingsProvider, PrometheusMiddleware
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -41,6 +43,8 @@ from taskbus.contracts.bus import environment_credential, environment_tls, inbox
 # then dies (FastStream restarts it) and the messages gathered for the batch wait out ack_wait.
 # nats-py's TimeoutError subclasses the builtin one, so catching the builtin catches both.
 stream_pull_subscriber.TimeoutError = TimeoutError  # type: ignore[assignment,attr-defined]
+
+logger = logging.getLogger(__name__)
 
 _FASTSTREAM_LOGGER = logging.getLogger("taskbus.faststream")
 _FASTSTREAM_LOGGER.setLevel(logging.WARNING)
@@ -161,6 +165,22 @@ def durable_pull(
     assert isinstance(subscriber, BatchPullStreamSubscriber)
     subscriber(handle, decoder=undecoded)
     return subscriber
+
+
+async def renew_while_held(held: Callable[[], Iterable[Msg]], every: float) -> None:
+    """Tell JetStream every `every` seconds (a fraction of the ack wait) that the messages
+    `held()` names are still being worked on, until cancelled: a handler slower than the ack
+    wait (a long command, a write that keeps failing) would otherwise see them redelivered to
+    another instance, or to this one, while still at work on them. A renewal the bus does not
+    take (it is down) is let go: the next one may be, and each caller handles a redelivered
+    message once all the same."""
+    while True:
+        await asyncio.sleep(every)
+        for message in list(held()):
+            try:
+                await message.in_progress()
+            except Exception as error:
+                logger.debug("in_progress for %s failed: %r", message.subject, error)
 
 
 async def undecoded(message: StreamMessage[Any]) -> Any:

@@ -18,7 +18,7 @@ Each durable comes through a FastStream batch pull consumer (`contracts.broker.d
 whose handler settles every message itself: stored ones are acked, ones that came before their
 conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
 to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`
-(renewed while the batch is in hand, `_keep_in_hand`), never acked before it is stored.
+(renewed while the batch is in hand, `broker.renew_while_held`), never acked before it is stored.
 FastStream collects a batch until it is full or `flush_interval` has passed since the fetch
 began, and an idle consumer sends one pull request per flush interval (10 a second per held
 partition at the default 100 ms: a few hundred bytes each). Writes go one at a time
@@ -45,7 +45,13 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from taskbus.contracts import subjects
-from taskbus.contracts.broker import BatchMessage, ServiceBroker, durable_pull, jetstream
+from taskbus.contracts.broker import (
+    BatchMessage,
+    ServiceBroker,
+    durable_pull,
+    jetstream,
+    renew_while_held,
+)
 from taskbus.contracts.inbound import DeadLetters, Refused, inbound_event
 from taskbus.contracts.observability import conversation
 from taskbus.contracts.partitions import PARTITIONS, partition_of
@@ -222,7 +228,12 @@ class Ingester:
     async def _on_batch(self, partition: int, message: BatchMessage) -> None:
         """One batch, in log order; retried until stored, or until the partition is lost."""
         batch: list[Msg] = message.raw_message
-        renewal = asyncio.create_task(_keep_in_hand(batch))
+        # Renewed from the handler's start, independently of the write: a write slower than the
+        # ack wait (a loaded host, a ClickHouse server merging) keeps its batch; most renew
+        # nothing.
+        renewal = asyncio.create_task(
+            renew_while_held(lambda: _unsettled(batch), _ACK_WAIT_SECONDS / 4)
+        )
         try:
             if self._delay:
                 await asyncio.sleep(self._delay)
@@ -343,22 +354,6 @@ def _conversations_of(batch: list[Msg]) -> set[str]:
     replay) delivers it for the first time although it was stored long ago."""
     conversations = {subjects.conversation_id_of(msg.subject) for msg in batch}
     return {cid for cid in conversations if subjects.is_valid_conversation_id(cid)}
-
-
-async def _keep_in_hand(batch: list[Msg]) -> None:
-    """Renew the batch's unsettled messages (in_progress) every quarter of the ack wait, for as
-    long as it is in hand: a write that keeps failing, or one slow enough (a loaded host, a
-    ClickHouse server merging), would otherwise see its batch redelivered to another instance
-    (or to this one) while still at work on it. A write that takes less (all do, normally)
-    renews nothing. A renewal the bus does not take (it is down) is let go: the next one may
-    be, and a batch redelivered meanwhile is stored once all the same (see the module)."""
-    while True:
-        await asyncio.sleep(_ACK_WAIT_SECONDS / 4)
-        try:
-            for msg in _unsettled(batch):
-                await msg.in_progress()
-        except Exception as error:
-            log.debug("renewing a batch of %d events failed: %r", len(batch), error)
 
 
 def _unsettled(messages: list[Msg]) -> list[Msg]:

@@ -32,6 +32,7 @@ from taskbus.contracts.broker import (
     connection,
     durable_pull,
     jetstream,
+    renew_while_held,
     service_broker,
 )
 from taskbus.contracts.events import (
@@ -240,13 +241,11 @@ class EventDispatcher:
         js: JetStreamContext,
         runner: RuntimeRunner,
         runner_id: str,
-        ack_wait: float,
         max_deliver: int,
     ) -> None:
         self._js = js
         self._runner_id = runner_id
         self._runner = runner
-        self._ack_wait = ack_wait
         self._max_deliver = max_deliver
         self._lanes = Lanes()
         self._dead_letters = DeadLetters(js, subjects.RUNTIME_RUNNER)
@@ -320,14 +319,9 @@ class EventDispatcher:
         reason = f"failed on all {deliveries} deliveries: {type(error).__name__}"
         await self._dead_letters.refuse(message, Refused(reason))
 
-    async def keep_in_progress(self) -> None:
-        while True:
-            await asyncio.sleep(self._ack_wait / 3)
-            for message in list(self._in_flight.values()):
-                try:
-                    await message.in_progress()
-                except Exception as error:  # the message may be redelivered; its reply check holds
-                    logger.debug("in_progress for %s failed: %r", message.subject, error)
+    def in_flight(self) -> list[Msg]:
+        """The messages taken and not yet settled, which the ack wait must not run out on."""
+        return list(self._in_flight.values())
 
     async def cancel(self) -> None:
         await self._lanes.cancel()
@@ -392,9 +386,7 @@ class RuntimeRunnerService:
         interrupted = await answer_cut_off_actions(js, appender, journal)
         if interrupted:
             logger.info("answered %d actions cut off by the previous runner", interrupted)
-        dispatcher = EventDispatcher(
-            js, runner, settings.runner_id, settings.ack_wait_seconds, settings.max_deliver
-        )
+        dispatcher = EventDispatcher(js, runner, settings.runner_id, settings.max_deliver)
         consumer = durable_pull(
             broker,
             subjects.runner_work(settings.runner_id),
@@ -426,7 +418,9 @@ class RuntimeRunnerService:
         )
         await vitals.ready()
         registered = asyncio.create_task(registration.keep_alive())
-        heartbeat = asyncio.create_task(dispatcher.keep_in_progress())
+        heartbeat = asyncio.create_task(
+            renew_while_held(dispatcher.in_flight, settings.ack_wait_seconds / 3)
+        )
         sampler = UsageSampler(appender, runner.live_sandboxes, settings.usage_interval_seconds)
         sampling = asyncio.create_task(sampler.run())
         logger.info("consuming %s as runner %s", subjects.RUNNER_WORK_STREAM, settings.runner_id)
