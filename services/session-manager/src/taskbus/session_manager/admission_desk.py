@@ -155,8 +155,13 @@ class AdmissionDesk:
                     priority=s.spec.priority,
                     since=s.status_since or _LONG_AGO,
                 )
-                for s in self._held()
-                if s.status == ConversationStatus.QUEUED and not s.deleted and not unresolved(s)
+                for s in self._states.values()
+                # The cheap test first: every conversation in memory is looked at, most are
+                # not queued, and which partition one is in takes hashing its id.
+                if s.status == ConversationStatus.QUEUED
+                and not s.deleted
+                and self._holds(s.conversation_id)
+                and not unresolved(s)
             ]
             if not waiting:
                 return
@@ -260,9 +265,6 @@ class AdmissionDesk:
                 )
             )
         return running
-
-    def _held(self) -> list[ConversationState]:
-        return [s for s in self._states.values() if self._holds(s.conversation_id)]
 
     async def _evict(self, conversation_ids: Sequence[str]) -> None:
         for cid in conversation_ids:
