@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -53,20 +55,27 @@ class _Status(msgspec.Struct):
     status: str
 
 
-async def run_tasks(stack: Stack, tasks: int, in_flight: int) -> tuple[float, float]:
-    """(tasks/s, events per task) of `tasks` demo tasks run to FINISHED."""
+async def run_tasks(
+    stack: Stack, tasks: int, in_flight: int
+) -> tuple[float, float, dict[str, float]]:
+    """(tasks/s, events per task, mean seconds a task spent in each status) of `tasks` demo
+    tasks run to FINISHED. The stages say what bounds the rate: with every slot busy it is
+    slots / (STARTING + RUNNING), whatever the CPU left."""
     nc = await bus_connect(stack.nats_url, "bench", stack.bus_credential("admin"))
     # A core subscription also sees the publishes JetStream refused (a lost expected-sequence
     # race, retried under the next id): a conversation's events are its highest id plus one.
     last_ids: dict[str, int] = {}
     finished: set[str] = set()
     all_done = asyncio.Event()
+    # conversation -> (status, when it was seen) of each status change, in order.
+    changes: dict[str, list[tuple[str, float]]] = {}
 
     async def seen(msg: Msg) -> None:
         cid = subjects.conversation_id_of(msg.subject)
         last_ids[cid] = max(last_ids.get(cid, -1), msgspec.json.decode(msg.data, type=_Id).id)
         if msg.subject.endswith(".ConversationStatusChanged"):
             status = msgspec.json.decode(msg.data, type=_Status)
+            changes.setdefault(cid, []).append((status.status, time.monotonic()))
             if status.status == ConversationStatus.FINISHED:
                 finished.add(status.conversation_id)
                 if len(finished) == tasks:
@@ -89,7 +98,16 @@ async def run_tasks(stack: Stack, tasks: int, in_flight: int) -> tuple[float, fl
         took = time.monotonic() - started
     await nc.drain()
     assert finished == set(created)
-    return tasks / took, sum(last_ids[cid] + 1 for cid in created) / tasks
+    return tasks / took, sum(last_ids[cid] + 1 for cid in created) / tasks, stages(changes)
+
+
+def stages(changes: dict[str, list[tuple[str, float]]]) -> dict[str, float]:
+    """Mean seconds spent in each status before the next one, over the conversations."""
+    spent: dict[str, list[float]] = {}
+    for seen in changes.values():
+        for (status, since), (_, until) in itertools.pairwise(seen):
+            spent.setdefault(status, []).append(until - since)
+    return {status: statistics.fmean(times) for status, times in spent.items()}
 
 
 async def ceiling(stack: Stack) -> float:
@@ -136,7 +154,7 @@ async def main(tasks: int, slots: int, in_flight: int) -> None:
         pid = state.pid
         await run_tasks(stack, slots, in_flight)  # the warm-up
         before, started = cpu_by_process(pid), time.monotonic()
-        rate, per_task = await run_tasks(stack, tasks, in_flight)
+        rate, per_task, spent = await run_tasks(stack, tasks, in_flight)
         after, wall = cpu_by_process(pid), time.monotonic() - started
         raw = await ceiling(stack)
     print(f"\n{tasks} demo tasks, {slots} slots, {in_flight} POSTs in flight, local backend")
@@ -144,6 +162,9 @@ async def main(tasks: int, slots: int, in_flight: int) -> None:
     print(f"{'log ceiling: raw publish / events':40}{raw / per_task:>9.1f}")
     print(f"{'  (raw publish events/s, events/task)':40}{raw:>9.0f}{per_task:>9.1f}")
     print(f"{'demo tasks to FINISHED':40}{rate:>9.1f}{f'>= {TARGET:g}':>9}")
+    print("Mean seconds a task spent in each status:")
+    for status, seconds in spent.items():
+        print(f"  {status:38}{seconds:>9.3f}")
     print("CPU cores used during the tasks (of 2):")
     for name, seconds in sorted(after.items(), key=lambda item: -item[1]):
         share = (seconds - before.get(name, 0.0)) / wall
