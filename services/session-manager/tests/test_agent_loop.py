@@ -312,6 +312,11 @@ async def test_iteration_limit_errors_and_a_user_message_continues(tmp_path: Pat
         await runtime.wait_for(status_reached(S.ERROR))
         assert statuses(runtime)[-1] == (S.ERROR, "max_iterations")
         assert len(runtime.of(LLMMetrics)) == 2
+        # The limit forbids the next call, not the answer of the last one allowed: the second
+        # call's command was appended after its metrics, and answered.
+        (run,) = runtime.of(CmdRunAction)
+        assert runtime.of(LLMMetrics)[-1].id == run.id - 1
+        assert runtime.of(CmdOutputObservation)[-1].cause == run.id  # type: ignore[attr-defined]
         await asyncio.sleep(0.3)
         assert len(stack.llm.player.requests) == 2  # no third call was even attempted
 
@@ -362,6 +367,47 @@ async def test_a_restarted_session_manager_resumes_without_repeating_steps(
     assert len(runtime.of(CmdRunAction)) == 1
     assert len(runtime.of(LLMMetrics)) == 6
     assert [type(e).__name__ for e in runtime.events].count("AgentFinishAction") == 1
+    assert [e.id for e in runtime.events] == list(range(len(runtime.events)))
+
+
+async def test_a_paid_call_cut_off_before_its_action_is_made_again_and_both_are_on_record(
+    bus: JetStreamContext, settings: SessionManagerSettings
+) -> None:
+    """An LLM step appends its metrics, then its action: a holder cut off between the two
+    leaves a paid call without its answer. The next holder calls the model again and goes on;
+    the cut-off call stays on record and in the cost."""
+    cid = uuid.uuid4().hex
+    spec = ConversationSpec(initial_user_msg="Do the demo.")
+    async with fake_runtime(bus, cid) as runtime:
+        runtime.hold_commands = True
+        async with running_session_manager(settings):
+            create = CreateConversation(user_id="carol", conversation_id=cid, spec=spec)
+            await send(bus, create, "CreateConversation")
+            await runtime.wait_for(lambda events: any(isinstance(e, CmdRunAction) for e in events))
+        await runtime.answer_held()
+        await runtime.wait_for(lambda events: isinstance(events[-1], CmdOutputObservation))
+        # What the stopped holder appended of its next step before it was cut off.
+        last = runtime.of(LLMMetrics)[-1]
+        cut_off = LLMMetrics(
+            conversation_id=cid,
+            source=EventSource.AGENT,
+            model=last.model,  # type: ignore[attr-defined]
+            cost=0.5,
+            accumulated_cost=last.accumulated_cost + 0.5,  # type: ignore[attr-defined]
+            response_id="cut-off",
+        )
+        cut_off = await EventAppender(bus).append(cut_off)
+        async with running_session_manager(settings):
+            await runtime.wait_for(status_reached(S.FINISHED))
+
+    metrics = runtime.of(LLMMetrics)
+    assert len(metrics) == 7  # the demo's six calls and the one cut off
+    (again,) = [e for e in runtime.events if e.id == cut_off.id + 1]
+    assert isinstance(again, LLMMetrics) and again.response_id != "cut-off"
+    assert again.accumulated_cost == pytest.approx(cut_off.accumulated_cost + again.cost)
+    (action,) = [e for e in runtime.events if e.id == again.id + 1]
+    assert isinstance(action, TaskTrackingAction)  # the demo's third step, once
+    assert len(runtime.of(TaskTrackingAction)) == 3
     assert [e.id for e in runtime.events] == list(range(len(runtime.events)))
 
 

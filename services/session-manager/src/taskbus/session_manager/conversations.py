@@ -21,9 +21,10 @@ logger = logging.getLogger(__name__)
 
 OnChange = Callable[[ConversationState], None]
 # Appends the events decided on a conversation's state up to the event id given (its
-# `last_event_id`), returning once the state includes them; `StaleAppend` if the log had moved
-# on (the state is then folded again: decide anew).
-Append = Callable[[Sequence[Event], int], Awaitable[None]]
+# `last_event_id`), returning once the state includes them (the appended events, with their
+# ids, for a caller that needs them); `StaleAppend` if the log had moved on (the state is then
+# folded again: decide anew).
+Append = Callable[[Sequence[Event], int], Awaitable[object]]
 
 
 class Conversations:
