@@ -12,6 +12,7 @@ import msgspec
 import nats
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from taskbus.contracts import subjects
@@ -210,3 +211,47 @@ async def test_a_decision_stored_by_a_try_whose_answer_was_lost_is_not_stored_tw
     again = await retry.append_decision(decision, after=0)
     assert again == stored
     assert await _ids_in_log(js, cid) == [0, 1, 2]
+
+
+async def test_an_appender_told_of_a_later_event_appends_after_it_in_one_publish(
+    js: JetStreamContext,
+) -> None:
+    """The runner reads the action it answers before appending the answer: told of it
+    (`saw`), its appender places the answer right after it at once. Not told, its cached tail
+    (its own last append) is behind, and the first publish is refused."""
+    cid = uuid.uuid4().hex
+    runner, agent = EventAppender(js), EventAppender(js)
+    await runner.append(_think(cid, "runner's own"))  # cached here: id 0
+    action = await agent.append(_think(cid, "the action"))
+    stored = await js.get_last_msg(
+        subjects.EVENTS_STREAM, subjects.event_subject(cid, "ThinkAction")
+    )
+    runner.saw(cid, stored.seq, action.id)
+    runner.saw(cid, stored.seq - 1, action.id - 1)  # an older one changes nothing
+    answer, published = await _published(js, runner, _think(cid, "the answer"))
+    assert answer.id == action.id + 1
+    assert published == [answer.id]
+
+    await agent.append(_think(cid, "unseen"))  # the runner is not told of this one
+    late, published = await _published(js, runner, _think(cid, "after an unseen event"))
+    assert published == [late.id - 1, late.id]  # refused on the stale tail, then placed
+    assert await _ids_in_log(js, cid) == [0, 1, 2, 3, 4]
+
+
+async def _published(
+    js: JetStreamContext, appender: EventAppender, event: ThinkAction
+) -> tuple[ThinkAction, list[int]]:
+    """`event` appended, and the id of every publish it took: a core subscription sees the
+    publishes the stream refused too."""
+    published: list[int] = []
+
+    async def noted(msg: Msg) -> None:
+        published.append(decode_event(msg.data).id)
+
+    tap = await js._nc.subscribe(subjects.conversation_events(event.conversation_id), cb=noted)
+    try:
+        appended = await appender.append(event)
+        await js._nc.flush()
+    finally:
+        await tap.unsubscribe()
+    return appended, published

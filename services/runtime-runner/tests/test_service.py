@@ -303,7 +303,7 @@ async def test_a_redelivered_action_does_not_run_twice(
     appender = EventAppender(js)
     runner = local_runner(appender, settings)
     rid = settings.runner_id
-    dispatcher = EventDispatcher(js, runner, rid, settings.max_deliver)
+    dispatcher = EventDispatcher(js, appender, runner, rid, settings.max_deliver)
     await runner.handle(await appender.append(request_runtime(cid)))
     action = await appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))
     logged = await js.get_last_msg(

@@ -209,6 +209,15 @@ class EventAppender:
                 return [await self._append_one(events[0], identities(events)[0], after)]
             return await self._append_batch(events, after)
 
+    def saw(self, conversation_id: str, seq: int, event_id: int) -> None:
+        """Take note of a conversation's event read elsewhere (at stream sequence `seq`), as the
+        runner reads the action it answers: later than the tail cached here, it becomes the
+        tail, so the answer is placed right after it at once instead of first failing on a
+        tail this appender had not seen (then reading the log's)."""
+        cached = self._tails.get(conversation_id)
+        if cached is None or cached[0] < seq:
+            self._remember(conversation_id, seq, event_id)
+
     def _lock_of(self, events: Sequence[Event]) -> asyncio.Lock:
         if not events:
             return asyncio.Lock()

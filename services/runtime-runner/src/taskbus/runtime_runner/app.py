@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from taskbus.contracts import subjects
+from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.broker import (
     BatchMessage,
     connection,
@@ -239,11 +240,13 @@ class EventDispatcher:
     def __init__(
         self,
         js: JetStreamContext,
+        appender: EventAppender,
         runner: RuntimeRunner,
         runner_id: str,
         max_deliver: int,
     ) -> None:
         self._js = js
+        self._appender = appender
         self._runner_id = runner_id
         self._runner = runner
         self._max_deliver = max_deliver
@@ -266,6 +269,7 @@ class EventDispatcher:
         if isinstance(event, UnknownEvent):
             await message.ack()
             return
+        self._appender.saw(event.conversation_id, event_sequence, event.id)
         # Stop, pause, resume and delete must not wait behind a long command.
         lane = (
             "control"
@@ -386,7 +390,7 @@ class RuntimeRunnerService:
         interrupted = await answer_cut_off_actions(js, appender, journal)
         if interrupted:
             logger.info("answered %d actions cut off by the previous runner", interrupted)
-        dispatcher = EventDispatcher(js, runner, settings.runner_id, settings.max_deliver)
+        dispatcher = EventDispatcher(js, appender, runner, settings.runner_id, settings.max_deliver)
         consumer = durable_pull(
             broker,
             subjects.runner_work(settings.runner_id),
