@@ -346,19 +346,25 @@ async def test_iteration_limit_errors_and_a_user_message_continues(tmp_path: Pat
     ]
 
 
+async def _down_while_the_demo_command_runs(
+    bus: JetStreamContext, settings: SessionManagerSettings, runtime: FakeRuntime
+) -> None:
+    """The demo, driven by a session-manager that stops once the command is asked for; the
+    command's observation then arrives while nobody listens."""
+    runtime.hold_commands = True
+    async with running_session_manager(settings):
+        spec = ConversationSpec(initial_user_msg="Do the demo.")
+        create = CreateConversation(user_id="carol", conversation_id=runtime.cid, spec=spec)
+        await send(bus, create, "CreateConversation")
+        await runtime.wait_for(lambda events: any(isinstance(e, CmdRunAction) for e in events))
+    await runtime.answer_held()
+
+
 async def test_a_restarted_session_manager_resumes_without_repeating_steps(
     bus: JetStreamContext, settings: SessionManagerSettings
 ) -> None:
-    cid = uuid.uuid4().hex
-    spec = ConversationSpec(initial_user_msg="Do the demo.")
-    async with fake_runtime(bus, cid) as runtime:
-        runtime.hold_commands = True
-        async with running_session_manager(settings):
-            create = CreateConversation(user_id="carol", conversation_id=cid, spec=spec)
-            await send(bus, create, "CreateConversation")
-            await runtime.wait_for(lambda events: any(isinstance(e, CmdRunAction) for e in events))
-        # Down while the command runs; its observation arrives while nobody listens.
-        await runtime.answer_held()
+    async with fake_runtime(bus, uuid.uuid4().hex) as runtime:
+        await _down_while_the_demo_command_runs(bus, settings, runtime)
         await asyncio.sleep(0.2)
         assert not runtime.of(LLMMetrics)[2:]
         async with running_session_manager(settings):
@@ -377,14 +383,8 @@ async def test_a_paid_call_cut_off_before_its_action_is_made_again_and_both_are_
     leaves a paid call without its answer. The next holder calls the model again and goes on;
     the cut-off call stays on record and in the cost."""
     cid = uuid.uuid4().hex
-    spec = ConversationSpec(initial_user_msg="Do the demo.")
     async with fake_runtime(bus, cid) as runtime:
-        runtime.hold_commands = True
-        async with running_session_manager(settings):
-            create = CreateConversation(user_id="carol", conversation_id=cid, spec=spec)
-            await send(bus, create, "CreateConversation")
-            await runtime.wait_for(lambda events: any(isinstance(e, CmdRunAction) for e in events))
-        await runtime.answer_held()
+        await _down_while_the_demo_command_runs(bus, settings, runtime)
         await runtime.wait_for(lambda events: isinstance(events[-1], CmdOutputObservation))
         # What the stopped holder appended of its next step before it was cut off.
         last = runtime.of(LLMMetrics)[-1]
