@@ -27,6 +27,7 @@ from taskbus.contracts.events import (
     FileReadAction,
     LLMMetrics,
     MessageAction,
+    ResourceUsage,
     RuntimeRequested,
     RuntimeStatusChanged,
     TaskItem,
@@ -144,6 +145,19 @@ def test_fold_tracks_status_runtime_cost_and_iterations(fold_events: FoldEvents)
     assert state.accumulated_cost == pytest.approx(0.75)
     assert state.last_event_id == 9
     assert [e.kind for e in state.history] == ["MessageAction", "CmdRunAction"]
+
+
+def test_a_measurement_moves_the_log_position_but_not_the_decisive_event(
+    fold_events: FoldEvents,
+) -> None:
+    """What a decision rests on (`last_decisive_event_id`) is the last event other than a
+    measurement: a sandbox's usage sample after an LLM call's metrics leaves the metrics
+    decisive, so the call's action still counts as undisturbed."""
+    usage = ResourceUsage(conversation_id="c1", source=EventSource.ENVIRONMENT)
+    state = fold_events(*started(), metrics(), usage)
+    assert (state.last_event_id, state.last_decisive_event_id) == (8, 7)
+    state = apply(state, msgspec.structs.replace(run("ls"), id=9))
+    assert (state.last_event_id, state.last_decisive_event_id) == (9, 9)
 
 
 def test_applying_an_event_twice_changes_nothing(fold_events: FoldEvents) -> None:

@@ -544,9 +544,10 @@ class SessionManager:
 
         def answer(current: ConversationState) -> list[Event]:
             """The answer's action if the agent was to act when the call was paid for and
-            nothing came since (a limit the call itself reached does not drop it), or if it is
-            still to act after what came (a stop or a pause drops it: paid for, not acted on)."""
-            undisturbed = acting and current.last_event_id == metrics.id
+            nothing but measurements came since (a limit the call itself reached does not drop
+            it), or if it is still to act after what came (a stop or a pause drops it: paid
+            for, not acted on)."""
+            undisturbed = acting and current.last_decisive_event_id == metrics.id
             if undisturbed or next_step(current) is Step.CALL_LLM:
                 return [as_proposal(current, _action_of(current, completion))]
             return []

@@ -171,6 +171,8 @@ class History(Sequence[Event]):
 class ConversationState(msgspec.Struct, frozen=True, kw_only=True):
     conversation_id: str
     last_event_id: int = -1
+    # The last event other than a measurement: what a decision taken on this state rests on.
+    last_decisive_event_id: int = -1
     last_activity: datetime | None = None
     created: bool = False
     user_id: str = ""
@@ -225,11 +227,18 @@ def apply(state: ConversationState, event: Event | UnknownEvent) -> Conversation
     """The state after `event`; events already applied are ignored."""
     if event.id <= state.last_event_id:
         return state
-    if isinstance(event, UnknownEvent):
-        return msgspec.structs.replace(state, last_event_id=event.id)
     if isinstance(event, MEASUREMENTS):  # no activity: `last_activity` stays
         return msgspec.structs.replace(state, last_event_id=event.id)
-    state = msgspec.structs.replace(state, last_event_id=event.id, last_activity=event.timestamp)
+    if isinstance(event, UnknownEvent):  # of a newer version: maybe decisive, so counted so
+        return msgspec.structs.replace(
+            state, last_event_id=event.id, last_decisive_event_id=event.id
+        )
+    state = msgspec.structs.replace(
+        state,
+        last_event_id=event.id,
+        last_decisive_event_id=event.id,
+        last_activity=event.timestamp,
+    )
     pending = state.pending_action
     if (
         pending is not None
