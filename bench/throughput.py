@@ -1,9 +1,11 @@
-"""Tasks per second with the scripted model on the local backend (issue 13, acceptance 1),
-beside the same run's JetStream ceiling.
+"""Tasks per second with the scripted model, on the local or the docker backend (issue 13,
+acceptance 1), beside the same run's JetStream ceiling.
 
     uv run python bench/throughput.py [--tasks 300] [--slots 8] [--in-flight 32]
+                                      [--backend local|docker]
 
-`taskbus up` (local backend, bubblewrap) in a temp dir, the packaged demo task (plan, a command,
+`taskbus up` in a temp dir (local: bubblewrap; docker: a warm pool of `--slots` containers, and
+a finished task's container given back after a second), the packaged demo task (plan, a command,
 a file written, the plan updated, finish: the one `just up` shows). `--tasks` are POSTed with
 at most `--in-flight` requests at once, `--slots` of them run at once; tasks/s is the tasks
 divided by the time from the first POST to the last FINISHED (the status events, seen on the
@@ -131,24 +133,34 @@ def cpu_by_process(stack_pid: int) -> dict[str, float]:
     return used
 
 
-async def main(tasks: int, slots: int, in_flight: int) -> None:
+def backend_settings(backend: str, slots: int) -> dict[str, str]:
+    if backend == "local":
+        return {"TASKBUS_BACKEND": "local"}
+    return {
+        "TASKBUS_BACKEND": "docker",
+        "TASKBUS_RUNNER_WARM_POOL": str(slots),
+        "TASKBUS_SANDBOX_RELEASE_SECONDS": "1",
+    }
+
+
+async def main(tasks: int, slots: int, in_flight: int, backend: str) -> None:
+    settings = {
+        **backend_settings(backend, slots),
+        "TASKBUS_RUNNER_SLOTS": str(slots),
+        "TASKBUS_MAX_RUNNING": str(slots),
+        "TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT": str(tasks),
+        "TASKBUS_CONCURRENCY_POLICY": "queue",
+        "TASKBUS_MAX_QUEUED_CONVERSATIONS": str(tasks),
+        "TASKBUS_CREATE_BURST": str(tasks),
+        "TASKBUS_CREATE_RATE_PER_MINUTE": "1000000",
+    }
     with (
         tempfile.TemporaryDirectory() as tmp,
-        running_stack(
-            Path(tmp),
-            TASKBUS_BACKEND="local",
-            TASKBUS_RUNNER_SLOTS=str(slots),
-            TASKBUS_MAX_RUNNING=str(slots),
-            TASKBUS_MAX_CONCURRENT_CONVERSATIONS_LIMIT=str(tasks),
-            TASKBUS_CONCURRENCY_POLICY="queue",
-            TASKBUS_MAX_QUEUED_CONVERSATIONS=str(tasks),
-            TASKBUS_CREATE_BURST=str(tasks),
-            TASKBUS_CREATE_RATE_PER_MINUTE="1000000",
-        ) as stack,
+        running_stack(Path(tmp), None, **settings) as stack,
     ):
         async with stack.client() as api:
-            settings = {"max_concurrent_conversations": tasks}
-            assert (await api.put("/api/settings", json=settings)).status_code == 200
+            user_settings = {"max_concurrent_conversations": tasks}
+            assert (await api.put("/api/settings", json=user_settings)).status_code == 200
         state = read_state(stack.data_dir)
         assert state is not None, "taskbus up wrote no state"
         pid = state.pid
@@ -157,7 +169,7 @@ async def main(tasks: int, slots: int, in_flight: int) -> None:
         rate, per_task, spent = await run_tasks(stack, tasks, in_flight)
         after, wall = cpu_by_process(pid), time.monotonic() - started
         raw = await ceiling(stack)
-    print(f"\n{tasks} demo tasks, {slots} slots, {in_flight} POSTs in flight, local backend")
+    print(f"\n{tasks} demo tasks, {slots} slots, {in_flight} POSTs in flight, {backend} backend")
     print(f"{'':40}{'tasks/s':>9}{'target':>9}")
     print(f"{'log ceiling: raw publish / events':40}{raw / per_task:>9.1f}")
     print(f"{'  (raw publish events/s, events/task)':40}{raw:>9.0f}{per_task:>9.1f}")
@@ -177,5 +189,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--backend", choices=("local", "docker"), default="local")
     options = parser.parse_args()
-    asyncio.run(main(options.tasks, options.slots, options.in_flight))
+    asyncio.run(main(options.tasks, options.slots, options.in_flight, options.backend))
