@@ -216,18 +216,18 @@ async def test_a_decision_stored_by_a_try_whose_answer_was_lost_is_not_stored_tw
 async def test_an_appender_told_of_a_later_event_appends_after_it_in_one_publish(
     js: JetStreamContext,
 ) -> None:
-    """The runner reads the action it answers before appending the answer: told of it
-    (`saw`), its appender places the answer right after it at once. Not told, its cached tail
-    (its own last append) is behind, and the first publish is refused."""
+    """The runner reads the log's last event before answering an action: shown it (`saw`),
+    its appender places the answer right after it at once. Not shown, its cached tail (its own
+    last append) is behind, and the first publish is refused."""
     cid = uuid.uuid4().hex
     runner, agent = EventAppender(js), EventAppender(js)
     await runner.append(_think(cid, "runner's own"))  # cached here: id 0
     action = await agent.append(_think(cid, "the action"))
-    stored = await js.get_last_msg(
-        subjects.EVENTS_STREAM, subjects.event_subject(cid, "ThinkAction")
-    )
-    runner.saw(cid, stored.seq, action.id)
-    runner.saw(cid, stored.seq - 1, action.id - 1)  # an older one changes nothing
+    last = await js.get_last_msg(subjects.EVENTS_STREAM, subjects.conversation_events(cid))
+    assert last.seq is not None
+    older = await js.get_msg(subjects.EVENTS_STREAM, last.seq - 1)
+    runner.saw(cid, last)
+    runner.saw(cid, older)  # an older one changes nothing
     answer, published = await _published(js, runner, _think(cid, "the answer"))
     assert answer.id == action.id + 1
     assert published == [answer.id]

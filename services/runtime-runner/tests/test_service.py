@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -29,6 +30,7 @@ from taskbus.contracts.events import (
     RuntimeStatusChanged,
     UnknownEvent,
     decode_event,
+    encode_event,
 )
 from taskbus.contracts.runner_work import EVENT_SEQUENCE_HEADER
 from taskbus.contracts.runners import SandboxIsolation
@@ -295,51 +297,100 @@ def local_runner(
     )
 
 
+class WorkBench:
+    """A runner's dispatcher fed by hand: `forward` puts a stored event on the runner's work
+    subject with the sequence header given, as the session-manager's forwarder (or a forger)
+    would, and dispatches what the runner's durable then delivers."""
+
+    def __init__(self, js: JetStreamContext, settings: RuntimeRunnerSettings) -> None:
+        self.js = js
+        self.appender = EventAppender(js)
+        self.runner = local_runner(self.appender, settings)
+        self.rid = settings.runner_id
+        self.dispatcher = EventDispatcher(
+            js, self.appender, self.runner, self.rid, settings.max_deliver
+        )
+
+    async def forward(self, cid: str, kind: str, data: bytes, sequence_header: str) -> None:
+        work_subject = subjects.runner_work_subject(self.rid, subjects.event_subject(cid, kind))
+        await self.js.publish(
+            work_subject,
+            data,
+            stream=subjects.RUNNER_WORK_STREAM,
+            headers={EVENT_SEQUENCE_HEADER: sequence_header},
+        )
+        (message,) = await self._consumer.fetch(1, timeout=2)
+        await self.dispatcher.dispatch(message)
+
+    async def __aenter__(self) -> WorkBench:
+        self._consumer = await self.js.pull_subscribe(
+            subjects.runner_work(self.rid),
+            durable=subjects.runtime_runner_durable(self.rid),
+            stream=subjects.RUNNER_WORK_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.dispatcher.cancel()
+        await self.runner.close()
+        durable = subjects.runtime_runner_durable(self.rid)
+        await self.js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable)
+
+
 async def test_a_redelivered_action_does_not_run_twice(
     js: JetStreamContext, settings: RuntimeRunnerSettings
 ) -> None:
     """The same stored action dispatched twice (as after a crash before the ack) runs once."""
     cid = uuid.uuid4().hex
-    appender = EventAppender(js)
-    runner = local_runner(appender, settings)
-    rid = settings.runner_id
-    dispatcher = EventDispatcher(js, appender, runner, rid, settings.max_deliver)
-    await runner.handle(await appender.append(request_runtime(cid)))
-    action = await appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))
-    logged = await js.get_last_msg(
-        subjects.EVENTS_STREAM, subjects.event_subject(cid, "CmdRunAction")
-    )
-    work_subject = subjects.runner_work_subject(rid, subjects.event_subject(cid, "CmdRunAction"))
-    durable = subjects.runtime_runner_durable(rid)
-    consumer = await js.pull_subscribe(
-        work_subject,
-        durable=durable,
-        stream=subjects.RUNNER_WORK_STREAM,
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
-    )
-    try:
+    async with WorkBench(js, settings) as bench:
+        await bench.runner.handle(await bench.appender.append(request_runtime(cid)))
+        action = await bench.appender.append(command(cid, "echo ran >> ran.txt; cat ran.txt"))
+        logged = await js.get_last_msg(
+            subjects.EVENTS_STREAM, subjects.event_subject(cid, "CmdRunAction")
+        )
         for _ in range(2):
             # Forwarded again past the dedupe window (as by a forwarder that crashed then).
-            await js.publish(
-                work_subject,
-                logged.data or b"",
-                stream=subjects.RUNNER_WORK_STREAM,
-                headers={EVENT_SEQUENCE_HEADER: str(logged.seq)},
-            )
-            (message,) = await consumer.fetch(1, timeout=2)
-            await dispatcher.dispatch(message)
+            await bench.forward(cid, "CmdRunAction", logged.data or b"", str(logged.seq))
             await wait_for(js, cid, reply_to(action, CmdOutputObservation))
             await asyncio.sleep(0.3)  # let a wrong second run show up
         observations = [
             e for e in await read_log(js, cid) if reply_to(action, CmdOutputObservation)(e)
         ]
-        assert len(observations) == 1
-        assert isinstance(observations[0], CmdOutputObservation)
-        assert observations[0].content.strip() == "ran"
-    finally:
-        await dispatcher.cancel()
-        await runner.close()
-        await js.delete_consumer(subjects.RUNNER_WORK_STREAM, durable)
+    assert len(observations) == 1
+    assert isinstance(observations[0], CmdOutputObservation)
+    assert observations[0].content.strip() == "ran"
+
+
+@pytest.mark.parametrize(
+    ("header", "id_shift"),
+    [("ahead", 0), ("behind", 0), ("true", 5)],
+    ids=["sequence-ahead", "sequence-behind", "id-forged"],
+)
+async def test_forged_work_cannot_misplace_the_answer(
+    js: JetStreamContext, settings: RuntimeRunnerSettings, header: str, id_shift: int
+) -> None:
+    """Work whose sequence header lies (far ahead of the log, or behind the action), or whose
+    event claims another id than the one it is stored under, is still answered right after the
+    log's real last event, the ids dense: where an answer goes is read from the log, never taken
+    from what the work message says."""
+    cid = uuid.uuid4().hex
+    async with WorkBench(js, settings) as bench:
+        await bench.runner.handle(await bench.appender.append(request_runtime(cid)))
+        other = EventAppender(js)  # another writer: the runner's cached tail falls behind
+        action = await other.append(command(cid, "echo answered"))
+        logged = await js.get_last_msg(
+            subjects.EVENTS_STREAM, subjects.event_subject(cid, "CmdRunAction")
+        )
+        assert logged.seq is not None
+        sequence = {"ahead": logged.seq + 10**6, "behind": 1, "true": logged.seq}[header]
+        claimed = msgspec.structs.replace(action, id=action.id + id_shift)
+        await bench.forward(cid, "CmdRunAction", encode_event(claimed), str(sequence))
+        await wait_for(js, cid, lambda e: isinstance(e, CmdOutputObservation))
+        log = await read_log(js, cid)
+    assert [e.id for e in log] == list(range(len(log)))
+    (answer,) = [e for e in log if isinstance(e, CmdOutputObservation)]
+    assert answer.id == action.id + 1
 
 
 async def test_a_full_runner_makes_a_start_wait_for_a_given_back_sandbox_or_refuses_it(

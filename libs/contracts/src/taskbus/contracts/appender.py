@@ -46,6 +46,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from taskbus.contracts import subjects
@@ -209,14 +210,17 @@ class EventAppender:
                 return [await self._append_one(events[0], identities(events)[0], after)]
             return await self._append_batch(events, after)
 
-    def saw(self, conversation_id: str, seq: int, event_id: int) -> None:
-        """Take note of a conversation's event read elsewhere (at stream sequence `seq`), as the
-        runner reads the action it answers: later than the tail cached here, it becomes the
-        tail, so the answer is placed right after it at once instead of first failing on a
-        tail this appender had not seen (then reading the log's)."""
+    def saw(self, conversation_id: str, last: RawStreamMsg) -> None:
+        """Take note of the conversation's last event as another reader got it from the log
+        (the runner's reply check reads it before an action runs): later than the tail cached
+        here, it becomes the tail, so the answer is placed right after it at once instead of
+        first failing on a tail this appender had not seen. The log's own message, not a
+        sequence someone passed on: nothing but the log decides where an event goes."""
+        assert last.seq is not None and last.data is not None
         cached = self._tails.get(conversation_id)
-        if cached is None or cached[0] < seq:
-            self._remember(conversation_id, seq, event_id)
+        if cached is None or cached[0] < last.seq:
+            event_id = msgspec.json.decode(last.data, type=_Envelope).id
+            self._remember(conversation_id, last.seq, event_id)
 
     def _lock_of(self, events: Sequence[Event]) -> asyncio.Lock:
         if not events:

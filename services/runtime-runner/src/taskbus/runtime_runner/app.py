@@ -14,9 +14,10 @@ A failed event is retried `max_deliver` times in all; then it is logged and kept
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -269,7 +270,6 @@ class EventDispatcher:
         if isinstance(event, UnknownEvent):
             await message.ack()
             return
-        self._appender.saw(event.conversation_id, event_sequence, event.id)
         # Stop, pause, resume and delete must not wait behind a long command.
         lane = (
             "control"
@@ -287,7 +287,13 @@ class EventDispatcher:
                 with consuming(message.subject, message.headers, cid):
                     if await is_given_back(self._js, cid, event.id, self._runner_id):
                         logger.info("%s %s: its runtime was lost here", event.kind, event.id)
-                    elif await is_answered(self._js, cid, event.id, event_sequence):
+                    elif await is_answered(
+                        self._js,
+                        cid,
+                        event.id,
+                        event_sequence,
+                        seen=functools.partial(self._appender.saw, cid),
+                    ):
                         logger.info("%s %s already answered", event.kind, event.id)
                     else:
                         outcome = "failed"
@@ -323,9 +329,9 @@ class EventDispatcher:
         reason = f"failed on all {deliveries} deliveries: {type(error).__name__}"
         await self._dead_letters.refuse(message, Refused(reason))
 
-    def in_flight(self) -> list[Msg]:
+    def in_flight(self) -> Iterable[Msg]:
         """The messages taken and not yet settled, which the ack wait must not run out on."""
-        return list(self._in_flight.values())
+        return self._in_flight.values()
 
     async def cancel(self) -> None:
         await self._lanes.cancel()

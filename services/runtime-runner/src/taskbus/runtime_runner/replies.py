@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from taskbus.contracts import subjects
@@ -29,9 +32,16 @@ def is_reply(event: AnyEvent | UnknownEvent, to_id: int) -> bool:
 
 
 async def is_answered(
-    js: JetStreamContext, conversation_id: str, event_id: int, stream_sequence: int
+    js: JetStreamContext,
+    conversation_id: str,
+    event_id: int,
+    stream_sequence: int,
+    *,
+    seen: Callable[[RawStreamMsg], None] | None = None,
 ) -> bool:
-    """Scan the conversation's events after `stream_sequence` for a reply to `event_id`.
+    """Scan the conversation's events after `stream_sequence` for a reply to `event_id`;
+    `seen` is shown the conversation's last message, read on the way (the runner's appender
+    places the reply after it).
 
     The common case (nothing after the event yet) costs one direct get of the last message.
     """
@@ -41,6 +51,8 @@ async def is_answered(
     except NotFoundError:
         return False
     assert last.seq is not None
+    if seen is not None:
+        seen(last)
     sequence = stream_sequence + 1
     while sequence <= last.seq:
         try:
