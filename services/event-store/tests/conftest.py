@@ -136,11 +136,12 @@ def start_ingester(
     module_broker: NatsBroker, clickhouse: ClickHouse, ingest_options: dict[str, Any]
 ) -> IngesterFactory:
     """Starts an ingester on the named durable consumer, by default a fresh one (which replays
-    the whole log), pausing `delay` seconds before each batch (a slow ingest)."""
+    the whole log), pausing `delay` seconds before each batch (a slow ingest); `options` are
+    more `Ingester` settings for this one."""
 
-    async def start(consumer_name: str | None, delay: float = 0.0) -> Ingester:
+    async def start(consumer_name: str | None, delay: float = 0.0, **options: Any) -> Ingester:
         return await _start_ingester(
-            module_broker, clickhouse, consumer_name, delay, **ingest_options
+            module_broker, clickhouse, consumer_name, delay, **{**ingest_options, **options}
         )
 
     return start

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from faststream.nats import NatsBroker
@@ -46,9 +47,9 @@ ENV = EventSource.ENVIRONMENT
 # Much longer than a query takes: without the barrier every query below would answer first.
 SLOW_BATCH_SECONDS = 1.0
 
-StoreFactory = Callable[[float, float], Awaitable[Ingester]]
+StoreFactory = Callable[..., Awaitable[Ingester]]
 WaitUntil = Callable[[Callable[[], Awaitable[bool]], str], Awaitable[None]]
-SlowIngesterFactory = Callable[[str | None, float], Awaitable[Ingester]]
+SlowIngesterFactory = Callable[..., Awaitable[Ingester]]
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,13 @@ async def slow_store(
     clickhouse: ClickHouse,
     start_ingester: SlowIngesterFactory,
 ) -> AsyncIterator[StoreFactory]:
-    """Starts an ingester that pauses before each batch and a responder behind a barrier
-    bounded by `wait_seconds`; both stop with the test."""
+    """Starts an ingester that pauses `delay` before each batch (`options`: more `Ingester`
+    settings) and a responder behind a barrier bounded by `wait_seconds`; both stop with the
+    test."""
     running: list[tuple[Ingester, QueryResponder]] = []
 
-    async def start(delay: float, wait_seconds: float) -> Ingester:
-        ingester = await start_ingester(None, delay)
+    async def start(delay: float, wait_seconds: float, **options: Any) -> Ingester:
+        ingester = await start_ingester(None, delay, **options)
         responder = QueryResponder(
             module_broker, clickhouse, ReadBarrier(module_js, ingester, wait_seconds)
         )
@@ -193,3 +195,31 @@ async def test_a_query_held_at_the_barrier_does_not_hold_up_the_others(
     assert isinstance(reply, ConversationReply), reply
     assert reply.conversation.last_event_id == behind[-1].id
     assert ingester.conversations[waiting].last_event_id == behind[-1].id
+
+
+async def test_a_query_does_not_wait_out_the_pause_between_writes(
+    slow_store: StoreFactory,
+    module_js: JetStreamContext,
+    queries: QueryClient,
+    wait_until: WaitUntil,
+) -> None:
+    """Under load the ingest pauses between writes (up to a second) so that events gather; a
+    query waiting for the ingest ends the pause at once. Here every write is followed by the
+    longest pause: without the cut, each round below would take about a second."""
+    ingester = await slow_store(0.0, 10.0, write_share=1e-6)
+    await wait_until(ingester.caught_up, "the replay of the module's log")
+    user_id, cid = f"pause-{uuid.uuid4().hex[:8]}", f"pause-{uuid.uuid4().hex[:10]}"
+    appender = EventAppender(module_js)
+    await appender.append_all(conversation(user_id, cid, 0))
+    rounds = 5
+    started = time.monotonic()
+    for n in range(rounds):
+        said = await appender.append(
+            MessageAction(conversation_id=cid, source=USER, content=f"round {n}")
+        )
+        reply = await queries.ask(
+            GetEvent(user_id=user_id, conversation_id=cid, event_id=said.id), EventReply
+        )
+        assert isinstance(reply, EventReply), reply
+    took = time.monotonic() - started
+    assert took < rounds * 0.5, f"{rounds} rounds took {took:.2f} s: the queries waited"

@@ -22,10 +22,12 @@ to the dead letters. A batch whose insert fails is retried here, kept ours by `i
 FastStream collects a batch until it is full or `flush_interval` has passed since the fetch
 began, and an idle consumer sends one pull request per flush interval (10 a second per held
 partition at the default 100 ms: a few hundred bytes each). Writes go one at a time
-(`_writing`), each taking every batch waiting, and start at least a flush interval apart, so an
-event waits at most about two intervals before it is stored. The consumers have no max_deliver:
-an event the server gave up redelivering would be missing from the store for good, and a
-deferred one relies on up to _MAX_DEFERRALS redeliveries.
+(`_writing`), each taking every batch waiting. They start at least a flush interval apart, up to
+a second under load (`write_spacing`), unless a query is waiting for them: an event then waits
+at most about a flush interval plus a second before it is stored, and a query no longer than it
+did. The consumers have no max_deliver: an event the server gave up redelivering would be
+missing from the store for good, and a deferred one relies on up to _MAX_DEFERRALS
+redeliveries.
 
 Memory is bounded: the fold holds the most recently ingested conversations (`cache_size`) and
 looks the others up in ClickHouse when their events come (conversation_cache).
@@ -77,6 +79,21 @@ _RETRY_DELAY_SECONDS = 1.0
 # missing events are then gone from the log, e.g. removed by the stream's limits).
 _REDELIVERY_DELAY_SECONDS = 1.0
 _MAX_DEFERRALS = 30
+# Under load, at most this share of the time goes to writing (`write_spacing`), and writes are
+# never spaced further apart than this.
+WRITE_SHARE = 1 / 8
+_LONGEST_WRITE_SPACING_SECONDS = 1.0
+
+
+def write_spacing(took: float, flush_interval: float, share: float = WRITE_SHARE) -> float:
+    """Seconds from the start of a write that took `took` to the start of the next one.
+
+    A ClickHouse insert costs about the same for 1 row as for 1,000 (a new part on disk), so
+    the cost of the ingest is its number of writes, not of events. A write that took longer (a
+    loaded host, more rows, a busy server) is followed by a longer pause, in which more events
+    gather for the next one: the ingest then spends at most `share` of its time writing
+    instead of its whole core. Under a light load writes stay a flush interval apart."""
+    return max(flush_interval, min(took / share, _LONGEST_WRITE_SPACING_SECONDS))
 
 
 class Ingester:
@@ -97,12 +114,14 @@ class Ingester:
         delay: float = 0.0,
         purger: Purger | None = None,
         cache_size: int = 10_000,
+        write_share: float = WRITE_SHARE,
     ) -> None:
         """`broker` is connected; a partition's durable is created (or updated) and consumed
         once the partition is acquired. `consumer_name` names the durables (see
         `subjects.event_store_durable`). `delay` (seconds before each batch) is a test hook
         that makes the ingest slow. `cache_size` bounds the conversations held in memory
-        (`ConversationCache`)."""
+        (`ConversationCache`). `write_share` bounds the time spent writing under load
+        (`write_spacing`)."""
         self._broker = broker
         self._js = jetstream(broker)
         self._dead_letters = DeadLetters(self._js, subjects.EVENT_STORE)
@@ -112,6 +131,7 @@ class Ingester:
         self._consumer_name = consumer_name
         self._batch_size = batch_size
         self._flush_interval = flush_interval
+        self._write_share = write_share
         self._delay = delay
         self.progress = IngestProgress()
         self._cache_size = cache_size
@@ -257,18 +277,19 @@ class Ingester:
         partitions flushing a few events each would otherwise make 16 small inserts in a row.
         Their conversations are disjoint, so joining the batches keeps each one's log order.
 
-        Writes start at least a flush interval apart. A ClickHouse insert costs about the same
-        for 1 row as for 1,000 (a new part on disk: 12-14 ms of CPU on these machines' ext4),
-        so back-to-back writes of a few events each kept the ingest busy on a whole core
-        under a light steady load; paced, their batches join, and an event waits at most one
-        more interval. An idle ingest writes at once. Only a stored write delays the next: the
+        Writes start at least a flush interval apart, further under load (`write_spacing`):
+        an insert costs about the same for 1 row as for 1,000 (12-14 ms of CPU on these
+        machines' ext4), so back-to-back writes of a few events each kept the ingest busy on a
+        whole core under a light steady load; paced, their batches join. A query waiting for
+        the ingest (`consistency.ReadBarrier`) ends the pause at once, so reads stay as fresh
+        as before. An idle ingest writes at once. Only a stored write delays the next: the
         retries of a failing one are paced by `_on_batch`, and paced here as well, partitions
         retrying out of step would take turns a whole interval apart."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((batch, done))
         async with self._writing:
             if not done.done():  # no write took it while we waited: this one takes them all
-                await asyncio.sleep(self._next_write_at - time.monotonic())
+                await self.progress.pause(self._next_write_at - time.monotonic())
                 started = time.monotonic()
                 taken, self._pending = self._pending, []
                 try:
@@ -277,7 +298,9 @@ class Ingester:
                     for _, each in taken:
                         each.set_exception(error)
                 else:
-                    self._next_write_at = started + self._flush_interval
+                    took = time.monotonic() - started
+                    spacing = write_spacing(took, self._flush_interval, self._write_share)
+                    self._next_write_at = started + spacing
                     for _, each in taken:
                         each.set_result(None)
         await done  # raises what the write that took `batch` raised
