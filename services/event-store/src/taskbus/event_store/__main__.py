@@ -4,8 +4,9 @@ rebuild its ClickHouse tables and KV projection from the log and exit."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
+
+import uvloop
 
 from taskbus.contracts import observability, subjects
 from taskbus.contracts.config import settings_from_env
@@ -29,12 +30,12 @@ def main() -> None:
     settings = settings_from_env(EventStoreSettings)
     if command == "rebuild":
         try:
-            conversations = asyncio.run(run_rebuild(settings))
+            conversations = uvloop.run(run_rebuild(settings))
         except EventStoreRunning as running:
             sys.exit(f"rebuild refused: {running}")
         print(f"rebuilt {conversations} conversations")
     else:
-        asyncio.run(run(settings))
+        uvloop.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -122,4 +122,6 @@ def run(settings: GatewaySettings | None = None) -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
+        loop="uvloop",
+        http="httptools",
     )

@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+import uvloop
+
 from taskbus.contracts import observability, subjects
 from taskbus.contracts.config import settings_from_env
 from taskbus.runtime_runner.app import RuntimeRunnerService
@@ -26,7 +28,7 @@ async def main() -> None:
 if __name__ == "__main__":
     observability.setup(subjects.RUNTIME_RUNNER)
     try:
-        asyncio.run(main())
+        uvloop.run(main())
     except SandboxUnavailable as refusal:  # one line that says what to do, not a traceback
         logging.getLogger("taskbus.runtime_runner").error("%s", refusal)
         sys.exit(2)

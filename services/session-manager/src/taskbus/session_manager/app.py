@@ -8,6 +8,8 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvloop
+
 from taskbus.contracts import observability, subjects
 from taskbus.contracts.broker import jetstream, service_broker
 from taskbus.contracts.config import settings_from_env
@@ -70,4 +72,4 @@ async def run(settings: SessionManagerSettings) -> None:
 
 def main() -> None:
     observability.setup(subjects.SESSION_MANAGER)
-    asyncio.run(run(settings_from_env(SessionManagerSettings)))
+    uvloop.run(run(settings_from_env(SessionManagerSettings)))
