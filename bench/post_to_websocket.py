@@ -6,7 +6,9 @@ floor of the same run.
 `taskbus up` (local backend) in a temp dir; `--clients` conversations, each waiting for its user
 with a WebSocket open on it; every client POSTs `/message` once a second (the clients spread
 over the second) and times each POST until its MessageAction arrives on its WebSocket. The
-reference is a core NATS request-reply round trip on the stack's server in the same run.
+references, in the same run: a core NATS request-reply round trip on the stack's server, and
+the HTTP floor: the same client's POST /message that the gateway refuses before the bus (422,
+an empty body), through the same server, middlewares and key check.
 Target: p50 <= 3 ms, p99 <= 25 ms. (The appender's half of the hot path: appender_bench.py.)
 
 Where the time goes: a tap on the bus sees each SendMessage command and its MessageAction as
@@ -66,9 +68,10 @@ HOPS = (
 
 
 class Sample(msgspec.Struct):
-    """One message: when it was POSTed and framed, and when the tap saw its SendMessage command
-    and its MessageAction event pass on the bus (0: not seen)."""
+    """One message to `conversation_id`: when it was POSTed and framed, and when the tap saw its
+    SendMessage command and its MessageAction event pass on the bus (0: not seen)."""
 
+    conversation_id: str
     posted: float
     framed: float = 0.0
     command: float = 0.0
@@ -128,7 +131,7 @@ async def post_to_websocket(
                 await asyncio.sleep(n * POST_PERIOD_SECONDS / clients)
                 for m in range(messages):
                     text = f"message {m}"
-                    sample = samples[cid, text] = Sample(posted=time.perf_counter())
+                    sample = samples[cid, text] = Sample(cid, posted=time.perf_counter())
                     posted = asyncio.create_task(
                         api.post(f"/api/conversations/{cid}/message", json={"message": text})
                     )
@@ -200,6 +203,18 @@ async def request_floor(stack: Stack, count: int = 1000) -> list[float]:
     return samples
 
 
+async def http_floor(stack: Stack, conversation_id: str, count: int = 1000) -> list[float]:
+    """Round trips of a POST /message the gateway refuses before the bus, one after another."""
+    samples = []
+    async with stack.client() as api:
+        for _ in range(count):
+            started = time.perf_counter()
+            answer = await api.post(f"/api/conversations/{conversation_id}/message", json={})
+            samples.append(time.perf_counter() - started)
+            assert answer.status_code == 422, answer.text
+    return samples
+
+
 async def websocket_latency(clients: int, messages: int) -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -217,11 +232,16 @@ async def websocket_latency(clients: int, messages: int) -> None:
     ):
         samples, cpu = await post_to_websocket(stack, clients, messages)
         floor = await request_floor(stack)
+        refused = await http_floor(stack, samples[0].conversation_id)
     p50, p99 = percentiles([s.framed - s.posted for s in samples])
-    floor_p50, floor_p99 = percentiles(floor)
     print(f"\nPOST message -> WebSocket, {clients} clients x {messages} messages")
     print(f"{'':36}{'p50 ms':>9}{'p99 ms':>9}{'target':>13}")
-    print(f"{'core NATS request (reference)':36}{floor_p50:>9.2f}{floor_p99:>9.2f}")
+    for name, reference in (
+        ("core NATS request", floor),
+        ("HTTP floor, 422 POST", refused),
+    ):
+        floor_p50, floor_p99 = percentiles(reference)
+        print(f"{name + ' (reference)':36}{floor_p50:>9.2f}{floor_p99:>9.2f}")
     print(
         f"{'POST -> WS':36}{p50:>9.2f}{p99:>9.2f}{f'<= {TARGET_P50_MS:g} / {TARGET_P99_MS:g}':>13}"
     )
