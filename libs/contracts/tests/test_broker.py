@@ -4,12 +4,15 @@ the telemetry middlewares on the path, and `last_message` for "the latest event 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry
 
@@ -157,3 +160,70 @@ async def test_sparse_traffic_into_large_batches_loses_no_batch_to_a_fetch_timeo
             assert len(handled) == len(sent)
         finally:
             await broker.stop()
+
+
+async def test_a_consumer_that_does_not_wait_to_fill_hands_over_a_lone_message_at_once(
+    tmp_path: Path,
+) -> None:
+    """Not `wait_to_fill`: a lone message is handed over as it comes, not after the poll (which
+    FastStream's own loop would wait out, 2 s here); what gathers while the handler is busy
+    comes next, in order, many at a time; an idle consumer sends a pull request or two per poll."""
+    poll = 2.0
+    batches: list[list[str]] = []
+    handed = asyncio.Event()
+    release = asyncio.Event()
+    with NatsServer(tmp_path) as server:
+        broker = service_broker(server.url, "test", registry=CollectorRegistry())
+
+        async def handle(message: BatchMessage) -> None:
+            batches.append([raw.subject for raw in message.raw_message])
+            handed.set()
+            await release.wait()
+            for raw in message.raw_message:
+                await raw.ack()
+
+        durable_pull(
+            broker,
+            subjects.ALL_EVENTS,
+            handle,
+            stream=subjects.EVENTS_STREAM,
+            config=ConsumerConfig(durable_name="taker", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+            batch_size=100,
+            timeout=poll,
+            wait_to_fill=False,
+        )
+        await broker.connect()
+        js = jetstream(broker)
+        await ensure_streams(js)
+        pulls: list[float] = []
+
+        async def pulled(msg: Msg) -> None:
+            pulls.append(time.monotonic())
+
+        tap = await nats.connect(server.url)
+        await tap.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.taker", cb=pulled)
+        await broker.start()
+        try:
+            await asyncio.sleep(2 * poll)
+            assert 1 <= len(pulls) <= 6, f"{len(pulls)} pull requests in two idle polls"
+
+            started = time.monotonic()
+            await js.publish(subjects.event_subject("c00", "Kind"), b"{}")
+            await asyncio.wait_for(handed.wait(), 10)
+            took = time.monotonic() - started
+            # Below the wait of a "what else is there" fetch too (0.5 s), which must not run.
+            assert took < poll / 8, f"a lone message waited {took:.2f} s"
+
+            backlog = [subjects.event_subject(f"c{n:02d}", "Kind") for n in range(1, 31)]
+            for subject in backlog:
+                await js.publish(subject, b"{}")
+            release.set()
+            for _ in range(200):
+                if sum(len(batch) for batch in batches) == 31:
+                    break
+                await asyncio.sleep(0.05)
+            assert [subject for batch in batches[1:] for subject in batch] == backlog
+            assert len(batches[1]) > 1, "the backlog came one message at a time"
+        finally:
+            await broker.stop()
+            await tap.close()

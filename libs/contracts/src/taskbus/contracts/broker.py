@@ -11,6 +11,7 @@ one (messages, sizes, durations and errors per subject, in `prometheus_client`'s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Annotated, Any
@@ -31,8 +32,10 @@ from faststream.nats.subscriber.usecases import (
 from faststream.prometheus import ConsumeAttrs, MetricsSettingsProvider, PrometheusMiddleware
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
+from nats.js.errors import ServiceUnavailableError
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from taskbus.contracts import subjects
@@ -143,11 +146,14 @@ def durable_pull(
     config: ConsumerConfig,
     batch_size: int,
     timeout: float,
+    wait_to_fill: bool = True,
 ) -> BatchPullStreamSubscriber:
-    """A durable pull consumer handing `handle` batches of up to `batch_size` messages
-    (whatever arrives within `timeout` of the fetch), in log order, undecoded. Nothing is acked
-    for the handler: it acks, naks (with a delay), terms or keeps `in_progress` each message
-    itself, through `message.raw_message`. `config.durable_name` names the consumer."""
+    """A durable pull consumer handing `handle` batches of up to `batch_size` messages, in log
+    order, undecoded: whatever arrives within `timeout` of the fetch, or, not `wait_to_fill`,
+    the first message to come within `timeout` (a long poll) and whatever else is there by then
+    (`_take_what_is_there`). Nothing is acked for the handler: it acks, naks (with a delay),
+    terms or keeps `in_progress` each message itself, through `message.raw_message`.
+    `config.durable_name` names the consumer."""
     if not config.durable_name:  # an ephemeral consumer would start over after a restart
         raise ValueError("a durable pull consumer needs config.durable_name")
     subjects = [subject] if isinstance(subject, str) else list(subject)
@@ -164,7 +170,50 @@ def durable_pull(
     )
     assert isinstance(subscriber, BatchPullStreamSubscriber)
     subscriber(handle, decoder=undecoded)
+    if not wait_to_fill:
+        _take_what_is_there(subscriber, batch_size, timeout)
     return subscriber
+
+
+# How long a "what else is there" fetch waits for the server's answer: a loopback round trip,
+# with room for a busy host. Messages it misses are taken by the next fetch.
+_THERE_SECONDS = 0.5
+
+
+def _take_what_is_there(
+    subscriber: BatchPullStreamSubscriber, batch_size: int, idle_poll: float
+) -> None:
+    """Replace FastStream's batch loop, which fetches until the batch is full or its timeout has
+    passed (a lone message waits the timeout out, so the timeout must be short, and an idle
+    consumer sends two pull requests per timeout), with a long poll for one message followed,
+    if the server says more are pending (the message's `num_pending`), by a fetch of those,
+    which the server answers at once (a no-wait pull request for what it has). An idle consumer
+    sends two pull requests per `idle_poll`, which can be long; a lone message is handed over as
+    it comes; a backlog in batches of `batch_size`. The handler and FastStream's middlewares are
+    as for any batch (`consume`)."""
+
+    async def consume_pull() -> None:
+        assert subscriber.subscription is not None, "started by FastStream's start()"
+        fetch = subscriber.subscription.fetch
+        while subscriber.running:
+            try:
+                messages = await fetch(batch=1, timeout=idle_poll)
+                if not messages:
+                    continue
+                pending = min(messages[-1].metadata.num_pending or 0, batch_size - 1)
+                if pending > 0:
+                    with contextlib.suppress(TimeoutError):
+                        messages += await fetch(batch=pending, timeout=_THERE_SECONDS)
+            except TimeoutError:
+                continue
+            except (ConnectionClosedError, ServiceUnavailableError):
+                # Unacked messages are redelivered; the connection's reconnect brings it back.
+                await asyncio.sleep(idle_poll)
+                continue
+            if messages and subscriber.running:
+                await subscriber.consume(messages)
+
+    subscriber._consume_pull = consume_pull  # type: ignore[method-assign]
 
 
 async def renew_while_held(held: Callable[[], Iterable[Msg]], every: float) -> None:

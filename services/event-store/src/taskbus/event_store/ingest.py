@@ -19,15 +19,15 @@ whose handler settles every message itself: stored ones are acked, ones that cam
 conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
 to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`
 (renewed while the batch is in hand, `broker.renew_while_held`), never acked before it is stored.
-FastStream collects a batch until it is full or `flush_interval` has passed since the fetch
-began, and an idle consumer sends one pull request per flush interval (10 a second per held
-partition at the default 100 ms: a few hundred bytes each). Writes go one at a time
-(`_writing`), each taking every batch waiting. They start at least a flush interval apart, up to
-a second under load (`write_spacing`), unless a query is waiting for them: an event then waits
-at most about a flush interval plus a second before it is stored, and a query no longer than it
-did. The consumers have no max_deliver: an event the server gave up redelivering would be
-missing from the store for good, and a deferred one relies on up to _MAX_DEFERRALS
-redeliveries.
+A batch is what is there when a partition's first message comes (`durable_pull`, not
+`wait_to_fill`): an idle partition sends two pull requests per `_IDLE_POLL_SECONDS`, where
+FastStream's own loop sent two per flush interval (320 a second for an idle event-store). The
+batches are gathered by the writes instead: they go one at a time (`_writing`), each taking
+every batch waiting. They start at least a flush interval apart, up to a second under load
+(`write_spacing`), unless a query is waiting for them: an event then waits at most about a flush
+interval plus a second before it is stored, and a query no longer than it did. The consumers
+have no max_deliver: an event the server gave up redelivering would be missing from the store
+for good, and a deferred one relies on up to _MAX_DEFERRALS redeliveries.
 
 Memory is bounded: the fold holds the most recently ingested conversations (`cache_size`) and
 looks the others up in ClickHouse when their events come (conversation_cache).
@@ -83,6 +83,10 @@ _MAX_DEFERRALS = 30
 # never spaced further apart than this.
 WRITE_SHARE = 1 / 8
 _LONGEST_WRITE_SPACING_SECONDS = 1.0
+# How long an idle partition's pull waits for a message (it returns as soon as one comes). A
+# pull left on the server by a consumer that stopped (its partition lost) may catch one message,
+# which comes back after the ack wait.
+_IDLE_POLL_SECONDS = 1.0
 
 
 def write_spacing(took: float, flush_interval: float, share: float = WRITE_SHARE) -> float:
@@ -242,7 +246,8 @@ class Ingester:
             stream=subjects.EVENTS_STREAM,
             config=self._config(partition),
             batch_size=self._batch_size,
-            timeout=self._flush_interval,
+            timeout=_IDLE_POLL_SECONDS,
+            wait_to_fill=False,
         )
 
     async def _on_batch(self, partition: int, message: BatchMessage) -> None:

@@ -17,12 +17,13 @@ again and decides anew (the old holder's events consumer may have taken events t
 holder's fold never saw); and the runner answers each action once, checking the log for its
 reply before running it (runtime_runner.replies).
 
-A consumer is fetched one message at a time with a long poll: FastStream's batch consumer waits
-for a batch to fill, and 33 consumers polling at a short period would cost an idle process a
-steady share of a core. A stopped consumer's last pull request stays on the server until it
-expires, and a message it catches comes back only after ack_wait: so the poll is short enough
-and the ack waits are short (a redelivered event is skipped by the fold; a redelivered command
-finds its verdict), which bounds the delay a graceful hand-over can add.
+A consumer takes what is there when its first message comes, after a long poll (`durable_pull`,
+not `wait_to_fill`): a lone message is handled at once, a backlog in one pass (FastStream's
+middlewares and a pull request per batch, not per message), and 33 consumers idle on two pull
+requests every IDLE_POLL_SECONDS each. A stopped consumer's last pull request stays on the
+server until it expires, and a message it catches comes back only after ack_wait: so the poll
+is short enough and the ack waits are short (a redelivered event is skipped by the fold; a
+redelivered command finds its verdict), which bounds the delay a graceful hand-over can add.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ PartitionsHandler = Callable[[frozenset[int]], Awaitable[None]]
 
 # How long an idle consumer's pull waits (a pull returns as soon as a message comes).
 IDLE_POLL_SECONDS = 2.0
+# At most this many messages a pass (a backlog after a restart comes in passes of this size).
+BATCH_SIZE = 32
 EVENTS_ACK_WAIT_SECONDS = 5.0
 COMMANDS_ACK_WAIT_SECONDS = 15.0
 # Deliveries of a command before JetStream stops redelivering it: on the last, a failing one is
@@ -191,6 +194,7 @@ class PartitionConsumers:
             consume,
             stream=stream,
             config=config,
-            batch_size=1,
+            batch_size=BATCH_SIZE,
             timeout=IDLE_POLL_SECONDS,
+            wait_to_fill=False,
         )
