@@ -121,9 +121,9 @@ async def ceiling(stack: Stack) -> float:
 
 
 def cpu_by_process(stack_pid: int) -> dict[str, float]:
-    used: dict[str, float] = {}
     """CPU seconds so far of each kind of process under the launcher (its sandboxes' commands
     count to the runner that waited for them)."""
+    used: dict[str, float] = {}
     for pid in descendants(stack_pid):
         try:
             name = label(pid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,22 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry
 
 from taskbus.contracts import subjects
-from taskbus.contracts.broker import BatchMessage, durable_pull, jetstream, service_broker
+from taskbus.contracts.broker import (
+    BatchMessage,
+    ServiceBroker,
+    durable_pull,
+    jetstream,
+    service_broker,
+)
 from taskbus.contracts.streams import ensure_streams, last_message
 from taskbus.devtools.nats_server import NatsServer
+
+Handler = Callable[[BatchMessage], Awaitable[None]]
+
+
+def consume_all_events(broker: ServiceBroker, handle: Handler, **options: Any) -> None:
+    """A durable pull consumer of every event (`options`: durable_pull's)."""
+    durable_pull(broker, subjects.ALL_EVENTS, handle, stream=subjects.EVENTS_STREAM, **options)
 
 
 async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not_acked(
@@ -49,11 +62,9 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
                 if not raw.subject.endswith(".skipped"):
                     await raw.ack()
 
-        durable_pull(
+        consume_all_events(
             broker,
-            subjects.ALL_EVENTS,
             handle,
-            stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(
                 durable_name="broker_test",
                 ack_policy=AckPolicy.EXPLICIT,
@@ -132,11 +143,9 @@ async def test_sparse_traffic_into_large_batches_loses_no_batch_to_a_fetch_timeo
                 handled.add(raw.subject)
                 await raw.ack()
 
-        durable_pull(
+        consume_all_events(
             broker,
-            subjects.ALL_EVENTS,
             handle,
-            stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(
                 durable_name="sparse", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
             ),
@@ -182,11 +191,9 @@ async def test_a_consumer_that_does_not_wait_to_fill_hands_over_a_lone_message_a
             for raw in message.raw_message:
                 await raw.ack()
 
-        durable_pull(
+        consume_all_events(
             broker,
-            subjects.ALL_EVENTS,
             handle,
-            stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(durable_name="taker", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
             batch_size=100,
             timeout=poll,
