@@ -210,7 +210,7 @@ def _take_what_is_there(
                 # Unacked messages are redelivered; the connection's reconnect brings it back.
                 await asyncio.sleep(idle_poll)
                 continue
-            if messages and subscriber.running:
+            if subscriber.running:
                 await subscriber.consume(messages)
 
     subscriber._consume_pull = consume_pull  # type: ignore[method-assign]

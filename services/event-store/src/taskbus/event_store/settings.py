@@ -29,6 +29,8 @@ class EventStoreSettings(msgspec.Struct, frozen=True, kw_only=True):
     # the host name and process id. Several instances need a ClickHouse server (`http://`).
     instance_id: str = ""
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # The least time between the starts of two writes to ClickHouse; under load they are spaced
+    # further, up to a second, by what they cost (`ingest.write_spacing`), unless a query waits.
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
     # ClickHouse connections answering queries, so a slow search does not hold up the others.
     query_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
