@@ -20,6 +20,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
@@ -250,6 +251,37 @@ async def test_no_other_service_can_steal_a_partition_a_slot_or_a_partitions_dur
         durable = subjects.session_manager_events_durable(0)
         consumer = await js.consumer_info(subjects.EVENTS_STREAM, durable)
         assert consumer.config.filter_subject == subjects.partition_events(0)
+
+
+async def test_no_service_can_slip_a_forged_delivery_into_another_services_inbox(
+    stack: Stack,
+) -> None:
+    """A pull consumer takes whatever reaches its inbox as JetStream's delivery, and trusts its
+    reply subject (the ack subject, with the count of messages still pending): a service that
+    could publish there could hand another one events the log never held."""
+    victims = (bus_auth.SESSION_MANAGER, bus_auth.EVENT_STORE, bus_auth.RUNTIME_RUNNER)
+    forged_ack = f"$JS.ACK.{subjects.EVENTS_STREAM}.forged.1.1.1.0.999999"
+    async with bus_as(stack, bus_auth.ADMIN) as admin:
+        arrived: list[str] = []
+
+        async def caught(msg: Msg) -> None:
+            arrived.append(msg.subject)
+
+        for victim in victims:
+            await admin.subscribe(f"{inbox_prefix(victim)}.>", cb=caught)
+        await admin.flush()
+        for attacker in (bus_auth.GATEWAY, bus_auth.RUNTIME_RUNNER, bus_auth.SESSION_MANAGER):
+            async with bus_as(stack, attacker) as nc:
+                for victim in victims:
+                    if victim == attacker:
+                        continue
+                    await nc.publish(f"{inbox_prefix(victim)}.forged", b"{}", reply=forged_ack)
+                await nc.flush(timeout=2)
+                await asyncio.sleep(0.3)
+                assert "permissions violation" in str(nc.last_error).lower(), attacker
+        await asyncio.sleep(0.5)
+        assert not [subject for subject in arrived if subject.endswith(".forged")]
+        assert arrived, "the admin's tap hears the services' own deliveries, so it would hear these"
 
 
 async def test_no_service_can_forge_another_services_health(stack: Stack) -> None:
