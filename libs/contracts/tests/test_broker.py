@@ -72,7 +72,7 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
                 ack_wait=1,
             ),
             batch_size=8,
-            timeout=0.2,
+            expires=0.2,
         )
         await broker.connect()
         js = jetstream(broker)
@@ -125,59 +125,19 @@ def test_a_consumer_needs_a_durable_name() -> None:
             stream=subjects.EVENTS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
             batch_size=1,
-            timeout=0.2,
+            expires=0.2,
         )
 
 
-async def test_sparse_traffic_into_large_batches_loses_no_batch_to_a_fetch_timeout(
+async def test_a_consumer_keeps_one_pull_request_open(
     tmp_path: Path,
 ) -> None:
-    """A batch's deadline passing between nats-py's two pull requests must not kill the loop
-    and strand what it had gathered until ack_wait (30 s here, far beyond the test's wait)."""
-    handled: set[str] = set()
-    with NatsServer(tmp_path) as server:
-        broker = service_broker(server.url, "test", registry=CollectorRegistry())
-
-        async def handle(message: BatchMessage) -> None:
-            for raw in message.raw_message:
-                handled.add(raw.subject)
-                await raw.ack()
-
-        consume_all_events(
-            broker,
-            handle,
-            config=ConsumerConfig(
-                durable_name="sparse", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
-            ),
-            batch_size=256,
-            timeout=0.02,
-        )
-
-        await broker.connect()
-        js = jetstream(broker)
-        await ensure_streams(js)
-        await broker.start()
-        try:
-            sent = {subjects.event_subject(f"c{n}", "Kind") for n in range(300)}
-            for subject in sorted(sent):
-                await js.publish(subject, b"{}")
-                await asyncio.sleep(0.003)
-            for _ in range(100):
-                if handled == sent:
-                    break
-                await asyncio.sleep(0.05)
-            assert len(handled) == len(sent)
-        finally:
-            await broker.stop()
-
-
-async def test_a_consumer_that_does_not_wait_to_fill_hands_over_a_lone_message_at_once(
-    tmp_path: Path,
-) -> None:
-    """Not `wait_to_fill`: a lone message is handed over as it comes, not after the poll (which
+    """A lone message is handed over as it comes, not after the request's expiry (which
     FastStream's own loop would wait out, 2 s here); what gathers while the handler is busy
-    comes next, in order, many at a time; an idle consumer sends a pull request or two per poll."""
+    comes next, in order, many at a time; a flow of messages costs a pull request per half
+    batch, not one per message; an idle consumer renews its request once per poll."""
     poll = 2.0
+    batch_size = 10
     batches: list[list[str]] = []
     handed = asyncio.Event()
     release = asyncio.Event()
@@ -195,9 +155,8 @@ async def test_a_consumer_that_does_not_wait_to_fill_hands_over_a_lone_message_a
             broker,
             handle,
             config=ConsumerConfig(durable_name="taker", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
-            batch_size=100,
-            timeout=poll,
-            wait_to_fill=False,
+            batch_size=batch_size,
+            expires=poll,
         )
         await broker.connect()
         js = jetstream(broker)
@@ -207,30 +166,144 @@ async def test_a_consumer_that_does_not_wait_to_fill_hands_over_a_lone_message_a
         async def pulled(msg: Msg) -> None:
             pulls.append(time.monotonic())
 
+        async def handled(count: int) -> None:
+            for _ in range(200):
+                if sum(len(batch) for batch in batches) == count:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{sum(len(b) for b in batches)} of {count} handled")
+
         tap = await nats.connect(server.url)
         await tap.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.taker", cb=pulled)
         await broker.start()
         try:
-            await asyncio.sleep(2 * poll)
-            assert 1 <= len(pulls) <= 6, f"{len(pulls)} pull requests in two idle polls"
+            await asyncio.sleep(2.5 * poll)
+            assert 2 <= len(pulls) <= 3, f"{len(pulls)} pull requests in two and a half polls"
 
             started = time.monotonic()
             await js.publish(subjects.event_subject("c00", "Kind"), b"{}")
             await asyncio.wait_for(handed.wait(), 10)
             took = time.monotonic() - started
-            # Below the wait of a "what else is there" fetch too (0.5 s), which must not run.
             assert took < poll / 8, f"a lone message waited {took:.2f} s"
 
             backlog = [subjects.event_subject(f"c{n:02d}", "Kind") for n in range(1, 31)]
             for subject in backlog:
                 await js.publish(subject, b"{}")
             release.set()
-            for _ in range(200):
-                if sum(len(batch) for batch in batches) == 31:
-                    break
-                await asyncio.sleep(0.05)
+            await handled(31)
             assert [subject for batch in batches[1:] for subject in batch] == backlog
             assert len(batches[1]) > 1, "the backlog came one message at a time"
+
+            pulls.clear()
+            flow = [subjects.event_subject(f"f{n:03d}", "Kind") for n in range(100)]
+            for subject in flow:
+                await js.publish(subject, b"{}")
+                await asyncio.sleep(0.005)  # each stored apart from the next
+            await handled(131)
+            assert [subject for batch in batches for subject in batch][31:] == flow
+            # Fetching one by one would send a request per message (100).
+            most = len(flow) // (batch_size // 2) + 2
+            assert len(pulls) <= most, f"{len(pulls)} pull requests for {len(flow)} messages"
         finally:
             await broker.stop()
             await tap.close()
+
+
+async def test_a_standing_pull_asks_again_after_the_server_lost_its_requests(
+    tmp_path: Path,
+) -> None:
+    """A server killed and started again has forgotten the pull requests waiting on it, and
+    never answers them: the consumer takes them as lost after their expiry and asks again, so
+    a message stored after the restart is handled, not stranded until the consumer restarts."""
+    poll = 1.0
+    handled: list[str] = []
+    with NatsServer(tmp_path) as server:
+        broker = service_broker(server.url, "test", registry=CollectorRegistry())
+
+        async def handle(message: BatchMessage) -> None:
+            for raw in message.raw_message:
+                handled.append(raw.subject)
+                await raw.ack()
+
+        consume_all_events(
+            broker,
+            handle,
+            config=ConsumerConfig(durable_name="kept", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+            batch_size=8,
+            expires=poll,
+        )
+        await broker.connect()
+        js = jetstream(broker)
+        await ensure_streams(js)
+        await broker.start()
+        try:
+            await js.publish(subjects.event_subject("before", "Kind"), b"{}")
+            for _ in range(100):
+                if handled:
+                    break
+                await asyncio.sleep(0.05)
+            server.kill()  # no last word (a 409) on the requests it held
+            server.start()
+            subject = subjects.event_subject("after", "Kind")
+            for _ in range(100):  # once the broker's connection is back; stored once
+                try:
+                    await js.publish(subject, b"{}", timeout=0.5, headers={"Nats-Msg-Id": "after"})
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    await asyncio.sleep(0.1)
+            for _ in range(200):
+                if subject in handled:
+                    break
+                await asyncio.sleep(0.05)
+            assert handled == [subjects.event_subject("before", "Kind"), subject]
+        finally:
+            await broker.stop()
+
+
+async def test_a_stopped_consumers_pull_request_catches_nothing_from_the_next_holder(
+    tmp_path: Path,
+) -> None:
+    """A hand-over: the consumer that stopped leaves its standing request (8 messages, 5 s) on
+    the server; the server skips it, since no one reads its inbox, so the next holder of the
+    durable gets every message as it is stored, not after the ack wait (30 s here)."""
+    taken: list[tuple[str, int]] = []
+    with NatsServer(tmp_path) as server:
+
+        def holder(name: str) -> ServiceBroker:
+            broker = service_broker(server.url, name, registry=CollectorRegistry())
+
+            async def handle(message: BatchMessage) -> None:
+                for raw in message.raw_message:
+                    taken.append((name, raw.metadata.num_delivered))
+                    await raw.ack()
+
+            consume_all_events(
+                broker,
+                handle,
+                config=ConsumerConfig(
+                    durable_name="moved", ack_policy=AckPolicy.EXPLICIT, ack_wait=30
+                ),
+                batch_size=8,
+                expires=5.0,
+            )
+            return broker
+
+        old = holder("old")
+        await old.connect()
+        await ensure_streams(jetstream(old))
+        await old.start()
+        await asyncio.sleep(0.5)  # its request is on the server
+        await old.stop()
+        new = holder("new")
+        await new.connect()
+        await new.start()
+        try:
+            for n in range(5):
+                await jetstream(new).publish(subjects.event_subject(f"c{n}", "Kind"), b"{}")
+            for _ in range(100):
+                if len(taken) == 5:
+                    break
+                await asyncio.sleep(0.05)
+            assert taken == [("new", 1)] * 5
+        finally:
+            await new.stop()

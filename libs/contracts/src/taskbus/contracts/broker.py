@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Annotated, Any
 
@@ -27,25 +29,19 @@ from faststream.nats.response import NatsPublishCommand
 from faststream.nats.security import NatsSecurity, NatsUserPassword
 from faststream.nats.subscriber.usecases import (
     BatchPullStreamSubscriber,
-    stream_pull_subscriber,
 )
 from faststream.prometheus import ConsumeAttrs, MetricsSettingsProvider, PrometheusMiddleware
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, StatusCode
+from nats.js.api import Header as JetStreamHeader
 from nats.js.errors import ServiceUnavailableError
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from taskbus.contracts import subjects
 from taskbus.contracts.bus import environment_credential, environment_tls, inbox_prefix
-
-# FastStream 0.7.8's batch loop catches only nats-py's TimeoutError, but nats-py 2.16's fetch
-# also raises asyncio's when a batch's deadline passes between its two pull requests: the loop
-# then dies (FastStream restarts it) and the messages gathered for the batch wait out ack_wait.
-# nats-py's TimeoutError subclasses the builtin one, so catching the builtin catches both.
-stream_pull_subscriber.TimeoutError = TimeoutError  # type: ignore[assignment,attr-defined]
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +141,13 @@ def durable_pull(
     stream: str,
     config: ConsumerConfig,
     batch_size: int,
-    timeout: float,
-    wait_to_fill: bool = True,
+    expires: float,
 ) -> BatchPullStreamSubscriber:
     """A durable pull consumer handing `handle` batches of up to `batch_size` messages, in log
-    order, undecoded: whatever arrives within `timeout` of the fetch, or, not `wait_to_fill`,
-    the first message to come within `timeout` (a long poll) and whatever else is there by then
-    (`_take_what_is_there`). Nothing is acked for the handler: it acks, naks (with a delay),
-    terms or keeps `in_progress` each message itself, through `message.raw_message`.
-    `config.durable_name` names the consumer."""
+    order, undecoded: what its standing pull request (`_keep_a_pull_open`, renewed every
+    `expires` seconds while idle) has brought by the time the handler is free. Nothing is
+    acked for the handler: it acks, naks (with a delay), terms or keeps `in_progress` each
+    message itself, through `message.raw_message`. `config.durable_name` names the consumer."""
     if not config.durable_name:  # an ephemeral consumer would start over after a restart
         raise ValueError("a durable pull consumer needs config.durable_name")
     subjects = [subject] if isinstance(subject, str) else list(subject)
@@ -164,54 +158,91 @@ def durable_pull(
         stream=JStream(stream, declare=False),  # `streams.ensure_streams` declares them
         durable=config.durable_name,
         config=config,
-        pull_sub=PullSub(batch_size=batch_size, timeout=timeout, batch=True),
+        pull_sub=PullSub(batch_size=batch_size, timeout=expires, batch=True),
         ack_policy=AckPolicy.MANUAL,
         inbox_prefix=f"{broker.inbox}.".encode(),
     )
     assert isinstance(subscriber, BatchPullStreamSubscriber)
     subscriber(handle, decoder=undecoded)
-    if not wait_to_fill:
-        _take_what_is_there(subscriber, batch_size, timeout)
+    _keep_a_pull_open(subscriber, broker, stream, config.durable_name, batch_size, expires)
     return subscriber
 
 
-# How long a "what else is there" fetch waits for the server's answer: a loopback round trip,
-# with room for a busy host. Messages it misses are taken by the next fetch.
-_THERE_SECONDS = 0.5
+# A standing pull asks for more once this share of what it asked for has come.
+_ASK_AGAIN_SHARE = 0.5
+# Past a request's expiry, how long the consumer waits for the server's word on it (a 408)
+# before it takes the request as lost (a reconnect drops the server's answer) and asks anew.
+_EXPIRY_GRACE_SECONDS = 1.0
+_PENDING_MESSAGES = "Nats-Pending-Messages"
 
 
-def _take_what_is_there(
-    subscriber: BatchPullStreamSubscriber, batch_size: int, idle_poll: float
+def _keep_a_pull_open(
+    subscriber: BatchPullStreamSubscriber,
+    broker: ServiceBroker,
+    stream: str,
+    durable: str,
+    batch_size: int,
+    expires: float,
 ) -> None:
-    """Replace FastStream's batch loop, which fetches until the batch is full or its timeout has
-    passed (a lone message waits the timeout out, so the timeout must be short, and an idle
-    consumer sends two pull requests per timeout), with a long poll for one message followed,
-    if the server says more are pending (the message's `num_pending`), by a fetch of those,
-    which the server answers at once (a no-wait pull request for what it has). An idle consumer
-    sends two pull requests per `idle_poll`, which can be long; a lone message is handed over as
-    it comes; a backlog in batches of `batch_size`. The handler and FastStream's middlewares are
-    as for any batch (`consume`)."""
+    """Replace FastStream's batch loop, which sends a pull request per batch and waits until the
+    batch is full or its timeout has passed (so a lone message waits the timeout out), with a
+    standing pull request, as nats.go's `Consume` keeps: up to `batch_size` messages are asked
+    for at a time, each delivered the moment it is stored, and more are asked for once half
+    have come. Whatever has come when the handler is free is its next batch. So a lone message
+    is handed over as it comes, a flow of messages costs a pull request per half batch (not one
+    per message or two), and an idle consumer one per `expires`. The handler and FastStream's
+    middlewares are as for any batch (`consume`).
+
+    What is still asked for is counted: a message takes one off; a request that expires says
+    in its 408 how many of it were not delivered; any other status (409: the consumer was
+    deleted or changed leader, too many waiting requests) may have dropped every request, so
+    they are all taken as gone. Asking for too many is harmless (they come as they are
+    stored); for too few only stalls until the next expiry, which the count then corrects."""
 
     async def consume_pull() -> None:
-        assert subscriber.subscription is not None, "started by FastStream's start()"
-        fetch = subscriber.subscription.fetch
-        while subscriber.running:
-            try:
-                messages = await fetch(batch=1, timeout=idle_poll)
-                if not messages:
+        nc = connection(broker)
+        next_messages = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        inbox = await nc.subscribe(nc.new_inbox())
+        asked = 0  # messages asked for and neither delivered nor reported undelivered
+        heard = time.monotonic()  # when the server last answered a request
+        try:
+            while subscriber.running:
+                if time.monotonic() - heard > expires + _EXPIRY_GRACE_SECONDS:
+                    asked, heard = 0, time.monotonic()  # unanswered: the requests are lost
+                if asked <= batch_size * _ASK_AGAIN_SHARE:
+                    more = batch_size - asked
+                    request = {"batch": more, "expires": int(expires * 1e9)}
+                    try:
+                        await nc.publish(next_messages, json.dumps(request).encode(), inbox.subject)
+                    except (ConnectionClosedError, ServiceUnavailableError):
+                        await asyncio.sleep(expires)  # a reconnect brings the connection back
+                        continue
+                    asked += more
+                try:
+                    first = await inbox.next_msg(timeout=expires + _EXPIRY_GRACE_SECONDS)
+                except TimeoutError:
                     continue
-                pending = min(messages[-1].metadata.num_pending or 0, batch_size - 1)
-                if pending > 0:
-                    with contextlib.suppress(TimeoutError):
-                        messages += await fetch(batch=pending, timeout=_THERE_SECONDS)
-            except TimeoutError:
-                continue
-            except (ConnectionClosedError, ServiceUnavailableError):
-                # Unacked messages are redelivered; the connection's reconnect brings it back.
-                await asyncio.sleep(idle_poll)
-                continue
-            if subscriber.running:
-                await subscriber.consume(messages)
+                arrived = [first]
+                while inbox.pending_msgs and len(arrived) < batch_size:
+                    arrived.append(await inbox.next_msg(timeout=None))
+                heard = time.monotonic()
+                messages = []
+                for msg in arrived:
+                    headers = msg.headers or {}
+                    status = headers.get(JetStreamHeader.STATUS)
+                    if status is None:
+                        messages.append(msg)
+                        asked -= 1
+                    elif status == StatusCode.REQUEST_TIMEOUT:
+                        asked -= int(headers.get(_PENDING_MESSAGES, 0))
+                    elif status != StatusCode.CONTROL_MESSAGE:
+                        asked = 0
+                asked = max(asked, 0)
+                if messages and subscriber.running:
+                    await subscriber.consume(messages)
+        finally:
+            with contextlib.suppress(Exception):
+                await inbox.unsubscribe()
 
     subscriber._consume_pull = consume_pull  # type: ignore[method-assign]
 

@@ -19,9 +19,10 @@ whose handler settles every message itself: stored ones are acked, ones that cam
 conversation's earlier events are nak'd with a delay, undecodable ones termed, refused ones sent
 to the dead letters. A batch whose insert fails is retried here, kept ours by `in_progress`
 (renewed while the batch is in hand, `broker.renew_while_held`), never acked before it is stored.
-A batch is what is there when a partition's first message comes (`durable_pull`, not
-`wait_to_fill`): an idle partition sends two pull requests per `_IDLE_POLL_SECONDS`, where
-FastStream's own loop sent two per flush interval (320 a second for an idle event-store). The
+A batch is what a partition's standing pull request has brought when the handler is free
+(`durable_pull`): an idle partition renews its request once per
+`_IDLE_POLL_SECONDS`, where FastStream's own loop sent two per flush interval (320 a second for
+an idle event-store). The
 batches are gathered by the writes instead: they go one at a time (`_writing`), each taking
 every batch waiting. They start at least a flush interval apart, up to a second under load
 (`write_spacing`), unless a query is waiting for them: an event then waits at most about a flush
@@ -83,9 +84,9 @@ _MAX_DEFERRALS = 30
 # never spaced further apart than this.
 WRITE_SHARE = 1 / 8
 _LONGEST_WRITE_SPACING_SECONDS = 1.0
-# How long an idle partition's pull waits for a message (it returns as soon as one comes). A
-# pull left on the server by a consumer that stopped (its partition lost) may catch one message,
-# which comes back after the ack wait.
+# How long a partition's pull request stands before it is renewed (messages come as they are
+# stored). One left on the server by a consumer that stopped (its partition lost) catches
+# nothing: the server skips a request whose inbox no one reads.
 _IDLE_POLL_SECONDS = 1.0
 
 
@@ -246,8 +247,7 @@ class Ingester:
             stream=subjects.EVENTS_STREAM,
             config=self._config(partition),
             batch_size=self._batch_size,
-            timeout=_IDLE_POLL_SECONDS,
-            wait_to_fill=False,
+            expires=_IDLE_POLL_SECONDS,
         )
 
     async def _on_batch(self, partition: int, message: BatchMessage) -> None:

@@ -84,7 +84,9 @@ logger = logging.getLogger(__name__)
 
 _STATUS_CHANGES = subjects.events_of_kind(ConversationStatusChanged.__name__)
 _FAN_OUT_BATCH = 64
-_FETCH_SECONDS = 0.5
+# How long a consumer's standing pull request lasts before it is renewed (messages come as they
+# are stored).
+_PULL_EXPIRES_SECONDS = 1.0
 # Deliveries attempted at once by one gateway.
 _CONCURRENT_ATTEMPTS = 16
 # A fan-out that could not store its jobs (NATS busy) is tried again after this long.
@@ -147,7 +149,7 @@ class WebhookDelivery:
                 stream=subjects.EVENTS_STREAM,
                 config=events_config(),
                 batch_size=_FAN_OUT_BATCH,
-                timeout=_FETCH_SECONDS,
+                expires=_PULL_EXPIRES_SECONDS,
             ),
             # One at a time: each is handed to its own task at once, so none waits for a batch.
             durable_pull(
@@ -157,7 +159,7 @@ class WebhookDelivery:
                 stream=subjects.WEBHOOK_JOBS_STREAM,
                 config=jobs_config(settings),
                 batch_size=1,
-                timeout=_FETCH_SECONDS,
+                expires=_PULL_EXPIRES_SECONDS,
             ),
         ]
 

@@ -86,11 +86,11 @@ logger = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=HostWorkspaceSandbox)
 
-# One event per fetch: FastStream's batch subscriber (0.7.8) holds a partial batch until it is
-# full or `_FETCH_SECONDS` have passed, which would add up to a second to every action the agent
-# waits for; a batch of one is handed over as soon as it comes.
-_FETCH_BATCH = 1
-_FETCH_SECONDS = 1.0
+# The work consumer's batches: whatever its standing pull request has brought, handed over as
+# soon as the first event comes (each event goes to its conversation's lane at once); the
+# request is renewed every `_PULL_EXPIRES_SECONDS` while idle.
+_WORK_BATCH = 16
+_PULL_EXPIRES_SECONDS = 1.0
 _RETRY_DELAY_SECONDS = 5.0
 
 
@@ -403,8 +403,8 @@ class RuntimeRunnerService:
             dispatcher.dispatch_batch,
             stream=subjects.RUNNER_WORK_STREAM,
             config=consumer_config(settings),
-            batch_size=_FETCH_BATCH,
-            timeout=_FETCH_SECONDS,
+            batch_size=_WORK_BATCH,
+            expires=_PULL_EXPIRES_SECONDS,
         )
         # Workspace files of live and given-back sandboxes (list, read, zip, git, upload).
         results = WorkspaceResponder(broker, new_sandbox)

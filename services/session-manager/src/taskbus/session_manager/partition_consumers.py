@@ -17,13 +17,14 @@ again and decides anew (the old holder's events consumer may have taken events t
 holder's fold never saw); and the runner answers each action once, checking the log for its
 reply before running it (runtime_runner.replies).
 
-A consumer takes what is there when its first message comes, after a long poll (`durable_pull`,
-not `wait_to_fill`): a lone message is handled at once, a backlog in one pass (FastStream's
-middlewares and a pull request per batch, not per message), and 33 consumers idle on two pull
-requests every IDLE_POLL_SECONDS each. A stopped consumer's last pull request stays on the
-server until it expires, and a message it catches comes back only after ack_wait: so the poll
-is short enough and the ack waits are short (a redelivered event is skipped by the fold; a
-redelivered command finds its verdict), which bounds the delay a graceful hand-over can add.
+A consumer keeps a pull request standing (`durable_pull`): a lone message
+is handled as it comes, a backlog in one pass (FastStream's middlewares once per batch, and a
+pull request per half batch, not per message), and 33 idle consumers renew one request every
+IDLE_POLL_SECONDS each. A stopped consumer's requests catch nothing (the server skips a
+request whose inbox no one reads), so on a graceful hand-over the new holder gets at once what
+the old one had not taken; what the old one took and did not ack comes back after ack_wait,
+which is short (a redelivered event is skipped by the fold; a redelivered command finds its
+verdict).
 """
 
 from __future__ import annotations
@@ -195,6 +196,5 @@ class PartitionConsumers:
             stream=stream,
             config=config,
             batch_size=BATCH_SIZE,
-            timeout=IDLE_POLL_SECONDS,
-            wait_to_fill=False,
+            expires=IDLE_POLL_SECONDS,
         )
