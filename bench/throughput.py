@@ -12,9 +12,12 @@ divided by the time from the first POST to the last FINISHED (the status events,
 bus as they are appended), after `--slots` warm-up tasks: a fresh session-manager imports
 litellm on its first LLM call, seconds of CPU no steady state pays. The reference: raw
 awaited `js.publish` of events on the same server in the same run (appender_bench.py's
-writers), divided by the events a task wrote, is the rate the log alone would allow. Each
-process's CPU share tells where the rest goes.
-Target: >= 30 tasks/s.
+writers), divided by the events a task wrote, is the rate the log alone would allow. The second:
+litellm alone (litellm_alone.py), replaying 200 of the run's own LLM requests in a process of
+its own, is the rate one session-manager process would allow if it did nothing else, since
+every call runs on its one event loop. Each process's CPU share tells where the rest goes.
+The bench serves the scripted model itself, to record the requests; its CPU counts as the
+bench's. Target: >= 30 tasks/s.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import asyncio
 import itertools
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -36,7 +41,9 @@ from taskbus.contracts import subjects
 from taskbus.contracts.bus import connect as bus_connect
 from taskbus.contracts.status import ConversationStatus
 from taskbus.devtools.cluster_stack import cpu_seconds
+from taskbus.devtools.launcher import scripted_model_env
 from taskbus.devtools.local_stack import read_state
+from taskbus.devtools.scripted_llm import ScriptedLLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # appender_bench, idle_memory
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stack the tests start
@@ -47,7 +54,10 @@ from tests.conftest import Stack, running_stack
 
 TARGET = 30.0
 # The bench's own CPU (its POSTs and its tap on every event) shares the machine with the stack.
-BENCH_PROCESS = "bench (POSTs, tap on the bus)"
+BENCH_PROCESS = "bench (POSTs, bus tap, scripted model)"
+# LLM requests of the run replayed through litellm alone, after its warm-up calls.
+REPLAYED = 200
+REPLAY_WARM_UP = 20
 RUN_SECONDS = 900
 
 
@@ -136,6 +146,22 @@ def cpu_by_process(stack_pid: int) -> dict[str, float]:
     return used
 
 
+def litellm_cpu_per_call(url: str, requests: list[dict[str, Any]]) -> float:
+    """litellm_alone.py's CPU ms per call, replaying `requests` against the model at `url`."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as file:
+        file.write(msgspec.json.encode(requests))
+        file.flush()
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "litellm_alone.py"),
+            f"--url={url}",
+            f"--requests={file.name}",
+            f"--warm-up={REPLAY_WARM_UP}",
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(output.rpartition("cpu_ms_per_call=")[2])
+
+
 def backend_settings(backend: str, slots: int) -> dict[str, str]:
     if backend == "local":
         return {"TASKBUS_BACKEND": "local"}
@@ -158,8 +184,9 @@ async def main(tasks: int, slots: int, in_flight: int, backend: str) -> None:
         "TASKBUS_CREATE_RATE_PER_MINUTE": "1000000",
     }
     with (
+        ScriptedLLM() as model,
         tempfile.TemporaryDirectory() as tmp,
-        running_stack(Path(tmp), None, **settings) as stack,
+        running_stack(Path(tmp), None, **settings, **scripted_model_env(model.url)) as stack,
     ):
         async with stack.client() as api:
             user_settings = {"max_concurrent_conversations": tasks}
@@ -169,15 +196,20 @@ async def main(tasks: int, slots: int, in_flight: int, backend: str) -> None:
         pid = state.pid
         await run_tasks(stack, slots, in_flight)  # the warm-up
         before, started = cpu_by_process(pid), time.monotonic()
-        ours = time.process_time()
+        ours, calls_before = time.process_time(), len(model.player.requests)
         rate, per_task, spent = await run_tasks(stack, tasks, in_flight)
         after, wall = cpu_by_process(pid), time.monotonic() - started
         after[BENCH_PROCESS] = time.process_time() - ours
+        answered = [r.body for r in model.player.requests[calls_before:] if r.status == 200]
+        calls = len(answered) / tasks
         raw = await ceiling(stack)
+        litellm_ms = litellm_cpu_per_call(model.url, answered[-(REPLAYED + REPLAY_WARM_UP) :])
     print(f"\n{tasks} demo tasks, {slots} slots, {in_flight} POSTs in flight, {backend} backend")
     print(f"{'':40}{'tasks/s':>9}{'target':>9}")
     print(f"{'log ceiling: raw publish / events':40}{raw / per_task:>9.1f}")
     print(f"{'  (raw publish events/s, events/task)':40}{raw:>9.0f}{per_task:>9.1f}")
+    print(f"{'litellm alone, one process':40}{1000 / (litellm_ms * calls):>9.1f}")
+    print(f"{'  (litellm CPU ms/call, LLM calls/task)':40}{litellm_ms:>9.2f}{calls:>9.1f}")
     print(f"{'demo tasks to FINISHED':40}{rate:>9.1f}{f'>= {TARGET:g}':>9}")
     print("Mean seconds a task spent in each status:")
     for status, seconds in spent.items():
