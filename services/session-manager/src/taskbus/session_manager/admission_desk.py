@@ -65,8 +65,7 @@ class AdmissionDesk:
         self._states = states
         self._settings_of = settings_of
         self._append = append
-        # Held by every admission decision, and by a caller that checks more (the service's
-        # create) before `start_or_queue`.
+        # Held by every admission decision: `start_or_queue`'s callers take it.
         self.lock = asyncio.Lock()
 
     async def start_or_queue(

@@ -665,34 +665,38 @@ class SessionManager:
         return commands.Refuse(reason=QUEUE_FULL, detail=refused.detail)
 
     async def _create(self, command: CreateConversation) -> None:
+        """Create the conversation unless its id is used. Only the admission decision and its
+        append hold the admission lock: the reads before it need none (a conversation's
+        commands are handled one at a time, `_on_commands`), so a burst of creates waits for
+        them side by side, not one after another."""
         cid = command.conversation_id
+        if await log.conversation_exists(self._js, cid):
+            logger.info("conversation %s already exists; CreateConversation ignored", cid)
+            return
+        # Fresh: the gateway answered a settings change once the bucket showed it.
+        user_settings = await self._settings_store.get(command.user_id, fresh=True)
+        spec = effective_spec(command.spec, user_settings, self._settings)
+        created = ConversationCreated(
+            conversation_id=cid,
+            source=EventSource.USER,
+            user_id=command.user_id,
+            spec=spec,
+            title=conversation_title(spec),
+        )
+        state = apply(
+            ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
+        )
         async with self._admission.lock:
-            if await log.conversation_exists(self._js, cid):
-                logger.info("conversation %s already exists; CreateConversation ignored", cid)
-                return
-            # Fresh: the gateway answered a settings change once the bucket showed it.
-            user_settings = await self._settings_store.get(command.user_id, fresh=True)
-            spec = effective_spec(command.spec, user_settings, self._settings)
-            created = ConversationCreated(
-                conversation_id=cid,
-                source=EventSource.USER,
-                user_id=command.user_id,
-                spec=spec,
-                title=conversation_title(spec),
-            )
-            state = apply(
-                ConversationState(conversation_id=cid), msgspec.structs.replace(created, id=0)
-            )
             refused = await self._admission.start_or_queue(state, [created], new=True)
-            if refused is not None:
-                rejected = ConversationRejected(
-                    conversation_id=cid,
-                    source=EventSource.ENVIRONMENT,
-                    user_id=command.user_id,
-                    reason=refused.reason,
-                    detail=refused.detail,
-                )
-                await self._append([rejected], -1)  # refused: nothing was appended
+        if refused is not None:
+            rejected = ConversationRejected(
+                conversation_id=cid,
+                source=EventSource.ENVIRONMENT,
+                user_id=command.user_id,
+                reason=refused.reason,
+                detail=refused.detail,
+            )
+            await self._append([rejected], -1)  # refused: nothing was appended
 
 
 def _paid(state: ConversationState, completion: Completion) -> list[Event]:
