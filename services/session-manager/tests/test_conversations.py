@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from nats.js import JetStreamContext
 
 from taskbus.contracts.appender import EventAppender
 from taskbus.contracts.status import ConversationStatus
-from taskbus.session_manager import log
+from taskbus.session_manager import log, snapshots
 from taskbus.session_manager.conversations import Conversations
 from taskbus.session_manager.state import ConversationState, fold
 
@@ -45,6 +46,23 @@ async def test_a_miss_folds_the_log_and_appends_are_applied_in_order(
         await conversations.observe(event)
     assert len(changes) == 2
     assert conversations[cid] == fold(cid, await log.read_conversation(bus, cid))
+
+
+async def test_a_new_conversations_first_append_is_folded_without_reading_the_log(
+    bus: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid = f"cache-{uuid.uuid4().hex[:8]}"
+    appended = await EventAppender(bus).append_all([created(cid), status(cid, S.QUEUED)])
+    conversations, changes = cache(bus)
+
+    async def no_read(*args: object) -> None:
+        raise AssertionError("the log was read back")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(snapshots, "load", no_read)
+        await conversations.include(appended)
+    assert conversations[cid] == fold(cid, await log.read_conversation(bus, cid))
+    assert conversations[cid].status == S.QUEUED and changes == [conversations[cid]]
 
 
 async def test_a_gap_refolds_from_the_log(bus: JetStreamContext) -> None:

@@ -102,12 +102,16 @@ class Conversations:
 
     async def include(self, appended: Sequence[Event]) -> None:
         """Apply events just appended to one conversation (with their ids), and return once its
-        state includes them, if need be through `observe`."""
+        state includes them, if need be through `observe`. A new conversation's first events
+        are folded as they are: reading back a log just written costs a create round trips."""
         cid = appended[0].conversation_id
         state = self._states.get(cid)
-        if state is None:  # dropped meanwhile (an unclear append): the log has them
-            await self.load(cid)
-            return
+        if state is None:
+            if appended[0].id != 0:  # dropped meanwhile (an unclear append): the log has them
+                await self.load(cid)
+                return
+            # A new conversation (a create): what was appended is all of its log so far.
+            state = ConversationState(conversation_id=cid)
         for event in appended:
             if event.id == state.last_event_id + 1:
                 state = apply(state, event)
