@@ -41,7 +41,8 @@ async def test_a_durable_pull_hands_batches_in_order_and_redelivers_what_was_not
     registry = CollectorRegistry()
     seen: list[str] = []
     delivered_twice = asyncio.Event()
-    # fast_depends runs what it cannot await in a worker thread: a GIL hand-over per message.
+    # Nothing per message runs in a worker thread (fast_depends did, for a synchronous
+    # dependency): a GIL hand-over per message.
     in_threads: list[object] = []
     run_sync = anyio.to_thread.run_sync
 

@@ -31,11 +31,11 @@ from typing import Any
 
 import msgspec
 from faststream.nats import NatsBroker
-from faststream.nats.annotations import NatsMessage
+from faststream.nats.message import NatsMessage
 from faststream.nats.subscriber.usecases.basic import LogicSubscriber
 
 from taskbus.contracts import subjects
-from taskbus.contracts.broker import jetstream, reply_limit, undecoded
+from taskbus.contracts.broker import itself, jetstream, reply_limit
 from taskbus.contracts.events import RuntimeRequested
 from taskbus.contracts.workspace import (
     CHUNK_BYTES,
@@ -324,7 +324,7 @@ class WorkspaceResponder:
         # No queue group: only this runner holds the streams it opened.
         self._subscribers.append(broker.subscriber(self.next_subject, max_workers=max_workers))
         for subscriber in self._subscribers:
-            subscriber(self._respond, decoder=undecoded)
+            subscriber(self._respond, decoder=itself)
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
