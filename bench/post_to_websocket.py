@@ -105,11 +105,19 @@ class KeepAlivePost:
 
     async def post(self, path: str, body: object) -> tuple[int, bytes]:
         """The answer's status and body."""
+        self.send(path, body)
+        return await self.answer()
+
+    def send(self, path: str, body: object) -> None:
+        """Write the request: it is on its way when this returns."""
         data = json.dumps(body).encode()
         self._writer.write(
             b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
             % (path.encode(), self._head, len(data), data)
         )
+
+    async def answer(self) -> tuple[int, bytes]:
+        """The status and body of the answer to the request sent last."""
         status_line, *header_lines = (await self._reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
         length = next(
             int(line.split(b":", 1)[1])
@@ -132,10 +140,11 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 async def frame_saying(ws: ClientConnection, text: str, wait_seconds: float = 60) -> None:
     """Read the WebSocket until a user MessageAction saying `text` arrives."""
-    while True:
-        event = json.loads(await asyncio.wait_for(ws.recv(), wait_seconds))
-        if event.get("source") == "user" and event.get("message") == text:
-            return
+    async with asyncio.timeout(wait_seconds):  # not wait_for: a task (and a turn) per frame
+        while True:
+            event = json.loads(await ws.recv())
+            if event.get("source") == "user" and event.get("message") == text:
+                return
 
 
 async def waiting_for_input(api: httpx.AsyncClient, cid: str) -> None:
@@ -175,12 +184,11 @@ async def post_to_websocket(
                 for m in range(messages):
                     text = f"message {m}"
                     sample = samples[cid, text] = Sample(cid, posted=time.perf_counter())
-                    posted = asyncio.create_task(
-                        http.post(f"/api/conversations/{cid}/message", {"message": text})
-                    )
+                    http.send(f"/api/conversations/{cid}/message", {"message": text})
+                    answered = asyncio.create_task(http.answer())
                     await frame_saying(ws, text)
                     sample.framed = time.perf_counter()
-                    status, answer = await posted
+                    status, answer = await answered
                     assert status == 202, answer
                     pause = sample.posted + POST_PERIOD_SECONDS - time.perf_counter()
                     await asyncio.sleep(max(0, pause))
