@@ -9,12 +9,12 @@ over the second) and times each POST until its MessageAction arrives on its WebS
 references, in the same run: a core NATS request-reply round trip on the stack's server, and
 the HTTP floor: the same client's POST /message that the gateway refuses before the bus (422,
 an empty body), through the same server, middlewares and key check.
+Target: p50 <= 3 ms, p99 <= 25 ms. (The appender's half of the hot path: appender_bench.py.)
 
 The timed POSTs go out on a keep-alive HTTP/1.1 connection per client, written and read by hand
 (`KeepAlivePost`), as a browser's or a Go client's would: httpx spends about 0.3 ms of CPU
 before a request reaches the socket and as much after its answer, in the same process as the
 WebSockets it timed, which measured the client library rather than the service.
-Target: p50 <= 3 ms, p99 <= 25 ms. (The appender's half of the hot path: appender_bench.py.)
 
 Where the time goes: a tap on the bus sees each SendMessage command and its MessageAction as
 they pass, which splits every sample into the gateway's two hops (POST -> command on the bus,
@@ -119,14 +119,15 @@ class KeepAlivePost:
     async def answer(self) -> tuple[int, bytes]:
         """The status and body of the answer to the request sent last."""
         status_line, *header_lines = (await self._reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
-        length = next(
+        lengths = [
             int(line.split(b":", 1)[1])
             for line in header_lines
             if line.lower().startswith(b"content-length:")
-        )
-        return int(status_line.split()[1]), await self._reader.readexactly(length)
+        ]
+        assert len(lengths) == 1, f"an answer without one Content-Length: {header_lines}"
+        return int(status_line.split()[1]), await self._reader.readexactly(lengths[0])
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._writer.close()
         await self._writer.wait_closed()
 
@@ -177,8 +178,10 @@ async def post_to_websocket(
 
         async def client(n: int, cid: str) -> None:
             url = f"{stack.ws_url}/api/conversations/{cid}/events?after_id=-1"
-            http = await KeepAlivePost.open(stack)
-            async with connect(url, additional_headers=stack.headers) as ws:
+            async with (
+                contextlib.aclosing(await KeepAlivePost.open(stack)) as http,
+                connect(url, additional_headers=stack.headers) as ws,
+            ):
                 await frame_saying(ws, f"{n}")  # the history is replayed
                 await asyncio.sleep(n * POST_PERIOD_SECONDS / clients)
                 for m in range(messages):
@@ -192,7 +195,6 @@ async def post_to_websocket(
                     assert status == 202, answer
                     pause = sample.posted + POST_PERIOD_SECONDS - time.perf_counter()
                     await asyncio.sleep(max(0, pause))
-            await http.close()
 
         state = read_state(stack.data_dir)
         assert state is not None, "taskbus up wrote no state"
@@ -258,13 +260,12 @@ async def request_floor(stack: Stack, count: int = 1000) -> list[float]:
 async def http_floor(stack: Stack, conversation_id: str, count: int = 1000) -> list[float]:
     """Round trips of a POST /message the gateway refuses before the bus, one after another."""
     samples = []
-    http = await KeepAlivePost.open(stack)
-    for _ in range(count):
-        started = time.perf_counter()
-        status, answer = await http.post(f"/api/conversations/{conversation_id}/message", {})
-        samples.append(time.perf_counter() - started)
-        assert status == 422, answer
-    await http.close()
+    async with contextlib.aclosing(await KeepAlivePost.open(stack)) as http:
+        for _ in range(count):
+            started = time.perf_counter()
+            status, answer = await http.post(f"/api/conversations/{conversation_id}/message", {})
+            samples.append(time.perf_counter() - started)
+            assert status == 422, answer
     return samples
 
 
